@@ -1,0 +1,232 @@
+"""Data: load records, format them into token ids + labels, pack, and shard deterministically.
+
+Formats:
+  * ``text``: the record's ``text``; loss on every token.
+  * ``instruction``: alpaca ``instruction`` / ``input`` / ``output``; loss on ``output`` only.
+  * ``chat``: ``messages`` rendered with the tokenizer's chat template; loss on the
+    final assistant turn only.
+
+Batches are a pure function of ``(seed, global micro-step)``: global micro-step
+``k`` covers positions ``[k*G, (k+1)*G)`` of an endless stream of per-epoch
+permutations, where ``G = micro_batch_size × num_workers``, and rank ``r`` takes
+its own slice. Resuming at step ``s`` therefore needs only ``s``: no sampler
+state to save, and the global batch is what the spec says for any worker count.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipelines.spec import DataSpec
+
+IGNORE = -100
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def resolve_source(source: str, split: str = "train") -> str:
+    if source.startswith("builtin:"):
+        from pipelines.datasets import builtin_path
+
+        return str(builtin_path(source.split(":", 1)[1], split))
+    return source
+
+
+def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
+    """Read a .jsonl/.json/.parquet file, a ``save_to_disk`` directory, or a ``builtin:`` dataset."""
+    path = resolve_source(source, split)
+    if "://" in path:
+        import fsspec
+
+        with fsspec.open(path, "rt") as f:
+            return [json.loads(line) for line in f if line.strip()] if path.endswith(".jsonl") else json.load(f)
+    p = Path(path)
+    if p.is_dir():
+        from datasets import DatasetDict, load_from_disk
+
+        ds = load_from_disk(str(p))
+        if isinstance(ds, DatasetDict):
+            ds = ds[split] if split in ds else ds[next(iter(ds))]
+        return ds.to_list()
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(p).to_pylist()
+    if p.suffix == ".jsonl":
+        with open(p) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    with open(p) as f:
+        data = json.load(f)
+    return data if isinstance(data, list) else data[split]
+
+
+def dataset_fingerprint(data: "DataSpec") -> str:
+    """sha256 over the bytes of the train and eval sources (lineage tag)."""
+    h = hashlib.sha256()
+    for src, split in ((data.train, "train"), (data.eval, "eval")):
+        if src is None:
+            continue
+        p = Path(resolve_source(src, split))
+        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+        for f in files:
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return "sha256:" + h.hexdigest()
+
+
+def train_eval_records(data: "DataSpec", seed: int) -> tuple[list[dict], list[dict]]:
+    train = load_records(data.train, "train")
+    if data.eval is not None:
+        return train, load_records(data.eval, "eval")
+    if data.train.startswith("builtin:"):
+        return train, load_records(data.train, "eval")
+    rng = random.Random(seed)
+    idx = list(range(len(train)))
+    rng.shuffle(idx)
+    n_eval = max(1, int(len(train) * data.eval_fraction)) if data.eval_fraction > 0 else 0
+    eval_idx = set(idx[:n_eval])
+    return [r for i, r in enumerate(train) if i not in eval_idx], [r for i, r in enumerate(train) if i in eval_idx]
+
+
+# ---------------------------------------------------------------- formatting
+
+
+class FormatError(ValueError):
+    pass
+
+
+def prompt_and_completion(record: dict[str, Any], fmt: str, tokenizer) -> tuple[str, str]:
+    """Split a record into (prompt text, completion text). ``text`` has an empty prompt."""
+    try:
+        if fmt == "text":
+            return "", record["text"]
+        if fmt == "instruction":
+            tmpl = ALPACA_PROMPT if record.get("input") else ALPACA_PROMPT_NO_INPUT
+            return tmpl.format(instruction=record["instruction"], input=record.get("input", "")), record["output"]
+        messages = record["messages"]
+    except KeyError as e:
+        raise FormatError(f"record has no {e.args[0]!r} field needed by data.format {fmt!r}: {str(record)[:120]}") from None
+    if not messages or messages[-1].get("role") != "assistant":
+        raise FormatError(f"chat record must end with an assistant message: {str(record)[:120]}")
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):  # templates that rewrite earlier turns: fall back to the raw content
+        return prompt, messages[-1]["content"] + (tokenizer.eos_token or "")
+    return prompt, full[len(prompt):]
+
+
+def reference_of(record: dict[str, Any], fmt: str) -> str:
+    """The gold completion, as plain text, for task metrics."""
+    if fmt == "instruction":
+        return record["output"]
+    if fmt == "chat":
+        return record["messages"][-1]["content"]
+    return record["text"]
+
+
+def encode(record: dict[str, Any], fmt: str, tokenizer, max_length: int) -> dict[str, list[int]]:
+    """Token ids and labels; prompt tokens are masked with -100 for instruction/chat."""
+    prompt, completion = prompt_and_completion(record, fmt, tokenizer)
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if fmt != "chat" and tokenizer.eos_token_id is not None:
+        c_ids = c_ids + [tokenizer.eos_token_id]
+    if fmt == "text" and tokenizer.bos_token_id is not None:
+        p_ids = [tokenizer.bos_token_id]
+    ids = (p_ids + c_ids)[:max_length]
+    labels = ([IGNORE] * len(p_ids) + c_ids)[:max_length]
+    if fmt == "text" and p_ids:
+        labels[0] = IGNORE
+    return {"input_ids": ids, "labels": labels}
+
+
+def pack(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
+    """Greedy first-fit-in-order packing of whole examples into rows of at most ``max_length``."""
+    rows: list[dict[str, list[int]]] = []
+    cur_ids: list[int] = []
+    cur_labels: list[int] = []
+    for ex in examples:
+        if cur_ids and len(cur_ids) + len(ex["input_ids"]) > max_length:
+            rows.append({"input_ids": cur_ids, "labels": cur_labels})
+            cur_ids, cur_labels = [], []
+        cur_ids = cur_ids + ex["input_ids"]
+        cur_labels = cur_labels + ex["labels"]
+    if cur_ids:
+        rows.append({"input_ids": cur_ids, "labels": cur_labels})
+    return rows
+
+
+def encode_all(records: Iterable[dict], data: "DataSpec", tokenizer, packing: bool | None = None) -> list[dict]:
+    out = [encode(r, data.format, tokenizer, data.max_length) for r in records]
+    out = [e for e in out if any(label != IGNORE for label in e["labels"])]
+    return pack(out, data.max_length) if (data.packing if packing is None else packing) else out
+
+
+def collate(examples: list[dict[str, list[int]]], pad_id: int):
+    import torch
+
+    n = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, e in enumerate(examples):
+        k = len(e["input_ids"])
+        ids[i, :k] = torch.tensor(e["input_ids"])
+        labels[i, :k] = torch.tensor(e["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+# ---------------------------------------------------------------- sharding
+
+
+@dataclass(frozen=True)
+class Sharder:
+    """Deterministic, resumable global batching (see module docstring)."""
+
+    n: int
+    micro_batch_size: int
+    world_size: int
+    rank: int
+    seed: int
+
+    def _order(self, epoch: int) -> list[int]:
+        return _permutation(self.n, self.seed, epoch)
+
+    def indices(self, micro_step: int) -> list[int]:
+        """Example indices this rank processes at global micro-step ``micro_step``."""
+        g = self.micro_batch_size * self.world_size
+        start = micro_step * g + self.rank * self.micro_batch_size
+        out = []
+        for pos in range(start, start + self.micro_batch_size):
+            epoch, i = divmod(pos, self.n)
+            out.append(self._order(epoch)[i])
+        return out
+
+    def epoch_of(self, micro_step: int) -> float:
+        return micro_step * self.micro_batch_size * self.world_size / self.n
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> list[int]:
+    idx = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(idx)
+    return idx
+
+
+def eval_shard(n: int, rank: int, world_size: int) -> range:
+    return range(rank, n, world_size)
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

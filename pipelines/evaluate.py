@@ -1,0 +1,83 @@
+"""Evaluation: token-weighted eval loss / perplexity (sharded across ranks) and task metrics by greedy generation."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from pipelines.data import collate, eval_shard, prompt_and_completion, reference_of
+
+TASK_METRICS: dict[str, tuple[str, Callable[[list[str], list[str]], float]]] = {}
+
+
+def task_metric(task: str) -> tuple[str, Callable[[list[str], list[str]], float]] | None:
+    if task == "none":
+        return None
+    if task == "json_extract":
+        from pipelines.datasets.json_extract import exact_match
+
+        return "exact_match", exact_match
+    raise KeyError(task)
+
+
+def eval_loss(model, examples: list[dict], batch_size: int, pad_id: int, device, rank: int = 0, world: int = 1) -> dict[str, float]:
+    """Mean loss per completion token over the eval set (all ranks together)."""
+    import torch
+    import torch.distributed as dist
+
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    shard = [examples[i] for i in eval_shard(len(examples), rank, world)]
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(shard), batch_size):
+            batch = {k: v.to(device) for k, v in collate(shard[i : i + batch_size], pad_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"]
+            if logits.shape[1] != labels.shape[1]:  # prompt-learning methods prepend virtual tokens
+                logits = logits[:, -labels.shape[1]:]
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            total += torch.stack([loss.double(), (shift_labels != -100).sum().double()])
+    if world > 1 and dist.is_initialized():
+        dist.all_reduce(total)
+    model.train()
+    loss = (total[0] / total[1].clamp(min=1)).item()
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))}
+
+
+def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device) -> list[str]:
+    """Greedy completions for ``prompts`` (left-padded batches)."""
+    import torch
+
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outs: list[str] = []
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(prompts), batch_size):
+                enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                gen = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+                outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = old_side
+        model.train()
+    return outs
+
+
+def task_score(model, tokenizer, records: list[dict], fmt: str, task: str, n: int, device, batch_size: int = 16) -> dict[str, Any]:
+    """Greedy-generate the first ``n`` eval records and score them with the task metric."""
+    metric = task_metric(task)
+    if metric is None or not records:
+        return {}
+    name, fn = metric
+    subset = records[: n or len(records)]
+    prompts = [prompt_and_completion(r, fmt, tokenizer)[0] for r in subset]
+    refs = [reference_of(r, fmt) for r in subset]
+    longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs)
+    preds = generate_completions(model, tokenizer, prompts, longest + 8, batch_size, device)
+    return {name: fn(preds, refs), "_examples": list(zip(prompts[:2], preds[:2], refs[:2]))}

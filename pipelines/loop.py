@@ -1,0 +1,233 @@
+"""The Ray Train worker: setup → (resume) → train with periodic eval and checkpoints → save.
+
+``train_worker`` runs inside each Ray Train V2 ``TorchTrainer`` worker. The
+process group (gloo on CPU, NCCL on GPU) is already initialized by Ray Train.
+It reads top to bottom as the job: load base → build method → data → loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipelines.spec import JobSpec
+
+STATE_FILE = "state.pt"
+ADAPTER_DIR = "adapter"
+
+
+def lr_factor(step: int, spec: "JobSpec") -> float:
+    """Multiplier on each group's base LR at optimizer step ``step`` (0-based). Pure."""
+    t = spec.train
+    if step < t.warmup_steps:
+        return (step + 1) / (t.warmup_steps + 1)
+    if t.scheduler == "constant":
+        return 1.0
+    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    if t.scheduler == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _rng_state() -> dict[str, Any]:
+    import torch
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, metrics: dict[str, float]) -> None:
+    """adapter/ (standard PEFT dir, or the full model for GaLore) + state.pt (trainables, optimizer, RNG, step)."""
+    import torch
+
+    model.save_pretrained(path / ADAPTER_DIR, safe_serialization=True)
+    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(), "rng": _rng_state()}, path / STATE_FILE)
+    (path / "metrics.json").write_text(json.dumps(metrics))
+
+
+def load_checkpoint(path: Path, model, optimizer) -> int:
+    import torch
+
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state["trainable"]]
+    if missing:
+        raise RuntimeError(f"checkpoint {path} lacks trainable parameters {missing[:3]}...")
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for n, t in state["trainable"].items():
+            params[n].copy_(t.to(params[n].device))
+    optimizer.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train ``train_loop_per_worker``. ``config``: spec (validated JobSpec), run_id, tracking_uri."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from pipelines import data as D
+    from pipelines import methods
+    from pipelines.evaluate import eval_loss, task_score
+    from pipelines.models import load_base
+    from pipelines.tracking import StepLogger
+
+    spec: JobSpec = config["spec"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    is_main = rank == 0
+
+    def log(msg: str) -> None:
+        if is_main:
+            print(f"[raypeft] {msg}", flush=True)
+
+    # ---- setup
+    torch.set_num_threads(spec.scaling.torch_threads or max(1, int(spec.scaling.cpus_per_worker)))
+    device = torch.device(f"cuda:{ctx.get_local_rank()}") if spec.scaling.use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(spec.train.seed)
+    random.seed(spec.train.seed)
+
+    base, tok, _ = load_base(spec, device=device, log=log)
+    prepared = methods.build(spec, base)
+    model, optimizer = prepared.model, prepared.optimizer
+    if spec.quantization() == "none":
+        model.to(device)
+    model.train()
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    log(f"method {spec.method.name}: {n_trainable:,} trainable / {n_total:,} parameters ({100 * n_trainable / n_total:.3f}%)")
+
+    train_records, eval_records = D.train_eval_records(spec.data, spec.train.seed)
+    train_ex = D.encode_all(train_records, spec.data, tok)
+    eval_ex = D.encode_all(eval_records, spec.data, tok, packing=False)
+    if not train_ex:
+        raise ValueError(f"data.train: no usable examples in {spec.data.train!r}")
+    log(f"data: {len(train_ex)} train rows, {len(eval_ex)} eval rows, format {spec.data.format}")
+    sharder = D.Sharder(len(train_ex), spec.train.micro_batch_size, world, rank, spec.train.seed)
+    pad_id = tok.pad_token_id
+
+    ddp = None
+    if world > 1 and not prepared.steps_in_backward:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward_model = ddp or model
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+
+    def set_lr(step: int) -> float:
+        f = lr_factor(step, spec)
+        for g, lr0 in zip(optimizer.param_groups, base_lrs):
+            g["lr"] = lr0 * f
+        return base_lrs[0] * f
+
+    logger = StepLogger(config["tracking_uri"], config["run_id"]) if is_main and config.get("run_id") else None
+    mb = spec.train.micro_batch_size
+
+    def evaluate(step: int, prefix: str = "") -> dict[str, float]:
+        out = eval_loss(model, eval_ex, mb, pad_id, device, rank, world)
+        if is_main and spec.data.task != "none":
+            res = task_score(model, tok, eval_records, spec.data.format, spec.data.task, spec.data.eval_task_samples, device)
+            for prompt, pred, ref in res.pop("_examples", []):
+                log(f"  sample → {pred.strip()[:100]!r} (expected {ref[:100]!r})")
+            out.update(res)
+        out = {prefix + k: v for k, v in out.items()}
+        log(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
+        if logger:
+            logger.log(out, step)
+        return out
+
+    # ---- resume
+    start_step = 0
+    ckpt = ray.train.get_checkpoint()
+    final_metrics: dict[str, float] = {}
+    if ckpt:
+        with ckpt.as_directory() as d:
+            start_step = load_checkpoint(Path(d), model, optimizer)
+            saved = json.loads((Path(d) / "metrics.json").read_text())
+        final_metrics.update({k: v for k, v in saved.items() if k.startswith("base_")})
+        log(f"resumed from checkpoint at step {start_step}")
+    elif spec.train.eval_base and prepared.is_peft and hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            final_metrics.update(evaluate(0, prefix="base_"))
+
+    # ---- train
+    def report(step: int, metrics: dict[str, float], checkpoint: bool) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            ck = None
+            if checkpoint and is_main:
+                save_checkpoint(Path(tmp), model, optimizer, step, metrics)
+                ck = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({**metrics, "step": step}, checkpoint=ck if checkpoint else None, checkpoint_dir_name=f"step_{step:07d}" if checkpoint else None)
+
+    accum = spec.train.grad_accum
+    t_start, tokens_since, t_last = time.perf_counter(), 0, time.perf_counter()
+    loss_sum = torch.zeros(2, dtype=torch.float64)
+    lr = set_lr(start_step)
+    metrics: dict[str, float] = dict(final_metrics)
+    for step in range(start_step, spec.train.max_steps):
+        for micro in range(accum):
+            k = step * accum + micro
+            batch = {key: v.to(device) for key, v in D.collate([train_ex[i] for i in sharder.indices(k)], pad_id).items()}
+            sync = ddp is None or micro == accum - 1
+            ctx_mgr = ddp.no_sync() if (ddp is not None and not sync) else contextlib.nullcontext()
+            with ctx_mgr:
+                loss = forward_model(**batch).loss
+                (loss / accum).backward()
+            loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+            tokens_since += int(batch["attention_mask"].sum())
+        if not prepared.steps_in_backward:
+            if spec.train.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], spec.train.max_grad_norm)
+            optimizer.step()
+        if prepared.after_step:
+            prepared.after_step(step)
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        lr_used = lr
+        lr = set_lr(done)
+
+        if done % spec.train.log_every == 0 or done == spec.train.max_steps:
+            stats = torch.tensor([loss_sum[0].item(), loss_sum[1].item(), float(tokens_since)], dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(stats)
+            now = time.perf_counter()
+            tok_s = stats[2].item() / max(now - t_last, 1e-9)
+            eta = (now - t_start) / max(done - start_step, 1) * (spec.train.max_steps - done)
+            metrics = {"train_loss": stats[0].item() / max(stats[1].item(), 1), "lr": lr_used, "tokens_per_s": tok_s}
+            log(f"step {done}/{spec.train.max_steps} loss {metrics['train_loss']:.4f} lr {lr_used:.2e} tok/s {tok_s:,.0f} eta {_fmt_eta(eta)}")
+            if logger:
+                logger.log({**metrics, "epoch": sharder.epoch_of(done * accum)}, done)
+            loss_sum.zero_()
+            tokens_since, t_last = 0, now
+            final_metrics["train_loss"] = metrics["train_loss"]
+
+        is_last = done == spec.train.max_steps
+        if (spec.train.eval_every and done % spec.train.eval_every == 0) or is_last:
+            final_metrics.update(evaluate(done))
+        every = spec.checkpoint.every_steps
+        if (every and done % every == 0) or is_last:
+            report(done, dict(final_metrics), checkpoint=True)
+    if start_step >= spec.train.max_steps:  # resumed a finished run: report its final state again
+        report(start_step, dict(final_metrics), checkpoint=True)
+    log(f"finished in {_fmt_eta(time.perf_counter() - t_start)}")
+

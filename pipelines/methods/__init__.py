@@ -1,0 +1,101 @@
+"""Fine-tuning methods: a small registry of builders, one place each.
+
+A builder takes the validated spec and the loaded base model and returns a
+``Prepared``: the trainable model, its optimizer, and an optional hook called
+after every optimizer step (AdaLoRA's rank reallocation). The training loop
+knows nothing about any particular method.
+
+Named methods live in ``lora.py`` (the LoRA family: lora, rslora, lora_plus,
+dora, qlora, qdora), ``adalora.py`` and ``galore.py``. Any other PEFT method is
+built by ``generic.py`` from its PEFT type name and ``method.args``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from pipelines.spec import JobSpec
+
+
+@dataclass
+class Prepared:
+    """What a method builder hands the training loop."""
+
+    model: Any
+    optimizer: "torch.optim.Optimizer"
+    after_step: Callable[[int], None] | None = None  # called after optimizer.step(), before zero_grad()
+    steps_in_backward: bool = False  # layerwise optimizers step inside backward hooks
+    is_peft: bool = True  # False: full-parameter method (save the whole model)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    build: Callable[["JobSpec", Any], Prepared]
+    problems: Callable[["JobSpec"], list[tuple[str, str]]] = field(default=lambda spec: [])
+    needs_quantization: str | None = None  # "4bit" for qlora/qdora
+    mixed_batch_servable: bool = False
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in REGISTRY:
+        raise ValueError(f"method {method.name!r} registered twice")
+    REGISTRY[method.name] = method
+    return method
+
+
+def _load_builtin() -> None:
+    if REGISTRY:
+        return
+    from pipelines.methods import adalora, galore, lora  # noqa: F401  (they register themselves)
+
+
+def get_method(name: str) -> Method:
+    """Return the registered method, or a generic PEFT builder for any other PEFT type name."""
+    _load_builtin()
+    if name in REGISTRY:
+        return REGISTRY[name]
+    from pipelines.methods.generic import generic_method
+
+    return generic_method(name)
+
+
+def method_names() -> list[str]:
+    _load_builtin()
+    return sorted(REGISTRY)
+
+
+def method_problems(spec: "JobSpec") -> list[tuple[str, str]]:
+    """Validate the method section (driver side, before anything starts)."""
+    try:
+        method = get_method(spec.method.name)
+    except KeyError as e:
+        return [("method.name", str(e.args[0]))]
+    problems = list(method.problems(spec))
+    q = spec.quantization()
+    if method.needs_quantization == "4bit" and q != "nf4":
+        problems.append(("model.quantization", f"method {spec.method.name!r} trains on a 4-bit base: use nf4 or auto (got {q!r})"))
+    if q != "none" and spec.model.dtype == "float16" and not spec.scaling.use_gpu:
+        problems.append(("model.dtype", "quantized bases on CPU need float32 or bfloat16 (got 'float16')"))
+    return problems
+
+
+def build(spec: "JobSpec", model: Any) -> Prepared:
+    """Build the trainable model + optimizer for ``spec.method`` on ``model``."""
+    return get_method(spec.method.name).build(spec, model)
+
+
+def adamw(params, spec: "JobSpec"):
+    import torch
+
+    return torch.optim.AdamW(params, lr=spec.train.lr, weight_decay=spec.train.weight_decay)
+
+
+def trainable(model) -> list:
+    return [p for p in model.parameters() if p.requires_grad]

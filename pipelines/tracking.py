@@ -1,0 +1,176 @@
+"""MLflow tracking: one run per job, per-step metrics, the adapter as a LoggedModel, registration.
+
+Who writes what (so no record is duplicated by several ranks):
+  * the driver creates the run, logs params (the flattened spec) and lineage tags,
+    and at the end logs the loss curve, the LoggedModel and the registry version;
+  * rank 0 logs per-step metrics through ``StepLogger``.
+
+Embedded default: ``sqlite:///$RAYPEFT_HOME/mlflow.db`` with artifacts under
+``$RAYPEFT_HOME/mlartifacts``; ``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri``
+selects a server.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipelines.spec import JobSpec
+
+ADAPTER_MODEL_TYPE = "peft-adapter"
+
+
+def raypeft_home() -> Path:
+    return Path(os.environ.get("RAYPEFT_HOME", Path.home() / ".raypeft")).expanduser().resolve()
+
+
+def tracking_uri(spec: "JobSpec | None" = None) -> str:
+    if spec is not None and spec.tracking.tracking_uri:
+        return spec.tracking.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    home = raypeft_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):  # keep artifacts beside the db, not in whatever cwd the job runs in
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently
+        return c.get_experiment_by_name(name).experiment_id
+
+
+def _str_params(d: dict[str, Any]) -> dict[str, str]:
+    return {k: (str(v) if v is not None else "null")[:6000] for k, v in d.items()}
+
+
+def start_run(spec: "JobSpec", uri: str, tags: dict[str, str]) -> str:
+    """Create the job's MLflow run; log the flattened spec as params and the lineage tags."""
+    from mlflow.entities import Param, RunTag
+
+    c = client(uri)
+    run = c.create_run(experiment_id(uri, spec.tracking.experiment), run_name=spec.name, tags=tags)
+    params = [Param(k, v) for k, v in _str_params(spec.flat()).items()]
+    for i in range(0, len(params), 100):
+        c.log_batch(run.info.run_id, params=params[i : i + 100])
+    c.log_text(run.info.run_id, spec_yaml(spec), "spec.yaml")
+    return run.info.run_id
+
+
+def spec_yaml(spec: "JobSpec") -> str:
+    import yaml
+
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+class StepLogger:
+    """Per-step metric logging from rank 0 (batched, retried on a locked SQLite db)."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client = client(uri)
+        self.run_id = run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        for attempt in range(5):
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+                return
+            except Exception as e:  # "database is locked" under concurrent writers
+                if "locked" not in str(e) or attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+
+def loss_curve_png(uri: str, run_id: str, out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = client(uri)
+    train = c.get_metric_history(run_id, "train_loss")
+    if not train:
+        return None
+    evals = c.get_metric_history(run_id, "eval_loss")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([m.step for m in train], [m.value for m in train], label="train_loss")
+    if evals:
+        ax.plot([m.step for m in evals], [m.value for m in evals], "o-", label="eval_loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def finish_run(
+    spec: "JobSpec", uri: str, run_id: str, adapter_dir: str, lineage: dict[str, str], final_metrics: dict[str, float]
+) -> dict[str, Any]:
+    """Log the loss curve and the adapter (a LoggedModel of adapter files only), register it, close the run."""
+    import mlflow
+
+    c = client(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        png = loss_curve_png(uri, run_id, Path(tmp) / "loss_curve.png")
+        if png:
+            c.log_artifact(run_id, str(png))
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    exp_id = c.get_run(run_id).info.experiment_id
+    model = mlflow.initialize_logged_model(
+        name="adapter",
+        source_run_id=run_id,
+        tags={**lineage, "raypeft.method": spec.method.name},
+        params=_str_params({"method": spec.method.name, "r": spec.rank(), "alpha": spec.alpha(), "quantization": spec.quantization()}),
+        model_type=ADAPTER_MODEL_TYPE,
+        experiment_id=exp_id,
+    )
+    try:
+        c.log_model_artifacts(model.model_id, adapter_dir)
+    except Exception:
+        mlflow.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    mlflow.finalize_logged_model(model.model_id, "READY")
+    c.set_tag(run_id, "raypeft.model_id", model.model_id)
+
+    out: dict[str, Any] = {"model_id": model.model_id, "model_uri": f"models:/{model.model_id}", "registered_model": None, "version": None}
+    if spec.tracking.registered_model:
+        version = mlflow.register_model(
+            f"models:/{model.model_id}", spec.tracking.registered_model,
+            tags={**lineage, "raypeft.run_id": run_id, **{f"metric.{k}": f"{v:.6g}" for k, v in final_metrics.items()}},
+        )
+        out["registered_model"] = spec.tracking.registered_model
+        out["version"] = int(version.version)
+    c.set_terminated(run_id, "FINISHED")
+    return out
+
+
+def fail_run(uri: str, run_id: str, error: str) -> None:
+    c = client(uri)
+    c.set_tag(run_id, "raypeft.error", error[:5000])
+    c.set_terminated(run_id, "FAILED")

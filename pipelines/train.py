@@ -1,0 +1,192 @@
+"""Train an adapter from a job spec on Ray Train. The ``ray job submit`` entrypoint.
+
+    python -m pipelines.train pipelines/configs/demo.yaml train.lr=1e-4 method.r=16
+    ray job submit --working-dir . -- python -m pipelines.train pipelines/configs/demo.yaml
+
+Validates the spec once (exit 2 on any problem, before Ray starts), creates the
+MLflow run, runs the ``TorchTrainer``, copies the final adapter out of the last
+checkpoint, logs and registers it, and prints one JSON object as the last stdout
+line: run_id, adapter_dir, registered_model, version, metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipelines.spec import JobSpec, SpecError, load_spec
+
+JOB_STATE = "raypeft_job.json"
+
+
+def storage_dir(spec: JobSpec) -> str:
+    from pipelines.tracking import raypeft_home
+
+    if spec.checkpoint.storage is None:
+        return str(raypeft_home() / "runs")
+    s = spec.checkpoint.storage
+    return s if "://" in s else str(Path(os.path.expanduser(s)).resolve())
+
+
+def _run_name(spec: JobSpec, storage: str) -> tuple[str, dict[str, Any] | None]:
+    """The Ray Train run name for this job and the unfinished job state to resume, if any.
+
+    Re-running a job whose previous attempt did not finish resumes it (same Ray Train
+    run, same MLflow run). A finished job of that name is kept; the new one gets a suffix.
+    """
+    if "://" in storage:
+        return spec.name, None
+    for i in range(1, 10_000):
+        name = spec.name if i == 1 else f"{spec.name}-{i}"
+        state_file = Path(storage) / name / JOB_STATE
+        if not (Path(storage) / name).exists():
+            return name, None
+        if state_file.is_file():
+            state = json.loads(state_file.read_text())
+            if state.get("status") != "finished":
+                return name, state
+    raise RuntimeError("too many runs with the same name")
+
+
+def _write_state(storage: str, name: str, state: dict[str, Any]) -> None:
+    if "://" in storage:
+        return
+    d = Path(storage) / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / JOB_STATE).write_text(json.dumps(state, indent=2))
+
+
+def init_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # Train V2 echoes worker prints twice (stdout + its log redirection); a local
+        # cluster inherits this process's environment, so turn the echo off there.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+        # RAY_ADDRESS (set by `ray job submit`) connects to that cluster; otherwise a local one starts.
+        ray.init(log_to_driver=True, configure_logging=False)
+
+
+def run(spec: JobSpec, log=print) -> dict[str, Any]:
+    """Run a validated job end to end and return the result record (see module docstring)."""
+    from pipelines import tracking
+    from pipelines.data import dataset_fingerprint
+    from pipelines.models import base_lineage
+
+    storage = storage_dir(spec)
+    run_name, prior = _run_name(spec, storage)
+    uri = tracking.tracking_uri(spec)
+    lineage = {
+        **base_lineage(spec.model),
+        "dataset": spec.data.train,
+        "dataset_hash": dataset_fingerprint(spec.data),
+        "method": spec.method.name,
+        "quantization": spec.quantization(),
+    }
+    if prior:
+        run_id = prior["mlflow_run_id"]
+        log(f"[raypeft] resuming unfinished job {run_name!r} (MLflow run {run_id})")
+    else:
+        run_id = tracking.start_run(spec, uri, {**lineage, "raypeft.job": run_name, "mlflow.runName": run_name})
+    _write_state(storage, run_name, {"status": "running", "mlflow_run_id": run_id, "tracking_uri": uri})
+    log(f"[raypeft] MLflow run {run_id} at {uri}")
+
+    init_ray()
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.loop import ADAPTER_DIR, train_worker
+
+    sc = spec.scaling
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"spec": spec, "run_id": run_id, "tracking_uri": uri},
+        scaling_config=ScalingConfig(
+            num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+            failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
+        ),
+    )
+    t0 = time.time()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        tracking.fail_run(uri, run_id, f"{type(e).__name__}: {e}")
+        _write_state(storage, run_name, {"status": "failed", "mlflow_run_id": run_id, "tracking_uri": uri, "error": str(e)[:2000]})
+        raise
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k != "step"}
+
+    out_root = Path(storage) / run_name if "://" not in storage else Path(tracking.raypeft_home()) / "runs" / run_name
+    adapter_dir = out_root / "adapter"
+    with result.checkpoint.as_directory() as d:
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        shutil.copytree(Path(d) / ADAPTER_DIR, adapter_dir)
+
+    reg = tracking.finish_run(spec, uri, run_id, str(adapter_dir), lineage, metrics)
+    _write_state(storage, run_name, {"status": "finished", "mlflow_run_id": run_id, "tracking_uri": uri, **reg})
+    return {
+        "run_id": run_id,
+        "adapter_dir": str(adapter_dir),
+        "registered_model": reg["registered_model"],
+        "version": reg["version"],
+        "model_uri": reg["model_uri"],
+        "tracking_uri": uri,
+        "job": run_name,
+        "wall_s": round(time.time() - t0, 1),
+        "metrics": metrics,
+    }
+
+
+def summary_lines(result: dict[str, Any], spec: JobSpec) -> list[str]:
+    m = result["metrics"]
+    lines = [f"[raypeft] adapter: {result['adapter_dir']}"]
+    if result["registered_model"]:
+        lines.append(f"[raypeft] registered: models:/{result['registered_model']}/{result['version']}")
+    for key in ("eval_loss", "exact_match"):
+        if key in m:
+            base = m.get(f"base_{key}")
+            lines.append(f"[raypeft] {key}: base {base:.4f} → adapter {m[key]:.4f}" if base is not None else f"[raypeft] {key}: {m[key]:.4f}")
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("spec", help="job spec YAML")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.lr=1e-4 method.r=16")
+    p.add_argument("--validate-only", action="store_true", help="validate the spec, print it resolved, and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        spec = load_spec(args.spec, args.overrides)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.validate_only:
+        from pipelines.tracking import spec_yaml
+
+        print(spec_yaml(spec), end="")
+        return 0
+    result = run(spec)
+    for line in summary_lines(result, spec):
+        print(line, flush=True)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

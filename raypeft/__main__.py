@@ -1,0 +1,5 @@
+import sys
+
+from raypeft.cli import main
+
+sys.exit(main())
