@@ -31,7 +31,14 @@ def config_class(name: str):
     return PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
 
 
-def peft_config(spec: "JobSpec"):
+def linear_suffixes(model) -> list[str]:
+    """Distinct last names of the model's nn.Linear modules, lm_head excluded."""
+    import torch
+
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n})
+
+
+def peft_config(spec: "JobSpec", model=None):
     cls = config_class(spec.method.name)
     names = {f.name for f in fields(cls)}
     m = spec.method
@@ -45,7 +52,12 @@ def peft_config(spec: "JobSpec"):
             kwargs[f] = m.alpha
             break
     if "target_modules" in names:
-        kwargs["target_modules"] = m.target_modules if isinstance(m.target_modules, str) else list(m.target_modules)
+        target = m.target_modules if isinstance(m.target_modules, str) else list(m.target_modules)
+        if target == "all-linear" and "feedforward_modules" in names and model is not None:
+            # PEFT expands all-linear into full module names, then rejects its own saved
+            # config because feedforward_modules ({'down_proj'}) is not a subset of them
+            target = linear_suffixes(model)
+        kwargs["target_modules"] = target
     for key, pattern in (("rank_pattern", m.rank_pattern), ("alpha_pattern", m.alpha_pattern)):
         if pattern and key in names:
             kwargs[key] = dict(pattern)
@@ -59,7 +71,7 @@ def _build(spec: "JobSpec", model) -> Prepared:
     if spec.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    peft_model = get_peft_model(model, peft_config(spec))
+    peft_model = get_peft_model(model, peft_config(spec, model))
     return Prepared(peft_model, adamw(trainable(peft_model), spec))
 
 

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random-init models, specs, and an isolated RAYPEFT_HOME."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from pipelines.models import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def write_chat_data(path: Path, n: int = 64, seed: int = 0) -> Path:
+    """A learnable toy task: 'a+b=' → the sum."""
+    r = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = r.randint(1, 9), r.randint(1, 9)
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"{a}+{b}="}, {"role": "assistant", "content": str(a + b)}]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory) -> Path:
+    return write_chat_data(tmp_path_factory.mktemp("data") / "chat.jsonl")
+
+
+@pytest.fixture
+def raypeft_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("RAYPEFT_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return home
+
+
+def tiny_spec(model_dir: Path, data: Path, **sections):
+    """A validated JobSpec for the tiny model; ``sections`` override whole-section dicts."""
+    from pipelines.spec import validate
+
+    raw = {
+        "name": "tiny",
+        "model": {"base": str(model_dir)},
+        "method": {"name": "lora", "r": 4},
+        "data": {"train": str(data), "format": "chat", "max_length": 64, "eval_fraction": 0.2},
+        "train": {"max_steps": 6, "micro_batch_size": 4, "lr": 0.01, "warmup_steps": 1, "eval_every": 0, "eval_base": False},
+    }
+    for k, v in sections.items():
+        raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
+    return validate(raw)
