@@ -44,7 +44,7 @@ def resolve_source(source: str, split: str = "train") -> str:
 
 def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
     """Read a .jsonl/.json/.parquet file, a ``save_to_disk`` directory, or a ``builtin:`` dataset."""
-    path = resolve_source(source, split)
+    path = os.path.expanduser(resolve_source(source, split))
     if "://" in path:
         import fsspec
 

@@ -15,8 +15,9 @@ This module imports neither Ray nor torch, so validation is instant.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,6 +34,9 @@ class SpecError(Exception):
         lines = [f"invalid {source}: {len(problems)} problem(s)"]
         lines += [f"  - {field}: {msg}" for field, msg in problems]
         super().__init__("\n".join(lines))
+
+    def __reduce__(self):  # picklable across Ray processes
+        return (SpecError, (self.problems, self.source))
 
 
 class _Section(BaseModel):
@@ -71,7 +75,8 @@ class GaloreSpec(_Section):
 class MethodSpec(_Section):
     name: str = Field(
         "lora",
-        description="Fine-tuning method: lora, rslora, lora_plus, dora, qlora, qdora, galore, galore_8bit, "
+        pattern=r"^[a-z0-9_]+$",
+        description="Fine-tuning method (lowercase): lora, rslora, lora_plus, dora, qlora, qdora, galore, galore_8bit, "
         "galore_layerwise, adalora, or any PEFT method by its PEFT type name (loha, lokr, ia3, vera, vblora, "
         "hra, waveft, boft, oft, fourierft, prompt_tuning, prefix_tuning, ...).",
     )
@@ -83,8 +88,8 @@ class MethodSpec(_Section):
     target_modules: str | list[str] = Field(
         "all-linear", description="Modules to adapt: `all-linear`, a list of module-name suffixes, or a regex."
     )
-    rank_pattern: dict[str, int] = Field(default_factory=dict, description="Per-module rank overrides (PEFT `rank_pattern`).")
-    alpha_pattern: dict[str, float] = Field(
+    rank_pattern: dict[str, Annotated[int, Field(gt=0)]] = Field(default_factory=dict, description="Per-module rank overrides (PEFT `rank_pattern`).")
+    alpha_pattern: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict, description="Per-module alpha overrides (PEFT `alpha_pattern`)."
     )
     loraplus_ratio: float = Field(16.0, gt=0, description="lora_plus: learning rate of B = ratio × learning rate of A.")
@@ -213,10 +218,12 @@ def _quote(value: Any) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
+_UNION_TAG = re.compile(r"^(str|int|float|bool|[a-z-]+\[.*\])$")
+
+
 def _loc(loc: tuple) -> str:
-    # pydantic puts union-member / literal tags into loc; keep only real field names
-    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "list[str]", "int", "float")))]
-    return ".".join(parts)
+    # pydantic puts union-member tags ('str', 'list[str]', 'function-after[...]') into loc
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and _UNION_TAG.match(p)))
 
 
 def _pydantic_problems(err: ValidationError) -> list[tuple[str, str]]:
@@ -243,7 +250,15 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+        try:
+            value = float(value) if _FLOAT.match(value) else value
+        except ValueError:
+            pass
     return key.split("."), value
+
+
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -269,9 +284,11 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise SpecError([("<file>", f"spec file not found (got {_quote(str(path))})")])
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise SpecError([("<file>", f"not valid YAML: {e}")]) from None
+        raise SpecError([("<file>", f"not valid YAML in {str(path)!r}: {e}")]) from None
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
         raise SpecError([("<root>", f"spec must be a mapping (got {_quote(raw)})")])
     return raw
@@ -291,7 +308,13 @@ def validate(raw: dict[str, Any], base_dir: str | os.PathLike | None = None) -> 
         spec = JobSpec.model_validate(raw)
     except ValidationError as e:
         problems = _pydantic_problems(e)
-        # semantic checks on the sections that did parse still help the user
+        # run the cross-field checks on the sections that did parse, so every problem is listed at once
+        broken = {f.split(".")[0] for f, _ in problems}
+        try:
+            partial = JobSpec.model_validate({k: v for k, v in raw.items() if k not in broken})
+            problems += [p for p in semantic_problems(partial, base_dir) if p[0].split(".")[0] not in broken]
+        except ValidationError:
+            pass
         raise SpecError(problems) from None
     problems = semantic_problems(spec, base_dir)
     if problems:
@@ -317,6 +340,7 @@ def _data_source_problem(field: str, value: str, base_dir: Path) -> tuple[str, s
         return None
     if "://" in value:
         return None  # remote (fsspec) paths are checked by the worker that reads them
+    value = os.path.expanduser(value)
     p = Path(value) if os.path.isabs(value) else base_dir / value
     if not p.exists():
         return field, f"file or directory not found (got {_quote(value)})"
@@ -365,9 +389,9 @@ def semantic_problems(spec: JobSpec, base_dir: str | os.PathLike | None = None) 
 
     uri = spec.tracking.tracking_uri
     if uri is not None and not uri.startswith(("sqlite:///", "http://", "https://", "postgresql", "mysql", "databricks")):
-        problems.append(("tracking.tracking_uri", f"expected sqlite:///..., http(s)://... or a database URI (got {_quote(uri)})"))
+        problems.append(("tracking.tracking_uri", f"expected sqlite:///..., http(s)://... or a database URI; MLflow 3's file store is not supported (got {_quote(uri)})"))
     if spec.tracking.registered_model is not None and not spec.tracking.registered_model.strip():
-        problems.append(("tracking.registered_model", "must not be blank (got '')"))
+        problems.append(("tracking.registered_model", f"must not be blank (got {_quote(spec.tracking.registered_model)})"))
     return problems
 
 

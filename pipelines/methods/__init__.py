@@ -81,8 +81,6 @@ def method_problems(spec: "JobSpec") -> list[tuple[str, str]]:
     q = spec.quantization()
     if method.needs_quantization == "4bit" and q != "nf4":
         problems.append(("model.quantization", f"method {spec.method.name!r} trains on a 4-bit base: use nf4 or auto (got {q!r})"))
-    if q != "none" and spec.model.dtype == "float16" and not spec.scaling.use_gpu:
-        problems.append(("model.dtype", "quantized bases on CPU need float32 or bfloat16 (got 'float16')"))
     return problems
 
 

