@@ -179,7 +179,7 @@ def tiny_llama(path: str | os.PathLike, seed: int = 0, vocab_size: int = 512, hi
     """Write a tiny random-init Llama (plus a char-level-ish tokenizer) for tests and smoke runs."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     path = Path(path)
     torch.manual_seed(seed)
@@ -191,11 +191,12 @@ def tiny_llama(path: str | os.PathLike, seed: int = 0, vocab_size: int = 512, hi
     # byte-level vocab: every character maps to a token, so any text tokenizes
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
     for i in range(256):
-        vocab.setdefault(chr(i) if chr(i).isprintable() else f"<0x{i:02X}>", len(vocab))
+        vocab.setdefault(chr(i), len(vocab))
     for i in range(len(vocab), vocab_size):
         vocab[f"<extra_{i}>"] = i
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tk.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
     tok.chat_template = (
         "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"

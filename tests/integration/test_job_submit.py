@@ -1,0 +1,105 @@
+"""`ray job submit` of a training spec against a real `ray start --head` on loopback (token auth on)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+BIN = Path(sys.executable).parent
+DASHBOARD = "http://127.0.0.1:8265"
+
+
+def _env(**extra) -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token", **extra}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    import ray
+
+    ray.shutdown()  # this process's own local cluster, if an earlier test started one
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True, timeout=120)
+    start = subprocess.run(
+        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--port=6390", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--disable-usage-stats"],
+        env=_env(), capture_output=True, text=True, timeout=180,
+    )
+    assert start.returncode == 0, start.stdout + start.stderr
+    import requests
+
+    for _ in range(60):  # the job server comes up a little after `ray start` returns
+        try:
+            if requests.get(f"{DASHBOARD}/api/version", timeout=2).status_code in (200, 401, 403):
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    yield DASHBOARD
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True, timeout=120)
+
+
+def _last_json(text: str) -> dict:
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("{") and '"run_id"' in line:
+            return json.loads(line)
+    raise AssertionError(f"no result JSON in job output:\n{text[-3000:]}")
+
+
+def test_ray_job_submit_trains_and_registers(ray_head, tmp_path, tiny_model_dir, chat_data):
+    from mlflow import MlflowClient
+
+    home = tmp_path / "home"
+    spec = {
+        "name": "submitted",
+        "model": {"base": str(tiny_model_dir)},
+        "method": {"name": "lora", "r": 4},
+        "data": {"train": str(chat_data), "format": "chat", "max_length": 64, "eval_fraction": 0.2},
+        "train": {"max_steps": 4, "micro_batch_size": 4, "lr": 0.01, "warmup_steps": 1, "eval_every": 0, "eval_base": False},
+        "tracking": {"registered_model": "submitted-adapter"},
+    }
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    runtime_env = {"env_vars": {"RAYPEFT_HOME": str(home), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+    proc = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(REPO),
+         "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "pipelines.train", str(spec_path)],
+        env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = _last_json(proc.stdout)
+
+    assert Path(result["adapter_dir"]).is_relative_to(home)
+    assert (Path(result["adapter_dir"]) / "adapter_model.safetensors").is_file()
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    assert result["tracking_uri"] == uri
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = c.get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["train.max_steps"] == "4"
+    assert len(c.get_metric_history(result["run_id"], "train_loss")) == 4
+    v = c.get_model_version("submitted-adapter", str(result["version"]))
+    assert v.tags["raypeft.run_id"] == result["run_id"]
+
+
+def test_submit_without_token_is_refused(ray_head):
+    """Token auth stays on: a client without RAY_AUTH_MODE=token cannot submit."""
+    env = _env()
+    env.pop("RAY_AUTH_MODE")
+    proc = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--no-wait", "--", "echo", "hi"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "token" in (proc.stdout + proc.stderr).lower()
