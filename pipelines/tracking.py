@@ -61,12 +61,12 @@ def _str_params(d: dict[str, Any]) -> dict[str, str]:
     return {k: (str(v) if v is not None else "null")[:6000] for k, v in d.items()}
 
 
-def start_run(spec: "JobSpec", uri: str, tags: dict[str, str]) -> str:
+def start_run(spec: "JobSpec", uri: str, run_name: str, tags: dict[str, str]) -> str:
     """Create the job's MLflow run; log the flattened spec as params and the lineage tags."""
     from mlflow.entities import Param, RunTag
 
     c = client(uri)
-    run = c.create_run(experiment_id(uri, spec.tracking.experiment), run_name=spec.name, tags=tags)
+    run = c.create_run(experiment_id(uri, spec.tracking.experiment), run_name=run_name, tags=tags)
     params = [Param(k, v) for k, v in _str_params(spec.flat()).items()]
     for i in range(0, len(params), 100):
         c.log_batch(run.info.run_id, params=params[i : i + 100])

@@ -92,7 +92,7 @@ def run(spec: JobSpec, log=print) -> dict[str, Any]:
         run_id = prior["mlflow_run_id"]
         log(f"[raypeft] resuming unfinished job {run_name!r} (MLflow run {run_id})")
     else:
-        run_id = tracking.start_run(spec, uri, {**lineage, "raypeft.job": run_name, "mlflow.runName": run_name})
+        run_id = tracking.start_run(spec, uri, run_name, {**lineage, "raypeft.job": run_name})
     _write_state(storage, run_name, {"status": "running", "mlflow_run_id": run_id, "tracking_uri": uri})
     log(f"[raypeft] MLflow run {run_id} at {uri}")
 
