@@ -75,6 +75,8 @@ def test_method_trains_and_base_stays_frozen(tiny_model_dir, chat_data, name):
     extra, lr = CASES[name]
     spec, base, _, batch = _setup(tiny_model_dir, chat_data, name, extra, lr)
     prepared = methods.build(spec, base)
+    with torch.no_grad():  # bitsandbytes repacks 4-bit weights for its CPU kernels on the first forward
+        prepared.model(**batch)
     before = _base_weight(prepared.model)
     losses = _train(prepared, batch, 10)
     assert losses[-1] < losses[0] - 0.02, f"{name}: loss did not fall: {losses}"
