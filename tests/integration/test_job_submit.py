@@ -31,6 +31,9 @@ def ray_head():
 
     ray.shutdown()  # this process's own local cluster, if an earlier test started one
     subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True, timeout=120)
+    # a fresh machine has no ~/.ray/auth_token yet; `ray start` with token auth refuses to start without one
+    gen = subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=_env(), capture_output=True, text=True, timeout=60)
+    assert gen.returncode == 0, gen.stderr
     start = subprocess.run(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--port=6390", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--disable-usage-stats"],
