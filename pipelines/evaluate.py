@@ -19,17 +19,30 @@ def task_metric(task: str) -> tuple[str, Callable[[list[str], list[str]], float]
     raise KeyError(task)
 
 
-def eval_loss(model, examples: list[dict], batch_size: int, pad_id: int, device, rank: int = 0, world: int = 1) -> dict[str, float]:
-    """Mean loss per completion token over the eval set (all ranks together)."""
+def eval_loss(
+    model, examples: list[dict], batch_size: int, pad_id: int, device, rank: int = 0, world: int = 1, lockstep: bool = False
+) -> dict[str, float]:
+    """Mean loss per completion token over the eval set (all ranks together).
+
+    ``lockstep``: every rank runs the same number of forward passes (ZeRO-3 gathers
+    weights collectively in each forward); a rank whose shard ran out repeats a
+    batch and discards it.
+    """
     import torch
     import torch.distributed as dist
 
     total = torch.zeros(2, dtype=torch.float64, device=device)
     shard = [examples[i] for i in eval_shard(len(examples), rank, world)]
+    n_batches = -(-len(shard) // batch_size)
+    if lockstep:
+        n_batches = -(-(-(-len(examples) // world)) // batch_size)  # batches of the largest shard
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(shard), batch_size):
-            batch = {k: v.to(device) for k, v in collate(shard[i : i + batch_size], pad_id).items()}
+        for b in range(n_batches):
+            rows = shard[b * batch_size : (b + 1) * batch_size]
+            weight = 1.0 if rows else 0.0
+            rows = rows or examples[:1]
+            batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             labels = batch["labels"]
             if logits.shape[1] != labels.shape[1]:  # prompt-learning methods prepend virtual tokens
@@ -38,7 +51,7 @@ def eval_loss(model, examples: list[dict], batch_size: int, pad_id: int, device,
             loss = torch.nn.functional.cross_entropy(
                 shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
             )
-            total += torch.stack([loss.double(), (shift_labels != -100).sum().double()])
+            total += weight * torch.stack([loss.double(), (shift_labels != -100).sum().double()])
     if world > 1 and dist.is_initialized():
         dist.all_reduce(total)
     model.train()
@@ -46,8 +59,10 @@ def eval_loss(model, examples: list[dict], batch_size: int, pad_id: int, device,
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))}
 
 
-def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device) -> list[str]:
-    """Greedy completions for ``prompts`` (left-padded batches)."""
+def generate_completions(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device, synced: bool = False
+) -> list[str]:
+    """Greedy completions for ``prompts`` (left-padded batches). ``synced``: ZeRO-3 lockstep across ranks."""
     import torch
 
     old_side = tokenizer.padding_side
@@ -60,7 +75,7 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
                 enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                 gen = model.generate(
                     **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, synced_gpus=synced,
                 )
                 outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
@@ -69,8 +84,13 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
     return outs
 
 
-def task_score(model, tokenizer, records: list[dict], fmt: str, task: str, n: int, device, batch_size: int = 16) -> dict[str, Any]:
-    """Greedy-generate the first ``n`` eval records and score them with the task metric."""
+def task_score(
+    model, tokenizer, records: list[dict], fmt: str, task: str, n: int, device, batch_size: int = 16, synced: bool = False
+) -> dict[str, Any]:
+    """Greedy-generate the first ``n`` eval records and score them with the task metric.
+
+    ``synced``: every rank calls this on the same records (ZeRO-3), generating in lockstep.
+    """
     metric = task_metric(task)
     if metric is None or not records:
         return {}
@@ -79,5 +99,5 @@ def task_score(model, tokenizer, records: list[dict], fmt: str, task: str, n: in
     prompts = [prompt_and_completion(r, fmt, tokenizer)[0] for r in subset]
     refs = [reference_of(r, fmt) for r in subset]
     longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs)
-    preds = generate_completions(model, tokenizer, prompts, longest + 8, batch_size, device)
+    preds = generate_completions(model, tokenizer, prompts, longest + 8, batch_size, device, synced)
     return {name: fn(preds, refs), "_examples": list(zip(prompts[:2], preds[:2], refs[:2]))}

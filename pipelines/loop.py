@@ -6,10 +6,8 @@ It reads top to bottom as the job: load base → build method → data → loop.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import random
 import tempfile
 import time
@@ -19,8 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
 
-STATE_FILE = "state.pt"
-ADAPTER_DIR = "adapter"
+from pipelines.engines import ADAPTER_DIR, PROBE_FILE  # noqa: F401  (ADAPTER_DIR: the driver reads it)
 
 
 def lr_factor(step: int, spec: "JobSpec") -> float:
@@ -41,45 +38,6 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def _rng_state() -> dict[str, Any]:
-    import torch
-
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-
-
-def save_checkpoint(path: Path, model, optimizer, step: int, metrics: dict[str, float]) -> None:
-    """adapter/ (standard PEFT dir, or the full model for GaLore) + state.pt (trainables, optimizer, RNG, step)."""
-    import torch
-
-    model.save_pretrained(path / ADAPTER_DIR, safe_serialization=True)
-    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save({"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(), "rng": _rng_state()}, path / STATE_FILE)
-    (path / "metrics.json").write_text(json.dumps(metrics))
-
-
-def load_checkpoint(path: Path, model, optimizer) -> int:
-    import torch
-
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state["trainable"]]
-    if missing:
-        raise RuntimeError(f"checkpoint {path} lacks trainable parameters {missing[:3]}...")
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for n, t in state["trainable"].items():
-            params[n].copy_(t.to(params[n].device))
-    optimizer.load_state_dict(state["optimizer"])
-    _set_rng_state(state["rng"])
-    return int(state["step"])
-
-
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train ``train_loop_per_worker``. ``config``: spec (validated JobSpec), run_id, tracking_uri."""
     import ray.train
@@ -88,6 +46,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     from pipelines import data as D
     from pipelines import methods
+    from pipelines.engines import build_engine, deepspeed_setup, probe_logits
     from pipelines.evaluate import eval_loss, task_score
     from pipelines.models import load_base
     from pipelines.tracking import StepLogger
@@ -109,15 +68,20 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(spec.train.seed)
     random.seed(spec.train.seed)
 
+    ds_config = spec.deepspeed_config()
+    hf_ds = deepspeed_setup(ds_config, device, quantized=spec.quantization() != "none")  # keep alive: ZeRO-3 partitions weights while they load
     base, tok, _ = load_base(spec, device=device, log=log)
     prepared = methods.build(spec, base)
-    model, optimizer = prepared.model, prepared.optimizer
-    if spec.quantization() == "none":
+    model = prepared.model
+    if spec.quantization() == "none" and hf_ds is None:
         model.to(device)
     model.train()
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
-    log(f"method {spec.method.name}: {n_trainable:,} trainable / {n_total:,} parameters ({100 * n_trainable / n_total:.3f}%)")
+    log(f"method {spec.method.name}: {n_trainable:,} trainable / {n_total:,} parameters ({100 * n_trainable / max(n_total, 1):.3f}%)")
+    engine = build_engine(spec, prepared, rank, world, device, ds_config)
+    log(f"strategy {spec.scaling.strategy}: {world} worker(s), global batch {spec.global_batch_size()} "
+        f"= {spec.train.micro_batch_size} × {spec.grad_accum()} accumulation × {world}")
 
     train_records, eval_records = D.train_eval_records(spec.data, spec.train.seed)
     train_ex = D.encode_all(train_records, spec.data, tok)
@@ -127,16 +91,13 @@ def train_worker(config: dict[str, Any]) -> None:
     log(f"data: {len(train_ex)} train rows, {len(eval_ex)} eval rows, format {spec.data.format}")
     sharder = D.Sharder(len(train_ex), spec.train.micro_batch_size, world, rank, spec.train.seed)
     pad_id = tok.pad_token_id
-
-    ddp = None
-    if world > 1 and not prepared.steps_in_backward:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    forward_model = ddp or model
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    base_lrs = [g["lr"] for g in engine.param_groups]
+    # ZeRO-3 gathers weights collectively inside every forward: all ranks must run the same forwards
+    lockstep = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
 
     def set_lr(step: int) -> float:
         f = lr_factor(step, spec)
-        for g, lr0 in zip(optimizer.param_groups, base_lrs):
+        for g, lr0 in zip(engine.param_groups, base_lrs):
             g["lr"] = lr0 * f
         return base_lrs[0] * f
 
@@ -144,9 +105,9 @@ def train_worker(config: dict[str, Any]) -> None:
     mb = spec.train.micro_batch_size
 
     def evaluate(step: int, prefix: str = "") -> dict[str, float]:
-        out = eval_loss(model, eval_ex, mb, pad_id, device, rank, world)
-        if is_main and spec.data.task != "none":
-            res = task_score(model, tok, eval_records, spec.data.format, spec.data.task, spec.data.eval_task_samples, device)
+        out = eval_loss(model, eval_ex, mb, pad_id, device, rank, world, lockstep=lockstep)
+        if spec.data.task != "none" and (is_main or lockstep):
+            res = task_score(model, tok, eval_records, spec.data.format, spec.data.task, spec.data.eval_task_samples, device, synced=lockstep)
             for prompt, pred, ref in res.pop("_examples", []):
                 log(f"  sample → {pred.strip()[:100]!r} (expected {ref[:100]!r})")
             out.update(res)
@@ -162,24 +123,31 @@ def train_worker(config: dict[str, Any]) -> None:
     final_metrics: dict[str, float] = {}
     if ckpt:
         with ckpt.as_directory() as d:
-            start_step = load_checkpoint(Path(d), model, optimizer)
+            start_step = engine.load(Path(d))
             saved = json.loads((Path(d) / "metrics.json").read_text())
         final_metrics.update({k: v for k, v in saved.items() if k.startswith("base_")})
         log(f"resumed from checkpoint at step {start_step}")
+        if logger:
+            logger.log({"resumed_from_step": start_step}, start_step)
     elif spec.train.eval_base and prepared.is_peft and hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             final_metrics.update(evaluate(0, prefix="base_"))
 
     # ---- train
-    def report(step: int, metrics: dict[str, float], checkpoint: bool) -> None:
+    def report(step: int, metrics: dict[str, float]) -> None:
+        """Every rank saves its part of the checkpoint and reports it; Ray Train merges them."""
+        t0 = time.perf_counter()
+        probe = probe_logits(model, eval_ex[0] if eval_ex else train_ex[0], device)
         with tempfile.TemporaryDirectory() as tmp:
-            ck = None
-            if checkpoint and is_main:
-                save_checkpoint(Path(tmp), model, optimizer, step, metrics)
-                ck = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**metrics, "step": step}, checkpoint=ck if checkpoint else None, checkpoint_dir_name=f"step_{step:07d}" if checkpoint else None)
+            engine.save(Path(tmp), step)
+            if is_main:
+                torch.save({"input_ids": probe[0], "logits": probe[1], "step": step}, Path(tmp) / PROBE_FILE)
+                (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+            ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"step_{step:07d}")
+        log(f"checkpoint @ step {step} saved in {time.perf_counter() - t0:.1f}s")
 
-    accum = spec.train.grad_accum
+    accum = spec.grad_accum()
     t_start, tokens_since, t_last = time.perf_counter(), 0, time.perf_counter()
     loss_sum = torch.zeros(2, dtype=torch.float64)
     lr = set_lr(start_step)
@@ -188,20 +156,10 @@ def train_worker(config: dict[str, Any]) -> None:
         for micro in range(accum):
             k = step * accum + micro
             batch = {key: v.to(device) for key, v in D.collate([train_ex[i] for i in sharder.indices(k)], pad_id).items()}
-            sync = ddp is None or micro == accum - 1
-            ctx_mgr = ddp.no_sync() if (ddp is not None and not sync) else contextlib.nullcontext()
-            with ctx_mgr:
-                loss = forward_model(**batch).loss
-                (loss / accum).backward()
+            loss = engine.micro_step(batch, last=micro == accum - 1)
             loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
             tokens_since += int(batch["attention_mask"].sum())
-        if not prepared.steps_in_backward:
-            if spec.train.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], spec.train.max_grad_norm)
-            optimizer.step()
-        if prepared.after_step:
-            prepared.after_step(step)
-        optimizer.zero_grad(set_to_none=True)
+        engine.finish_step(step)
         done = step + 1
         lr_used = lr
         lr = set_lr(done)
@@ -226,8 +184,8 @@ def train_worker(config: dict[str, Any]) -> None:
             final_metrics.update(evaluate(done))
         every = spec.checkpoint.every_steps
         if (every and done % every == 0) or is_last:
-            report(done, dict(final_metrics), checkpoint=True)
+            report(done, dict(final_metrics))
+            t_last = time.perf_counter()  # checkpoint time is not training throughput
     if start_step >= spec.train.max_steps:  # resumed a finished run: report its final state again
-        report(start_step, dict(final_metrics), checkpoint=True)
+        report(start_step, dict(final_metrics))
     log(f"finished in {_fmt_eta(time.perf_counter() - t_start)}")
-

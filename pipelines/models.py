@@ -165,7 +165,10 @@ def load_base(spec: "JobSpec", device: Any = "cpu", log=print):
     kwargs: dict[str, Any] = {"dtype": torch_dtype(spec.model.dtype), "revision": spec.model.revision}
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
-        kwargs["device_map"] = {"": device}
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if not is_deepspeed_zero3_enabled():  # under ZeRO-3, DeepSpeed places the partitions
+            kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if qcfg is None:
         model.to(device)

@@ -127,7 +127,13 @@ class TrainSpec(_Section):
     lr: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     max_steps: int = Field(60, gt=0, description="Optimizer steps to run.")
     micro_batch_size: int = Field(8, gt=0, description="Examples per worker per forward pass.")
-    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step (leave at 1 when `global_batch_size` is set).")
+    global_batch_size: int | None = Field(
+        None, gt=0,
+        description="Examples per optimizer step across all workers. When set, accumulation is derived: "
+        "global_batch_size / (micro_batch_size × num_workers), which must be whole, so the global batch stays "
+        "the same whatever the worker count. Unset: micro_batch_size × grad_accum × num_workers.",
+    )
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_steps: int = Field(5, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -141,6 +147,18 @@ class TrainSpec(_Section):
 class ScalingSpec(_Section):
     num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker; NCCL backend. CPU workers use gloo.")
+    strategy: Literal["ddp", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"] = Field(
+        "ddp",
+        description="Data parallelism: `ddp` (torch DDP, no DeepSpeed), or DeepSpeed ZeRO `zero1` (optimizer "
+        "states sharded), `zero2` (+ gradients), `zero3` (+ parameters), `zero2_offload` (optimizer on CPU), "
+        "`zero3_offload` (optimizer and parameters on CPU). The DeepSpeed config is derived from this spec.",
+    )
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides deep-merged into the derived DeepSpeed config (e.g. `{zero_optimization: "
+        "{reduce_bucket_size: 5e7}}`). Batch size, accumulation, clipping, precision, optimizer and stage "
+        "come from the spec and are refused here.",
+    )
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads per worker (0 = cpus_per_worker).")
 
@@ -191,8 +209,29 @@ class JobSpec(_Section):
     def alpha(self) -> float:
         return self.method.alpha if self.method.alpha is not None else 2.0 * self.rank()
 
+    def grad_accum(self) -> int:
+        """Micro-batches per optimizer step on each worker (derived from ``train.global_batch_size`` when set)."""
+        t = self.train
+        if t.global_batch_size is None:
+            return t.grad_accum
+        return max(1, t.global_batch_size // (t.micro_batch_size * self.scaling.num_workers))
+
     def global_batch_size(self) -> int:
-        return self.train.micro_batch_size * self.train.grad_accum * self.scaling.num_workers
+        return self.train.micro_batch_size * self.grad_accum() * self.scaling.num_workers
+
+    def deepspeed_config(self) -> dict[str, Any] | None:
+        """The DeepSpeed config derived from this spec (None for ``ddp``)."""
+        from cluster.deepspeed import ds_config
+
+        return ds_config(
+            self.scaling.strategy,
+            micro_batch_size=self.train.micro_batch_size,
+            grad_accum=self.grad_accum(),
+            world_size=self.scaling.num_workers,
+            max_grad_norm=self.train.max_grad_norm,
+            dtype=self.model.dtype,
+            overrides=self.scaling.deepspeed,
+        )
 
     def flat(self) -> dict[str, Any]:
         """The spec flattened to dotted keys (MLflow params)."""
@@ -379,6 +418,13 @@ def semantic_problems(spec: JobSpec, base_dir: str | os.PathLike | None = None) 
     t = spec.train
     if t.warmup_steps >= t.max_steps:
         problems.append(("train.warmup_steps", f"must be < train.max_steps ({t.max_steps}) (got {t.warmup_steps})"))
+    if t.global_batch_size is not None:
+        per_pass = t.micro_batch_size * spec.scaling.num_workers
+        if t.grad_accum != 1:
+            problems.append(("train.grad_accum", f"set either grad_accum or global_batch_size, not both (got {t.grad_accum} with global_batch_size {t.global_batch_size})"))
+        elif t.global_batch_size % per_pass:
+            problems.append(("train.global_batch_size", f"must be a multiple of micro_batch_size × num_workers = {per_pass} (got {t.global_batch_size})"))
+    problems += _scaling_problems(spec)
     if spec.checkpoint.every_steps > t.max_steps:
         problems.append(("checkpoint.every_steps", f"must be <= train.max_steps ({t.max_steps}) (got {spec.checkpoint.every_steps})"))
 
@@ -393,6 +439,32 @@ def semantic_problems(spec: JobSpec, base_dir: str | os.PathLike | None = None) 
     if spec.tracking.registered_model is not None and not spec.tracking.registered_model.strip():
         problems.append(("tracking.registered_model", f"must not be blank (got {_quote(spec.tracking.registered_model)})"))
     return problems
+
+
+def _scaling_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """Strategy × method × quantization combinations that cannot work, caught before anything starts."""
+    from cluster.deepspeed import override_problems, zero_stage
+
+    sc, out = spec.scaling, []
+    stage = zero_stage(sc.strategy)
+    if stage == 0:
+        if sc.deepspeed:
+            out.append(("scaling.deepspeed", f"overrides need a DeepSpeed strategy (zero1/2/3), not 'ddp' (got {sc.deepspeed!r})"))
+        return out
+    out += [(f"scaling.deepspeed.{k}", msg) for k, msg in override_problems(sc.deepspeed)]
+    name = spec.method.name
+    if name.startswith("galore"):
+        out.append(("scaling.strategy", f"{name} steps its own projected optimizer, which DeepSpeed ZeRO cannot shard; "
+                    f"use strategy ddp with {name}, or a LoRA-family method with {sc.strategy} (got {sc.strategy!r})"))
+    elif name == "adalora":
+        out.append(("scaling.strategy", f"adalora reallocates ranks from the gradients, which ZeRO partitions; use strategy ddp (got {sc.strategy!r})"))
+    if stage == 3 and spec.quantization() == "int8":
+        out.append(("scaling.strategy", "ZeRO-3 cannot partition an int8 (LLM.int8) base; use zero2 with int8, or "
+                    f"zero3 with model.quantization nf4 (QLoRA) (got {sc.strategy!r} with int8)"))
+    if stage == 3 and spec.quantization() == "nf4" and spec.model.compute_dtype != spec.model.dtype:
+        out.append(("model.compute_dtype", f"ZeRO-3 partitions 4-bit weights stored as compute_dtype, which must equal model.dtype "
+                    f"({spec.model.dtype!r}) (got {spec.model.compute_dtype!r})"))
+    return out
 
 
 # --------------------------------------------------------------------------- docs

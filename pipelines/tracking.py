@@ -11,6 +11,7 @@ selects a server.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -63,7 +64,7 @@ def _str_params(d: dict[str, Any]) -> dict[str, str]:
 
 def start_run(spec: "JobSpec", uri: str, run_name: str, tags: dict[str, str]) -> str:
     """Create the job's MLflow run; log the flattened spec as params and the lineage tags."""
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param
 
     c = client(uri)
     run = c.create_run(experiment_id(uri, spec.tracking.experiment), run_name=run_name, tags=tags)
@@ -131,7 +132,6 @@ def finish_run(
     spec: "JobSpec", uri: str, run_id: str, adapter_dir: str, lineage: dict[str, str], final_metrics: dict[str, float]
 ) -> dict[str, Any]:
     """Log the loss curve and the adapter (a LoggedModel of adapter files only), register it, close the run."""
-    import mlflow
 
     c = client(uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,8 +139,38 @@ def finish_run(
         if png:
             c.log_artifact(run_id, str(png))
 
+    with _global_uri(uri):
+        return _log_and_register(spec, uri, run_id, adapter_dir, lineage, final_metrics)
+
+
+@contextlib.contextmanager
+def _global_uri(uri: str):
+    """mlflow's fluent API reads a process-global URI, and ``set_tracking_uri`` also exports it as
+    ``MLFLOW_TRACKING_URI``; restore both afterwards so one job's URI never leaks into the next."""
+    import mlflow
+
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        mlflow.set_registry_uri(saved[1])
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _log_and_register(
+    spec: "JobSpec", uri: str, run_id: str, adapter_dir: str, lineage: dict[str, str], final_metrics: dict[str, float]
+) -> dict[str, Any]:
+    import mlflow
+
+    c = client(uri)
     exp_id = c.get_run(run_id).info.experiment_id
     model = mlflow.initialize_logged_model(
         name="adapter",

@@ -5,7 +5,6 @@ Exit codes: 0 success, 1 runtime failure, 2 bad input (spec, override or argumen
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 

@@ -71,7 +71,6 @@ class LayerwiseOptimizer:
 
 def _builder(variant: str):
     def build(spec: "JobSpec", model) -> Prepared:
-        import torch
         from galore_torch import GaLoreAdamW, GaLoreAdamW8bit
 
         if spec.model.gradient_checkpointing:
@@ -108,8 +107,9 @@ def _problems(variant: str):
         if spec.method.args:
             out.append(("method.args", f"{variant} takes its settings from method.galore (got {spec.method.args!r})"))
         if variant == "galore_layerwise":
-            if spec.train.grad_accum != 1:
-                out.append(("train.grad_accum", f"galore_layerwise steps inside backward; use 1 (got {spec.train.grad_accum})"))
+            if spec.grad_accum() != 1:
+                field = "train.global_batch_size" if spec.train.global_batch_size else "train.grad_accum"
+                out.append((field, f"galore_layerwise steps inside backward, so it cannot accumulate; use 1 micro-batch per step (got {spec.grad_accum()} micro-batches)"))
             if spec.scaling.num_workers != 1:
                 out.append(("scaling.num_workers", f"galore_layerwise is single-worker (per-parameter hooks bypass DDP's reducer); use 1 (got {spec.scaling.num_workers})"))
         if variant == "galore_8bit" and not spec.scaling.use_gpu:

@@ -5,9 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from pipelines.spec import validate
 from tests.conftest import tiny_spec
 
 pytestmark = pytest.mark.integration
@@ -42,6 +40,11 @@ def test_one_worker_job_end_to_end(local_ray, raypeft_home, tiny_model_dir, chat
         tracking={"registered_model": "tiny-adapter"},
     )
     result = run(spec)
+
+    # one job's tracking URI does not leak into this process (mlflow.set_tracking_uri exports it)
+    import os
+
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
     # the result record pipelines chain on
     assert set(result) >= {"run_id", "adapter_dir", "registered_model", "version", "metrics"}

@@ -1,0 +1,223 @@
+"""How a worker turns micro-batches into optimizer steps: plain torch (single / DDP) or DeepSpeed ZeRO.
+
+The loop calls the same five things whichever strategy runs:
+``micro_step(batch, last)`` → loss, ``finish_step(step)``, ``param_groups`` (the
+loop's LR schedule writes them), ``save(dir, step)`` and ``load(dir)`` → step.
+
+Checkpoint layout (one directory per reported step; every rank writes its own files
+into it and Ray Train merges them into one checkpoint):
+
+* ``adapter/``: the standard PEFT adapter dir (the full model for GaLore), rank 0;
+* ``state.pt``: trainable tensors + optimizer state + step (torch engine, rank 0);
+* ``deepspeed/``: DeepSpeed's own sharded checkpoint (every rank writes its
+  optimizer partition; frozen base weights are excluded);
+* ``rng_rank{r}.pt``: each rank's torch / python RNG state, so dropout resumes exactly;
+* ``probe.pt``: a probe input and the trained model's logits on it, so whoever loads
+  ``adapter/`` can check it reproduces the trained model (the near-empty ZeRO-3
+  adapter of DeepSpeed issue #4295 fails this check).
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipelines.methods import Prepared
+    from pipelines.spec import JobSpec
+
+ADAPTER_DIR = "adapter"
+STATE_FILE = "state.pt"
+DS_DIR = "deepspeed"
+DS_TAG = "state"
+PROBE_FILE = "probe.pt"
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+def save_rng(path: Path, rank: int) -> None:
+    import torch
+
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, path / _rng_file(rank))
+
+
+def load_rng(path: Path, rank: int) -> None:
+    import torch
+
+    f = path / _rng_file(rank)
+    if not f.is_file():  # a checkpoint written by a different worker count: keep the fresh seed
+        return
+    state = torch.load(f, map_location="cpu", weights_only=False)
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+class TorchEngine:
+    """One process, or DDP over gloo / NCCL. Gradient accumulation with ``no_sync``."""
+
+    def __init__(self, spec: "JobSpec", prepared: "Prepared", rank: int, world: int, device):
+        import torch
+
+        self.spec, self.prepared, self.rank, self.world = spec, prepared, rank, world
+        self.model, self.optimizer = prepared.model, prepared.optimizer
+        self.ddp = None
+        if world > 1 and not prepared.steps_in_backward:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.accum = spec.grad_accum()
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def gather(self):
+        return contextlib.nullcontext()
+
+    def micro_step(self, batch: dict, last: bool):
+        sync = self.ddp is None or last
+        with (self.ddp.no_sync() if not sync else contextlib.nullcontext()):
+            loss = (self.ddp or self.model)(**batch).loss
+            (loss / self.accum).backward()
+        return loss
+
+    def finish_step(self, step: int) -> None:
+        import torch
+
+        if not self.prepared.steps_in_backward:
+            if self.spec.train.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.spec.train.max_grad_norm)
+            self.optimizer.step()
+        if self.prepared.after_step:
+            self.prepared.after_step(step)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, path: Path, step: int) -> None:
+        import torch
+
+        if self.rank == 0:
+            self.model.save_pretrained(path / ADAPTER_DIR, safe_serialization=True)
+            trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+            torch.save({"step": step, "trainable": trainable, "optimizer": self.optimizer.state_dict()}, path / STATE_FILE)
+        save_rng(path, self.rank)
+
+    def load(self, path: Path) -> int:
+        import torch
+
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        params = dict(self.model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in state["trainable"]]
+        if missing:
+            raise RuntimeError(f"checkpoint {path} lacks trainable parameters {missing[:3]}...")
+        with torch.no_grad():
+            for n, t in state["trainable"].items():
+                params[n].copy_(t.to(params[n].device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        load_rng(path, self.rank)
+        return int(state["step"])
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO 1/2/3 (with optional CPU offload) around the method's own optimizer."""
+
+    def __init__(self, spec: "JobSpec", prepared: "Prepared", rank: int, world: int, device, config: dict[str, Any]):
+        import deepspeed  # imported in the worker only (it probes accelerators at import)
+
+        self.spec, self.prepared, self.rank, self.world = spec, prepared, rank, world
+        self.stage = config["zero_optimization"]["stage"]
+        if self.stage == 3:
+            # bitsandbytes re-lays 4-bit weights out for its CPU kernels on the first no-grad forward;
+            # ZeRO-3 re-gathers weights in their original shape, so the two corrupt each other
+            for mod in prepared.model.modules():
+                if getattr(mod, "support_avx512bf16_for_cpu", False):
+                    mod.support_avx512bf16_for_cpu = False
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=prepared.model, optimizer=prepared.optimizer, config=config, dist_init_required=False
+        )
+        self.model = prepared.model  # the PEFT model, hooked by the engine (ZeRO-3 gathers on forward)
+        # DeepSpeed's checkpoint holds the trainable tensors only: the frozen base is reloaded from the
+        # base model on resume, and under ZeRO-3 asking bnb 4-bit layers for their (partitioned) state fails
+        self.engine.module_state_dict = self._trainable_state_dict
+
+    def _trainable_state_dict(self, destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=True):
+        sd = destination if destination is not None else {}
+        for n, p in self.model.named_parameters():
+            if p.requires_grad:
+                sd[prefix + n] = p if keep_vars else p.detach()
+        return sd
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def gather(self):
+        """Context in which every trainable parameter is whole on every rank (ZeRO-3 partitions them)."""
+        if self.stage < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([p for p in self.model.parameters() if p.requires_grad], modifier_rank=None)
+
+    def micro_step(self, batch: dict, last: bool):
+        loss = self.engine(**batch).loss
+        self.engine.backward(loss)  # scales by 1/grad_accum itself
+        self.engine.step()  # steps the optimizer (with clipping) only at the accumulation boundary
+        return loss
+
+    def finish_step(self, step: int) -> None:
+        if self.prepared.after_step:
+            self.prepared.after_step(step)
+
+    def save(self, path: Path, step: int) -> None:
+        # every rank writes its own optimizer partition; frozen base weights stay out of the checkpoint
+        self.engine.save_checkpoint(str(path / DS_DIR), tag=DS_TAG, client_state={"raypeft_step": step}, exclude_frozen_parameters=True)
+        with self.gather():
+            if self.rank == 0:  # whole tensors, copied while gathered (not model.state_dict(): see above)
+                sd = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+                self.model.save_pretrained(path / ADAPTER_DIR, state_dict=sd, safe_serialization=True)
+        save_rng(path, self.rank)
+
+    def load(self, path: Path) -> int:
+        _, client = self.engine.load_checkpoint(str(path / DS_DIR), tag=DS_TAG, load_module_strict=False)
+        if client is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path / DS_DIR}")
+        load_rng(path, self.rank)
+        return int(client["raypeft_step"])
+
+
+def deepspeed_setup(config: dict[str, Any] | None, device, quantized: bool = False):
+    """Before the base loads: join DeepSpeed to Ray Train's process group, and for ZeRO-3 let
+    ``from_pretrained`` partition weights as it loads them. Returns an object to keep alive."""
+    if config is None:
+        return None
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    if config["zero_optimization"]["stage"] != 3 or quantized:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(config)
+
+
+def build_engine(spec: "JobSpec", prepared: "Prepared", rank: int, world: int, device, ds_config: dict[str, Any] | None):
+    """The engine for the spec's ``scaling.strategy`` (``ds_config`` None: plain torch)."""
+    if ds_config is None:
+        return TorchEngine(spec, prepared, rank, world, device)
+    return DeepSpeedEngine(spec, prepared, rank, world, device, ds_config)
+
+
+def probe_logits(model, example: dict, device, max_tokens: int = 32):
+    """(input_ids, logits) of ``model`` on the first ``max_tokens`` tokens of ``example``. Collective under ZeRO-3."""
+    import torch
+
+    ids = torch.tensor([example["input_ids"][:max_tokens]], device=device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().cpu()
+    model.train(was_training)
+    return ids.cpu(), logits
