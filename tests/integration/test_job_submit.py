@@ -62,6 +62,7 @@ def _last_json(text: str) -> dict:
 
 
 def test_ray_job_submit_trains_and_registers(ray_head, tmp_path, tiny_model_dir, chat_data):
+    """A 2-worker DeepSpeed ZeRO-2 job submitted to a real head trains, checkpoints and registers."""
     from mlflow import MlflowClient
 
     home = tmp_path / "home"
@@ -70,7 +71,10 @@ def test_ray_job_submit_trains_and_registers(ray_head, tmp_path, tiny_model_dir,
         "model": {"base": str(tiny_model_dir)},
         "method": {"name": "lora", "r": 4},
         "data": {"train": str(chat_data), "format": "chat", "max_length": 64, "eval_fraction": 0.2},
-        "train": {"max_steps": 4, "micro_batch_size": 4, "lr": 0.01, "warmup_steps": 1, "eval_every": 0, "eval_base": False},
+        "train": {"max_steps": 4, "micro_batch_size": 2, "global_batch_size": 4, "lr": 0.01, "warmup_steps": 1,
+                  "eval_every": 0, "eval_base": False},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1, "strategy": "zero2"},
+        "checkpoint": {"every_steps": 2},
         "tracking": {"registered_model": "submitted-adapter"},
     }
     spec_path = tmp_path / "spec.yaml"
@@ -91,6 +95,10 @@ def test_ray_job_submit_trains_and_registers(ray_head, tmp_path, tiny_model_dir,
     c = MlflowClient(tracking_uri=uri, registry_uri=uri)
     run = c.get_run(result["run_id"])
     assert run.info.status == "FINISHED" and run.data.params["train.max_steps"] == "4"
+    assert run.data.params["scaling.strategy"] == "zero2" and run.data.params["scaling.num_workers"] == "2"
+    last = home / "runs" / "submitted" / "step_0000004"
+    assert sorted(p.name for p in (last / "deepspeed" / "state").glob("*optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert len(c.get_metric_history(result["run_id"], "train_loss")) == 4
     v = c.get_model_version("submitted-adapter", str(result["version"]))
     assert v.tags["raypeft.run_id"] == result["run_id"]
