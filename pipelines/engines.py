@@ -34,6 +34,18 @@ DS_TAG = "state"
 PROBE_FILE = "probe.pt"
 
 
+def save_adapter(model, directory: Path, spec: "JobSpec", state_dict: dict | None = None) -> None:
+    """The standard PEFT directory (or the full model for GaLore), plus ``raypeft.json``: how the base was
+    loaded, so export and serving can rebuild exactly the base the adapter was trained against."""
+    import json
+
+    from pipelines.adapters import META_FILE, adapter_meta
+
+    kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+    model.save_pretrained(directory, safe_serialization=True, **kwargs)
+    (Path(directory) / META_FILE).write_text(json.dumps(adapter_meta(spec), indent=2))
+
+
 def _rng_file(rank: int) -> str:
     return f"rng_rank{rank}.pt"
 
@@ -99,7 +111,7 @@ class TorchEngine:
         import torch
 
         if self.rank == 0:
-            self.model.save_pretrained(path / ADAPTER_DIR, safe_serialization=True)
+            save_adapter(self.model, path / ADAPTER_DIR, self.spec)
             trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
             torch.save({"step": step, "trainable": trainable, "optimizer": self.optimizer.state_dict()}, path / STATE_FILE)
         save_rng(path, self.rank)
@@ -129,11 +141,9 @@ class DeepSpeedEngine:
         self.spec, self.prepared, self.rank, self.world = spec, prepared, rank, world
         self.stage = config["zero_optimization"]["stage"]
         if self.stage == 3:
-            # bitsandbytes re-lays 4-bit weights out for its CPU kernels on the first no-grad forward;
-            # ZeRO-3 re-gathers weights in their original shape, so the two corrupt each other
-            for mod in prepared.model.modules():
-                if getattr(mod, "support_avx512bf16_for_cpu", False):
-                    mod.support_avx512bf16_for_cpu = False
+            from pipelines.models import disable_bnb_cpu_repacking
+
+            disable_bnb_cpu_repacking(prepared.model)  # ZeRO-3 re-gathers the original layout
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=prepared.model, optimizer=prepared.optimizer, config=config, dist_init_required=False
         )
@@ -177,7 +187,7 @@ class DeepSpeedEngine:
         with self.gather():
             if self.rank == 0:  # whole tensors, copied while gathered (not model.state_dict(): see above)
                 sd = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-                self.model.save_pretrained(path / ADAPTER_DIR, state_dict=sd, safe_serialization=True)
+                save_adapter(self.model, path / ADAPTER_DIR, self.spec, state_dict=sd)
         save_rng(path, self.rank)
 
     def load(self, path: Path) -> int:

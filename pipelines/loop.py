@@ -45,7 +45,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from pipelines import data as D
-    from pipelines import methods
+    from pipelines import methods, preflight
     from pipelines.engines import build_engine, deepspeed_setup, probe_logits
     from pipelines.evaluate import eval_loss, task_score
     from pipelines.models import load_base
@@ -71,14 +71,15 @@ def train_worker(config: dict[str, Any]) -> None:
     ds_config = spec.deepspeed_config()
     hf_ds = deepspeed_setup(ds_config, device, quantized=spec.quantization() != "none")  # keep alive: ZeRO-3 partitions weights while they load
     base, tok, _ = load_base(spec, device=device, log=log)
+    base_modules = preflight.module_names(base)
     prepared = methods.build(spec, base)
     model = prepared.model
     if spec.quantization() == "none" and hf_ds is None:
         model.to(device)
     model.train()
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
-    log(f"method {spec.method.name}: {n_trainable:,} trainable / {n_total:,} parameters ({100 * n_trainable / max(n_total, 1):.3f}%)")
+    # before step 0: base frozen, optimizer = trainables, targets matched, B = 0, dtype/quantization
+    report = preflight.check(spec, prepared, base_modules)
+    log(f"method {spec.method.name}: pre-flight ok, " + report.summary().replace("\n", "; "))
     engine = build_engine(spec, prepared, rank, world, device, ds_config)
     log(f"strategy {spec.scaling.strategy}: {world} worker(s), global batch {spec.global_batch_size()} "
         f"= {spec.train.micro_batch_size} × {spec.grad_accum()} accumulation × {world}")
@@ -122,13 +123,15 @@ def train_worker(config: dict[str, Any]) -> None:
     ckpt = ray.train.get_checkpoint()
     final_metrics: dict[str, float] = {}
     if ckpt:
+        t0 = time.perf_counter()
         with ckpt.as_directory() as d:
             start_step = engine.load(Path(d))
             saved = json.loads((Path(d) / "metrics.json").read_text())
         final_metrics.update({k: v for k, v in saved.items() if k.startswith("base_")})
-        log(f"resumed from checkpoint at step {start_step}")
+        restore_s = time.perf_counter() - t0
+        log(f"resumed from checkpoint at step {start_step} (restored in {restore_s:.1f}s)")
         if logger:
-            logger.log({"resumed_from_step": start_step}, start_step)
+            logger.log({"resumed_from_step": start_step, "checkpoint_restore_s": restore_s}, start_step)
     elif spec.train.eval_base and prepared.is_peft and hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             final_metrics.update(evaluate(0, prefix="base_"))
@@ -145,7 +148,10 @@ def train_worker(config: dict[str, Any]) -> None:
                 (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
             ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"step_{step:07d}")
-        log(f"checkpoint @ step {step} saved in {time.perf_counter() - t0:.1f}s")
+        save_s = time.perf_counter() - t0
+        log(f"checkpoint @ step {step} saved in {save_s:.1f}s")
+        if logger:
+            logger.log({"checkpoint_save_s": save_s}, step)
 
     accum = spec.grad_accum()
     t_start, tokens_since, t_last = time.perf_counter(), 0, time.perf_counter()

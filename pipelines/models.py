@@ -143,6 +143,26 @@ def quantization_config(spec: "JobSpec"):
     )
 
 
+def disable_bnb_cpu_repacking(model) -> None:
+    """bitsandbytes re-lays 4-bit weights out for its CPU kernels on the first no-grad forward.
+    Turn that off where the packed bytes must stay as loaded: ZeRO-3 re-gathers partitions in their
+    original shape, and dequantizing for a merge reads the original layout."""
+    for mod in model.modules():
+        if getattr(mod, "support_avx512bf16_for_cpu", False):
+            mod.support_avx512bf16_for_cpu = False
+
+
+def meta_module_names(model: "ModelSpec") -> list[str]:
+    """Module names of the base architecture, instantiated on the meta device (reads only its config)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(resolve_base(model, log=lambda *_: None), revision=model.revision)
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(cfg)
+    return [n for n, _ in m.named_modules()]
+
+
 def load_tokenizer(path: str, revision: str | None = None):
     from transformers import AutoTokenizer
 

@@ -168,35 +168,51 @@ def _global_uri(uri: str):
 def _log_and_register(
     spec: "JobSpec", uri: str, run_id: str, adapter_dir: str, lineage: dict[str, str], final_metrics: dict[str, float]
 ) -> dict[str, Any]:
+    c = client(uri)
+    params = {"method": spec.method.name, "r": spec.rank(), "alpha": spec.alpha(), "quantization": spec.quantization()}
+    version_tags = {**lineage, "raypeft.run_id": run_id, **{f"metric.{k}": f"{v:.6g}" for k, v in final_metrics.items()}}
+    out = _log_model(c, run_id, adapter_dir, {**lineage, "raypeft.method": spec.method.name}, params,
+                     spec.tracking.registered_model, version_tags)
+    c.set_terminated(run_id, "FINISHED")
+    return out
+
+
+def _log_model(c, run_id: str, directory: str, tags: dict[str, str], params: dict[str, Any],
+               registered_model: str | None, version_tags: dict[str, str]) -> dict[str, Any]:
+    """Log ``directory`` as an MLflow 3 LoggedModel of ``run_id`` and register it (inside ``_global_uri``)."""
     import mlflow
 
-    c = client(uri)
-    exp_id = c.get_run(run_id).info.experiment_id
     model = mlflow.initialize_logged_model(
-        name="adapter",
-        source_run_id=run_id,
-        tags={**lineage, "raypeft.method": spec.method.name},
-        params=_str_params({"method": spec.method.name, "r": spec.rank(), "alpha": spec.alpha(), "quantization": spec.quantization()}),
-        model_type=ADAPTER_MODEL_TYPE,
-        experiment_id=exp_id,
+        name="adapter", source_run_id=run_id, tags=tags, params=_str_params(params), model_type=ADAPTER_MODEL_TYPE,
+        experiment_id=c.get_run(run_id).info.experiment_id,
     )
     try:
-        c.log_model_artifacts(model.model_id, adapter_dir)
+        c.log_model_artifacts(model.model_id, directory)
     except Exception:
         mlflow.finalize_logged_model(model.model_id, "FAILED")
         raise
     mlflow.finalize_logged_model(model.model_id, "READY")
     c.set_tag(run_id, "raypeft.model_id", model.model_id)
-
-    out: dict[str, Any] = {"model_id": model.model_id, "model_uri": f"models:/{model.model_id}", "registered_model": None, "version": None}
-    if spec.tracking.registered_model:
-        version = mlflow.register_model(
-            f"models:/{model.model_id}", spec.tracking.registered_model,
-            tags={**lineage, "raypeft.run_id": run_id, **{f"metric.{k}": f"{v:.6g}" for k, v in final_metrics.items()}},
-        )
-        out["registered_model"] = spec.tracking.registered_model
+    out: dict[str, Any] = {"run_id": run_id, "model_id": model.model_id, "model_uri": f"models:/{model.model_id}",
+                           "registered_model": None, "version": None}
+    if registered_model:
+        version = mlflow.register_model(f"models:/{model.model_id}", registered_model, tags=version_tags)
+        out["registered_model"] = registered_model
         out["version"] = int(version.version)
-    c.set_terminated(run_id, "FINISHED")
+    return out
+
+
+def register_directory(uri: str, directory: str, registered_model: str, run_name: str, tags: dict[str, str],
+                       experiment: str = "raypeft") -> dict[str, Any]:
+    """Log a directory (an exported or combined adapter / model) in a run of its own and register it.
+
+    ``tags`` carry the lineage (parents, source), on the run, the LoggedModel and the version.
+    """
+    c = client(uri)
+    run = c.create_run(experiment_id(uri, experiment), run_name=run_name, tags=tags)
+    with _global_uri(uri):
+        out = _log_model(c, run.info.run_id, directory, tags, {}, registered_model, tags)
+    c.set_terminated(run.info.run_id, "FINISHED")
     return out
 
 

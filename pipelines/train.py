@@ -173,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         spec = load_spec(args.spec, args.overrides)
+        from pipelines.preflight import architecture_problems
+
+        problems = architecture_problems(spec)  # target_modules vs the base's modules, before Ray starts
+        if problems:
+            raise SpecError(problems)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -31,6 +31,8 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_methods(args) -> int:
+    if args.action == "compare":
+        return _cmd_methods_compare(args)
     from pipelines.methods import REGISTRY, method_names
 
     for name in method_names():
@@ -40,6 +42,107 @@ def _cmd_methods(args) -> int:
 
     others = sorted(t.name.lower() for t in PeftType if t.name.lower() not in REGISTRY)
     print(f"\nany other PEFT method by name (settings in method.args): {', '.join(others)}")
+    return 0
+
+
+def _cmd_methods_compare(args) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from pipelines.methods.compare import DEFAULT_METHODS, compare, markdown, write
+
+    names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(DEFAULT_METHODS)
+    target = args.target if args.target == "all-linear" or "," not in args.target else args.target.split(",")
+    try:
+        extra = yaml.safe_load(args.args) if args.args else {}
+        if not isinstance(extra, dict):
+            raise ValueError
+    except (yaml.YAMLError, ValueError):
+        print(f"error: --args must be a YAML mapping of method → config arguments (got {args.args!r})", file=sys.stderr)
+        return 2
+    rows = compare(args.model, names, target, r=args.r, args=extra, log=lambda m: print(m, file=sys.stderr))
+    print(markdown(rows, args.model))
+    paths = write(rows, args.model, Path(args.out))
+    print(f"\nwrote {paths['md']}, {paths['csv']}, {paths['png']}", file=sys.stderr)
+    return 0 if any(not r.error for r in rows) else 1
+
+
+def _cmd_check(args) -> int:
+    from pipelines import methods, preflight
+    from pipelines.models import load_base
+    from pipelines.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(args.spec, args.overrides)
+        problems = preflight.architecture_problems(spec)
+        if problems:
+            raise SpecError(problems)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    base, _, _ = load_base(spec, log=lambda m: print(m, file=sys.stderr))
+    names = preflight.module_names(base)
+    prepared = methods.build(spec, base)
+    report = preflight.preflight(spec, prepared, names)
+    if report.problems:
+        print(f"error: {preflight.PreflightError(report.problems)}", file=sys.stderr)
+        return 2
+    print(f"pre-flight ok: {spec.method.name} on {spec.model.base} ({spec.quantization()})")
+    print(report.summary())
+    return 0
+
+
+def _register(out_dir: str, name: str, run_name: str, tags: dict, tracking_uri) -> dict:
+    from pipelines import tracking
+
+    uri = tracking_uri or tracking.tracking_uri()
+    return tracking.register_directory(uri, out_dir, name, run_name, {k: str(v) for k, v in tags.items()})
+
+
+def _cmd_export(args) -> int:
+    import json
+
+    from pipelines.adapters import AdapterError, export
+
+    try:
+        report = export(args.ref, args.out, merge=args.merge, dtype=args.dtype, tracking_uri=args.tracking_uri,
+                        log=lambda m: print(m, file=sys.stderr))
+    except AdapterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if "max_abs_logit_diff" in report:
+        print(f"[raypeft] merged into the {report['quantization']} base ({report['dequantized_layers']} layers dequantized); "
+              f"max |logits(merged) - logits(adapter)| = {report['max_abs_logit_diff']:.3g}", file=sys.stderr)
+    if args.register:
+        report["registry"] = _register(args.out, args.register, "export", {
+            "raypeft.source": args.ref, "raypeft.merged": args.merge, "raypeft.dtype": args.dtype}, args.tracking_uri)
+    print(json.dumps(report))
+    return 0
+
+
+def _cmd_combine(args) -> int:
+    import json
+
+    from pipelines.adapters import AdapterError, combine
+
+    try:
+        weights = [float(w) for w in args.weights.split(",")]
+    except ValueError:
+        print(f"error: --weights must be comma-separated numbers (got {args.weights!r})", file=sys.stderr)
+        return 2
+    out = args.out or args.name
+    try:
+        report = combine(args.adapters, weights, args.method, out, density=args.density, tracking_uri=args.tracking_uri,
+                         log=lambda m: print(m, file=sys.stderr))
+    except AdapterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.no_register:
+        report["registry"] = _register(out, args.name, f"combine-{args.name}", {
+            "raypeft.parents": ",".join(args.adapters), "raypeft.weights": args.weights,
+            "raypeft.combination": args.method}, args.tracking_uri)
+    print(json.dumps(report))
     return 0
 
 
@@ -68,8 +171,40 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("overrides", nargs="*")
     v.set_defaults(fn=_cmd_validate)
 
-    m = sub.add_parser("methods", help="list the fine-tuning methods")
+    m = sub.add_parser("methods", help="list the fine-tuning methods, or compare their parameter budgets")
+    m.add_argument("action", nargs="?", choices=["list", "compare"], default="list")
+    m.add_argument("--model", default="smollm2-135m", help="compare: base model (built-in name, local dir or hub id)")
+    m.add_argument("--methods", default="", help="compare: comma-separated method names (default: the LoRA family and PEFT's main methods)")
+    m.add_argument("--target", default="all-linear", help="compare: target_modules, all-linear or comma-separated suffixes")
+    m.add_argument("--r", type=int, default=16, help="compare: rank for methods that have one")
+    m.add_argument("--args", default="", help="compare: YAML mapping of per-method config arguments, e.g. '{vblora: {vector_length: 64}}'")
+    m.add_argument("--out", default="methods-compare", help="compare: folder for methods.md, methods.csv, methods.png")
     m.set_defaults(fn=_cmd_methods)
+
+    c = sub.add_parser("check", help="pre-flight checks on the model a spec builds (no training)")
+    c.add_argument("spec")
+    c.add_argument("overrides", nargs="*")
+    c.set_defaults(fn=_cmd_check)
+
+    e = sub.add_parser("export", help="export an adapter, or merge it into its (dequantized) base as an HF model")
+    e.add_argument("ref", help="adapter directory or MLflow URI (models:/name@alias, models:/name/version)")
+    e.add_argument("out", help="output directory (must be empty or new)")
+    e.add_argument("--merge", action="store_true", help="merge into the base; 4-/8-bit bases are dequantized first")
+    e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the merged weights")
+    e.add_argument("--register", metavar="NAME", help="register the export as a new version of this MLflow model")
+    e.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the local SQLite)")
+    e.set_defaults(fn=_cmd_export)
+
+    k = sub.add_parser("combine", help="weighted combination of LoRA adapters, written and registered as a new adapter")
+    k.add_argument("adapters", nargs="+", help="adapter directories or MLflow URIs")
+    k.add_argument("--weights", required=True, help="one weight per adapter, e.g. 0.7,0.3")
+    k.add_argument("--method", default="linear", help="linear, cat, ties, dare_linear, dare_ties or svd (PEFT add_weighted_adapter)")
+    k.add_argument("--density", type=float, default=0.5, help="ties / dare: fraction of weights kept")
+    k.add_argument("--name", required=True, help="name of the new adapter (and of its registered model)")
+    k.add_argument("--out", help="output directory (default: NAME)")
+    k.add_argument("--no-register", action="store_true", help="write the adapter only; do not register it")
+    k.add_argument("--tracking-uri", help="MLflow tracking URI")
+    k.set_defaults(fn=_cmd_combine)
 
     r = sub.add_parser("spec", help="print the job spec reference (every field, default and meaning)")
     r.add_argument("--markdown", action="store_true", help="as a markdown table (the README reference)")

@@ -1,0 +1,210 @@
+"""Pre-flight checks on the built model, before any training step.
+
+They verify the checklist that careful fine-tuners run by hand:
+
+* the base is frozen: every trainable parameter belongs to the adapter (full-parameter
+  methods such as GaLore are exempt);
+* the optimizer holds exactly the trainable parameters (nothing frozen, nothing missing);
+* every ``target_modules`` entry matched at least one module of the architecture;
+* LoRA B is zero at init, so step 0 equals the base model (unless another
+  ``init_lora_weights`` was asked for);
+* the base's weights have the dtype and quantization the spec asks for.
+
+``preflight(spec, prepared, base_module_names)`` returns the problems and a short
+summary; it reads tensors and names only (no Ray, no I/O), so it runs in the
+training worker before step 0 and in ``raypeft check``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipelines.methods import Prepared
+    from pipelines.spec import JobSpec
+
+
+class PreflightError(RuntimeError):
+    """The built model failed a pre-flight check. ``problems`` lists every failure."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("pre-flight check failed:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    def __reduce__(self):  # picklable across Ray processes
+        return (PreflightError, (self.problems,))
+
+
+@dataclass
+class Report:
+    problems: list[str] = field(default_factory=list)
+    trainable: int = 0
+    total: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)  # trainable parameters per adapter tensor kind
+    matched: dict[str, int] = field(default_factory=dict)  # target_modules entry → modules matched
+
+    def summary(self) -> str:
+        pct = 100 * self.trainable / max(self.total, 1)
+        kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(self.by_kind.items(), key=lambda kv: -kv[1]))
+        lines = [f"trainable {self.trainable:,} / {self.total:,} parameters ({pct:.3f}%)" + (f": {kinds}" if kinds else "")]
+        if self.matched:
+            lines.append("target modules: " + ", ".join(f"{k} ×{v}" for k, v in self.matched.items()))
+        return "\n".join(lines)
+
+
+def target_matches(target: str | list[str], module_names: list[str]) -> dict[str, int]:
+    """How many module names each ``target_modules`` entry matches (PEFT's rules: suffix for a list,
+    full match for a regex string). ``all-linear`` is not checked here."""
+    if isinstance(target, str):
+        if target == "all-linear":
+            return {}
+        rx = re.compile(target)
+        return {target: sum(1 for n in module_names if rx.fullmatch(n))}
+    return {t: sum(1 for n in module_names if n == t or n.endswith("." + t)) for t in target}
+
+
+def _kind(name: str, adapter: str) -> str:
+    """``base_model.model.layers.0.self_attn.q_proj.lora_A.default.weight`` → ``lora_A``."""
+    parts = name.split(".")
+    if adapter in parts:
+        i = parts.index(adapter)
+        return parts[i - 1] if i > 0 else adapter
+    return parts[-1]
+
+
+def preflight(spec: "JobSpec", prepared: "Prepared", base_module_names: list[str]) -> Report:
+    """Check ``prepared`` (built from ``spec``) against the checklist above.
+
+    Args:
+        spec: the validated job spec.
+        prepared: what the method builder returned (model, optimizer, ...).
+        base_module_names: module names of the base model *before* the adapter was attached.
+    """
+    import torch
+
+    model, rep = prepared.model, Report()
+    params = list(model.named_parameters())
+    rep.total = sum(p.numel() for _, p in params)
+    trainable = [(n, p) for n, p in params if p.requires_grad]
+    rep.trainable = sum(p.numel() for _, p in trainable)
+    if not trainable:
+        rep.problems.append("no trainable parameters: the method attached nothing to train")
+
+    adapter = getattr(model, "active_adapter", None) if prepared.is_peft else None
+    if isinstance(adapter, list):
+        adapter = adapter[0]
+    if prepared.is_peft and adapter:
+        leaked = [n for n, _ in trainable if adapter not in n.split(".")]
+        if leaked:
+            rep.problems.append(
+                f"the base is not frozen: {len(leaked)} trainable parameter(s) outside adapter {adapter!r}, "
+                f"e.g. {leaked[0]!r}"
+            )
+        for n, p in trainable:
+            k = _kind(n, adapter)
+            rep.by_kind[k] = rep.by_kind.get(k, 0) + p.numel()
+
+    # the optimizer holds exactly the trainable parameters
+    in_opt = {id(p) for g in prepared.optimizer.param_groups for p in g["params"]}
+    frozen_in_opt = [n for n, p in params if id(p) in in_opt and not p.requires_grad]
+    if frozen_in_opt:
+        rep.problems.append(f"the optimizer holds {len(frozen_in_opt)} frozen parameter(s), e.g. {frozen_in_opt[0]!r}")
+    not_in_opt = [n for n, p in trainable if id(p) not in in_opt]
+    if not_in_opt:
+        rep.problems.append(f"{len(not_in_opt)} trainable parameter(s) are not in the optimizer and would never change, e.g. {not_in_opt[0]!r}")
+    if spec.method.name.startswith("galore"):  # the projected group must hold the target 2-D weights
+        projected = [p for g in prepared.optimizer.param_groups if "rank" in g for p in g["params"]]
+        if not projected:
+            rep.problems.append("GaLore's projected parameter group is empty: no 2-D weight of the target modules is trainable")
+        rep.by_kind = {"galore (projected)": sum(p.numel() for p in projected), "other": rep.trainable - sum(p.numel() for p in projected)}
+
+    # every target_modules entry matched something
+    rep.matched = target_matches(spec.method.target_modules, base_module_names)
+    missing = [t for t, n in rep.matched.items() if n == 0]
+    if missing:
+        rep.problems.append(f"method.target_modules: {_missing_targets_message(missing, base_module_names)}")
+
+    # LoRA B starts at zero (the adapter is a no-op at step 0) unless another init was asked for
+    # (AdaLoRA's no-op factor is its singular values E; A and B start random)
+    init = spec.method.args.get("init_lora_weights", True)
+    peft_type = str(getattr(getattr(model, "peft_config", {}).get(adapter), "peft_type", "")) if adapter else ""
+    zero_factor = {"PeftType.LORA": ".lora_B.", "LORA": ".lora_B.", "PeftType.ADALORA": ".lora_E.", "ADALORA": ".lora_E."}.get(peft_type)
+    if zero_factor and init is True:
+        nonzero = [n for n, p in trainable if zero_factor in n and p.numel() and bool(torch.count_nonzero(p.detach()))]
+        if nonzero:
+            rep.problems.append(f"LoRA {zero_factor.strip('.').split('_')[1]} is not zero at init in {len(nonzero)} module(s), e.g. {nonzero[0]!r}")
+
+    # dtype and quantization as specified
+    rep.problems += _quantization_problems(spec, model)
+    return rep
+
+
+def _quantization_problems(spec: "JobSpec", model) -> list[str]:
+    import torch
+
+    from pipelines.models import torch_dtype
+
+    out: list[str] = []
+    q = spec.quantization()
+    kinds: dict[str, int] = {}
+    import bitsandbytes as bnb
+
+    for _, mod in model.named_modules():
+        cls = type(mod).__name__
+        if isinstance(mod, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            kinds[cls] = kinds.get(cls, 0) + 1
+            if cls == "Linear4bit":
+                qs = getattr(mod.weight, "quant_state", None)
+                if q == "nf4" and qs is not None and qs.quant_type != "nf4":
+                    out.append(f"model.quantization: a 4-bit layer uses {qs.quant_type!r}, not 'nf4'")
+    want = {"nf4": "Linear4bit", "int8": "Linear8bitLt"}.get(q)
+    if want and not kinds.get(want):
+        out.append(f"model.quantization: {q!r} was asked for, but the model has no bitsandbytes {want} layer")
+    if q == "none" and kinds:
+        out.append(f"model.quantization: 'none' was asked for, but the model has quantized layers {kinds}")
+    dtype = torch_dtype(spec.model.dtype)
+    wrong = [
+        n for n, p in model.named_parameters()
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype and type(p).__name__ not in ("Params4bit", "Int8Params")
+        and p.dtype in (torch.float32, torch.bfloat16, torch.float16) and q == "none"
+    ]
+    if wrong:
+        out.append(f"model.dtype: {len(wrong)} base weight(s) are not {spec.model.dtype}, e.g. {wrong[0]!r}")
+    return out
+
+
+def check(spec: "JobSpec", prepared: "Prepared", base_module_names: list[str]) -> Report:
+    """Run ``preflight`` and raise ``PreflightError`` on any problem; return the report otherwise."""
+    rep = preflight(spec, prepared, base_module_names)
+    if rep.problems:
+        raise PreflightError(rep.problems)
+    return rep
+
+
+def module_names(model: Any) -> list[str]:
+    return [n for n, _ in model.named_modules()]
+
+
+def _missing_targets_message(missing: list[str], names: list[str]) -> str:
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names if n})
+    return f"{missing!r} matched no module of the base; its modules end in: {', '.join(suffixes[:40])}"
+
+
+def architecture_problems(spec: "JobSpec") -> list[tuple[str, str]]:
+    """Driver-side, before Ray starts: ``target_modules`` against the base's architecture, built on
+    the meta device (no weights are read). A base whose config cannot be read here (a hub id
+    without network) is left to the worker's full pre-flight."""
+    target = spec.method.target_modules
+    if target == "all-linear":
+        return []
+    try:
+        from pipelines.models import meta_module_names
+
+        names = meta_module_names(spec.model)
+    except Exception:  # noqa: BLE001 - the worker's pre-flight checks it with the real model
+        return []
+    missing = [t for t, n in target_matches(target, names).items() if n == 0]
+    if not missing:
+        return []
+    return [("method.target_modules", f"{_missing_targets_message(missing, names)} (got {target!r})")]
