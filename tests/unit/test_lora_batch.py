@@ -1,0 +1,105 @@
+"""Mixed-adapter batches: every row of one forward pass equals its adapter served alone by PEFT."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serving.lora_batch import AdapterWeights, MultiLoraModel
+
+
+def _make_adapter(tiny_model_dir, out, seed: int, **cfg):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cfg.setdefault("target_modules", "all-linear")
+    config = LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **cfg)
+    model = get_peft_model(base, config)
+    with torch.no_grad():  # random magnitudes too, so DoRA's scale is not trivially 1
+        for n, p in model.named_parameters():
+            if "magnitude" in n:
+                p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("adapters")
+    return {
+        "lora-a": _make_adapter(tiny_model_dir, d / "a", 1, r=4, lora_alpha=8),
+        "lora-b": _make_adapter(tiny_model_dir, d / "b", 2, r=8, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "rslora": _make_adapter(tiny_model_dir, d / "c", 3, r=2, lora_alpha=4, use_rslora=True),
+        "dora": _make_adapter(tiny_model_dir, d / "d", 4, r=4, lora_alpha=8, use_dora=True),
+    }
+
+
+def _peft_logits(tiny_model_dir, path, ids):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), path).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_mixed_batch_equals_each_adapter_alone(tiny_model_dir, adapters):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    torch.manual_seed(0)
+    ids = torch.randint(3, 300, (5, 16))
+    ids[4] = torch.arange(3, 19)
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits  # before the layers are wrapped
+    multi = MultiLoraModel(base, slots=5, r_max=8)
+    names = list(adapters)
+    for slot, name in enumerate(names, start=1):
+        multi.load(slot, AdapterWeights.from_dir(name, adapters[name]))
+    assert multi.dora_slots == {4}
+
+    multi.rows([1, 2, 3, 4, 0])  # four adapters and the bare base in one batch
+    with torch.no_grad():
+        mixed = multi.model(input_ids=ids).logits
+    for row, name in enumerate(names):
+        alone = _peft_logits(tiny_model_dir, adapters[name], ids[row : row + 1])
+        torch.testing.assert_close(mixed[row : row + 1], alone, atol=2e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        assert (alone - plain[row : row + 1]).abs().max() > 1e-2, f"{name} is a no-op"
+    torch.testing.assert_close(mixed[4:], plain[4:], atol=1e-5, rtol=1e-5)
+
+
+def test_slots_are_replaced_and_evicted(tiny_model_dir, adapters):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(3, 300, (1, 12))
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+    multi = MultiLoraModel(base, slots=2, r_max=8)
+    multi.load(1, AdapterWeights.from_dir("dora", adapters["dora"]))
+    multi.load(1, AdapterWeights.from_dir("lora-a", adapters["lora-a"]))  # replaces dora in the slot
+    assert multi.slot_of == {"lora-a": 1} and not multi.dora_slots
+    multi.rows([1])
+    with torch.no_grad():
+        got = multi.model(input_ids=ids).logits
+    torch.testing.assert_close(got, _peft_logits(tiny_model_dir, adapters["lora-a"], ids), atol=2e-5, rtol=1e-5)
+    multi.evict(1)
+    with torch.no_grad():
+        torch.testing.assert_close(multi.model(input_ids=ids).logits, plain, atol=1e-6, rtol=1e-6)
+
+
+def test_bad_adapters_are_refused(tiny_model_dir, adapters, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    multi = MultiLoraModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir), slots=2, r_max=4)
+    with pytest.raises(ValueError, match="rank 8 > the served maximum 4"):
+        multi.load(1, AdapterWeights.from_dir("lora-b", adapters["lora-b"]))
+    with pytest.raises(ValueError, match="slot 2 out of range"):
+        multi.load(2, AdapterWeights.from_dir("lora-a", adapters["lora-a"]))
+    bin_only = tmp_path / "bin"
+    bin_only.mkdir()
+    (bin_only / "adapter_config.json").write_text((adapters["lora-a"] / "adapter_config.json").read_text())
+    (bin_only / "adapter_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match="pickled .bin adapters are refused"):
+        AdapterWeights.from_dir("bin", bin_only)
