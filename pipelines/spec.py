@@ -483,8 +483,8 @@ def field_reference(model: type[BaseModel] = JobSpec, prefix: str = "") -> list[
     return rows
 
 
-def reference_markdown() -> str:
+def reference_markdown(model: type[BaseModel] = JobSpec) -> str:
     lines = ["| field | default | meaning |", "| --- | --- | --- |"]
-    for field, default, desc in field_reference():
+    for field, default, desc in field_reference(model):
         lines.append(f"| `{field}` | `{default}` | {desc.replace('|', '/')} |")
     return "\n".join(lines)

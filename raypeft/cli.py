@@ -146,6 +146,39 @@ def _cmd_combine(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    import time
+
+    from pipelines.spec import SpecError
+    from serving import spec as serve_spec
+
+    try:
+        spec = serve_spec.load(args.spec, args.overrides)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    if not ray.is_initialized():
+        ray.init(configure_logging=False)
+    d = spec.deployment
+    serve.start(http_options={"host": d.host, "port": d.port})
+    serve.run(build_app(spec), name=spec.name, route_prefix="/")
+    url = f"http://{d.host}:{d.port}"
+    print(f"[raypeft] serving {spec.base_name()} at {url}/v1 (models: {url}/v1/models)", flush=True)
+    if args.detach:
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(spec.name)
+        return 0
+
+
 def _cmd_spec_reference(args) -> int:
     from pipelines.spec import reference_markdown
 
@@ -205,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--no-register", action="store_true", help="write the adapter only; do not register it")
     k.add_argument("--tracking-uri", help="MLflow tracking URI")
     k.set_defaults(fn=_cmd_combine)
+
+    sv = sub.add_parser("serve", help="serve the base and its adapters over an OpenAI-compatible HTTP API (Ray Serve)")
+    sv.add_argument("spec", help="serving spec YAML (see serving/configs/demo.yaml)")
+    sv.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    sv.add_argument("--detach", action="store_true", help="return after deploying (with RAY_ADDRESS set to a running cluster)")
+    sv.set_defaults(fn=_cmd_serve)
 
     r = sub.add_parser("spec", help="print the job spec reference (every field, default and meaning)")
     r.add_argument("--markdown", action="store_true", help="as a markdown table (the README reference)")

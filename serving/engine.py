@@ -54,6 +54,10 @@ class Request:
     events: "queue.Queue[tuple[str, str]]" = field(default_factory=queue.Queue)
     generator: torch.Generator | None = None
     created: float = field(default_factory=time.time)
+    sink: Callable[[tuple[str, str]], None] | None = None  # e.g. hand events to an asyncio loop
+
+    def push(self, event: tuple[str, str]) -> None:
+        (self.sink or self.events.put)(event)
 
     def text(self, tokenizer) -> str:
         return tokenizer.decode(self.out_ids, skip_special_tokens=True)
@@ -106,6 +110,12 @@ class Engine:
                 break
             self.step()
 
+    def cancel(self, req: Request) -> None:
+        """Forget a request whose client went away (or timed out): it frees its row at the next step."""
+        self._remove_waiting(req)
+        if req.finish_reason is None:
+            req.finish_reason = "cancelled"
+
     def stop(self) -> None:
         with self.lock:
             self._stop = True
@@ -152,7 +162,7 @@ class Engine:
                         self.slots.forget(req.adapter)
                         self.multi.evict(slot)
                         self._remove_waiting(req)
-                        req.events.put(("error", f"adapter {req.adapter!r} could not be loaded: {e}"))
+                        req.push(("error", f"adapter {req.adapter!r} could not be loaded: {e}"))
                         continue
             req.slot = slot
             self._remove_waiting(req)
@@ -236,17 +246,18 @@ class Engine:
             if text.endswith("\ufffd") and not req.finish_reason:  # an unfinished multi-byte character
                 safe = min(safe, len(text) - 1)
             if safe > req.emitted:
-                req.events.put(("delta", text[req.emitted:safe]))
+                req.push(("delta", text[req.emitted:safe]))
                 req.emitted = safe
             if req.finish_reason:
                 done.append(req)
         for req in done:
-            req.events.put(("done", req.finish_reason))
+            req.push(("done", req.finish_reason))
+        retired = [r for r in self.running if r.finish_reason is not None]  # finished or cancelled
+        for req in retired:
             if req.adapter is not None:
                 self.slots.release(req.adapter)
-        if done and any(r in self.running for r in done):
-            keep = [i for i, r in enumerate(self.running) if r.finish_reason is None]
-            self._select(keep)
+        if retired:
+            self._select([i for i, r in enumerate(self.running) if r.finish_reason is None])
 
     def _select(self, keep: list[int]) -> None:
         if not keep:

@@ -18,6 +18,15 @@ def test_spec_reference_matches_schema():
     assert block.group(1).strip() == reference_markdown().strip(), "README spec reference is stale: run tests/update_readme.py"
 
 
+def test_serving_reference_matches_schema():
+    from pipelines.spec import reference_markdown
+    from serving.spec import ServeSpec
+
+    block = re.search(r"<!-- serving-reference:start -->\n(.*?)\n<!-- serving-reference:end -->", _readme(), re.S)
+    assert block, "README lacks the serving-reference markers"
+    assert block.group(1).strip() == reference_markdown(ServeSpec).strip(), "README serving reference is stale: run tests/update_readme.py"
+
+
 def test_quickstart_commands_exist_and_ci_runs_the_readme_test_command():
     readme = _readme()
     quick = readme.split("## Quickstart", 1)[1].split("##", 1)[0]

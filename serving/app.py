@@ -1,0 +1,323 @@
+"""The Ray Serve application: an OpenAI-compatible HTTP API over one shared base per replica.
+
+    raypeft serve serving/configs/demo.yaml
+    curl 127.0.0.1:8000/v1/chat/completions -d '{"model": "smollm2-135m:json-extract", "messages": [...]}'
+
+Each replica loads the base once, wraps its linear layers for mixed-adapter batches
+(``serving.lora_batch``), and runs the batched engine (``serving.engine``) in a thread.
+HTTP handlers validate, resolve ``model`` (``base:adapter``, a bare adapter name, or the
+base), submit to the engine, and stream its tokens back (SSE) or collect them.
+
+Errors: malformed JSON 400, bad fields 422, unknown model/adapter 404, prompt too long
+400, missing/wrong bearer token 401, full queue 503 with Retry-After, timeout 504.
+Adapters are also registered with Serve's model multiplexing: a client that sends the
+``serve_multiplexed_model_id`` header is routed to a replica that already holds it.
+"""
+
+import asyncio
+import json
+import os
+import tempfile
+import threading
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from ray import serve
+
+api = FastAPI(title="raypeft serve", description="OpenAI-compatible multi-adapter serving")
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None):
+        self.status, self.message, self.kind, self.headers = status, message, kind, headers or {}
+
+
+def _error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers)
+
+
+@api.exception_handler(HttpError)
+async def _http_error(_, exc: HttpError):
+    return _error(exc.status, exc.message, exc.kind, exc.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_, exc: RequestValidationError):
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return _error(400, "request body is not valid JSON", "invalid_request_error")
+    parts = []
+    for e in errors:
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        parts.append(f"{loc or 'body'}: {e.get('msg')} (got {e.get('input')!r})"[:300])
+    return _error(422, "; ".join(parts), "invalid_request_error")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, gt=0)
+    temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        if isinstance(v, list) and (len(v) > 4 or not all(isinstance(s, str) and s for s in v)):
+            raise ValueError("at most 4 non-empty strings")
+        return v
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionBody(_Body):
+    prompt: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str = Field(pattern="^(system|user|assistant|tool)$")
+    content: str
+
+
+class ChatBody(_Body):
+    messages: list[Message] = Field(min_length=1)
+
+
+@serve.deployment
+@serve.ingress(api)
+class LoraServer:
+    """One replica: the base once, the adapter tiers, the batched engine thread."""
+
+    def __init__(self, raw_spec: dict[str, Any]):
+        from pipelines.models import load_base
+        from pipelines.spec import validate as job_validate
+        from serving.engine import Engine
+        from serving.lora_batch import MultiLoraModel
+        from serving.sources import AdapterSources
+        from serving.spec import validate
+
+        self.spec = validate(raw_spec)
+        s = self.spec
+        m = s.model
+        job = job_validate({"model": {"base": m.base, "quantization": m.quantization, "dtype": m.dtype, "compute_dtype": m.dtype}})
+        device = "cuda" if s.deployment.gpus_per_replica else "cpu"
+        base, self.tok, _ = load_base(job, device=device, log=lambda *_: None)
+        base.eval()
+        from pipelines.models import disable_bnb_cpu_repacking
+
+        disable_bnb_cpu_repacking(base)
+        self.multi = MultiLoraModel(base, slots=s.cache.active_slots + 1, r_max=s.cache.max_rank, target=m.target_modules)
+        self.sources = AdapterSources(s, tempfile.mkdtemp(prefix="raypeft-serve-"))
+        self.engine = Engine(
+            self.multi, self.tok, self.sources.resolve, max_batch=s.limits.max_batch_size, max_queue=s.limits.max_queue,
+            cpu_cache_items=s.cache.cpu_adapters, cpu_cache_bytes=s.cache.cpu_bytes, device=device,
+        )
+        for name in s.cache.prefetch:
+            self.engine.load_adapter(name)
+        self.token = os.environ.get(s.api_key_env) if s.api_key_env else None
+        self.started = time.time()
+        self.thread = threading.Thread(target=self.engine.run_forever, name="raypeft-engine", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _auth(self, request: HttpRequest) -> None:
+        if self.token is None:
+            return
+        got = request.headers.get("authorization", "")
+        if got != f"Bearer {self.token}":
+            raise HttpError(401, "missing or wrong bearer token" if got else "missing bearer token", "authentication_error")
+
+    def _adapter_of(self, model: str) -> str | None:
+        """``base:adapter`` / ``adapter`` / ``base`` → the adapter name (None for the bare base)."""
+        base = self.spec.base_name()
+        if ":" in model:
+            b, _, adapter = model.partition(":")
+            if b != base:
+                raise HttpError(404, f"unknown base model {b!r}; this server serves {base!r}", "not_found_error")
+        elif model == base:
+            return None
+        else:
+            adapter = model
+        if not self.sources.exists(adapter):
+            raise HttpError(404, f"unknown adapter {adapter!r}", "not_found_error")
+        return adapter
+
+    @serve.multiplexed(max_num_models_per_replica=64)
+    async def _hold(self, model_id: str) -> str:
+        """Serve's multiplexing bookkeeping: the adapter is read into the CPU tier of this replica."""
+        await asyncio.to_thread(self.engine.load_adapter, model_id)
+        return model_id
+
+    async def _run(self, body: _Body, prompt: str, chat: bool, request: HttpRequest):
+        from serving.engine import Overloaded, Request
+
+        self._auth(request)
+        adapter = self._adapter_of(body.model)
+        if adapter is not None and serve.get_multiplexed_model_id() == adapter:
+            await self._hold(adapter)
+        ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
+        lim = self.spec.limits
+        if len(ids) > lim.max_prompt_tokens:
+            raise HttpError(400, f"prompt is {len(ids)} tokens; the limit is {lim.max_prompt_tokens}")
+        if not ids:
+            raise HttpError(400, "prompt is empty")
+        max_tokens = body.max_tokens or lim.max_new_tokens
+        if max_tokens > lim.max_new_tokens:
+            raise HttpError(400, f"max_tokens {max_tokens} exceeds the limit {lim.max_new_tokens}")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        req = Request(ids, adapter, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stops(),
+                      seed=body.seed, sink=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        try:
+            self.engine.submit(req)
+        except Overloaded as e:
+            raise HttpError(503, f"server busy: {e}", "overloaded_error", {"Retry-After": "1"}) from None
+        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
+        return req, events, meta, len(ids)
+
+    async def _events(self, req, events: asyncio.Queue):
+        deadline = time.time() + self.spec.limits.request_timeout_s
+        try:
+            while True:
+                try:
+                    kind, value = await asyncio.wait_for(events.get(), timeout=max(0.01, deadline - time.time()))
+                except asyncio.TimeoutError:
+                    yield "timeout", "request timed out"
+                    return
+                yield kind, value
+                if kind in ("done", "error"):
+                    return
+        finally:
+            self.engine.cancel(req)  # no-op when finished; frees the row when the client left
+
+    async def _respond(self, body: _Body, prompt: str, chat: bool, request: HttpRequest):
+        req, events, meta, n_prompt = await self._run(body, prompt, chat, request)
+        if body.stream:
+            return StreamingResponse(self._sse(req, events, meta, chat), media_type="text/event-stream")
+        text, reason = [], None
+        async for kind, value in self._events(req, events):
+            if kind == "delta":
+                text.append(value)
+            elif kind == "done":
+                reason = value
+            elif kind == "error":
+                raise HttpError(500 if "could not be loaded" not in value else 424, value, "adapter_error")
+            elif kind == "timeout":
+                raise HttpError(504, f"request did not finish within {self.spec.limits.request_timeout_s}s", "timeout_error")
+        content = "".join(text)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": reason} if chat
+                  else {"index": 0, "text": content, "finish_reason": reason, "logprobs": None})
+        usage = {"prompt_tokens": n_prompt, "completion_tokens": len(req.out_ids), "total_tokens": n_prompt + len(req.out_ids)}
+        return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice], "usage": usage,
+                "system_fingerprint": self._version(req.adapter)}
+
+    async def _sse(self, req, events, meta, chat: bool):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: str | None, reason: str | None, role: bool = False) -> str:
+            if chat:
+                d = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta is not None else {})
+                choice = {"index": 0, "delta": d, "finish_reason": reason}
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": None}
+            return f"data: {json.dumps({**meta, 'object': obj, 'choices': [choice]})}\n\n"
+
+        if chat:
+            yield chunk(None, None, role=True)
+        async for kind, value in self._events(req, events):
+            if kind == "delta":
+                yield chunk(value, None)
+            elif kind == "done":
+                yield chunk(None, value)
+            else:
+                yield f"data: {json.dumps({'error': {'message': value, 'type': kind}})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    def _version(self, adapter: str | None) -> str:
+        return f"{self.spec.base_name()}:{adapter}@{self.sources.versions.get(adapter, '?')}" if adapter else self.spec.base_name()
+
+    # ------------------------------------------------------------------ routes
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionBody, request: HttpRequest):
+        return await self._respond(body, body.prompt, chat=False, request=request)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatBody, request: HttpRequest):
+        msgs = [m.model_dump() for m in body.messages]
+        prompt = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return await self._respond(body, prompt, chat=True, request=request)
+
+    @api.get("/v1/models")
+    async def models(self, request: HttpRequest):
+        self._auth(request)
+        base = self.spec.base_name()
+        data = [{"id": base, "object": "model", "owned_by": "raypeft", "created": int(self.started)}]
+        for name in self.sources.names():
+            src = self.sources.source(name)
+            version = self.sources.versions.get(name)
+            if version is None and src.startswith("models:/"):
+                try:
+                    version = await asyncio.to_thread(self.sources.registry_version, src)
+                except Exception:  # noqa: BLE001 - the registry being down must not break the listing
+                    version = "unresolved"
+            data.append({"id": f"{base}:{name}", "object": "model", "owned_by": "raypeft", "parent": base,
+                         "source": src, "version": version or "local", "created": int(self.started)})
+        return {"object": "list", "data": data}
+
+    @api.get("/health")
+    async def health(self):
+        alive = self.thread.is_alive()
+        return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
+
+    @api.get("/metrics")
+    async def metrics(self):
+        e, st = self.engine, self.engine.stats
+        loads = sorted(st["adapter_load_s"])
+        p50 = loads[len(loads) // 2] if loads else 0.0
+        lines = [
+            f"raypeft_requests_total {st['requests']}",
+            f"raypeft_generated_tokens_total {st['tokens']}",
+            f"raypeft_engine_steps_total {st['steps']}",
+            f"raypeft_batch_rows_total {st['batch_rows']}",
+            f"raypeft_queue_waiting {len(e.waiting)}",
+            f"raypeft_running_rows {len(e.running)}",
+            f"raypeft_adapter_cpu_hits_total {e.cpu.stats.hits}",
+            f"raypeft_adapter_cpu_loads_total {e.cpu.stats.loads}",
+            f"raypeft_adapter_cpu_evictions_total {e.cpu.stats.evictions}",
+            f"raypeft_adapter_cpu_bytes {e.cpu.bytes}",
+            f"raypeft_adapter_slot_hits_total {e.slots.stats.hits}",
+            f"raypeft_adapter_slot_loads_total {e.slots.stats.loads}",
+            f"raypeft_adapter_slot_evictions_total {e.slots.stats.evictions}",
+            f"raypeft_adapter_load_seconds_p50 {p50:.6f}",
+        ]
+        return PlainTextResponse("\n".join(lines) + "\n")
+
+
+def build_app(spec) -> serve.Application:
+    """The Serve application for a validated ``ServeSpec``."""
+    d = spec.deployment
+    opts: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": d.cpus_per_replica, "num_gpus": d.gpus_per_replica},
+        # the replica admits more than the engine holds, so the engine's bounded queue answers the
+        # overflow (503 + Retry-After); Serve's own queue in front of the replicas is bounded too,
+        # more loosely (its 503s carry no Retry-After), so no backlog grows without bound
+        "max_ongoing_requests": spec.limits.max_queue + spec.limits.max_batch_size + 16,
+        "max_queued_requests": 4 * spec.limits.max_queue + 64,
+    }
+    if d.autoscaling:
+        opts["autoscaling_config"] = d.autoscaling
+    else:
+        opts["num_replicas"] = d.replicas
+    return LoraServer.options(**opts).bind(spec.model_dump(mode="json"))

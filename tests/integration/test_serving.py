@@ -1,0 +1,214 @@
+"""Ray Serve over real HTTP on 127.0.0.1:8000: per-adapter answers, mixed LoRA/DoRA batches, the adapter
+cache, MLflow registry aliases, the openai client (streaming and not), the error corpus, and a bounded
+load test (200 concurrent requests over 16 adapters with 4 active slots)."""
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from tests.unit.test_engine import _reference
+from tests.unit.test_lora_batch import _make_adapter
+
+pytestmark = pytest.mark.integration
+
+URL = "http://127.0.0.1:8000"
+TOKEN = "s3cret-test-token"
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-root")
+    out = {}
+    for i in range(16):  # distinct random adapters, as trained jobs lay them out: ROOT/NAME/adapter
+        kw = {"use_dora": True} if i % 4 == 3 else {}
+        out[f"ad{i:02d}"] = _make_adapter(tiny_model_dir, root / f"ad{i:02d}" / "adapter", 100 + i, r=4, lora_alpha=16, **kw)
+    return root, out
+
+
+@pytest.fixture(scope="module")
+def registry(adapters, tmp_path_factory):
+    """ad00's files registered as version 1 and ad01's as version 2 of 'tiny-chat', alias champion → 1."""
+    from mlflow import MlflowClient
+
+    from pipelines import tracking
+
+    home = tmp_path_factory.mktemp("serve-home")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    _, ads = adapters
+    for name in ("ad00", "ad01"):
+        tracking.register_directory(uri, str(ads[name]), "tiny-chat", f"seed-{name}", {"src": name})
+    MlflowClient(uri, registry_uri=uri).set_registered_model_alias("tiny-chat", "champion", "1")
+    return uri
+
+
+@pytest.fixture(scope="module")
+def server(adapters, registry, tiny_model_dir):
+    import ray
+    import requests
+    from ray import serve
+
+    from serving.app import build_app
+    from serving.spec import validate
+
+    root, _ = adapters
+    ray.shutdown()
+    os.environ["RAYPEFT_TEST_KEY"] = TOKEN
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    spec = validate({
+        "name": "tiny-serve",
+        "model": {"base": str(tiny_model_dir), "name": "tiny"},
+        "adapter_roots": [str(root)],
+        "adapters": {"champ": "models:/tiny-chat@champion"},
+        "cache": {"active_slots": 4, "max_rank": 8, "cpu_adapters": 6},
+        "limits": {"max_batch_size": 8, "max_queue": 256, "max_new_tokens": 16, "max_prompt_tokens": 64},
+        "api_key_env": "RAYPEFT_TEST_KEY",
+        "tracking_uri": registry,
+    })
+    serve.run(build_app(spec), name="tiny-serve", route_prefix="/")
+    requests.get(f"{URL}/health", timeout=30).raise_for_status()
+    yield spec
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _post(path, body, token=TOKEN, raw=None):
+    import requests
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if raw is not None:
+        return requests.post(f"{URL}{path}", data=raw, headers={**headers, "content-type": "application/json"}, timeout=60)
+    return requests.post(f"{URL}{path}", json=body, headers=headers, timeout=60)
+
+
+def _expected(tiny_model_dir, adapter_dir, prompt, n):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    return tok.decode(_reference(tiny_model_dir, adapter_dir, ids, n), skip_special_tokens=True)
+
+
+def test_each_adapter_answers_as_it_would_alone(server, adapters, tiny_model_dir):
+    _, ads = adapters
+    for model, adapter in (("tiny:ad01", "ad01"), ("ad02", "ad02"), ("tiny:ad03", "ad03"), ("tiny", None)):
+        r = _post("/v1/completions", {"model": model, "prompt": "hello world", "max_tokens": 10})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        want = _expected(tiny_model_dir, ads.get(adapter), "hello world", 10)
+        assert body["choices"][0]["text"] == want, (model, body)
+        assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] <= 10
+    texts = {m: _post("/v1/completions", {"model": m, "prompt": "hello world", "max_tokens": 10}).json()["choices"][0]["text"]
+             for m in ("tiny:ad01", "tiny:ad02", "tiny")}
+    assert len(set(texts.values())) == 3, "adapters do not behave differently: the test proves nothing"
+
+
+def test_registry_alias_source_and_models_listing(server, adapters, tiny_model_dir):
+    _, ads = adapters
+    r = _post("/v1/completions", {"model": "tiny:champ", "prompt": "abc", "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == _expected(tiny_model_dir, ads["ad00"], "abc", 8)  # champion → version 1 = ad00
+    import requests
+
+    listing = requests.get(f"{URL}/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
+    ids = {m["id"]: m for m in listing["data"]}
+    assert "tiny" in ids and "tiny:ad15" in ids
+    assert ids["tiny:champ"]["version"] == "1" and ids["tiny:champ"]["source"] == "models:/tiny-chat@champion"
+
+
+def test_openai_client_chat_streaming_and_not(server, adapters, tiny_model_dir):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{URL}/v1", api_key=TOKEN)
+    msgs = [{"role": "user", "content": "1+2="}]
+    full = client.chat.completions.create(model="tiny:ad04", messages=msgs, max_tokens=9)
+    assert full.choices[0].message.role == "assistant" and full.choices[0].finish_reason in ("stop", "length")
+    stream = client.chat.completions.create(model="tiny:ad04", messages=msgs, max_tokens=9, stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream]
+    assert "".join(pieces) == full.choices[0].message.content
+    comp = client.completions.create(model="tiny:ad05", prompt="hello world", max_tokens=6)
+    assert comp.choices[0].text == _expected(tiny_model_dir, adapters[1]["ad05"], "hello world", 6)
+    s1 = client.completions.create(model="tiny:ad05", prompt="hi", max_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    s2 = client.completions.create(model="tiny:ad05", prompt="hi", max_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    assert s1.choices[0].text == s2.choices[0].text
+
+
+def test_error_corpus(server):
+    import requests
+
+    cases = [
+        (_post("/v1/completions", None, raw=b"{not json"), 400, "not valid JSON"),
+        (_post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": -3}), 422, "max_tokens"),
+        (_post("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": "hot"}), 422, "temperature"),
+        (_post("/v1/chat/completions", {"model": "tiny", "messages": []}), 422, "messages"),
+        (_post("/v1/completions", {"model": "tiny:nope", "prompt": "x"}), 404, "unknown adapter 'nope'"),
+        (_post("/v1/completions", {"model": "other:ad01", "prompt": "x"}), 404, "unknown base model 'other'"),
+        (_post("/v1/completions", {"model": "tiny:..", "prompt": "x"}), 404, "unknown adapter"),
+        (_post("/v1/completions", {"model": "tiny:ad01", "prompt": "x" * 200}), 400, "limit is 64"),
+        (_post("/v1/completions", {"model": "tiny:ad01", "prompt": "x", "max_tokens": 500}), 400, "exceeds the limit 16"),
+        (_post("/v1/completions", {"model": "tiny", "prompt": "x"}, token=None), 401, "missing bearer token"),
+        (_post("/v1/completions", {"model": "tiny", "prompt": "x"}, token="wrong"), 401, "wrong bearer token"),
+        (requests.get(f"{URL}/v1/models", timeout=30), 401, "bearer"),
+    ]
+    for resp, status, fragment in cases:
+        assert resp.status_code == status, (status, resp.status_code, resp.text)
+        assert fragment in resp.json()["error"]["message"], (fragment, resp.text)
+    metrics = requests.get(f"{URL}/metrics", timeout=30).text
+    assert "raypeft_adapter_slot_evictions_total" in metrics
+
+
+def test_load_200_concurrent_requests_over_16_adapters(server, adapters, tiny_model_dir):
+    """4 active slots, 16 adapters, 200 requests at once: no failure, every answer from its own adapter."""
+    import httpx
+    import requests
+
+    _, ads = adapters
+    names = sorted(ads)
+    want = {n: _expected(tiny_model_dir, ads[n], "load test", 6) for n in names}
+    assert len(set(want.values())) >= 12, "adapters are not distinct enough to tell answers apart"
+
+    async def one(client, i):
+        name = names[i % 16]
+        r = await client.post(f"{URL}/v1/completions", json={"model": f"tiny:{name}", "prompt": "load test", "max_tokens": 6},
+                              headers={"Authorization": f"Bearer {TOKEN}"})
+        return name, r.status_code, r.json()
+
+    async def run():
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(200)))
+
+    results = asyncio.run(run())
+    failures = [(n, s, b) for n, s, b in results if s != 200]
+    assert not failures, failures[:3]
+    wrong = [(n, b["choices"][0]["text"]) for n, s, b in results if b["choices"][0]["text"] != want[n]]
+    assert not wrong, wrong[:3]
+    metrics = dict(line.split() for line in requests.get(f"{URL}/metrics", timeout=30).text.strip().splitlines())
+    assert float(metrics["raypeft_adapter_slot_evictions_total"]) > 0  # 16 adapters through 4 slots
+    assert float(metrics["raypeft_batch_rows_total"]) > float(metrics["raypeft_engine_steps_total"])  # rows shared steps
+
+
+def test_overload_gets_503_with_retry_after(server, tiny_model_dir):
+    """A second app with a queue of 1: a burst gets 503 + Retry-After, never another 5xx."""
+    import httpx
+    from ray import serve
+
+    from serving.app import build_app
+    from serving.spec import validate
+
+    spec = validate({"name": "tiny-small", "model": {"base": str(tiny_model_dir), "name": "tiny"},
+                     "limits": {"max_batch_size": 1, "max_queue": 1, "max_new_tokens": 16}})
+    serve.run(build_app(spec), name="tiny-small", route_prefix="/small")
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(client.post(f"{URL}/small/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 16})
+                                          for _ in range(12)))
+
+    responses = asyncio.run(run())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
+    assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
+    serve.delete("tiny-small")
