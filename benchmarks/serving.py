@@ -71,14 +71,14 @@ def run_engine(base_path, dirs, tok, tokens, adapters=True):
     from serving.lora_batch import MultiLoraModel
 
     model = AutoModelForCausalLM.from_pretrained(base_path).eval()
-    multi = MultiLoraModel(model, slots=len(dirs) + 1, r_max=max(16, 1))
+    multi = MultiLoraModel(model, slots=len(dirs) + 1, r_max=16)
     engine = Engine(multi, tok, lambda name: str(dirs[int(name)]), max_batch=len(dirs))
     for i in range(len(dirs)):  # warm: adapters resident, as on a serving replica
         engine.load_adapter(str(i))
 
     def once():
         reqs = [engine.submit(Request(tok(p, add_special_tokens=False)["input_ids"], str(i) if adapters else None,
-                                      max_tokens=tokens)) for i, p in enumerate(PROMPTS[: len(dirs)])]
+                                      max_tokens=tokens, ignore_eos=True)) for i, p in enumerate(PROMPTS[: len(dirs)])]
         t0 = time.perf_counter()
         while not all(r.finish_reason for r in reqs):
             engine.step()

@@ -47,6 +47,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     slot: int = 0
+    ignore_eos: bool = False  # generate max_tokens whatever comes (benchmarks; vLLM's sampling flag)
     id: int = field(default_factory=lambda: next(_ids))
     out_ids: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of the completion already sent
@@ -230,7 +231,7 @@ class Engine:
             if req.finish_reason is not None:
                 continue
             self.stats["tokens"] += 1
-            if tok in self.eos:
+            if tok in self.eos and not req.ignore_eos:
                 req.finish_reason = "stop"
             else:
                 req.out_ids.append(tok)
