@@ -179,6 +179,82 @@ def _cmd_serve(args) -> int:
         return 0
 
 
+def _uri(args) -> str:
+    from pipelines import tracking
+
+    return args.tracking_uri or tracking.tracking_uri()
+
+
+def _cmd_models(args) -> int:
+    import json
+
+    from pipelines import registry
+
+    uri = _uri(args)
+    try:
+        if args.action == "list":
+            rows = registry.list_models(uri)
+            print(f"{'name':30} {'versions':>8} {'latest':>6}  aliases")
+            for r in rows:
+                aliases = ", ".join(f"@{a}→{v}" for a, v in r["aliases"].items())
+                print(f"{r['name']:30} {r['versions']:>8} {r['latest'] or '-':>6}  {aliases}")
+            return 0
+        if not args.ref:
+            print("error: models show needs NAME, NAME@alias or NAME/version", file=sys.stderr)
+            return 2
+        print(json.dumps(registry.show(uri, args.ref), indent=2))
+        return 0
+    except Exception as e:  # noqa: BLE001 - MLflow raises its own types for a missing model/alias/version
+        print(f"error: {args.ref or 'registry'}: {e}", file=sys.stderr)
+        return 2
+
+
+def _cmd_promote(args) -> int:
+    import json
+
+    from pipelines import registry
+    from pipelines.spec import SpecError
+
+    try:
+        gate = registry.load_gate(args.gate)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    uri = _uri(args)
+    try:
+        result = registry.promote(uri, args.name, args.version, args.alias, gate, force=args.force,
+                                  log=lambda m: print(m, file=sys.stderr))
+    except Exception as e:  # noqa: BLE001 - a missing model or version is bad input
+        if "RESOURCE_DOES_NOT_EXIST" in str(e) or "not found" in str(e).lower():
+            print(f"error: {args.name}/{args.version}: {e}", file=sys.stderr)
+            return 2
+        raise
+    c, b = result["candidate"][gate.metric], (result["baseline"] or {}).get(gate.metric)
+    vs = f" vs {b:.4f} (version {result['previous']})" if b is not None else " (no current holder)"
+    if result["status"] == "failed":
+        print(f"[raypeft] refused: {args.name}/{args.version} stays off @{args.alias}: " + "; ".join(result["reasons"]), file=sys.stderr)
+    else:
+        print(f"[raypeft] {args.name}@{args.alias} → version {args.version} ({result['status']}: {gate.metric} {c:.4f}{vs})",
+              file=sys.stderr)
+    print(json.dumps(result))
+    return 0 if result["moved"] else 1
+
+
+def _cmd_rollback(args) -> int:
+    import json
+
+    from pipelines import registry
+
+    try:
+        result = registry.rollback(_uri(args), args.name, args.alias)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"[raypeft] {args.name}@{args.alias}: version {result['from']} → {result['to']}", file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
 def _cmd_spec_reference(args) -> int:
     from pipelines.spec import reference_markdown
 
@@ -238,6 +314,27 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--no-register", action="store_true", help="write the adapter only; do not register it")
     k.add_argument("--tracking-uri", help="MLflow tracking URI")
     k.set_defaults(fn=_cmd_combine)
+
+    md = sub.add_parser("models", help="registered adapters: versions, aliases, metrics, lineage")
+    md.add_argument("action", choices=["list", "show"])
+    md.add_argument("ref", nargs="?", help="show: NAME, NAME@alias or NAME/version")
+    md.add_argument("--tracking-uri", help="MLflow tracking URI")
+    md.set_defaults(fn=_cmd_models)
+
+    pr = sub.add_parser("promote", help="move an alias to a version if it passes the evaluation gate")
+    pr.add_argument("name", help="registered model")
+    pr.add_argument("--version", required=True, help="candidate version")
+    pr.add_argument("--alias", default="champion", help="alias to move (default: champion)")
+    pr.add_argument("--gate", help="gate YAML: metric, mode, margin, bound, data (default: eval_loss, min, 0 margin, the shipped task)")
+    pr.add_argument("--force", action="store_true", help="move the alias even if the gate fails (recorded as forced)")
+    pr.add_argument("--tracking-uri", help="MLflow tracking URI")
+    pr.set_defaults(fn=_cmd_promote)
+
+    rb = sub.add_parser("rollback", help="move an alias back to its previous holder")
+    rb.add_argument("name")
+    rb.add_argument("--alias", default="champion")
+    rb.add_argument("--tracking-uri", help="MLflow tracking URI")
+    rb.set_defaults(fn=_cmd_rollback)
 
     sv = sub.add_parser("serve", help="serve the base and its adapters over an OpenAI-compatible HTTP API (Ray Serve)")
     sv.add_argument("spec", help="serving spec YAML (see serving/configs/demo.yaml)")

@@ -128,6 +128,23 @@ class LoraServer:
         self.started = time.time()
         self.thread = threading.Thread(target=self.engine.run_forever, name="raypeft-engine", daemon=True)
         self.thread.start()
+        if self.sources.alias_sources():
+            threading.Thread(target=self._follow_aliases, name="raypeft-aliases", daemon=True).start()
+
+    def _follow_aliases(self) -> None:
+        """Every ``alias_poll_s``: when an alias moved, load the new version, then switch new requests to it."""
+        import logging
+
+        log = logging.getLogger("ray.serve")
+        while True:
+            time.sleep(self.spec.alias_poll_s)
+            try:
+                for name, (old, new) in self.sources.poll().items():
+                    self.engine.load_adapter(f"{name}#v{new}")  # download + read before the switch
+                    self.sources.current[name] = new
+                    log.info("raypeft: alias of %r moved from version %s to %s", name, old, new)
+            except Exception as e:  # noqa: BLE001 - a registry hiccup must not stop the replica
+                log.warning("raypeft: alias poll failed: %s", e)
 
     # ------------------------------------------------------------------ helpers
 
@@ -163,9 +180,15 @@ class LoraServer:
         from serving.engine import Overloaded, Request
 
         self._auth(request)
-        adapter = self._adapter_of(body.model)
-        if adapter is not None and serve.get_multiplexed_model_id() == adapter:
-            await self._hold(adapter)
+        name = self._adapter_of(body.model)
+        adapter = None
+        if name is not None:
+            try:
+                adapter = await asyncio.to_thread(self.sources.key, name)  # name#vN for a registry alias
+            except Exception as e:  # noqa: BLE001 - the registry has no such alias/version
+                raise HttpError(404, f"adapter {name!r} does not resolve: {e}", "not_found_error") from None
+            if serve.get_multiplexed_model_id() == name:
+                await self._hold(adapter)
         ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
         lim = self.spec.limits
         if len(ids) > lim.max_prompt_tokens:
@@ -245,7 +268,11 @@ class LoraServer:
         yield "data: [DONE]\n\n"
 
     def _version(self, adapter: str | None) -> str:
-        return f"{self.spec.base_name()}:{adapter}@{self.sources.versions.get(adapter, '?')}" if adapter else self.spec.base_name()
+        """``base:name@version`` of the adapter that answered (``system_fingerprint``)."""
+        if not adapter:
+            return self.spec.base_name()
+        name, _, pinned = adapter.partition("#v")
+        return f"{self.spec.base_name()}:{name}@{pinned or self.sources.versions.get(name, '?')}"
 
     # ------------------------------------------------------------------ routes
 
@@ -266,7 +293,7 @@ class LoraServer:
         data = [{"id": base, "object": "model", "owned_by": "raypeft", "created": int(self.started)}]
         for name in self.sources.names():
             src = self.sources.source(name)
-            version = self.sources.versions.get(name)
+            version = self.sources.current.get(name) or self.sources.versions.get(name)
             if version is None and src.startswith("models:/"):
                 try:
                     version = await asyncio.to_thread(self.sources.registry_version, src)

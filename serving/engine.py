@@ -84,6 +84,7 @@ class Engine:
         self.positions: torch.Tensor | None = None  # [rows] position of the next token
         self.last: torch.Tensor | None = None  # [rows] last sampled token
         self.lock = threading.Condition()
+        self.cache_lock = threading.Lock()
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         self.eos = {t for t in [tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])] if t is not None}
         self.stats = {"requests": 0, "tokens": 0, "adapter_load_s": [], "steps": 0, "batch_rows": 0}
@@ -123,14 +124,16 @@ class Engine:
             self.lock.notify_all()
 
     def load_adapter(self, name: str) -> AdapterWeights:
-        """The adapter's tensors from the CPU tier, or read from its source into it."""
-        weights = self.cpu.get(name)
-        if weights is None:
-            t0 = time.perf_counter()
-            weights = AdapterWeights.from_dir(name, self.resolve(name))
-            self.cpu.put(name, weights, weights.nbytes)
-            self.stats["adapter_load_s"].append(time.perf_counter() - t0)
-        return weights
+        """The adapter's tensors from the CPU tier, or read from its source into it (thread-safe:
+        the HTTP side prefetches while the engine loop admits)."""
+        with self.cache_lock:
+            weights = self.cpu.get(name)
+            if weights is None:
+                t0 = time.perf_counter()
+                weights = AdapterWeights.from_dir(name, self.resolve(name))
+                self.cpu.put(name, weights, weights.nbytes)
+                self.stats["adapter_load_s"].append(time.perf_counter() - t0)
+            return weights
 
     # ------------------------------------------------------------------ one iteration
 

@@ -26,7 +26,8 @@ class AdapterSources:
         self.spec = spec
         self.cache_dir = Path(cache_dir)
         self.roots = [Path(os.path.expanduser(r)).resolve() for r in spec.adapter_roots]
-        self.versions: dict[str, str] = {}  # name → resolved version ("local", "3", ...)
+        self.versions: dict[str, str] = {}  # name → version last loaded ("local", "3", ...)
+        self.current: dict[str, str] = {}  # alias source name → the version new requests use
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ discovery
@@ -74,11 +75,35 @@ class AdapterSources:
         t = self.spec.tracking_uri or tracking_uri()
         return str(MlflowClient(t, registry_uri=t).get_model_version_by_alias(name, rest).version)
 
-    def resolve(self, name: str) -> str:
+    def key(self, name: str) -> str:
+        """The engine's cache key for ``name`` now: ``name#vN`` for a registry alias (so a moved alias is a
+        new key and requests already running keep the version they started with), else ``name``."""
+        src = self.source(name)
+        if not (src.startswith("models:/") and "@" in src):
+            return name
+        if name not in self.current:
+            self.current[name] = self.registry_version(src)
+        return f"{name}#v{self.current[name]}"
+
+    def alias_sources(self) -> dict[str, str]:
+        return {n: s for n, s in self.spec.adapters.items() if s.startswith("models:/") and "@" in s}
+
+    def poll(self) -> dict[str, tuple[str | None, str]]:
+        """Re-resolve every alias; returns {name: (old version, new version)} for those that moved
+        (``current`` is *not* updated here: the caller switches after preloading)."""
+        moved = {}
+        for name, src in self.alias_sources().items():
+            new = self.registry_version(src)
+            if self.current.get(name) != new and name in self.current:
+                moved[name] = (self.current.get(name), new)
+        return moved
+
+    def resolve(self, key: str) -> str:
         """A local directory with the adapter's files (downloaded once per registry version)."""
+        name, _, pinned = key.partition("#v")
         src = self.source(name)
         if src.startswith("models:/"):
-            version = self.registry_version(src)
+            version = pinned or self.registry_version(src)
             registered = src[len("models:/"):].split("@")[0].split("/")[0]
             dst = self.cache_dir / "registry" / registered / version
             if not (dst / "adapter_config.json").is_file():

@@ -73,6 +73,11 @@ class ServeSpec(_Section):
     deployment: ServeDeployment = Field(default_factory=ServeDeployment, description="Ray Serve deployment.")
     api_key_env: str | None = Field(None, description="Name of an environment variable holding the bearer token clients must send (unset: no auth).")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI for `models:/` sources (default: $MLFLOW_TRACKING_URI or the local SQLite).")
+    alias_poll_s: float = Field(
+        30.0, gt=0,
+        description="How often `models:/name@alias` sources are re-resolved. When an alias moves, the new version is "
+        "loaded in the background and new requests switch to it; running requests finish on the old one.",
+    )
 
     def base_name(self) -> str:
         return self.model.name or self.model.base

@@ -66,6 +66,7 @@ def server(adapters, registry, tiny_model_dir):
         "limits": {"max_batch_size": 8, "max_queue": 256, "max_new_tokens": 16, "max_prompt_tokens": 64},
         "api_key_env": "RAYPEFT_TEST_KEY",
         "tracking_uri": registry,
+        "alias_poll_s": 0.5,
     })
     serve.run(build_app(spec), name="tiny-serve", route_prefix="/")
     requests.get(f"{URL}/health", timeout=30).raise_for_status()
@@ -212,3 +213,52 @@ def test_overload_gets_503_with_retry_after(server, tiny_model_dir):
     assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
     assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
     serve.delete("tiny-small")
+
+
+def test_serving_follows_the_alias_without_failed_requests(server, adapters, registry, tiny_model_dir):
+    """A request loop against tiny:champ while champion moves 1 → 2: answers switch within the poll
+    interval, no request fails, and /v1/models shows the new version."""
+    import threading
+    import time
+
+    import requests
+    from mlflow import MlflowClient
+
+    _, ads = adapters
+    old = _expected(tiny_model_dir, ads["ad00"], "abc", 8)
+    new = _expected(tiny_model_dir, ads["ad01"], "abc", 8)
+    assert old != new
+    seen, failures, stop = [], [], threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            r = _post("/v1/completions", {"model": "tiny:champ", "prompt": "abc", "max_tokens": 8})
+            if r.status_code != 200:
+                failures.append((r.status_code, r.text))
+            else:
+                seen.append((time.time(), r.json()["choices"][0]["text"]))
+            time.sleep(0.05)
+
+    t = threading.Thread(target=loop)
+    t.start()
+    try:
+        time.sleep(1.0)
+        assert seen and all(text == old for _, text in seen)
+        moved_at = time.time()
+        MlflowClient(registry, registry_uri=registry).set_registered_model_alias("tiny-chat", "champion", "2")
+        deadline = moved_at + 20
+        while time.time() < deadline and not any(ts > moved_at and text == new for ts, text in seen):
+            time.sleep(0.1)
+        switched = [ts for ts, text in seen if ts > moved_at and text == new]
+        assert switched, "answers never switched to version 2"
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        t.join(timeout=60)
+    assert not failures, failures[:3]
+    assert {text for _, text in seen} <= {old, new}
+    first_new = min(switched)
+    assert all(text == new for ts, text in seen if ts > first_new + 0.2), "answers went back to the old version"
+    listing = requests.get(f"{URL}/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
+    assert {m["id"]: m for m in listing["data"]}["tiny:champ"]["version"] == "2"
+    print(f"alias switch visible after {first_new - moved_at:.2f}s (poll every 0.5s)")

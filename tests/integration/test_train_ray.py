@@ -73,6 +73,11 @@ def test_one_worker_job_end_to_end(local_ray, raypeft_home, tiny_model_dir, chat
     runs = c.search_runs([run_.info.experiment_id])
     assert len(runs) == 1
 
+    from pipelines.registry import show
+
+    shown = show(result["tracking_uri"], f"tiny-adapter/{result['version']}")["versions"][0]
+    assert "max_steps: 8" in shown["spec"] and shown["lineage"]["method"] == "lora"
+    assert shown["lineage"]["base_model_hash"].startswith("sha256:") and shown["metrics"]["eval_loss"] > 0
     version = c.get_model_version("tiny-adapter", str(result["version"]))
     assert version.tags["method"] == "lora" and version.tags["raypeft.run_id"] == result["run_id"]
     model_id = run_.data.tags["raypeft.model_id"]

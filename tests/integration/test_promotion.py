@@ -1,0 +1,139 @@
+"""Promotion behind an evaluation gate on a real SQLite MLflow registry, evaluated on a local Ray cluster."""
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import yaml
+
+from pipelines import registry
+from tests.unit.test_toolbox import _trained_adapter
+
+pytestmark = pytest.mark.integration
+
+
+def test_gate_decision_is_pure_and_explains_itself():
+    g = registry.Gate(metric="exact_match", mode="max", margin=0.02, bound=0.5)
+    assert registry.gate_decision(g, 0.80, 0.75) == (True, [])
+    ok, why = registry.gate_decision(g, 0.76, 0.75)
+    assert not ok and "does not beat" in why[0] and "0.7700" in why[0]
+    ok, why = registry.gate_decision(g, 0.40, None)
+    assert not ok and "below the floor 0.5" in why[0]
+    assert registry.gate_decision(registry.Gate(metric="eval_loss", mode="min"), 1.0, 1.2)[0]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model_dir, chat_data):
+    import os
+
+    import ray
+
+    from pipelines import tracking
+
+    home = tmp_path_factory.mktemp("promo-home")
+    os.environ["RAYPEFT_HOME"] = str(home)
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    d = tmp_path_factory.mktemp("promo-adapters")
+    dirs = [
+        _trained_adapter(tiny_model_dir, chat_data, d / "v1", steps=4),
+        _trained_adapter(tiny_model_dir, chat_data, d / "v2", steps=1, args={"init_lora_weights": False}),
+        _trained_adapter(tiny_model_dir, chat_data, d / "v3", steps=12),
+    ]
+    for i, a in enumerate(dirs, 1):
+        tracking.register_directory(uri, str(a), "tiny-promo", f"train-v{i}", {"method": "lora", "dataset_hash": f"sha256:{i}"})
+    gate_path = d / "gate.yaml"
+    gate_raw = {"metric": "eval_loss", "mode": "min", "margin": 0.0, "bound": 50.0,
+                "data": {"train": str(chat_data), "format": "chat", "max_length": 64, "eval_fraction": 0.2}}
+    gate_path.write_text(yaml.safe_dump(gate_raw))
+    gate = registry.load_gate(str(gate_path))
+    # the real ordering of the three versions on the gate's eval set decides what the gate must do
+    losses = {v: registry._evaluate(gate, {"x": f"models:/tiny-promo/{v}"}, uri)["x"]["eval_loss"] for v in ("1", "2", "3")}
+    best, mid, worst = sorted(losses, key=losses.get)
+    assert losses[worst] - losses[best] > 0.01, losses
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield {"uri": uri, "gate": gate, "gate_path": str(gate_path), "best": best, "mid": mid, "worst": worst, "losses": losses}
+    ray.shutdown()
+    os.environ.pop("RAYPEFT_HOME")
+
+
+def _cli(*args, capsys):
+    from raypeft.cli import main
+
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_gate_accepts_better_refuses_worse_and_rollback_restores(setup, capsys):
+    from mlflow import MlflowClient
+
+    s, uri = setup, setup["uri"]
+    c = MlflowClient(uri, registry_uri=uri)
+    common = ("--gate", s["gate_path"], "--tracking-uri", uri)
+
+    code, out, err = _cli("promote", "tiny-promo", "--version", s["mid"], *common, capsys=capsys)
+    assert code == 0 and registry.holder(uri, "tiny-promo", "champion") == s["mid"], err
+
+    code, out, err = _cli("promote", "tiny-promo", "--version", s["worst"], *common, capsys=capsys)
+    assert code == 1 and "refused" in err and "does not beat" in err
+    assert registry.holder(uri, "tiny-promo", "champion") == s["mid"]
+    refused = json.loads(out.strip().splitlines()[-1])
+    v = c.get_model_version("tiny-promo", s["worst"])
+    assert v.tags["validation_status"] == "failed" and v.tags["validation.baseline_version"] == s["mid"]
+    run = c.get_run(refused["run_id"])  # both results are in MLflow, measured in one run
+    assert run.data.metrics["candidate_eval_loss"] == pytest.approx(s["losses"][s["worst"]], rel=1e-4)
+    assert run.data.metrics["baseline_eval_loss"] == pytest.approx(s["losses"][s["mid"]], rel=1e-4)
+    assert run.data.tags["validation_status"] == "failed"
+
+    code, out, err = _cli("promote", "tiny-promo", "--version", s["best"], *common, capsys=capsys)
+    assert code == 0 and registry.holder(uri, "tiny-promo", "champion") == s["best"]
+    assert c.get_model_version("tiny-promo", s["best"]).tags["validation_status"] == "passed"
+
+    code, out, err = _cli("rollback", "tiny-promo", "--alias", "champion", "--tracking-uri", uri, capsys=capsys)
+    assert code == 0 and registry.holder(uri, "tiny-promo", "champion") == s["mid"]
+
+    code, out, err = _cli("models", "show", "tiny-promo@champion", "--tracking-uri", uri, capsys=capsys)
+    shown = json.loads(out)
+    assert shown["versions"][0]["version"] == s["mid"] and shown["versions"][0]["aliases"] == ["champion"]
+    assert shown["versions"][0]["lineage"]["method"] == "lora"
+    assert [h["version"] for h in shown["alias_history"]["champion"]] == [s["mid"]]
+
+    code, out, err = _cli("promote", "tiny-promo", "--version", s["worst"], "--force", *common, capsys=capsys)
+    assert code == 0 and registry.holder(uri, "tiny-promo", "champion") == s["worst"]
+    assert c.get_model_version("tiny-promo", s["worst"]).tags["validation_status"] == "forced"
+    assert registry.history(uri, "tiny-promo", "champion")[-1]["forced"] is True
+
+    code, out, err = _cli("models", "list", "--tracking-uri", uri, capsys=capsys)
+    assert "tiny-promo" in out and f"@champion→{s['worst']}" in out
+
+
+def test_racing_promotions_leave_a_consistent_alias(setup):
+    uri, gate = setup["uri"], setup["gate"]
+    before = len(registry.history(uri, "tiny-promo", "race"))
+    results = {}
+
+    def go(v):
+        results[v] = registry.promote(uri, "tiny-promo", v, "race", gate, force=True, log=lambda *_: None)
+
+    threads = [threading.Thread(target=go, args=(v,)) for v in (setup["best"], setup["mid"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert set(results) == {setup["best"], setup["mid"]}
+    final = registry.holder(uri, "tiny-promo", "race")
+    hist = registry.history(uri, "tiny-promo", "race")
+    assert final in (setup["best"], setup["mid"])
+    assert hist[-1]["version"] == final  # the history ends where the alias is
+    assert sorted(h["version"] for h in hist[before:]) == sorted([setup["best"], setup["mid"]])
+
+
+def test_bad_promotions_exit_2(setup, capsys, tmp_path):
+    code, _, err = _cli("promote", "tiny-promo", "--version", "99", "--tracking-uri", setup["uri"], capsys=capsys)
+    assert code == 2 and "tiny-promo/99" in err
+    bad_gate = tmp_path / "gate.yaml"
+    bad_gate.write_text("metric: accuracy\nmode: up\n")
+    code, _, err = _cli("promote", "tiny-promo", "--version", "1", "--gate", str(bad_gate), "--tracking-uri", setup["uri"], capsys=capsys)
+    assert code == 2 and "metric" in err and "'accuracy'" in err and "mode" in err
