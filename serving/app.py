@@ -348,3 +348,15 @@ def build_app(spec) -> serve.Application:
     else:
         opts["num_replicas"] = d.replicas
     return LoraServer.options(**opts).bind(spec.model_dump(mode="json"))
+
+
+def app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for Serve configs and KubeRay's RayService (``import_path: serving.app:app``).
+
+    ``args``: ``spec`` (path to a serving spec YAML) and optional ``overrides`` (list of ``section.field=value``).
+    """
+    from serving.spec import load
+
+    if "spec" not in args:
+        raise ValueError("serving.app:app needs args.spec: the path of a serving spec YAML")
+    return build_app(load(args["spec"], args.get("overrides", [])))
