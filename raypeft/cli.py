@@ -255,6 +255,56 @@ def _cmd_rollback(args) -> int:
     return 0
 
 
+def _cmd_submit(args) -> int:
+    import json
+
+    from cluster import jobs
+    from pipelines.preflight import architecture_problems
+    from pipelines.spec import SpecError, load_spec
+
+    try:  # the same validation as a local run, before anything reaches the cluster
+        spec = load_spec(args.spec, args.overrides)
+        problems = architecture_problems(spec)
+        if problems:
+            raise SpecError(problems)
+        entry = jobs.entrypoint(args.spec, args.overrides, args.working_dir)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    job_id = jobs.submit(args.spec, args.overrides, args.address, args.working_dir, job_id=args.job_id)
+    print(f"[raypeft] submitted {spec.name!r} as {job_id} to {jobs.address(args.address)}: {entry}", file=sys.stderr)
+    if not args.follow:
+        print(json.dumps({"job_id": job_id, "address": jobs.address(args.address)}))
+        return 0
+    final = jobs.follow(job_id, args.address)
+    print(json.dumps({"job_id": job_id, "status": final}))
+    return 0 if final == "SUCCEEDED" else 1
+
+
+def _cmd_status(args) -> int:
+    import json
+
+    from cluster import jobs
+
+    st = jobs.status(args.address)
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"cluster {st['address']}")
+    for k, v in sorted(st.get("resources", {}).items()):
+        print(f"  {k:14} {v}" if k == "error" else f"  {k:14} {v['used']:g} / {v['total']:g} used")
+    print(f"jobs ({len(st['jobs'])}):")
+    for j in sorted(st["jobs"], key=lambda j: j["start"] or 0):
+        print(f"  {j['id']:32} {j['status']:10} {j['entrypoint']}")
+    print("serve applications:" + ("" if st["serve"] else " none"))
+    for name, status in st["serve"].items():
+        print(f"  {name:32} {status}")
+    return 0
+
+
 def _cmd_spec_reference(args) -> int:
     from pipelines.spec import reference_markdown
 
@@ -335,6 +385,20 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--alias", default="champion")
     rb.add_argument("--tracking-uri", help="MLflow tracking URI")
     rb.set_defaults(fn=_cmd_rollback)
+
+    sb = sub.add_parser("submit", help="submit a training job to a Ray cluster (JobSubmissionClient)")
+    sb.add_argument("spec")
+    sb.add_argument("overrides", nargs="*")
+    sb.add_argument("--address", help="dashboard address (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
+    sb.add_argument("--working-dir", default=".", help="folder shipped to the workers (default: . = the repo)")
+    sb.add_argument("--job-id", help="submission id (default: generated)")
+    sb.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 1 unless it succeeded")
+    sb.set_defaults(fn=_cmd_submit)
+
+    st = sub.add_parser("status", help="jobs, Serve applications and resources of a Ray cluster")
+    st.add_argument("--address")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=_cmd_status)
 
     sv = sub.add_parser("serve", help="serve the base and its adapters over an OpenAI-compatible HTTP API (Ray Serve)")
     sv.add_argument("spec", help="serving spec YAML (see serving/configs/demo.yaml)")

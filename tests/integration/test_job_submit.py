@@ -114,3 +114,56 @@ def test_submit_without_token_is_refused(ray_head):
     )
     assert proc.returncode != 0
     assert "token" in (proc.stdout + proc.stderr).lower()
+
+
+def _rmdir_if_empty(d: Path) -> None:
+    try:
+        d.rmdir()
+    except OSError:
+        pass
+
+
+def test_raypeft_submit_follows_to_success_and_status_lists_it(ray_head, tmp_path, tiny_model_dir, chat_data):
+    """`raypeft submit --follow` against the real head: validated locally, shipped, run, followed to SUCCEEDED."""
+    spec = {
+        "name": "via-raypeft-submit",
+        "model": {"base": str(tiny_model_dir)},
+        "method": {"name": "lora", "r": 4},
+        "data": {"train": str(chat_data), "format": "chat", "max_length": 64, "eval_fraction": 0.2},
+        "train": {"max_steps": 3, "micro_batch_size": 2, "lr": 0.01, "warmup_steps": 1, "eval_every": 0, "eval_base": False},
+    }
+    spec_dir = REPO / ".pytest-specs"  # the spec must travel with the working dir
+    spec_dir.mkdir(exist_ok=True)
+    path = spec_dir / f"{tmp_path.name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = _env(RAYPEFT_HOME=str(tmp_path / "home"))
+    env.pop("RAY_AUTH_MODE")  # raypeft turns token auth on by itself when a token exists
+    try:
+        proc = subprocess.run([str(BIN / "raypeft"), "submit", str(path.relative_to(REPO)), "train.max_steps=4",
+                               "--address", ray_head, "--follow", "--job-id", "raypeft-submit-test"],
+                              env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    finally:
+        path.unlink()
+        _rmdir_if_empty(spec_dir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"job_id": "raypeft-submit-test", "status": "SUCCEEDED"}
+    assert "step 4/4" in proc.stdout  # the followed logs, with the override applied
+    st = subprocess.run([str(BIN / "raypeft"), "status", "--address", ray_head, "--json"], env=env,
+                        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert st.returncode == 0, st.stderr
+    status = json.loads(st.stdout)
+    assert any(j["id"] == "raypeft-submit-test" and j["status"] == "SUCCEEDED" for j in status["jobs"])
+    assert status["resources"]["CPU"]["total"] == 2
+
+
+def test_raypeft_submit_rejects_a_bad_spec_before_the_cluster(tmp_path):
+    bad = REPO / ".pytest-specs" / "bad.yaml"
+    bad.parent.mkdir(exist_ok=True)
+    bad.write_text("train:\n  lr: fast\n")
+    try:
+        proc = subprocess.run([str(BIN / "raypeft"), "submit", str(bad.relative_to(REPO)), "--address", "http://127.0.0.1:9"],
+                              env=_env(), capture_output=True, text=True, timeout=120, cwd=REPO)
+    finally:
+        bad.unlink()
+        _rmdir_if_empty(bad.parent)
+    assert proc.returncode == 2 and "train.lr" in proc.stderr and "'fast'" in proc.stderr
