@@ -305,6 +305,32 @@ def _cmd_status(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    import json
+
+    from cluster.memory import estimate
+    from pipelines.plan import parse_bytes, plan_of, render, shape_of
+    from pipelines.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(args.spec, args.overrides)
+        budget = parse_bytes(args.gpu_memory) if args.gpu_memory else None
+        shape = shape_of(spec)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    plan = plan_of(spec, args.gpus)
+    breakdown = estimate(shape, plan)
+    text, fits = render(shape, plan, breakdown, budget)
+    print(text)
+    if args.json:
+        print(json.dumps({**{k: v for k, v in breakdown.rows()}, "total": breakdown.total, "fits": fits}))
+    return 0 if fits else 1
+
+
 def _cmd_spec_reference(args) -> int:
     from pipelines.spec import reference_markdown
 
@@ -399,6 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--address")
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=_cmd_status)
+
+    pl = sub.add_parser("plan", help="estimate per-GPU memory of a job and whether it fits (exit 1 if not)")
+    pl.add_argument("spec")
+    pl.add_argument("overrides", nargs="*")
+    pl.add_argument("--gpus", type=int, help="GPUs (default: scaling.num_workers)")
+    pl.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GB or 24GiB; prints a verdict and fixes")
+    pl.add_argument("--json", action="store_true", help="also print the breakdown as JSON")
+    pl.set_defaults(fn=_cmd_plan)
 
     sv = sub.add_parser("serve", help="serve the base and its adapters over an OpenAI-compatible HTTP API (Ray Serve)")
     sv.add_argument("spec", help="serving spec YAML (see serving/configs/demo.yaml)")

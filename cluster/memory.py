@@ -1,0 +1,245 @@
+"""The memory model: bytes per GPU of a fine-tuning job, by component. Pure: no torch, no Ray, no I/O.
+
+    shape = Shape.from_config(json.load(open("config.json")))      # or KNOWN["llama-2-7b"]
+    plan = Plan(method="qlora", rank=128, micro_batch=1, seq_len=1024)
+    estimate(shape, plan).total                                      # bytes
+    fixes(shape, plan, budget_bytes)                                 # the cheapest changes that fit
+
+Components (``Breakdown``):
+
+* weights: linear layers at the plan's bit width (NF4 = 4 bits + 0.127 bits of double-quantized
+  constants per weight, as in the QLoRA paper; int8 = 8 bits + one fp32 scale per row), everything
+  else (embeddings, norms, lm_head) at the parameter dtype;
+* adapter: LoRA A and B, r·(in + out) per target linear (+ one magnitude per output for DoRA);
+* gradients: one per trainable parameter (GaLore layerwise: only the largest tensor at a time);
+* optimizer: AdamW keeps two fp32 states per trainable parameter, 8-bit AdamW two bytes; GaLore
+  keeps its states on the projected r × max(m, n) gradient plus the r × min(m, n) projection,
+  and plain states for the rest; mixed precision adds an fp32 master copy;
+* activations: with gradient checkpointing, each layer's input plus one layer being recomputed;
+  without, 34·b·s·h bytes per layer in 16-bit (Korthikanti et al., with fused attention), plus the
+  logits;
+* ZeRO divides optimizer states (stage ≥ 1), gradients (≥ 2) and parameters (3) by the GPU count;
+  offload moves optimizer states (and, for stage 3, parameters) to CPU memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+GiB = 1024**3
+NF4_BITS = 4.127  # 4-bit codes + double-quantized blockwise constants (QLoRA, §3)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A decoder-only transformer's shape (Llama family naming)."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool = False
+    head_dim: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Shape":
+        """From an HF ``config.json`` mapping (Llama, Mistral, Qwen2, SmolLM, ... field names)."""
+        return cls(
+            layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"],
+            heads=cfg["num_attention_heads"], kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            vocab=cfg["vocab_size"], tied=bool(cfg.get("tie_word_embeddings", False)), head_dim=cfg.get("head_dim"),
+        )
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of every linear layer of one decoder layer."""
+        h, i = self.hidden, self.intermediate
+        kv = self.kv_heads * (self.head_dim or h // self.heads)
+        return {"q_proj": (h, self.heads * (self.head_dim or h // self.heads)), "k_proj": (h, kv), "v_proj": (h, kv),
+                "o_proj": (self.heads * (self.head_dim or h // self.heads), h), "gate_proj": (h, i), "up_proj": (h, i),
+                "down_proj": (i, h)}
+
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.linears().values())
+
+    def other_params(self) -> int:
+        """Embeddings, lm_head (unless tied) and norms: never quantized."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+
+    def params(self) -> int:
+        return self.linear_params() + self.other_params()
+
+
+KNOWN: dict[str, Shape] = {
+    "llama-2-7b": Shape(32, 4096, 11008, 32, 32, 32000),
+    "llama-2-13b": Shape(40, 5120, 13824, 40, 40, 32000),
+    "llama-3-8b": Shape(32, 4096, 14336, 32, 8, 128256),
+    "mistral-7b": Shape(32, 4096, 14336, 32, 8, 32000),
+    "smollm2-135m": Shape(30, 576, 1536, 9, 3, 49152, tied=True),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the job does, as far as memory is concerned."""
+
+    method: Literal["full", "lora", "dora", "qlora", "galore"] = "lora"
+    rank: int = 16
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    weight_bits: int | None = None  # linear layers; None: 4 for qlora, else param_bytes·8
+    int8: bool = False  # weight_bits 8 means LLM.int8
+    param_bytes: int = 2  # dtype of unquantized weights (2 bf16, 4 fp32)
+    trainable_bytes: int | None = None  # dtype of trainable tensors (default param_bytes)
+    master_weights: bool = False  # mixed precision keeps an fp32 copy of trainables
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    galore_rank: int = 128
+    galore_layerwise: bool = True
+    micro_batch: int = 1
+    seq_len: int = 1024
+    gradient_checkpointing: bool = True
+    logits_bytes: int = 4  # the loss upcasts logits to fp32
+    gpus: int = 1
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    overhead_bytes: int = 0  # CUDA context, allocator slack: add ~1 GiB on a real GPU
+
+    def bits(self) -> float:
+        if self.weight_bits is not None:
+            return NF4_BITS if self.weight_bits == 4 else float(self.weight_bits)
+        return NF4_BITS if self.method == "qlora" else 8.0 * self.param_bytes
+
+
+@dataclass
+class Breakdown:
+    weights: float = 0
+    adapter: float = 0
+    gradients: float = 0
+    optimizer: float = 0
+    activations: float = 0
+    overhead: float = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.adapter + self.gradients + self.optimizer + self.activations + self.overhead
+
+    def rows(self) -> list[tuple[str, float]]:
+        return [(k, getattr(self, k)) for k in ("weights", "adapter", "gradients", "optimizer", "activations", "overhead")]
+
+
+def adapter_params(shape: Shape, plan: Plan) -> int:
+    per_layer = 0
+    for name, (i, o) in shape.linears().items():
+        if name in plan.targets:
+            per_layer += plan.rank * (i + o) + (o if plan.method == "dora" else 0)
+    return shape.layers * per_layer
+
+
+def _opt_bytes_per_param(plan: Plan) -> float:
+    states = 2.0 if plan.optimizer == "adamw8bit" else 8.0
+    return states + (4.0 if plan.master_weights else 0.0)
+
+
+def estimate(shape: Shape, plan: Plan) -> Breakdown:
+    """Bytes per GPU, by component (see the module docstring)."""
+    b = Breakdown()
+    tb = plan.trainable_bytes or plan.param_bytes
+    lin = shape.linear_params()
+    int8_scales = shape.layers * sum(o for _, o in shape.linears().values()) * 4 if plan.bits() == 8 and plan.int8 else 0
+    b.weights = lin * plan.bits() / 8 + int8_scales + shape.other_params() * plan.param_bytes
+
+    if plan.method == "full":
+        trainable = shape.params()
+        b.gradients = trainable * tb
+        b.optimizer = trainable * _opt_bytes_per_param(plan)
+    elif plan.method == "galore":
+        trainable = shape.params()
+        largest = max(max(a * o for a, o in shape.linears().values()), shape.vocab * shape.hidden)
+        b.gradients = largest * tb if plan.galore_layerwise else trainable * tb
+        state = 1.0 if plan.optimizer == "adamw8bit" else 4.0
+        projected = proj = 0
+        for i, o in shape.linears().values():
+            projected += plan.galore_rank * max(i, o)
+            proj += plan.galore_rank * min(i, o)
+        b.optimizer = shape.layers * (2 * projected * state + proj * tb) + shape.other_params() * _opt_bytes_per_param(plan)
+        b.notes.append(f"GaLore rank {plan.galore_rank}: Adam states on the projected gradients" +
+                       (", one gradient tensor at a time (layerwise)" if plan.galore_layerwise else ""))
+    else:
+        trainable = adapter_params(shape, plan)
+        b.adapter = trainable * tb
+        b.gradients = trainable * tb
+        b.optimizer = trainable * _opt_bytes_per_param(plan)
+
+    # activations (fused attention): checkpointed layer inputs + one layer recomputed, or all layers
+    tokens = plan.micro_batch * plan.seq_len
+    act = plan.param_bytes  # activations in the compute dtype
+    per_layer_full = 34 * tokens * shape.hidden * act / 2  # 34·s·b·h bytes in 16-bit
+    if plan.gradient_checkpointing:
+        b.activations = shape.layers * tokens * shape.hidden * act + per_layer_full
+    else:
+        b.activations = shape.layers * per_layer_full
+    b.activations += tokens * shape.vocab * (act + plan.logits_bytes)
+
+    # ZeRO sharding and offload
+    n = max(1, plan.gpus)
+    if plan.zero_stage >= 1:
+        b.optimizer /= n
+    if plan.zero_stage >= 2:
+        b.gradients /= n
+    if plan.zero_stage >= 3:
+        b.weights /= n
+        b.adapter /= n
+    if plan.offload_optimizer and plan.zero_stage >= 1:
+        b.notes.append(f"optimizer states offloaded to CPU memory ({b.optimizer / GiB:.2f} GiB per GPU moved)")
+        b.optimizer = 0
+    if plan.offload_params and plan.zero_stage >= 3:
+        b.notes.append(f"parameters offloaded to CPU memory ({(b.weights + b.adapter) / GiB:.2f} GiB per GPU moved)")
+        b.weights = b.adapter = 0
+    b.overhead = plan.overhead_bytes
+    return b
+
+
+def fixes(shape: Shape, plan: Plan, budget: float, max_gpus: int = 64) -> list[tuple[str, Plan, float]]:
+    """Changes that make the job fit ``budget`` bytes per GPU, cheapest first: (what, plan, total bytes).
+
+    Order of preference: gradient checkpointing, 8-bit AdamW, QLoRA (for LoRA jobs), a higher ZeRO
+    stage, CPU offload, then more GPUs (the first count that fits)."""
+    out = []
+    candidates: list[tuple[str, Plan]] = []
+    if not plan.gradient_checkpointing:
+        candidates.append(("turn on gradient checkpointing (model.gradient_checkpointing=true)", replace(plan, gradient_checkpointing=True)))
+    if plan.optimizer == "adamw" and plan.method in ("full", "galore"):
+        candidates.append(("use 8-bit AdamW states (galore_8bit / an 8-bit optimizer)", replace(plan, optimizer="adamw8bit")))
+    if plan.method in ("lora", "dora", "full"):
+        candidates.append(("train QLoRA on a 4-bit base (method.name=qlora)", replace(plan, method="qlora", weight_bits=None)))
+    if plan.gpus > 1:
+        for stage in range(plan.zero_stage + 1, 4):
+            candidates.append((f"shard with ZeRO-{stage} (scaling.strategy=zero{stage})", replace(plan, zero_stage=stage)))
+    if plan.gpus > 1 or plan.zero_stage:
+        stage = max(plan.zero_stage, 2)
+        candidates.append((f"offload optimizer states to CPU (scaling.strategy=zero{stage}_offload)",
+                           replace(plan, zero_stage=stage, offload_optimizer=True)))
+        candidates.append(("offload parameters too (scaling.strategy=zero3_offload)",
+                           replace(plan, zero_stage=3, offload_optimizer=True, offload_params=True)))
+    for what, p in candidates:
+        total = estimate(shape, p).total
+        if total <= budget:
+            out.append((what, p, total))
+    if not out:  # no single change is enough: apply them one after another until it fits
+        acc, done = plan, []
+        for what, p in candidates:
+            changed = {k: v for k, v in vars(p).items() if v != getattr(plan, k)}
+            acc, done = replace(acc, **changed), done + [what]
+            total = estimate(shape, acc).total
+            if total <= budget:
+                out.append((" + ".join(done), acc, total))
+                break
+    for n in range(max(2, plan.gpus * 2), max_gpus + 1):
+        p = replace(plan, gpus=n, zero_stage=max(plan.zero_stage, 3))
+        total = estimate(shape, p).total
+        if total <= budget:
+            out.append((f"use {n} GPUs with ZeRO-3 (scaling.num_workers={n} scaling.strategy=zero3)", p, total))
+            break
+    return out

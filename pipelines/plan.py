@@ -1,0 +1,89 @@
+"""``raypeft plan``: the memory model (``cluster.memory``) applied to a job spec.
+
+Maps a validated ``JobSpec`` to the model's ``Shape`` (from the base's ``config.json``, or a known
+shape for a hub id) and ``Plan`` (method, rank, dtypes, batch, sequence length, checkpointing,
+ZeRO stage and offload), and renders the breakdown, the verdict and the fixes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cluster.deepspeed import offloads, zero_stage
+from cluster.memory import GiB, KNOWN, Breakdown, Plan, Shape, estimate, fixes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipelines.spec import JobSpec
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def parse_bytes(text: str) -> float:
+    """``80GB``, ``24GiB``, ``40 G`` → bytes (GB and G are read as GiB, as nvidia-smi reports)."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B)?\s*", text, re.I)
+    if not m:
+        raise ValueError(f"expected a size like 80GB or 24GiB (got {text!r})")
+    return float(m.group(1)) * 1024 ** "BKMGT".index((m.group(2) or "B").upper())
+
+
+def shape_of(spec: "JobSpec") -> Shape:
+    from pipelines.models import resolve_base
+
+    base = spec.model.base
+    path = Path(os.path.expanduser(base))
+    if base == "smollm2-135m" or path.is_dir():
+        cfg = json.loads((Path(resolve_base(spec.model, log=lambda *_: None)) / "config.json").read_text())
+        return Shape.from_config(cfg)
+    key = base.lower().split("/")[-1].replace("_", "-")
+    for name, shape in KNOWN.items():
+        if name in key:
+            return shape
+    raise ValueError(f"model.base: no config.json to read and no known shape for {base!r} (known: {', '.join(KNOWN)})")
+
+
+def plan_of(spec: "JobSpec", gpus: int | None = None) -> Plan:
+    name = spec.method.name
+    method = {"qlora": "qlora", "qdora": "qlora", "dora": "dora"}.get(name, "galore" if name.startswith("galore") else
+                                                                    "lora")
+    target = spec.method.target_modules
+    targets = tuple(target) if isinstance(target, list) else Plan().targets
+    q = spec.quantization()
+    stage = zero_stage(spec.scaling.strategy)
+    off = offloads(spec.scaling.strategy, spec.scaling.deepspeed)
+    bf16 = spec.model.dtype != "float32"
+    return Plan(
+        method=method, rank=spec.rank(), targets=targets,
+        weight_bits=4 if q == "nf4" else 8 if q == "int8" else None, int8=q == "int8",
+        param_bytes=DTYPE_BYTES[spec.model.dtype],
+        trainable_bytes=4 if method != "galore" else DTYPE_BYTES[spec.model.dtype],  # PEFT keeps adapters in fp32
+        master_weights=bool(stage and bf16 and method == "galore"),
+        optimizer="adamw8bit" if name == "galore_8bit" else "adamw",
+        galore_rank=spec.method.galore.rank, galore_layerwise=name == "galore_layerwise",
+        micro_batch=spec.train.micro_batch_size, seq_len=spec.data.max_length,
+        gradient_checkpointing=spec.model.gradient_checkpointing, gpus=gpus or spec.scaling.num_workers,
+        zero_stage=stage, offload_optimizer=off["optimizer"], offload_params=off["params"],
+        overhead_bytes=GiB if spec.scaling.use_gpu else 0,
+    )
+
+
+def render(shape: Shape, plan: Plan, b: Breakdown, budget: float | None) -> tuple[str, bool]:
+    lines = [f"model: {shape.params() / 1e6:,.0f}M parameters ({shape.layers} layers, hidden {shape.hidden}); "
+             f"method {plan.method}, rank {plan.rank}; {plan.gpus} GPU(s), ZeRO-{plan.zero_stage}; "
+             f"micro batch {plan.micro_batch} × {plan.seq_len} tokens, checkpointing {'on' if plan.gradient_checkpointing else 'off'}",
+             "", "| component | per GPU |", "| --- | ---: |"]
+    lines += [f"| {k} | {v / GiB:.2f} GiB |" for k, v in b.rows() if v]
+    lines.append(f"| **total** | **{b.total / GiB:.2f} GiB** |")
+    lines += [f"note: {n}" for n in b.notes]
+    fits = budget is None or b.total <= budget
+    if budget is not None:
+        lines.append("")
+        lines.append(f"verdict: {'fits' if fits else 'does not fit'} in {budget / GiB:.1f} GiB per GPU "
+                     f"({100 * b.total / budget:.0f}% used)")
+        if not fits:
+            options = fixes(shape, plan, budget)
+            lines += [f"  fix: {what} → {total / GiB:.2f} GiB" for what, _, total in options[:4]] or \
+                ["  no single change fits: use more GPUs with ZeRO-3 and offload, or a smaller base"]
+    return "\n".join(lines), fits
