@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cluster.deepspeed import offloads, zero_stage
-from cluster.memory import GiB, KNOWN, Breakdown, Plan, Shape, estimate, fixes
+from cluster.memory import GiB, KNOWN, Breakdown, Plan, Shape, fixes
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
