@@ -157,7 +157,8 @@ def dequantized_state_dict(model) -> tuple[dict[str, Any], int]:
     return state, len(quantized)
 
 
-def probe_logits(model, tokenizer):
+def _prompt_logits(model, tokenizer):
+    """Logits on ``PROBE_TEXT`` (export's merged-vs-unmerged check)."""
     import torch
 
     ids = tokenizer(PROBE_TEXT, return_tensors="pt", add_special_tokens=False)["input_ids"]
@@ -191,7 +192,7 @@ def export(ref: str, out: str | Path, merge: bool = True, dtype: str = "fp32", t
     base, tok, q = load_base_as_trained(src)
     log(f"[raypeft] merging {ref} into its {'dequantized ' + q if q != 'none' else q} base")
     state, report["dequantized_layers"] = dequantized_state_dict(base)  # before the adapter wraps the layers
-    reference = probe_logits(PeftModel.from_pretrained(base, str(src)).eval(), tok)  # the adapter model as trained
+    reference = _prompt_logits(PeftModel.from_pretrained(base, str(src)).eval(), tok)  # the adapter model as trained
     report["quantization"] = q
     # a clean, unquantized model of the same architecture, holding dequant(W), takes the merge
     cfg = AutoConfig.from_pretrained(_base_path(src))
@@ -205,7 +206,7 @@ def export(ref: str, out: str | Path, merge: bool = True, dtype: str = "fp32", t
     clean.tie_weights()
     del base, state
     clean = PeftModel.from_pretrained(clean, str(src)).merge_and_unload().eval()
-    report["max_abs_logit_diff"] = float((probe_logits(clean, tok) - reference).abs().max())
+    report["max_abs_logit_diff"] = float((_prompt_logits(clean, tok) - reference).abs().max())
     clean.to(_dtype(dtype)).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     (out / META_FILE).write_text(json.dumps({**read_meta(src), "merged_from": ref, "quantization": "none", "dtype": dtype}, indent=2))

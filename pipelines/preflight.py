@@ -208,3 +208,18 @@ def architecture_problems(spec: "JobSpec") -> list[tuple[str, str]]:
     if not missing:
         return []
     return [("method.target_modules", f"{_missing_targets_message(missing, names)} (got {target!r})")]
+
+
+def load_checked_spec(path, overrides=()) -> "JobSpec":
+    """``load_spec`` plus ``architecture_problems``: everything checkable before Ray starts.
+
+    Raises:
+        SpecError: listing every problem (the CLI exits 2).
+    """
+    from pipelines.spec import SpecError, load_spec
+
+    spec = load_spec(path, overrides)
+    problems = architecture_problems(spec)
+    if problems:
+        raise SpecError(problems)
+    return spec

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.spec import JobSpec, SpecError, load_spec
+from pipelines.spec import JobSpec, SpecError
 
 JOB_STATE = "raypeft_job.json"
 
@@ -172,12 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        spec = load_spec(args.spec, args.overrides)
-        from pipelines.preflight import architecture_problems
+        from pipelines.preflight import load_checked_spec
 
-        problems = architecture_problems(spec)  # target_modules vs the base's modules, before Ray starts
-        if problems:
-            raise SpecError(problems)
+        spec = load_checked_spec(args.spec, args.overrides)  # + target_modules vs the base, before Ray starts
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -71,13 +71,10 @@ def _cmd_methods_compare(args) -> int:
 def _cmd_check(args) -> int:
     from pipelines import methods, preflight
     from pipelines.models import load_base
-    from pipelines.spec import SpecError, load_spec
+    from pipelines.spec import SpecError
 
     try:
-        spec = load_spec(args.spec, args.overrides)
-        problems = preflight.architecture_problems(spec)
-        if problems:
-            raise SpecError(problems)
+        spec = preflight.load_checked_spec(args.spec, args.overrides)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -259,14 +256,11 @@ def _cmd_submit(args) -> int:
     import json
 
     from cluster import jobs
-    from pipelines.preflight import architecture_problems
-    from pipelines.spec import SpecError, load_spec
+    from pipelines.preflight import load_checked_spec
+    from pipelines.spec import SpecError
 
     try:  # the same validation as a local run, before anything reaches the cluster
-        spec = load_spec(args.spec, args.overrides)
-        problems = architecture_problems(spec)
-        if problems:
-            raise SpecError(problems)
+        spec = load_checked_spec(args.spec, args.overrides)
         entry = jobs.entrypoint(args.spec, args.overrides, args.working_dir)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
