@@ -23,11 +23,25 @@ Components (``Breakdown``):
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 GiB = 1024**3
 NF4_BITS = 4.127  # 4-bit codes + double-quantized blockwise constants (QLoRA, §3)
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """``60000000``, ``80GB``, ``24GiB``, ``40 G`` → bytes. Units are binary (GB and G are read as GiB, as
+    nvidia-smi reports). Raises ValueError naming the expected form."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"must be > 0 (got {value!r})")
+        return int(value)
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B)?\s*", str(value), re.I)
+    if not m or m.group(1).count(".") > 1 or float(m.group(1)) <= 0:
+        raise ValueError(f"expected a size like 60000000, 60MB or 24GiB (got {value!r})")
+    return int(float(m.group(1)) * 1024 ** "BKMGT".index((m.group(2) or "B").upper()))
 
 
 @dataclass(frozen=True)
@@ -243,3 +257,47 @@ def fixes(shape: Shape, plan: Plan, budget: float, max_gpus: int = 64) -> list[t
             out.append((f"use {n} GPUs with ZeRO-3 (scaling.num_workers={n} scaling.strategy=zero3)", p, total))
             break
     return out
+
+
+# --------------------------------------------------------------------------- layerwise (mixed bit-width) plans
+
+NF4_BLOCK = 64  # bnb 4-bit blocksize: one absmax per 64 weights
+NESTED_BLOCK = 256  # double quantization: one fp32 absmax per 256 uint8 absmaxes
+
+
+def linear_bytes(n_in: int, n_out: int, bits: int, param_bytes: int = 4, double_quant: bool = True) -> float:
+    """Bytes bitsandbytes holds for one ``n_in × n_out`` linear weight at ``bits`` (16: unquantized at
+    ``param_bytes``): NF4 packs two codes per byte plus one absmax per 64 weights (uint8 and one fp32 per
+    256 of them with double quantization, else fp32) and its quantization codes; LLM.int8 keeps int8 codes plus one fp32 scale per row."""
+    n = n_in * n_out
+    if bits == 16:
+        return n * param_bytes
+    if bits == 8:
+        return n + 4 * n_out
+    blocks = -(-n // NF4_BLOCK)
+    # + each tensor's own copy of the 16-entry NF4 code (and, double-quantized, the 256-entry uint8 code + offset)
+    absmax = blocks + 4 * -(-blocks // NESTED_BLOCK) + 4 * (256 + 1) if double_quant else 4 * blocks
+    return n / 2 + absmax + 4 * 16
+
+
+def layerwise_estimate(
+    shape: Shape, layers: list[tuple[int, int]], targets: tuple[str, ...] = Plan.targets, param_bytes: int = 4,
+    trainable_bytes: int = 4, double_quant: bool = True, optimizer_bytes: float = 8.0,
+) -> Breakdown:
+    """Bytes of a base whose decoder layer ``i`` is quantized to ``layers[i][0]`` bits (4, 8, 16) and carries
+    LoRA rank ``layers[i][1]`` (0: no adapter) on ``targets``: weights, adapter, its gradients and its AdamW
+    states. Activations do not depend on the plan and are left out (add them with ``estimate``)."""
+    if len(layers) != shape.layers:
+        raise ValueError(f"plan has {len(layers)} layers, the model {shape.layers}")
+    b = Breakdown()
+    b.weights = shape.other_params() * param_bytes
+    trainable = 0
+    for bits, rank in layers:
+        for name, (i, o) in shape.linears().items():
+            b.weights += linear_bytes(i, o, bits, param_bytes, double_quant)
+            if name in targets:
+                trainable += rank * (i + o)
+    b.adapter = trainable * trainable_bytes
+    b.gradients = trainable * trainable_bytes
+    b.optimizer = trainable * optimizer_bytes
+    return b

@@ -46,6 +46,7 @@ def adapter_meta(spec) -> dict[str, Any]:
         "double_quant": spec.model.double_quant,
         "dtype": spec.model.dtype,
         "compute_dtype": spec.model.compute_dtype,
+        "quantization_plan": dict(spec.model.quantization_plan),
         "method": spec.method.name,
         "job": spec.name,
     }
@@ -114,7 +115,7 @@ def load_base_as_trained(adapter_dir: Path):
     """The base exactly as the adapter's training loaded it (same bitsandbytes plan), and its tokenizer."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from pipelines.models import disable_bnb_cpu_repacking, load_tokenizer
+    from pipelines.models import disable_bnb_cpu_repacking, load_tokenizer, quantize_linears
 
     meta, path = read_meta(adapter_dir), _base_path(adapter_dir)
     q = meta.get("quantization", "none")
@@ -129,7 +130,17 @@ def load_base_as_trained(adapter_dir: Path):
     elif q == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": "cpu"}
+    plan = meta.get("quantization_plan") or {}
+    if plan:  # a mixed 4/8/16-bit base: load unquantized, then quantize module by module as in training
+        kwargs.pop("quantization_config", None)
+        kwargs.pop("device_map", None)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if plan:
+        from pipelines.spec import DEFAULT_BITS, pattern_bits
+
+        quantize_linears(model, lambda n: pattern_bits(plan, DEFAULT_BITS[q], n), _dtype(meta.get("compute_dtype", "float32")),
+                         meta.get("double_quant", True))
+        q = "mixed"
     disable_bnb_cpu_repacking(model)  # keep dequantization exact and comparable
     return model, load_tokenizer(path), q
 

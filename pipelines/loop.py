@@ -39,7 +39,8 @@ def _fmt_eta(seconds: float) -> str:
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train ``train_loop_per_worker``. ``config``: spec (validated JobSpec), run_id, tracking_uri."""
+    """Ray Train ``train_loop_per_worker``. ``config``: spec (validated JobSpec), run_id, tracking_uri
+    (run_id None: no MLflow logging here), report_evals (report every eval to Ray Train, for Tune)."""
     import ray.train
     import torch
     import torch.distributed as dist
@@ -186,12 +187,15 @@ def train_worker(config: dict[str, Any]) -> None:
             final_metrics["train_loss"] = metrics["train_loss"]
 
         is_last = done == spec.train.max_steps
-        if (spec.train.eval_every and done % spec.train.eval_every == 0) or is_last:
+        evaluated = (spec.train.eval_every and done % spec.train.eval_every == 0) or is_last
+        if evaluated:
             final_metrics.update(evaluate(done))
         every = spec.checkpoint.every_steps
         if (every and done % every == 0) or is_last:
             report(done, dict(final_metrics))
             t_last = time.perf_counter()  # checkpoint time is not training throughput
+        elif evaluated and config.get("report_evals"):  # a Tune trial: the scheduler decides on every eval
+            ray.train.report({**final_metrics, "step": done})
     if start_step >= spec.train.max_steps:  # resumed a finished run: report its final state again
         report(start_step, dict(final_metrics))
     log(f"finished in {_fmt_eta(time.perf_counter() - t_start)}")

@@ -143,6 +143,63 @@ def quantization_config(spec: "JobSpec"):
     )
 
 
+def quantize_linears(model, bits_of, compute_dtype, double_quant: bool = True, device: Any = "cpu") -> dict[int, int]:
+    """Replace the base's linears in place by bnb ``Linear4bit`` (NF4) / ``Linear8bitLt`` (int8) as
+    ``bits_of(name)`` says (16 keeps a linear as it is), so one model mixes 4-bit, 8-bit and unquantized
+    layers, which ``from_pretrained`` cannot do. lm_head stays unquantized, as in transformers. The model's
+    ``is_loaded_in_4bit`` / ``is_loaded_in_8bit`` flags are set so PEFT wraps each kind with its bnb
+    LoRA layer. Returns how many linears got each bit-width."""
+    import bitsandbytes as bnb
+    import torch
+
+    counts = {4: 0, 8: 0, 16: 0}
+    for name, lin in list(model.named_modules()):
+        if type(lin) is not torch.nn.Linear or name.split(".")[-1] == "lm_head":
+            continue
+        bits = bits_of(name)
+        counts[bits] += 1
+        if bits == 16:
+            continue
+        w = lin.weight.data.to(compute_dtype if bits == 4 else torch.float16)
+        if bits == 4:
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=compute_dtype,
+                                  compress_statistics=double_quant, quant_type="nf4", quant_storage=torch.uint8)
+            q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=double_quant, module=q)
+        else:
+            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None, has_fp16_weights=False, threshold=6.0)
+            q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+        if lin.bias is not None:
+            q.bias = lin.bias
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q.to(device))
+    model.is_loaded_in_4bit = counts[4] > 0
+    model.is_loaded_in_8bit = counts[8] > 0
+    return counts
+
+
+def model_bytes(model) -> int:
+    """Bytes the model holds: parameters, buffers and bnb's quantization state (absmax, codes, int8 scales)."""
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+
+    def add(t) -> None:
+        nonlocal total
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+
+    for p in list(model.parameters()) + list(model.buffers()):
+        add(p)
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            for t in (qs.absmax, qs.code, getattr(qs.state2, "absmax", None), getattr(qs.state2, "code", None), qs.offset):
+                add(t)
+        add(getattr(p, "SCB", None))
+    return total
+
+
 def disable_bnb_cpu_repacking(model) -> None:
     """bitsandbytes re-lays 4-bit weights out for its CPU kernels on the first no-grad forward.
     Turn that off where the packed bytes must stay as loaded: ZeRO-3 re-gathers partitions in their
@@ -181,7 +238,8 @@ def load_base(spec: "JobSpec", device: Any = "cpu", log=print):
     from transformers import AutoModelForCausalLM
 
     path = resolve_base(spec.model, log)
-    qcfg = quantization_config(spec)
+    plan = spec.model.quantization_plan
+    qcfg = None if plan else quantization_config(spec)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(spec.model.dtype), "revision": spec.model.revision}
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
@@ -192,6 +250,9 @@ def load_base(spec: "JobSpec", device: Any = "cpu", log=print):
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if qcfg is None:
         model.to(device)
+    if plan:
+        counts = quantize_linears(model, spec.module_bits, torch_dtype(spec.model.compute_dtype), spec.model.double_quant, device)
+        log(f"[raypeft] quantization plan: {counts[4]} NF4, {counts[8]} int8, {counts[16]} unquantized linears")
     tok = load_tokenizer(path, spec.model.revision)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id

@@ -21,14 +21,6 @@ if TYPE_CHECKING:  # pragma: no cover
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def parse_bytes(text: str) -> float:
-    """``80GB``, ``24GiB``, ``40 G`` → bytes (GB and G are read as GiB, as nvidia-smi reports)."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B)?\s*", text, re.I)
-    if not m:
-        raise ValueError(f"expected a size like 80GB or 24GiB (got {text!r})")
-    return float(m.group(1)) * 1024 ** "BKMGT".index((m.group(2) or "B").upper())
-
-
 def shape_of(spec: "JobSpec") -> Shape:
     from pipelines.models import resolve_base
 

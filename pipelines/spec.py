@@ -22,6 +22,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tuning.spec import TuneSpec
+
 BUILTIN_BASES = ("smollm2-135m",)
 
 
@@ -63,6 +65,13 @@ class ModelSpec(_Section):
         "float32", description="dtype that 4-bit layers compute in (and store packed weights as, for ZeRO-3)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    quantization_plan: dict[str, Literal[4, 8, 16]] = Field(
+        default_factory=dict,
+        description="Per-module bit-widths, mixing bnb NF4 (4), bnb int8 (8) and unquantized (16) linears in one "
+        "model. Keys are patterns matched like PEFT's `rank_pattern` (a regex that must match the end of the module "
+        "name, e.g. `model\\.layers\\.3\\..*`); the first match wins, and linears no key matches use "
+        "`model.quantization`. `raypeft layerwise` writes this plan.",
+    )
 
 
 class GaloreSpec(_Section):
@@ -195,6 +204,7 @@ class JobSpec(_Section):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Ray Train workers.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing and fault tolerance.")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow tracking and registry.")
+    tune: TuneSpec = Field(default_factory=TuneSpec, description="Ray Tune sweep (`raypeft tune`) and layerwise search (`raypeft layerwise`); ignored by `raypeft train`.")
 
     # ---- derived values (never written back into the spec) ----
     def quantization(self) -> str:
@@ -202,6 +212,10 @@ class JobSpec(_Section):
         if self.model.quantization != "auto":
             return self.model.quantization
         return "nf4" if self.method.name in ("qlora", "qdora") else "none"
+
+    def module_bits(self, name: str) -> int:
+        """Bit-width the base loads linear ``name`` at: 4, 8 or 16 (unquantized)."""
+        return pattern_bits(self.model.quantization_plan, DEFAULT_BITS[self.quantization()], name)
 
     def rank(self) -> int:
         return self.method.r if self.method.r is not None else 16
@@ -239,6 +253,22 @@ class JobSpec(_Section):
 
 
 # --------------------------------------------------------------------------- helpers
+
+DEFAULT_BITS = {"nf4": 4, "int8": 8, "none": 16}
+
+
+def pattern_key(patterns, name: str) -> str | None:
+    """The first pattern matching the end of module ``name`` (PEFT's ``rank_pattern`` rule), or None."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def pattern_bits(plan: dict[str, int], default: int, name: str) -> int:
+    key = pattern_key(plan, name)
+    return default if key is None else int(plan[key])
+
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -404,6 +434,7 @@ def semantic_problems(spec: JobSpec, base_dir: str | os.PathLike | None = None) 
             problems.append(("model.base", f"local model directory has no config.json (got {_quote(m.base)})"))
 
     problems += method_problems(spec)
+    problems += _plan_problems(spec)
 
     for field, value in (("data.train", spec.data.train), ("data.eval", spec.data.eval)):
         if value is not None:
@@ -438,7 +469,46 @@ def semantic_problems(spec: JobSpec, base_dir: str | os.PathLike | None = None) 
         problems.append(("tracking.tracking_uri", f"expected sqlite:///..., http(s)://... or a database URI; MLflow 3's file store is not supported (got {_quote(uri)})"))
     if spec.tracking.registered_model is not None and not spec.tracking.registered_model.strip():
         problems.append(("tracking.registered_model", f"must not be blank (got {_quote(spec.tracking.registered_model)})"))
+    problems += _tune_problems(spec, base_dir)
     return problems
+
+
+def _tune_problems(spec: JobSpec, base_dir) -> list[tuple[str, str]]:
+    from cluster.memory import parse_bytes
+    from tuning.spec import tune_problems
+
+    out = []
+    if spec.tune.space:
+        out += tune_problems(spec.model_dump(mode="json", exclude={"tune"}), spec.tune, validate, base_dir)
+        if spec.tune.scheduler != "fifo" and not spec.train.eval_every:
+            out.append(("train.eval_every", f"scheduler {spec.tune.scheduler!r} stops trials on eval results; set eval_every > 0 "
+                        "or tune.scheduler fifo (got 0)"))
+        grace = spec.tune.grace_period
+        if grace is not None and grace > spec.train.max_steps:
+            out.append(("tune.grace_period", f"must be <= train.max_steps ({spec.train.max_steps}) (got {grace})"))
+    lw = spec.tune.layerwise
+    if lw.budget is not None:
+        try:
+            parse_bytes(lw.budget)
+        except ValueError as e:
+            out.append(("tune.layerwise.budget", str(e)))
+    return out
+
+
+def _plan_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    out = []
+    for key in spec.model.quantization_plan:
+        try:
+            re.compile(key)
+        except re.error as e:
+            out.append((f"model.quantization_plan.{key}", f"not a valid regex: {e} (got {_quote(key)})"))
+    plan_bits = set(spec.model.quantization_plan.values())
+    if plan_bits - {16} and spec.scaling.strategy.startswith("zero3"):
+        out.append(("model.quantization_plan", f"a mixed 4/8-bit base cannot be partitioned by ZeRO-3; use zero2 or ddp "
+                    f"(got strategy {spec.scaling.strategy!r})"))
+    if plan_bits and spec.method.name.startswith("galore"):
+        out.append(("model.quantization_plan", f"{spec.method.name} trains full-precision weights; remove the plan (got {len(plan_bits)} bit-width(s))"))
+    return out
 
 
 def _scaling_problems(spec: JobSpec) -> list[tuple[str, str]]:

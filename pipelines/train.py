@@ -72,22 +72,52 @@ def init_ray() -> None:
         ray.init(log_to_driver=True, configure_logging=False)
 
 
-def run(spec: JobSpec, log=print) -> dict[str, Any]:
-    """Run a validated job end to end and return the result record (see module docstring)."""
-    from pipelines import tracking
+def job_lineage(spec: JobSpec) -> dict[str, str]:
+    """Tags that tie a run to its exact base weights, data and method."""
     from pipelines.data import dataset_fingerprint
     from pipelines.models import base_lineage
 
-    storage = storage_dir(spec)
-    run_name, prior = _run_name(spec, storage)
-    uri = tracking.tracking_uri(spec)
-    lineage = {
+    return {
         **base_lineage(spec.model),
         "dataset": spec.data.train,
         "dataset_hash": dataset_fingerprint(spec.data),
         "method": spec.method.name,
-        "quantization": spec.quantization(),
+        "quantization": spec.quantization() if not spec.model.quantization_plan else "mixed",
     }
+
+
+def make_trainer(spec: JobSpec, loop_config: dict[str, Any], run_name: str, storage: str, callbacks=()):
+    """The ``TorchTrainer`` of one training run (a job, or one Tune trial)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.loop import train_worker
+
+    sc = spec.scaling
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+            failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def run(spec: JobSpec, log=print) -> dict[str, Any]:
+    """Run a validated job end to end and return the result record (see module docstring)."""
+    from pipelines import tracking
+
+    storage = storage_dir(spec)
+    run_name, prior = _run_name(spec, storage)
+    uri = tracking.tracking_uri(spec)
+    lineage = job_lineage(spec)
     if prior:
         run_id = prior["mlflow_run_id"]
         log(f"[raypeft] resuming unfinished job {run_name!r} (MLflow run {run_id})")
@@ -97,25 +127,7 @@ def run(spec: JobSpec, log=print) -> dict[str, Any]:
     log(f"[raypeft] MLflow run {run_id} at {uri}")
 
     init_ray()
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipelines.loop import ADAPTER_DIR, train_worker
-
-    sc = spec.scaling
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"spec": spec, "run_id": run_id, "tracking_uri": uri},
-        scaling_config=ScalingConfig(
-            num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
-            failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
-        ),
-    )
+    trainer = make_trainer(spec, {"spec": spec, "run_id": run_id, "tracking_uri": uri}, run_name, storage)
     t0 = time.time()
     try:
         result = trainer.fit()

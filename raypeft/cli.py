@@ -302,8 +302,8 @@ def _cmd_status(args) -> int:
 def _cmd_plan(args) -> int:
     import json
 
-    from cluster.memory import estimate
-    from pipelines.plan import parse_bytes, plan_of, render, shape_of
+    from cluster.memory import estimate, parse_bytes
+    from pipelines.plan import plan_of, render, shape_of
     from pipelines.spec import SpecError, load_spec
 
     try:
@@ -323,6 +323,50 @@ def _cmd_plan(args) -> int:
     if args.json:
         print(json.dumps({**{k: v for k, v in breakdown.rows()}, "total": breakdown.total, "fits": fits}))
     return 0 if fits else 1
+
+
+def _cmd_tune(args) -> int:
+    import json
+
+    from pipelines.preflight import load_checked_spec
+    from pipelines.spec import SpecError
+
+    try:
+        spec = load_checked_spec(args.spec, args.overrides)
+        if not spec.tune.space:
+            raise SpecError([("tune.space", "is empty: add a tune section naming the fields to search (got {})")])
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from tuning.sweep import sweep
+
+    result = sweep(spec)
+    result.pop("rows")
+    print(json.dumps(result, default=str), flush=True)
+    return 0 if result["best"] else 1
+
+
+def _cmd_layerwise(args) -> int:
+    import json
+
+    from cluster.memory import parse_bytes
+    from pipelines.preflight import load_checked_spec
+    from pipelines.spec import SpecError
+
+    try:
+        overrides = list(args.overrides) + ([f"tune.layerwise.budget={args.budget}"] if args.budget else [])
+        spec = load_checked_spec(args.spec, overrides)
+        if spec.tune.layerwise.budget is None:
+            raise SpecError([("tune.layerwise.budget", "required: pass --budget 60MB or set it in the spec (got None)")])
+        budget = parse_bytes(spec.tune.layerwise.budget)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from tuning.search import search
+
+    result = search(spec, budget, out=args.out)
+    print(json.dumps({k: v for k, v in result.items() if k != "front"}, default=str), flush=True)
+    return 0 if result.get("plan_spec") else 1
 
 
 def _cmd_spec_reference(args) -> int:
@@ -433,6 +477,18 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("overrides", nargs="*", help="section.field=value overrides")
     sv.add_argument("--detach", action="store_true", help="return after deploying (with RAY_ADDRESS set to a running cluster)")
     sv.set_defaults(fn=_cmd_serve)
+
+    tn = sub.add_parser("tune", help="Ray Tune sweep over the spec's tune.space (ASHA / HyperBand / median, random / Optuna)")
+    tn.add_argument("spec", help="job spec YAML with a tune section")
+    tn.add_argument("overrides", nargs="*", help="section.field=value overrides (tune.* included)")
+    tn.set_defaults(fn=_cmd_tune)
+
+    lw = sub.add_parser("layerwise", help="search per-layer bit-widths and LoRA ranks under a memory budget (QR-Adaptor style)")
+    lw.add_argument("spec", help="job spec YAML")
+    lw.add_argument("overrides", nargs="*", help="section.field=value overrides (tune.layerwise.* included)")
+    lw.add_argument("--budget", help="memory budget for weights + adapter + its optimizer, e.g. 60MB (tune.layerwise.budget)")
+    lw.add_argument("--out", help="where to write the chosen plan as a job spec (default: <name>-layerwise.yaml)")
+    lw.set_defaults(fn=_cmd_layerwise)
 
     r = sub.add_parser("spec", help="print the job spec reference (every field, default and meaning)")
     r.add_argument("--markdown", action="store_true", help="as a markdown table (the README reference)")

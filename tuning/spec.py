@@ -1,0 +1,185 @@
+"""The ``tune`` section of a job spec: a Ray Tune sweep and the layerwise bit-width × rank search.
+
+Pure: no Ray, no torch. The sweep's search space names spec fields by their dotted path::
+
+    tune:
+      space:
+        train.lr: {loguniform: [1.0e-5, 1.0e-2]}
+        method.r: {choice: [4, 8, 16]}
+        method.alpha: {grid: [8, 32]}
+      scheduler: asha
+      num_samples: 8
+
+Every value the space can produce is checked against the job spec before anything starts (choices and
+grid values one by one, ranges at both ends), so a bad space fails with the field and the value.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Rank = Annotated[int, Field(ge=0)]
+
+DOMAINS = {
+    "choice": "a list of values, sampled uniformly",
+    "grid": "a list of values, every one tried (× num_samples)",
+    "uniform": "[low, high], a float sampled uniformly",
+    "loguniform": "[low, high], a float sampled uniformly in log space (low > 0)",
+    "randint": "[low, high], an integer in low..high-1",
+}
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LayerwiseSpec(_Section):
+    budget: int | str | None = Field(
+        None,
+        description="Memory budget for the base weights + adapter + its gradients and AdamW states, in bytes or "
+        "with a unit (`60MB`, `1.2GiB`). Required by `raypeft layerwise` (or pass `--budget`).",
+    )
+    bits: list[Literal[4, 8, 16]] = Field([4, 8, 16], min_length=1, description="Bit-widths a decoder layer may take: 4 (bnb NF4), 8 (bnb int8), 16 (unquantized).")
+    ranks: list[Rank] = Field([0, 4, 8, 16], min_length=1, description="LoRA ranks a decoder layer may take (0: no adapter); alpha = 2·rank.")
+    calibration_samples: int = Field(16, gt=0, description="Training examples the sensitivity calibration runs on.")
+    trials: int = Field(24, gt=0, description="Plans NSGA-II proposes (plans over budget are not trained).")
+    population: int = Field(8, ge=2, description="NSGA-II population size (generations = trials / population).")
+    short_steps: int = Field(10, gt=0, description="Training steps of each cheap trial.")
+    promote: int = Field(2, gt=0, description="Best Pareto plans (by short-trial eval loss) retrained for `train.max_steps` steps.")
+    seed: int = Field(0, description="Sampler seed.")
+
+
+class TuneSpec(_Section):
+    space: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Search space: dotted spec field → `{choice: [...]}`, `{grid: [...]}`, `{uniform: [lo, hi]}`, "
+        "`{loguniform: [lo, hi]}` or `{randint: [lo, hi]}`.",
+    )
+    searcher: Literal["random", "optuna"] = Field("random", description="`random` (Tune's variant generator, grids included) or `optuna` (TPE).")
+    scheduler: Literal["asha", "hyperband", "median", "fifo"] = Field(
+        "asha", description="Trial scheduler: ASHA, HyperBand, median stopping, or `fifo` (no early stopping). Time is optimizer steps."
+    )
+    num_samples: int = Field(8, gt=0, description="Trials to sample (with grids: samples per grid point).")
+    metric: str = Field("eval_loss", min_length=1, description="Metric the scheduler and searcher optimize (reported at every eval).")
+    mode: Literal["min", "max"] = Field("min", description="Minimize or maximize `metric`.")
+    grace_period: int | None = Field(None, gt=0, description="Steps before a trial may be stopped (default: `train.eval_every`).")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA / HyperBand reduction factor.")
+    max_concurrent_trials: int | None = Field(
+        None, gt=0, description="Trials run at once (default and cap: as many as the cluster's CPUs/GPUs hold, so placement never deadlocks)."
+    )
+    seed: int | None = Field(None, description="Searcher seed.")
+    layerwise: LayerwiseSpec = Field(default_factory=LayerwiseSpec, description="The layerwise bit-width × rank search (`raypeft layerwise`).")
+
+
+def _domain_values(field: str, dom: Any) -> tuple[list[tuple[str, str]], list[Any]]:
+    """(problems, values to check against the job spec) for one search-space entry."""
+    where = f"tune.space.{field}"
+    if not isinstance(dom, dict) or len(dom) != 1 or next(iter(dom)) not in DOMAINS:
+        return [(where, f"expected one of {{{', '.join(DOMAINS)}: ...}} (got {dom!r})")], []
+    kind, arg = next(iter(dom.items()))
+    if kind in ("choice", "grid"):
+        if not isinstance(arg, list) or not arg:
+            return [(f"{where}.{kind}", f"expected a non-empty list (got {arg!r})")], []
+        return [], list(arg)
+    ok_num = isinstance(arg, list) and len(arg) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in arg)
+    if not ok_num or not arg[0] < arg[1]:
+        return [(f"{where}.{kind}", f"expected [low, high] with low < high (got {arg!r})")], []
+    if kind == "loguniform" and arg[0] <= 0:
+        return [(f"{where}.{kind}", f"low must be > 0 (got {arg!r})")], []
+    if kind == "randint":
+        if not all(isinstance(v, int) for v in arg):
+            return [(f"{where}.{kind}", f"expected integers (got {arg!r})")], []
+        return [], [arg[0], arg[1] - 1]
+    return [], list(arg)
+
+
+def set_path(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A copy of ``raw`` with ``dotted`` set to ``value`` (pure)."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    node = out
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[leaf] = value
+    return out
+
+
+def trial_raw(raw: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The raw job spec of one trial: ``raw`` without its ``tune`` section, with ``config``'s dotted fields set."""
+    out = {k: v for k, v in raw.items() if k != "tune"}
+    for field, value in config.items():
+        out = set_path(out, field, value)
+    return out
+
+
+def tune_problems(raw: dict[str, Any], tune: TuneSpec, validate, base_dir=None) -> list[tuple[str, str]]:
+    """Problems with the sweep: malformed domains, and values the job spec would refuse.
+
+    ``validate(raw, base_dir)`` is the job-spec validator (raises ``SpecError`` with ``problems``)."""
+    out: list[tuple[str, str]] = []
+    values: dict[str, list[Any]] = {}
+    for field, dom in tune.space.items():
+        if field.split(".")[0] in ("tune", "name"):
+            out.append((f"tune.space.{field}", f"only job fields can be searched (got {field!r})"))
+            continue
+        problems, vals = _domain_values(field, dom)
+        out += problems
+        if vals:
+            values[field] = vals
+    if tune.searcher == "optuna" and any("grid" in d for d in tune.space.values() if isinstance(d, dict)):
+        out.append(("tune.searcher", "optuna samples its own points; use choice instead of grid (got 'optuna' with a grid)"))
+    if out:
+        return out
+    combos = list(itertools.islice(itertools.product(*values.values()), 257))
+    if len(combos) <= 256:  # small spaces: every combination of the checked values
+        checks = [dict(zip(values, c)) for c in combos]
+    else:  # large ones: each value alone
+        checks = [{f: v} for f, vs in values.items() for v in vs]
+    seen: set[tuple[str, str]] = set()
+    for config in checks:
+        try:
+            validate(trial_raw(raw, config), base_dir)
+        except Exception as e:  # SpecError
+            for field, msg in getattr(e, "problems", [("<spec>", str(e))]):
+                key = (field, msg)
+                if key in seen:
+                    continue
+                seen.add(key)
+                hint = ", ".join(f"{k}={v!r}" for k, v in config.items())
+                where = f"tune.space.{field}" if field in values else field
+                out.append((where, f"{msg} [trial with {hint}]"))
+    if not tune.space:
+        out.append(("tune.space", "is empty: name at least one field to search (got {})"))
+    return out
+
+
+def concurrency(cluster: dict[str, float], per_trial: dict[str, float], requested: int | None = None) -> int:
+    """Trials that fit on the cluster at once (capped by ``requested``). Each trial's Train workers hold their
+    resources for the whole trial, so starting more than fit would leave placement groups waiting forever."""
+    needs = {k: v for k, v in per_trial.items() if v > 0}
+    fits = min(int(cluster.get(k, 0) // v) for k, v in needs.items()) if needs else (requested or 1)
+    if fits < 1:
+        raise ValueError(f"one trial needs {needs}, but the cluster has {({k: cluster.get(k, 0) for k in needs})}")
+    return min(fits, requested) if requested else fits
+
+
+def absolute_paths(raw: dict[str, Any], base_dir: str | None = None) -> dict[str, Any]:
+    """A copy of ``raw`` whose relative local paths (data, base model) are absolute, so trials running in
+    other directories (Tune moves each trial into its own) read the same files."""
+    import copy
+    import os
+
+    out = copy.deepcopy(raw)
+    base = base_dir or os.getcwd()
+    for section, key in (("data", "train"), ("data", "eval"), ("model", "base")):
+        value = out.get(section, {}).get(key)
+        if isinstance(value, str) and "://" not in value and not value.startswith("builtin:") and not os.path.isabs(value):
+            candidate = os.path.join(base, os.path.expanduser(value))
+            if os.path.exists(candidate):
+                out[section][key] = os.path.abspath(candidate)
+    return out
