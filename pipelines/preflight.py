@@ -158,6 +158,8 @@ def _quantization_problems(spec: "JobSpec", model) -> list[str]:
                 qs = getattr(mod.weight, "quant_state", None)
                 if q == "nf4" and qs is not None and qs.quant_type != "nf4":
                     out.append(f"model.quantization: a 4-bit layer uses {qs.quant_type!r}, not 'nf4'")
+    if spec.model.quantization_plan:  # a mixed base: every linear at the bit-width the plan gives it
+        return _plan_problems(spec, model)
     want = {"nf4": "Linear4bit", "int8": "Linear8bitLt"}.get(q)
     if want and not kinds.get(want):
         out.append(f"model.quantization: {q!r} was asked for, but the model has no bitsandbytes {want} layer")
@@ -223,3 +225,22 @@ def load_checked_spec(path, overrides=()) -> "JobSpec":
     if problems:
         raise SpecError(problems)
     return spec
+
+
+def _plan_problems(spec: "JobSpec", model) -> list[str]:
+    import bitsandbytes as bnb
+    import torch
+
+    kind_bits = {bnb.nn.Linear4bit: 4, bnb.nn.Linear8bitLt: 8, torch.nn.Linear: 16}
+    wrong = []
+    for name, mod in model.named_modules():
+        bits = kind_bits.get(type(mod))
+        parts = name.split(".")
+        if bits is None or parts[-1] == "lm_head" or any(p.startswith(("lora_", "modules_to_save")) for p in parts):
+            continue
+        name = name.removeprefix("base_model.model.").removesuffix(".base_layer")
+        if bits != spec.module_bits(name):
+            wrong.append(f"{name} is {bits}-bit")
+    if wrong:
+        return [f"model.quantization_plan: {len(wrong)} linear(s) are not at the planned bit-width, e.g. {wrong[0]}"]
+    return []

@@ -21,7 +21,7 @@ from typing import Any
 
 from ray import tune
 
-from pipelines.spec import JobSpec, flatten, validate
+from pipelines.spec import JobSpec, validate
 from tuning.spec import absolute_paths, concurrency, trial_raw
 
 DRIVER_CPU = 0.01  # the Tune trial process only waits on its TorchTrainer; Train's workers hold the real resources
@@ -33,19 +33,33 @@ LOGGED = ("eval_loss", "eval_perplexity", "train_loss", "exact_match", "base_eva
 
 
 def run_trial(config: dict[str, Any], raw: dict[str, Any], storage: str) -> None:
-    """One Tune trial: the sampled spec's training run. Config keys with a dot are spec fields; the
-    rest is searcher bookkeeping. ``over_budget`` trials report ``PENALTY`` without training."""
-    from ray.tune.integration.ray_train import TuneReportCallback
+    """One Tune trial: the sampled spec's training run.
 
+    Config keys with a dot are spec fields; a ``plan`` key holds them as one grid value; ``memory_bytes``
+    is added to every report (the search's second objective); ``over_budget`` trials report ``PENALTY``
+    without training. Other keys are searcher bookkeeping."""
     from pipelines.train import make_trainer
 
-    if config.get("over_budget"):
-        tune.report({"eval_loss": PENALTY, "step": 0, "memory_bytes": config.get("memory_bytes", 0), "over_budget": True})
+    plan = config.get("plan") or config
+    extra = {"memory_bytes": plan["memory_bytes"]} if "memory_bytes" in plan else {}
+    if plan.get("over_budget"):
+        tune.report({"eval_loss": PENALTY, "step": 0, "over_budget": True, **extra})
         return
-    spec = validate(trial_raw(raw, {k: v for k, v in config.items() if "." in k}))
+    spec = validate(trial_raw(raw, {k: v for k, v in plan.items() if "." in k}))
     loop = {"spec": spec, "run_id": None, "tracking_uri": None, "report_evals": True}
     trial_id = tune.get_context().get_trial_id()
-    make_trainer(spec, loop, f"trial_{trial_id}", storage, callbacks=[TuneReportCallback()]).fit()
+    make_trainer(spec, loop, f"trial_{trial_id}", storage, callbacks=[_Report(extra)]).fit()
+
+
+def _Report(extra: dict[str, Any]):
+    """``TuneReportCallback`` that adds ``extra`` to every report the Train workers make."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class Report(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            super().after_report(run_context, [{**m, **extra} for m in metrics], checkpoint)
+
+    return Report()
 
 
 # --------------------------------------------------------------------------- MLflow, from the driver only
@@ -54,8 +68,9 @@ def run_trial(config: dict[str, Any], raw: dict[str, Any], storage: str) -> None
 class MlflowSweepLogger(tune.Callback):
     """Child run per trial under the sweep's parent run; every write happens in the Tune driver."""
 
-    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, sweep: str, max_steps: int, log=print):
-        self.uri, self.experiment_id, self.parent, self.sweep, self.max_steps, self.log = uri, experiment_id, parent_run_id, sweep, max_steps, log
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, sweep: str, max_steps: int):
+        # no callables kept here: Tune pickles its callbacks with the experiment state
+        self.uri, self.experiment_id, self.parent, self.sweep, self.max_steps = uri, experiment_id, parent_run_id, sweep, max_steps
         self.runs: dict[str, str] = {}
         self.last: dict[str, dict[str, Any]] = {}
 
@@ -72,7 +87,8 @@ class MlflowSweepLogger(tune.Callback):
         c = self._client()
         run = c.create_run(self.experiment_id, run_name=f"{self.sweep}/{trial.trial_id}",
                            tags={"mlflow.parentRunId": self.parent, "raypeft.sweep": self.sweep, "raypeft.trial_id": trial.trial_id})
-        params = {k: v for k, v in flatten(trial.config).items() if "." in k or k == "memory_bytes"}
+        config = trial.config.get("plan") or trial.config
+        params = {k: v for k, v in config.items() if not isinstance(v, dict)}  # the plan's dicts: as bits_i / rank_i
         batch = [Param(k, v) for k, v in _str_params(params).items()]
         for i in range(0, len(batch), 100):
             c.log_batch(run.info.run_id, params=batch[i : i + 100])
@@ -98,7 +114,7 @@ class MlflowSweepLogger(tune.Callback):
         c.set_terminated(run_id, status)
         what = "over budget, not trained" if last.get("over_budget") else (f"stopped early at step {step}" if early else f"finished {step} steps")
         metric = ", ".join(f"{k} {last[k]:.4f}" for k in ("eval_loss", "exact_match") if isinstance(last.get(k), (int, float)))
-        self.log(f"[raypeft] trial {trial.trial_id}: {what if status == 'FINISHED' else 'failed'}{', ' + metric if metric else ''}")
+        print(f"[raypeft] trial {trial.trial_id}: {what if status == 'FINISHED' else 'failed'}{', ' + metric if metric else ''}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end(trial, "FINISHED")
@@ -154,11 +170,11 @@ def run_trials(spec: JobSpec, name: str, param_space: dict[str, Any], *, metric,
     sc = spec.scaling
     per_trial = {"CPU": sc.num_workers * sc.cpus_per_worker + DRIVER_CPU, "GPU": sc.num_workers if sc.use_gpu else 0}
     n = concurrency(ray.cluster_resources(), per_trial, spec.tune.max_concurrent_trials)
-    log(f"[raypeft] {name}: {num_samples} sample(s), up to {n} trial(s) at once ({per_trial['CPU']:g} CPU each)")
+    log(f"[raypeft] {name}: up to {n} trial(s) at once ({per_trial['CPU']:g} CPU each)")
     storage = storage_dir(spec)
     raw = absolute_paths(spec.model_dump(mode="json", exclude={"tune"}))
     exp_id = client(uri).get_run(parent_run_id).info.experiment_id
-    logger = MlflowSweepLogger(uri, exp_id, parent_run_id, name, max_steps, log)
+    logger = MlflowSweepLogger(uri, exp_id, parent_run_id, name, max_steps)
     trainable = tune.with_resources(tune.with_parameters(run_trial, raw=raw, storage=f"{storage}/{name}/train"), {"CPU": DRIVER_CPU})
     tuner = tune.Tuner(
         trainable,

@@ -1,0 +1,119 @@
+"""Layerwise bit-width × rank plans (QR-Adaptor style): representation, memory, seeds, Pareto front.
+
+A plan gives every decoder layer a bit-width (4: bnb NF4, 8: bnb int8, 16: unquantized) and a LoRA rank
+(0: no adapter; alpha = 2·rank). It becomes job-spec fields (``plan_fields``): ``model.quantization_plan``,
+``method.rank_pattern`` / ``alpha_pattern`` and a ``method.target_modules`` regex that leaves rank-0
+layers out, so ``raypeft train`` trains it unchanged.
+
+Pure: no torch, no Ray, no I/O.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from cluster.memory import Shape, layerwise_estimate
+
+Layers = list[tuple[int, int]]  # (bits, rank) per decoder layer
+
+
+def layer_key(i: int) -> str:
+    """The pattern (PEFT ``rank_pattern`` rule) matching every module of decoder layer ``i``."""
+    return rf"model\.layers\.{i}\..*"
+
+
+def plan_fields(layers: Layers, targets: Sequence[str]) -> dict[str, object]:
+    """Dotted job-spec fields that load and train ``layers``. Raises ValueError if no layer has an adapter."""
+    adapted = [i for i, (_, r) in enumerate(layers) if r > 0]
+    if not adapted:
+        raise ValueError("a plan needs at least one layer with rank > 0")
+    ranks = {layer_key(i): r for i, (_, r) in enumerate(layers) if r > 0}
+    return {
+        "model.quantization_plan": {layer_key(i): b for i, (b, _) in enumerate(layers)},
+        "method.r": max(ranks.values()),
+        "method.alpha": 2.0 * max(ranks.values()),
+        "method.rank_pattern": ranks,
+        "method.alpha_pattern": {k: 2.0 * r for k, r in ranks.items()},
+        "method.target_modules": rf"model\.layers\.({'|'.join(map(str, adapted))})\..*\.({'|'.join(targets)})",
+    }
+
+
+def memory(shape: Shape, layers: Layers, targets: Sequence[str], param_bytes: int = 4, double_quant: bool = True) -> float:
+    """Bytes of the plan: weights + adapter + its gradients and AdamW states (``layerwise_estimate``)."""
+    return layerwise_estimate(shape, layers, tuple(targets), param_bytes=param_bytes, double_quant=double_quant).total
+
+
+def uniform(shape: Shape, bits: int, rank: int) -> Layers:
+    return [(bits, rank)] * shape.layers
+
+
+def seed_plans(
+    sensitivity: dict[int, list[float]], importance: list[float], bits: Sequence[int], ranks: Sequence[int],
+    fits: Callable[[Layers], bool],
+) -> list[Layers]:
+    """Warm starts for the multi-objective search, from the calibration.
+
+    * every uniform plan (one bit-width, one rank) that fits;
+    * sensitivity-greedy: the cheapest bit-width everywhere, then the layer whose quantization hurts most
+      per upgrade moves up one bit-width, while the plan fits; ranks follow importance (the more important
+      half of the layers gets the larger rank);
+    * importance-greedy: as above, but ranks are raised first.
+    """
+    n = len(importance)
+    bits, nz = sorted(bits), sorted(r for r in ranks if r > 0)
+    seeds: list[Layers] = []
+    for b in bits:
+        for r in nz:
+            plan = [(b, r)] * n
+            if fits(plan):
+                seeds.append(plan)
+    if not nz:
+        return seeds
+    order = sorted(range(n), key=lambda i: -importance[i])
+    top = set(order[: max(1, n // 2)])
+
+    def ranked(hi: int, lo: int) -> Layers:
+        return [(bits[0], hi if i in top else lo) for i in range(n)]
+
+    def upgrade_bits(plan: Layers) -> Layers:
+        plan = list(plan)
+        while True:
+            gains = []
+            for i, (b, r) in enumerate(plan):
+                if b != bits[-1]:
+                    nxt = bits[bits.index(b) + 1]
+                    gain = sensitivity.get(b, [0.0] * n)[i] - sensitivity.get(nxt, [0.0] * n)[i]
+                    gains.append((gain, i, nxt))
+            for gain, i, nxt in sorted(gains, reverse=True):
+                trial = plan[:i] + [(nxt, plan[i][1])] + plan[i + 1:]
+                if fits(trial):
+                    plan = trial
+                    break
+            else:
+                return plan
+
+    mid = nz[len(nz) // 2]
+    for start in (ranked(mid, nz[0]), ranked(nz[-1], mid), ranked(nz[-1], nz[0])):
+        if fits(start):
+            seeds.append(upgrade_bits(start))
+    unique: list[Layers] = []
+    for s in seeds:
+        if s not in unique:
+            unique.append(s)
+    return unique
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both objectives (both minimized), by the first."""
+    front = []
+    for i, (a, b) in enumerate(points):
+        if not any((c <= a and d <= b) and (c < a or d < b) for j, (c, d) in enumerate(points) if j != i):
+            front.append(i)
+    return sorted(front, key=lambda i: points[i])
+
+
+def describe(layers: Layers) -> str:
+    """``4b×r8 ×20, 8b×r16 ×10``: a plan in one line."""
+    counts: dict[tuple[int, int], int] = {}
+    for lr in layers:
+        counts[lr] = counts.get(lr, 0) + 1
+    return ", ".join(f"{b}b×r{r} ×{c}" for (b, r), c in sorted(counts.items()))

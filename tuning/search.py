@@ -1,0 +1,214 @@
+"""The layerwise bit-width × rank search under a memory budget: ``raypeft layerwise SPEC --budget 60MB``.
+
+Phase 1 calibrates (``tuning.calibrate``, in a Ray task). Phase 2 runs NSGA-II (Optuna's sampler, through
+Tune's ``OptunaSearch``) over (eval loss, memory), with the budget as a constraint and the calibration's
+seed plans enqueued first; every proposal within budget is a short training trial on Ray Tune, the rest
+are recorded as infeasible without training. The best few Pareto plans are retrained for the spec's
+``train.max_steps``. Phase 3 logs the Pareto front (table + PNG) to MLflow and writes the chosen plan as a
+job spec that ``raypeft train`` consumes unchanged.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray import tune
+
+from pipelines.spec import JobSpec, validate
+from tuning import layerwise as L
+from tuning.spec import trial_raw
+from tuning.sweep import PENALTY, run_trials
+
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _targets(spec: JobSpec) -> tuple[str, ...]:
+    t = spec.method.target_modules
+    if isinstance(t, list):
+        return tuple(x for x in ALL_TARGETS if x in t) or ALL_TARGETS
+    return ALL_TARGETS
+
+
+def _with(spec: JobSpec, fields: dict[str, Any]) -> JobSpec:
+    return validate(trial_raw(spec.model_dump(mode="json", exclude={"tune"}), fields))
+
+
+def _layers_of(config: dict[str, Any], n: int) -> L.Layers:
+    return [(int(config[f"bits_{i}"]), int(config[f"rank_{i}"])) for i in range(n)]
+
+
+def _point(layers: L.Layers) -> dict[str, int]:
+    return {k: v for i, (b, r) in enumerate(layers) for k, v in ((f"bits_{i}", b), (f"rank_{i}", r))}
+
+
+class PlanSpace:
+    """Optuna define-by-run space: a bit-width and a rank per layer; the budget goes to NSGA-II as a constraint.
+    A class, not a closure: Tune pickles the searcher."""
+
+    def __init__(self, shape, targets, bits, ranks, budget, param_bytes, double_quant):
+        self.shape, self.targets, self.bits, self.ranks = shape, tuple(targets), list(bits), list(ranks)
+        self.budget, self.param_bytes, self.double_quant = budget, param_bytes, double_quant
+
+    def __call__(self, trial) -> dict[str, Any]:
+        layers = [(trial.suggest_categorical(f"bits_{i}", self.bits), trial.suggest_categorical(f"rank_{i}", self.ranks))
+                  for i in range(self.shape.layers)]
+        m = L.memory(self.shape, layers, self.targets, self.param_bytes, self.double_quant)
+        adapted = any(r for _, r in layers)
+        trial.set_user_attr("constraint", [m - self.budget, 0.0 if adapted else 1.0])
+        ok = m <= self.budget and adapted
+        return {**(L.plan_fields(layers, self.targets) if ok else {}), "memory_bytes": m, "over_budget": not ok}
+
+
+def _constraints(trial) -> list[float]:
+    return trial.user_attrs.get("constraint", [0.0, 0.0])
+
+
+def search(spec: JobSpec, budget: int, out: str | None = None, log=print) -> dict[str, Any]:
+    import ray
+    from optuna.samplers import NSGAIISampler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from pipelines import tracking
+    from pipelines.plan import DTYPE_BYTES, shape_of
+    from pipelines.train import init_ray, job_lineage
+    from tuning.calibrate import calibrate
+
+    lw = spec.tune.layerwise
+    shape, targets = shape_of(spec), _targets(spec)
+    pbytes = DTYPE_BYTES[spec.model.dtype]
+
+    def mem(layers: L.Layers) -> float:
+        return L.memory(shape, layers, targets, pbytes, spec.model.double_quant)
+
+    def fits(layers: L.Layers) -> bool:
+        return mem(layers) <= budget and any(r for _, r in layers)
+
+    smallest = mem(L.uniform(shape, min(lw.bits), min([r for r in lw.ranks if r] or [1])))
+    if smallest > budget:
+        raise ValueError(f"tune.layerwise.budget: even the smallest plan ({min(lw.bits)}-bit, rank {min(r for r in lw.ranks if r)}) "
+                         f"needs {smallest / 1e6:.1f} MB (got {budget / 1e6:.1f} MB)")
+
+    name = f"{spec.name}-layerwise-{time.strftime('%Y%m%d-%H%M%S')}"
+    uri = tracking.tracking_uri(spec)
+    parent = tracking.start_run(spec, uri, name, {**job_lineage(spec), "raypeft.layerwise": name})
+    c = tracking.client(uri)
+    c.log_batch(parent, metrics=_metrics({"budget_bytes": budget}))
+    log(f"[raypeft] layerwise search {name}: {shape.layers} layers × bits {lw.bits} × ranks {lw.ranks}, "
+        f"budget {budget / 1e6:.1f} MB; MLflow parent run {parent}")
+    t0 = time.time()
+
+    # ---- phase 1: calibration (a Ray task, so it runs on the cluster like the trials)
+    init_ray()
+    cal = ray.get(ray.remote(calibrate).options(num_cpus=min(1.0, spec.scaling.cpus_per_worker)).remote(
+        spec, lw.bits, targets, lw.calibration_samples))
+    c.log_text(parent, json.dumps(cal, indent=1), "calibration.json")
+    order = sorted(range(shape.layers), key=lambda i: -max(cal["sensitivity"].get(min(lw.bits), [0] * shape.layers)[i], 0))
+    log(f"[raypeft] most quantization-sensitive layers: {order[:5]}; most rank-important: "
+        f"{sorted(range(shape.layers), key=lambda i: -cal['importance'][i])[:5]}")
+    seeds = L.seed_plans(cal["sensitivity"], cal["importance"], lw.bits, lw.ranks, fits)
+    log(f"[raypeft] {len(seeds)} seed plan(s) from the calibration: " + "; ".join(L.describe(s) for s in seeds[:4]))
+
+    # ---- phase 2: NSGA-II over (eval loss, memory), short trials
+    short = _with(spec, {"train.max_steps": lw.short_steps, "train.eval_every": lw.short_steps,
+                         "train.warmup_steps": min(spec.train.warmup_steps, lw.short_steps - 1), "checkpoint.every_steps": 0})
+
+    space = PlanSpace(shape, targets, lw.bits, lw.ranks, budget, pbytes, spec.model.double_quant)
+    sampler = NSGAIISampler(population_size=lw.population, seed=lw.seed, constraints_func=_constraints)
+    searcher = OptunaSearch(space=space, metric=["eval_loss", "memory_bytes"], mode=["min", "min"], sampler=sampler,
+                            points_to_evaluate=[_point(s) for s in seeds[: lw.trials]])
+    grid, logger = run_trials(short, f"{name}-short", {}, metric=None, mode=None, num_samples=lw.trials, searcher=searcher,
+                              parent_run_id=parent, uri=uri, max_steps=lw.short_steps, log=log)
+    rows = []
+    for r in grid:
+        cfg, last = r.config, (r.metrics or {})
+        if r.error or last.get("over_budget") or not isinstance(last.get("eval_loss"), (int, float)):
+            continue
+        layers = _layers_of(cfg, shape.layers)
+        rows.append({"trial": last.get("trial_id"), "layers": layers, "memory_bytes": cfg["memory_bytes"], "short_eval_loss": last["eval_loss"]})
+    if not rows:
+        tracking.fail_run(uri, parent, "no plan within budget trained")
+        return {"name": name, "parent_run_id": parent, "front": [], "plan_spec": None}
+    front = [rows[i] for i in L.pareto_front([(r["short_eval_loss"], r["memory_bytes"]) for r in rows])]
+    log(f"[raypeft] {len(rows)} plan(s) trained within budget, {len(front)} on the Pareto front")
+
+    # ---- promote the best few to full-length trials
+    promoted = sorted(front, key=lambda r: r["short_eval_loss"])[: lw.promote]
+    long_space = {"plan": tune.grid_search([{**L.plan_fields(p["layers"], targets), **_point(p["layers"]), "memory_bytes": p["memory_bytes"]}
+                                            for p in promoted])}
+    grid2, logger2 = run_trials(spec, f"{name}-long", long_space, metric=None, mode=None, num_samples=1,
+                                parent_run_id=parent, uri=uri, max_steps=spec.train.max_steps, log=log)
+    for r in grid2:
+        layers = _layers_of(r.config["plan"], shape.layers)
+        for p in promoted:
+            if p["layers"] == layers and isinstance((r.metrics or {}).get("eval_loss"), (int, float)):
+                p["eval_loss"] = r.metrics["eval_loss"]
+                p["exact_match"] = r.metrics.get("exact_match")
+    finished = [p for p in promoted if "eval_loss" in p]
+    chosen = min(finished or promoted, key=lambda p: p.get("eval_loss", p["short_eval_loss"]))
+
+    # ---- phase 3: outputs
+    table = front_table(front, chosen, budget)
+    print(table, flush=True)
+    plan_spec = _with(spec, L.plan_fields(chosen["layers"], targets))
+    out_path = Path(out or f"{spec.name}-layerwise.yaml")
+    header = (f"# written by `raypeft layerwise` ({name}): {L.describe(chosen['layers'])}\n"
+              f"# memory {chosen['memory_bytes'] / 1e6:.2f} MB of a {budget / 1e6:.2f} MB budget; "
+              f"eval_loss {chosen.get('eval_loss', chosen['short_eval_loss']):.4f}\n")
+    out_path.write_text(header + yaml.safe_dump(plan_spec.model_dump(mode="json", exclude={"tune"}), sort_keys=False))
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "pareto_front.md").write_text(table + "\n")
+        c.log_artifact(parent, str(Path(tmp) / "pareto_front.md"))
+        c.log_artifact(parent, str(front_png(rows, front, chosen, budget, Path(tmp) / "pareto_front.png")))
+        c.log_artifact(parent, str(out_path))
+    c.log_batch(parent, metrics=_metrics({"chosen_memory_bytes": chosen["memory_bytes"], "chosen_eval_loss": chosen.get("eval_loss", PENALTY),
+                                          "chosen_short_eval_loss": chosen["short_eval_loss"], "plans_trained": len(rows),
+                                          "pareto_size": len(front)}))
+    c.set_tag(parent, "raypeft.plan", L.describe(chosen["layers"]))
+    c.set_terminated(parent, "FINISHED")
+    log(f"[raypeft] chosen plan: {L.describe(chosen['layers'])}, {chosen['memory_bytes'] / 1e6:.2f} MB, "
+        f"eval_loss {chosen.get('eval_loss', chosen['short_eval_loss']):.4f} → {out_path}  (train it: raypeft train {out_path})")
+    return {"name": name, "parent_run_id": parent, "tracking_uri": uri, "budget_bytes": budget, "wall_s": round(time.time() - t0, 1),
+            "plan_spec": str(out_path), "chosen": {**chosen, "describe": L.describe(chosen["layers"])}, "front": front,
+            "plans_trained": len(rows)}
+
+
+def front_table(front: list[dict[str, Any]], chosen: dict[str, Any], budget: int) -> str:
+    lines = ["| plan | memory (MB) | % of budget | short eval_loss | full eval_loss |", "|---|---|---|---|---|"]
+    for r in sorted(front, key=lambda r: r["memory_bytes"]):
+        mark = " **(chosen)**" if r is chosen else ""
+        full = f"{r['eval_loss']:.4f}" if "eval_loss" in r else "—"
+        lines.append(f"| {L.describe(r['layers'])}{mark} | {r['memory_bytes'] / 1e6:.2f} | {100 * r['memory_bytes'] / budget:.0f}% "
+                     f"| {r['short_eval_loss']:.4f} | {full} |")
+    return "\n".join(lines)
+
+
+def front_png(rows, front, chosen, budget: int, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([r["memory_bytes"] / 1e6 for r in rows], [r["short_eval_loss"] for r in rows], c="lightgray", label="plans within budget")
+    f = sorted(front, key=lambda r: r["memory_bytes"])
+    ax.plot([r["memory_bytes"] / 1e6 for r in f], [r["short_eval_loss"] for r in f], "o-", label="Pareto front")
+    ax.scatter([chosen["memory_bytes"] / 1e6], [chosen["short_eval_loss"]], marker="*", s=200, c="red", label="chosen", zorder=3)
+    ax.axvline(budget / 1e6, ls="--", c="k", lw=1, label="budget")
+    ax.set_xlabel("memory (MB): weights + adapter + its optimizer")
+    ax.set_ylabel("eval loss after the short trial")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _metrics(d: dict[str, float]):
+    from tuning.sweep import _metrics as m
+
+    return m(d)
