@@ -133,8 +133,6 @@ def tune_problems(raw: dict[str, Any], tune: TuneSpec, validate, base_dir=None) 
             values[field] = vals
     if tune.searcher == "optuna" and any("grid" in d for d in tune.space.values() if isinstance(d, dict)):
         out.append(("tune.searcher", "optuna samples its own points; use choice instead of grid (got 'optuna' with a grid)"))
-    if out:
-        return out
     combos = list(itertools.islice(itertools.product(*values.values()), 257))
     if len(combos) <= 256:  # small spaces: every combination of the checked values
         checks = [dict(zip(values, c)) for c in combos]

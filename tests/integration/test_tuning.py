@@ -1,0 +1,119 @@
+"""Ray Tune sweeps and the layerwise search, on a real local Ray cluster (2 CPUs) with SQLite MLflow."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_spec
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def _client(uri):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_asha_sweep_stops_trials_early_registers_the_best_and_loses_no_metrics(local_ray, raypeft_home, tiny_model_dir, chat_data):
+    from tuning.sweep import sweep
+
+    spec = tiny_spec(
+        tiny_model_dir, chat_data, name="sweep",
+        train={"max_steps": 12, "eval_every": 3},
+        scaling={"cpus_per_worker": 0.9},  # two trials at once on 2 CPUs (each also holds 0.01 for its Tune driver)
+        tracking={"registered_model": "sweep-best"},
+        tune={"space": {"train.lr": {"loguniform": [1e-5, 0.3]}, "method.r": {"choice": [4, 8]}}, "num_samples": 8, "seed": 0},
+    )
+    result = sweep(spec)
+
+    rows = result["rows"]
+    assert result["trials"] == 8 and result["failed"] == 0
+    assert result["stopped_early"] >= 1, "ASHA stopped no trial"
+    assert result["total_steps"] < result["full_grid_steps"]
+    best = result["best"]
+    finished = [r for r in rows if r["steps"] == 12]
+    assert best["eval_loss"] == min(r["eval_loss"] for r in finished)
+
+    c = _client(result["tracking_uri"])
+    # the best trial's adapter is registered, on its own child run
+    version = c.get_model_version("sweep-best", str(best["version"]))
+    assert version.run_id == best["run_id"]
+    assert (Path(best["adapter_dir"]) / "adapter_model.safetensors").is_file()
+    # one child run per trial under the parent; every eval each trial reached is in MLflow (SQLite, 2 trials at once)
+    exp = c.get_run(result["parent_run_id"]).info.experiment_id
+    children = c.search_runs([exp], f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
+    assert len(children) == 8
+    by_trial = {r["trial"]: r for r in rows}
+    for child in children:
+        row = by_trial[child.data.tags["raypeft.trial_id"]]
+        evals = c.get_metric_history(child.info.run_id, "eval_loss")
+        assert [m.step for m in evals] == list(range(3, row["steps"] + 1, 3)), child.data.tags
+        assert child.data.tags["raypeft.stopped_early"] == str(row["steps"] < 12).lower()
+        assert child.info.status == "FINISHED"
+    artifacts = {a.path for a in c.list_artifacts(result["parent_run_id"])}
+    assert {"sweep.png", "sweep_results.md"} <= artifacts
+
+
+def test_layerwise_search_plans_fit_the_budget_and_the_plan_trains(local_ray, raypeft_home, tiny_model_dir, chat_data, tmp_path):
+    import torch
+    import yaml
+    from peft import PeftModel
+
+    from cluster.memory import Shape
+    from pipelines.adapters import load_base_as_trained
+    from pipelines.preflight import load_checked_spec
+    from pipelines.train import run
+    from tuning import layerwise as L
+    from tuning.search import ALL_TARGETS, search
+
+    spec = tiny_spec(
+        tiny_model_dir, chat_data, name="lw",
+        train={"max_steps": 8, "eval_every": 4},
+        scaling={"cpus_per_worker": 0.9},
+        tune={"layerwise": {"trials": 6, "population": 3, "short_steps": 3, "promote": 2, "calibration_samples": 8}},
+    )
+    shape = Shape.from_config(json.loads((tiny_model_dir / "config.json").read_text()))
+    budget = int(L.memory(shape, L.uniform(shape, 8, 4), ALL_TARGETS))  # uniform int8 rank 4 just fits
+    out = tmp_path / "plan.yaml"
+    result = search(spec, budget, out=str(out))
+
+    assert result["front"], "no plan on the Pareto front"
+    assert all(r["memory_bytes"] <= budget for r in result["front"])
+    chosen = result["chosen"]
+    assert chosen["memory_bytes"] <= budget and "eval_loss" in chosen
+    c = _client(result["tracking_uri"])
+    assert {"pareto_front.png", "pareto_front.md", "calibration.json", "plan.yaml"} <= {a.path for a in c.list_artifacts(result["parent_run_id"])}
+
+    # the written spec trains unchanged through the training pipeline
+    written = yaml.safe_load(out.read_text())
+    assert written["model"]["quantization_plan"] and written["method"]["rank_pattern"]
+    plan_spec = load_checked_spec(str(out), ["name=lw-plan", "train.max_steps=4"])
+    trained = run(plan_spec)
+    assert trained["metrics"]["eval_loss"] < 100
+
+    # the plan survives save → load: every linear of the rebuilt base has the planned bit-width
+    import bitsandbytes as bnb
+
+    base, _, q = load_base_as_trained(Path(trained["adapter_dir"]))
+    assert q == "mixed"
+    kinds = {bnb.nn.Linear4bit: 4, bnb.nn.Linear8bitLt: 8, torch.nn.Linear: 16}
+    for i, (bits, rank) in enumerate(chosen["layers"]):
+        layer = base.model.layers[i]
+        assert {kinds[type(m)] for m in layer.modules() if type(m) in kinds} == {bits}, (i, bits)
+    model = PeftModel.from_pretrained(base, trained["adapter_dir"])
+    for i, (bits, rank) in enumerate(chosen["layers"]):
+        a = [p for n, p in model.named_parameters() if f"layers.{i}." in n and "lora_A" in n]
+        assert {p.shape[0] for p in a} == ({rank} if rank else set()), (i, rank)

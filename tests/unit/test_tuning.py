@@ -1,0 +1,216 @@
+"""The tune section, the layerwise plan logic, the mixed 4/8/16-bit base and its memory model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cluster.memory import Shape, layerwise_estimate, linear_bytes
+from pipelines.spec import SpecError, pattern_bits, validate
+from tuning import layerwise as L
+from tuning.spec import concurrency, trial_raw
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _problems(raw) -> dict[str, str]:
+    with pytest.raises(SpecError) as e:
+        validate(raw)
+    return dict(e.value.problems)
+
+
+# --------------------------------------------------------------------------- the tune section
+
+
+def test_a_bad_search_space_names_the_field_and_quotes_the_value():
+    p = _problems({"tune": {"space": {"method.r": {"choice": [4, -2]}, "train.lrr": {"grid": [1]}, "train.lr": {"uniform": [1, 0.5]}}}})
+    assert "-2" in p["tune.space.method.r"] and "greater than 0" in p["tune.space.method.r"]
+    assert "unknown field" in p["tune.space.train.lrr"]
+    assert "[1, 0.5]" in p["tune.space.train.lr.uniform"]
+
+
+def test_sweep_settings_that_cannot_work_are_refused():
+    p = _problems({"train": {"eval_every": 0}, "tune": {"space": {"train.lr": {"grid": [1e-4]}}, "searcher": "optuna"}})
+    assert "choice instead of grid" in p["tune.searcher"]
+    assert "eval_every" in p["train.eval_every"] and "asha" in p["train.eval_every"]
+    assert "60XB" in _problems({"tune": {"layerwise": {"budget": "60XB"}}})["tune.layerwise.budget"]
+    assert _problems({"tune": {"space": {"method.r": {"randint": [1.5, 4]}}}})["tune.space.method.r.randint"]
+
+
+def test_a_good_space_validates_and_each_trial_spec_is_the_job_with_its_values():
+    spec = validate({"tune": {"space": {"train.lr": {"loguniform": [1e-5, 1e-2]}, "method.r": {"grid": [4, 8]}}}})
+    raw = trial_raw(spec.model_dump(mode="json"), {"train.lr": 3e-4, "method.r": 8})
+    assert "tune" not in raw
+    trial = validate(raw)
+    assert trial.train.lr == 3e-4 and trial.rank() == 8 and trial.train.max_steps == spec.train.max_steps
+
+
+def test_search_space_becomes_tune_domains():
+    from ray import tune
+
+    from tuning.sweep import search_space
+
+    s = search_space({"a.b": {"loguniform": [1e-4, 1e-2]}, "c.d": {"grid": [1, 2]}, "e.f": {"choice": ["x", "y"]}, "g.h": {"randint": [1, 5]}})
+    assert isinstance(s["a.b"], tune.search.sample.Float) and s["a.b"].lower == 1e-4
+    assert s["c.d"] == {"grid_search": [1, 2]}
+    assert s["e.f"].categories == ["x", "y"]
+    assert (s["g.h"].lower, s["g.h"].upper) == (1, 5)
+
+
+def test_concurrency_is_bounded_by_what_the_cluster_holds():
+    assert concurrency({"CPU": 2}, {"CPU": 0.91, "GPU": 0}) == 2
+    assert concurrency({"CPU": 2}, {"CPU": 1.01}) == 1
+    assert concurrency({"CPU": 16, "GPU": 4}, {"CPU": 2.01, "GPU": 2}) == 2
+    assert concurrency({"CPU": 64}, {"CPU": 1.01}, requested=3) == 3
+    with pytest.raises(ValueError, match="needs"):
+        concurrency({"CPU": 2}, {"CPU": 4.01})
+
+
+def test_results_table_orders_best_first_and_marks_status():
+    from tuning.sweep import results_table
+
+    rows = [{"trial": "a", "lr": 0.1, "steps": 3, "eval_loss": 2.0, "error": False, "over_budget": False},
+            {"trial": "b", "lr": 0.01, "steps": 12, "eval_loss": 1.0, "error": False, "over_budget": False}]
+    lines = results_table(rows, ["lr"], "eval_loss", 12).splitlines()
+    assert lines[2].startswith("| b |") and lines[2].endswith("finished |")
+    assert lines[3].endswith("stopped early |")
+
+
+# --------------------------------------------------------------------------- layerwise plans (pure)
+
+
+def test_plan_fields_follow_peft_pattern_rules():
+    layers = [(4, 8), (8, 0), (16, 16)]
+    f = L.plan_fields(layers, TARGETS)
+    plan = f["model.quantization_plan"]
+    assert pattern_bits(plan, 4, "model.layers.1.mlp.down_proj") == 8
+    assert pattern_bits(plan, 4, "model.layers.2.self_attn.q_proj") == 16
+    assert pattern_bits(plan, 8, "model.layers.12.self_attn.q_proj") == 8  # "layers.1" must not match layer 12
+    import re
+
+    assert re.fullmatch(f["method.target_modules"], "model.layers.0.self_attn.q_proj")
+    assert not re.fullmatch(f["method.target_modules"], "model.layers.1.self_attn.q_proj")  # rank 0: no adapter
+    assert f["method.rank_pattern"] == {L.layer_key(0): 8, L.layer_key(2): 16}
+    assert f["method.alpha_pattern"][L.layer_key(2)] == 32
+    with pytest.raises(ValueError):
+        L.plan_fields([(4, 0), (8, 0)], TARGETS)
+
+
+def test_pareto_front():
+    pts = [(1.0, 5.0), (2.0, 3.0), (1.5, 6.0), (3.0, 1.0), (2.5, 3.0)]
+    assert L.pareto_front(pts) == [0, 1, 3]
+
+
+def test_seed_plans_fit_the_budget_and_favour_sensitive_layers():
+    shape = Shape(layers=4, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=100)
+    budget = L.memory(shape, L.uniform(shape, 4, 8), TARGETS) * 1.25
+    sens = {4: [0.9, 0.1, 0.1, 0.1], 8: [0.05, 0.01, 0.01, 0.01]}
+    seeds = L.seed_plans(sens, [0.1, 0.2, 0.3, 0.4], [4, 8, 16], [0, 4, 8], lambda p: L.memory(shape, p, TARGETS) <= budget)
+    assert seeds and all(L.memory(shape, s, TARGETS) <= budget for s in seeds)
+    greedy = [s for s in seeds if len(set(s)) > 1]
+    assert greedy and all(s[0][0] > s[1][0] for s in greedy)  # layer 0 minds quantization most: it gets more bits
+
+
+def test_memory_falls_with_bits_and_rises_with_rank():
+    shape = Shape(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=512)
+    m = lambda b, r: L.memory(shape, L.uniform(shape, b, r), TARGETS)  # noqa: E731
+    assert m(4, 8) < m(8, 8) < m(16, 8)
+    assert m(4, 0) < m(4, 4) < m(4, 16)
+    assert linear_bytes(64, 64, 8) == 64 * 64 + 4 * 64
+
+
+# --------------------------------------------------------------------------- the mixed base (real bitsandbytes on CPU)
+
+
+def _plan_spec(model_dir: Path, data: Path, layers):
+    from tests.conftest import tiny_spec
+
+    return tiny_spec(model_dir, data, method={"name": "lora", **{k.split(".")[1]: v for k, v in L.plan_fields(layers, TARGETS).items() if k.startswith("method.")}},
+                     model={"base": str(model_dir), "quantization_plan": L.plan_fields(layers, TARGETS)["model.quantization_plan"]})
+
+
+@pytest.mark.parametrize("layers", [[(4, 8), (8, 4)], [(16, 0), (4, 16)], [(8, 8), (8, 8)]])
+def test_memory_model_matches_the_measured_bytes_of_the_quantized_model_and_adapter(tiny_model_dir, chat_data, layers):
+    from pipelines import methods
+    from pipelines.models import load_base, model_bytes
+
+    spec = _plan_spec(tiny_model_dir, chat_data, layers)
+    base, _, _ = load_base(spec, log=lambda *_: None)
+    weights = model_bytes(base)
+    peft_model = methods.build(spec, base).model
+    adapter = sum(p.numel() * p.element_size() for p in peft_model.parameters() if p.requires_grad)
+    shape = Shape.from_config(json.loads((tiny_model_dir / "config.json").read_text()))
+    est = layerwise_estimate(shape, layers, TARGETS)
+    assert abs(est.weights + est.adapter - (weights + adapter)) / (weights + adapter) < 0.05
+    assert est.adapter == adapter
+
+
+def test_mixed_4_8_16_bit_base_trains_on_cpu_and_survives_save_and_load(tiny_model_dir, chat_data, tmp_path):
+    import bitsandbytes as bnb
+    import torch
+    from peft import PeftModel
+
+    from pipelines import data as D
+    from pipelines import methods, preflight
+    from pipelines.adapters import load_base_as_trained
+    from pipelines.engines import save_adapter
+    from pipelines.models import load_base
+
+    layers = [(4, 8), (8, 4)]
+    spec = _plan_spec(tiny_model_dir, chat_data, layers)
+    base, tok, _ = load_base(spec, log=lambda *_: None)
+    assert isinstance(base.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert isinstance(base.model.layers[1].mlp.down_proj, bnb.nn.Linear8bitLt)
+    names = preflight.module_names(base)
+    prepared = methods.build(spec, base)
+    assert not preflight.check(spec, prepared, names).problems
+    model = prepared.model
+    records, _ = D.train_eval_records(spec.data, 0)
+    batch = D.collate(D.encode_all(records[:8], spec.data, tok), tok.pad_token_id)
+    losses = []
+    for _ in range(15):
+        loss = model(**batch).loss
+        loss.backward()
+        prepared.optimizer.step()
+        prepared.optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    model.eval()
+    with torch.no_grad():
+        ref = model(input_ids=batch["input_ids"][:2]).logits
+    save_adapter(model, tmp_path / "adapter", spec)
+
+    base2, _, q = load_base_as_trained(tmp_path / "adapter")
+    assert q == "mixed"
+    assert isinstance(base2.model.layers[1].mlp.down_proj, bnb.nn.Linear8bitLt)
+    again = PeftModel.from_pretrained(base2, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        out = again(input_ids=batch["input_ids"][:2]).logits
+        with again.disable_adapter():
+            plain = again(input_ids=batch["input_ids"][:2]).logits
+    # bnb's CPU kernels differ slightly between the training layout and a fresh load: compare with the adapter's effect
+    effect = (ref - plain).abs().max()
+    assert (out - ref).abs().max() < 0.05 * effect, ((out - ref).abs().max(), effect)
+
+
+def test_a_base_that_does_not_follow_its_plan_fails_preflight(tiny_model_dir, chat_data):
+    from pipelines import methods, preflight
+    from pipelines.models import load_base
+
+    spec = _plan_spec(tiny_model_dir, chat_data, [(4, 8), (8, 4)])
+    other = _plan_spec(tiny_model_dir, chat_data, [(8, 8), (8, 4)])
+    base, _, _ = load_base(other, log=lambda *_: None)
+    names = preflight.module_names(base)
+    with pytest.raises(preflight.PreflightError, match=r"model.quantization_plan: 7 linear\(s\).*layers\.0\."):
+        preflight.check(spec, methods.build(spec, base), names)
+
+
+def test_calibration_finds_nf4_noisier_than_int8(tiny_model_dir, chat_data):
+    from tests.conftest import tiny_spec
+    from tuning.calibrate import calibrate
+
+    cal = calibrate(tiny_spec(tiny_model_dir, chat_data), [4, 8, 16], TARGETS, samples=8, log=lambda *_: None)
+    assert set(cal["sensitivity"]) == {4, 8}
+    assert all(a > b >= 0 for a, b in zip(cal["sensitivity"][4], cal["sensitivity"][8]))
+    assert abs(sum(cal["importance"]) - 1) < 1e-6 and all(x > 0 for x in cal["importance"])
