@@ -53,7 +53,7 @@ def asha(args) -> dict:
                           "stopped_early": res["stopped_early"], "wall_s": round(time.time() - t0, 1)}
     ratio = out["asha"]["best_eval_loss"] / out["fifo"]["best_eval_loss"]
     steps = out["asha"]["steps"] / out["fifo"]["steps"]
-    print(f"\n| run | best eval_loss | training steps | trials stopped early | wall |\n|---|---|---|---|---|")
+    print("\n| run | best eval_loss | training steps | trials stopped early | wall |\n|---|---|---|---|---|")
     for k, label in (("fifo", "full grid (12 trials)"), ("asha", "ASHA, same grid")):
         o = out[k]
         print(f"| {label} | {o['best_eval_loss']:.4f} | {o['steps']} | {o['stopped_early']} | {o['wall_s']:.0f} s |")

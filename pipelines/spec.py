@@ -271,11 +271,20 @@ def pattern_bits(plan: dict[str, int], default: int, name: str) -> int:
 
 
 
+_PARAM_KEY = re.compile(r"^[\w.\-/: ]+$")
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys. A mapping keyed by patterns (``rank_pattern``, ``quantization_plan``) stays one value,
+    as its keys are not valid MLflow param names."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
+        if isinstance(v, dict) and v and not all(_PARAM_KEY.match(str(x)) for x in v):
+            import json
+
+            out[key] = json.dumps(v)
+        elif isinstance(v, dict) and v:
             out.update(flatten(v, key + "."))
         else:
             out[key] = v

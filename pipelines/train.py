@@ -127,6 +127,8 @@ def run(spec: JobSpec, log=print) -> dict[str, Any]:
     log(f"[raypeft] MLflow run {run_id} at {uri}")
 
     init_ray()
+    from pipelines.loop import ADAPTER_DIR
+
     trainer = make_trainer(spec, {"spec": spec, "run_id": run_id, "tracking_uri": uri}, run_name, storage)
     t0 = time.time()
     try:

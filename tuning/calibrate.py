@@ -76,4 +76,4 @@ def calibrate(spec: "JobSpec", bits: Sequence[int], targets: Sequence[str], samp
     raw = [sum(float(w.grad.pow(2).sum()) for w in ws) for ws in tracked]
     total = sum(raw) or 1.0
     log(f"[raypeft] calibration on {len(ex)} examples: {len(layers)} layers in {time.perf_counter() - t0:.1f}s")
-    return {"sensitivity": sens, "importance": [r / total for r in raw], "loss": float(out.loss), "samples": len(ex)}
+    return {"sensitivity": sens, "importance": [r / total for r in raw], "loss": out.loss.item(), "samples": len(ex)}

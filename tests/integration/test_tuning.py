@@ -16,7 +16,8 @@ def local_ray():
     import ray
 
     ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    # with the dashboard: Tune's Train V2 integration watches its controllers through the state API
+    ray.init(address="local", num_cpus=2, configure_logging=False)
     yield
     ray.shutdown()
 
