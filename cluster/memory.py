@@ -40,7 +40,7 @@ def parse_bytes(value: int | float | str) -> int:
         return int(value)
     m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B)?\s*", str(value), re.I)
     if not m or m.group(1).count(".") > 1 or float(m.group(1)) <= 0:
-        raise ValueError(f"expected a size like 60000000, 60MB or 24GiB (got {value!r})")
+        raise ValueError(f"expected a size like 80GB, 24GiB, 60MB or a byte count (got {value!r})")
     return int(float(m.group(1)) * 1024 ** "BKMGT".index((m.group(2) or "B").upper()))
 
 
