@@ -113,7 +113,8 @@ def search(spec: JobSpec, budget: int, out: str | None = None, log=print) -> dic
     log(f"[raypeft] {len(seeds)} seed plan(s) from the calibration: " + "; ".join(L.describe(s) for s in seeds[:4]))
 
     # ---- phase 2: NSGA-II over (eval loss, memory), short trials
-    short = _with(spec, {"train.max_steps": lw.short_steps, "train.eval_every": lw.short_steps,
+    # short trials rank plans by eval loss only: no generation-based task metric
+    short = _with(spec, {"train.max_steps": lw.short_steps, "train.eval_every": lw.short_steps, "data.task": "none",
                          "train.warmup_steps": min(spec.train.warmup_steps, lw.short_steps - 1), "checkpoint.every_steps": 0})
 
     space = PlanSpace(shape, targets, lw.bits, lw.ranks, budget, pbytes, spec.model.double_quant)
