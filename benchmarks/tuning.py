@@ -77,10 +77,10 @@ def layerwise(args) -> dict:
     raw = {
         "name": "bench-lw", "model": {"base": "smollm2-135m"},
         "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": "builtin:json_extract", "format": "chat", "max_length": 192, "task": "json_extract", "eval_task_samples": 16},
+        "data": {"train": "builtin:json_extract", "format": "chat", "max_length": 192, "task": "json_extract", "eval_task_samples": 32},
         "train": {"max_steps": args.steps, "micro_batch_size": 4, "lr": 1e-3, "warmup_steps": 2, "eval_every": args.steps, "eval_base": False},
         "scaling": {"cpus_per_worker": 0.9},
-        "tune": {"layerwise": {"trials": args.trials, "population": 4, "short_steps": args.short_steps, "promote": 2, "calibration_samples": 16}},
+        "tune": {"layerwise": {"trials": args.trials, "population": 6, "short_steps": args.short_steps, "promote": 2, "calibration_samples": 16}},
     }
     spec = validate(raw)
     shape: Shape = shape_of(spec)
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.tuning", description=__doc__.split("\n\n")[0])
     p.add_argument("which", choices=["asha", "layerwise"])
     p.add_argument("--steps", type=int, default=None, help="full-length training steps (asha: 24, layerwise: 20)")
-    p.add_argument("--trials", type=int, default=8, help="layerwise: plans proposed")
+    p.add_argument("--trials", type=int, default=12, help="layerwise: plans proposed")
     p.add_argument("--short-steps", type=int, default=6, help="layerwise: steps of each short trial")
     args = p.parse_args(argv)
     args.steps = args.steps or (24 if args.which == "asha" else 20)

@@ -53,10 +53,12 @@ def seed_plans(
     """Warm starts for the multi-objective search, from the calibration.
 
     * every uniform plan (one bit-width, one rank) that fits;
-    * sensitivity-greedy: the cheapest bit-width everywhere, then the layer whose quantization hurts most
-      per upgrade moves up one bit-width, while the plan fits; ranks follow importance (the more important
-      half of the layers gets the larger rank);
-    * importance-greedy: as above, but ranks are raised first.
+    * rank allocations by importance at the cheapest bit-width: two tiers (the more important half of
+      the layers gets the larger rank) and three tiers (top third the largest rank, middle third the
+      middle one, bottom third the smallest, 0 included), which keep the adapter's size while moving
+      rank to where the gradients are;
+    * each allocation again with bits raised greedily: the layer whose quantization hurts most (per
+      step up) moves up one bit-width, while the plan fits.
     """
     n = len(importance)
     bits, nz = sorted(bits), sorted(r for r in ranks if r > 0)
@@ -69,10 +71,13 @@ def seed_plans(
     if not nz:
         return seeds
     order = sorted(range(n), key=lambda i: -importance[i])
-    top = set(order[: max(1, n // 2)])
+    tier = {i: k * 3 // n for k, i in enumerate(order)}  # 0: most important third
 
-    def ranked(hi: int, lo: int) -> Layers:
-        return [(bits[0], hi if i in top else lo) for i in range(n)]
+    def two(hi: int, lo: int) -> Layers:
+        return [(bits[0], hi if tier[i] == 0 or (tier[i] == 1 and order.index(i) < n // 2) else lo) for i in range(n)]
+
+    def three(hi: int, mid: int, lo: int) -> Layers:
+        return [(bits[0], (hi, mid, lo)[tier[i]]) for i in range(n)]
 
     def upgrade_bits(plan: Layers) -> Layers:
         plan = list(plan)
@@ -91,13 +96,14 @@ def seed_plans(
             else:
                 return plan
 
-    mid = nz[len(nz) // 2]
-    for start in (ranked(mid, nz[0]), ranked(nz[-1], mid), ranked(nz[-1], nz[0])):
+    lo, mid, hi = sorted(ranks)[0], nz[len(nz) // 2], nz[-1]
+    starts = [two(mid, nz[0]), two(hi, mid), two(hi, nz[0]), three(hi, mid, lo), three(hi, mid, nz[0])]
+    for start in [*(s for s in seeds if s[0][0] == bits[0]), *starts]:
         if fits(start):
-            seeds.append(upgrade_bits(start))
+            seeds += [start, upgrade_bits(start)]
     unique: list[Layers] = []
     for s in seeds:
-        if s not in unique:
+        if s not in unique and any(r for _, r in s):
             unique.append(s)
     return unique
 
