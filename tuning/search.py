@@ -18,12 +18,13 @@ from typing import Any
 import yaml
 from ray import tune
 
+from cluster.memory import Plan
 from pipelines.spec import JobSpec, validate
 from tuning import layerwise as L
 from tuning.spec import trial_raw
-from tuning.sweep import PENALTY, run_trials
+from tuning.sweep import PENALTY, metric_batch, run_trials
 
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_TARGETS = Plan.targets  # every linear of a decoder layer
 
 
 def _targets(spec: JobSpec) -> tuple[str, ...]:
@@ -96,7 +97,7 @@ def search(spec: JobSpec, budget: int, out: str | None = None, log=print) -> dic
     uri = tracking.tracking_uri(spec)
     parent = tracking.start_run(spec, uri, name, {**job_lineage(spec), "raypeft.layerwise": name})
     c = tracking.client(uri)
-    c.log_batch(parent, metrics=_metrics({"budget_bytes": budget}))
+    c.log_batch(parent, metrics=metric_batch({"budget_bytes": budget}))
     log(f"[raypeft] layerwise search {name}: {shape.layers} layers × bits {lw.bits} × ranks {lw.ranks}, "
         f"budget {budget / 1e6:.1f} MB; MLflow parent run {parent}")
     t0 = time.time()
@@ -165,7 +166,7 @@ def search(spec: JobSpec, budget: int, out: str | None = None, log=print) -> dic
         c.log_artifact(parent, str(Path(tmp) / "pareto_front.md"))
         c.log_artifact(parent, str(front_png(rows, front, chosen, budget, Path(tmp) / "pareto_front.png")))
         c.log_artifact(parent, str(out_path))
-    c.log_batch(parent, metrics=_metrics({"chosen_memory_bytes": chosen["memory_bytes"], "chosen_eval_loss": chosen.get("eval_loss", PENALTY),
+    c.log_batch(parent, metrics=metric_batch({"chosen_memory_bytes": chosen["memory_bytes"], "chosen_eval_loss": chosen.get("eval_loss", PENALTY),
                                           "chosen_short_eval_loss": chosen["short_eval_loss"], "plans_trained": len(rows),
                                           "pareto_size": len(front)}))
     c.set_tag(parent, "raypeft.plan", L.describe(chosen["layers"]))
@@ -207,9 +208,3 @@ def front_png(rows, front, chosen, budget: int, out: Path) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
-
-
-def _metrics(d: dict[str, float]):
-    from tuning.sweep import _metrics as m
-
-    return m(d)

@@ -312,7 +312,7 @@ def sweep(spec: JobSpec, log=print) -> dict[str, Any]:
     best = (min if t.mode == "min" else max)(finished, key=lambda r: r[t.metric])
     best_spec = validate(trial_raw(spec.model_dump(mode="json", exclude={"tune"}), {f: best[f] for f in fields}))
     reg = register_trial(best_spec, best, uri, Path(storage_dir(spec)) / name / "best_adapter", log)
-    c.log_batch(parent, metrics=_metrics({f"best_{t.metric}": best[t.metric], **summary}))
+    c.log_batch(parent, metrics=metric_batch({f"best_{t.metric}": best[t.metric], **summary}))
     c.set_tag(parent, "raypeft.best_trial", best["trial"])
     c.set_tag(parent, "raypeft.best_model", f"models:/{reg['registered_model']}/{reg['version']}")
     c.set_terminated(parent, "FINISHED")
@@ -324,7 +324,8 @@ def sweep(spec: JobSpec, log=print) -> dict[str, Any]:
     return result
 
 
-def _metrics(d: dict[str, float]):
+def metric_batch(d: dict[str, float]):
+    """MLflow ``Metric``s at step 0 for the finite numbers in ``d`` (one ``log_batch``)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
