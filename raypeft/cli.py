@@ -71,13 +71,7 @@ def _cmd_methods_compare(args) -> int:
 def _cmd_check(args) -> int:
     from pipelines import methods, preflight
     from pipelines.models import load_base
-    from pipelines.spec import SpecError
-
-    try:
-        spec = preflight.load_checked_spec(args.spec, args.overrides)
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    spec = preflight.load_checked_spec(args.spec, args.overrides)
     base, _, _ = load_base(spec, log=lambda m: print(m, file=sys.stderr))
     names = preflight.module_names(base)
     prepared = methods.build(spec, base)
@@ -146,14 +140,9 @@ def _cmd_combine(args) -> int:
 def _cmd_serve(args) -> int:
     import time
 
-    from pipelines.spec import SpecError
     from serving import spec as serve_spec
 
-    try:
-        spec = serve_spec.load(args.spec, args.overrides)
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    spec = serve_spec.load(args.spec, args.overrides)
     import ray
     from ray import serve
 
@@ -210,13 +199,8 @@ def _cmd_promote(args) -> int:
     import json
 
     from pipelines import registry
-    from pipelines.spec import SpecError
 
-    try:
-        gate = registry.load_gate(args.gate)
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    gate = registry.load_gate(args.gate)
     uri = _uri(args)
     try:
         result = registry.promote(uri, args.name, args.version, args.alias, gate, force=args.force,
@@ -257,14 +241,10 @@ def _cmd_submit(args) -> int:
 
     from cluster import jobs
     from pipelines.preflight import load_checked_spec
-    from pipelines.spec import SpecError
 
     try:  # the same validation as a local run, before anything reaches the cluster
         spec = load_checked_spec(args.spec, args.overrides)
         entry = jobs.entrypoint(args.spec, args.overrides, args.working_dir)
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -304,15 +284,12 @@ def _cmd_plan(args) -> int:
 
     from cluster.memory import estimate, parse_bytes
     from pipelines.plan import plan_of, render, shape_of
-    from pipelines.spec import SpecError, load_spec
+    from pipelines.spec import load_spec
 
     try:
         spec = load_spec(args.spec, args.overrides)
         budget = parse_bytes(args.gpu_memory) if args.gpu_memory else None
         shape = shape_of(spec)
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -331,13 +308,9 @@ def _cmd_tune(args) -> int:
     from pipelines.preflight import load_checked_spec
     from pipelines.spec import SpecError
 
-    try:
-        spec = load_checked_spec(args.spec, args.overrides)
-        if not spec.tune.space:
-            raise SpecError([("tune.space", "is empty: add a tune section naming the fields to search (got {})")])
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    spec = load_checked_spec(args.spec, args.overrides)
+    if not spec.tune.space:
+        raise SpecError([("tune.space", "is empty: add a tune section naming the fields to search (got {})")])
     from tuning.sweep import sweep
 
     result = sweep(spec)
@@ -353,15 +326,11 @@ def _cmd_layerwise(args) -> int:
     from pipelines.preflight import load_checked_spec
     from pipelines.spec import SpecError
 
-    try:
-        overrides = list(args.overrides) + ([f"tune.layerwise.budget={args.budget}"] if args.budget else [])
-        spec = load_checked_spec(args.spec, overrides)
-        if spec.tune.layerwise.budget is None:
-            raise SpecError([("tune.layerwise.budget", "required: pass --budget 60MB or set it in the spec (got None)")])
-        budget = parse_bytes(spec.tune.layerwise.budget)
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    overrides = list(args.overrides) + ([f"tune.layerwise.budget={args.budget}"] if args.budget else [])
+    spec = load_checked_spec(args.spec, overrides)
+    if spec.tune.layerwise.budget is None:
+        raise SpecError([("tune.layerwise.budget", "required: pass --budget 60MB or set it in the spec (got None)")])
+    budget = parse_bytes(spec.tune.layerwise.budget)
     from tuning.search import search
 
     result = search(spec, budget, out=args.out)
@@ -499,8 +468,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from pipelines.spec import SpecError
+
     try:
         return args.fn(args)
+    except SpecError as e:  # every bad spec, override, gate or budget: named field, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
