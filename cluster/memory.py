@@ -15,9 +15,14 @@ Components (``Breakdown``):
 * optimizer: AdamW keeps two fp32 states per trainable parameter, 8-bit AdamW two bytes; GaLore
   keeps its states on the projected r × max(m, n) gradient plus the r × min(m, n) projection,
   and plain states for the rest; mixed precision adds an fp32 master copy;
-* activations: with gradient checkpointing, each layer's input plus one layer being recomputed;
-  without, 34·b·s·h bytes per layer in 16-bit (Korthikanti et al., with fused attention), plus the
-  logits;
+* activations: what autograd saves for backward, counted tensor by tensor on the transformers Llama
+  path with SDPA attention and a PEFT LoRA on every target (``saved_per_token``): per token and
+  layer, 4 intermediate-sized tensors (gate, up, SiLU, product), 6 hidden-sized (two RMSNorms'
+  input, normalized and output; the attention output; q after RoPE), 2 key/value-sized, one
+  logsumexp per head and each LoRA's r-sized A output. With gradient
+  checkpointing, each layer's input plus one layer being recomputed. Then the loss's peak: the
+  fp32 log-softmax it saves, the gradient flowing into it and the one flowing out (three
+  vocab-sized fp32 tensors per token), plus the logits themselves in a 16-bit compute dtype;
 * ZeRO divides optimizer states (stage ≥ 1), gradients (≥ 2) and parameters (3) by the GPU count;
   offload moves optimizer states (and, for stage 3, parameters) to CPU memory.
 """
@@ -151,6 +156,17 @@ def adapter_params(shape: Shape, plan: Plan) -> int:
     return shape.layers * per_layer
 
 
+def saved_per_token(shape: Shape, plan: Plan) -> int:
+    """Elements autograd saves per token in one decoder layer (no checkpointing): counted with
+    ``torch.autograd.graph.saved_tensors_hooks`` on transformers' Llama with SDPA attention (which
+    keeps a logsumexp per head, never the s × s scores) and a PEFT adapter on ``plan.targets``.
+    ``tests/unit/test_memory.py`` re-counts it on real models of several shapes."""
+    h, i = shape.hidden, shape.intermediate
+    kv = shape.kv_heads * (shape.head_dim or h // shape.heads)
+    adapters = sum(plan.rank for name in shape.linears() if name in plan.targets) if plan.method in ("lora", "dora", "qlora") else 0
+    return 4 * i + 6 * h + 2 * kv + shape.heads + 2 + adapters
+
+
 def _opt_bytes_per_param(plan: Plan) -> float:
     states = 2.0 if plan.optimizer == "adamw8bit" else 8.0
     return states + (4.0 if plan.master_weights else 0.0)
@@ -186,15 +202,15 @@ def estimate(shape: Shape, plan: Plan) -> Breakdown:
         b.gradients = trainable * tb
         b.optimizer = trainable * _opt_bytes_per_param(plan)
 
-    # activations (fused attention): checkpointed layer inputs + one layer recomputed, or all layers
+    # activations: checkpointed layer inputs + one layer recomputed, or every layer's saved tensors
     tokens = plan.micro_batch * plan.seq_len
     act = plan.param_bytes  # activations in the compute dtype
-    per_layer_full = 34 * tokens * shape.hidden * act / 2  # 34·s·b·h bytes in 16-bit
+    per_layer_full = saved_per_token(shape, plan) * tokens * act
     if plan.gradient_checkpointing:
         b.activations = shape.layers * tokens * shape.hidden * act + per_layer_full
     else:
         b.activations = shape.layers * per_layer_full
-    b.activations += tokens * shape.vocab * (act + plan.logits_bytes)
+    b.activations += tokens * shape.vocab * (3 * plan.logits_bytes + (act if act != plan.logits_bytes else 0))
 
     # ZeRO sharding and offload
     n = max(1, plan.gpus)

@@ -283,7 +283,7 @@ def _cmd_plan(args) -> int:
     import json
 
     from cluster.memory import estimate, parse_bytes
-    from pipelines.plan import plan_of, render, shape_of
+    from pipelines.plan import CPU_NOTE, plan_of, render, shape_of
     from pipelines.spec import load_spec
 
     try:
@@ -295,6 +295,8 @@ def _cmd_plan(args) -> int:
         return 2
     plan = plan_of(spec, args.gpus)
     breakdown = estimate(shape, plan)
+    if not spec.scaling.use_gpu:
+        breakdown.notes.append(CPU_NOTE)
     text, fits = render(shape, plan, breakdown, budget)
     print(text)
     if args.json:

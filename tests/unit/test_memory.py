@@ -77,3 +77,56 @@ def test_plan_cli(tmp_path, capsys):
     assert main(["plan", "pipelines/configs/demo.yaml", "--gpu-memory", "lots"]) == 2
     assert "expected a size like 80GB" in capsys.readouterr().err
     assert main(["plan", "pipelines/configs/demo.yaml", "model.base=someone/unknown-model"]) == 2
+
+
+def _saved_bytes(model_dir, layers_cfg: dict, method: str, rank: int, b: int, s: int) -> int:
+    """Bytes of the tensors autograd saves in one training forward (weights and buffers excluded)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipelines import methods
+    from pipelines.models import load_base
+    from pipelines.spec import validate
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, max_position_embeddings=256, **layers_cfg)).save_pretrained(model_dir)
+    spec = validate({"model": {"base": str(model_dir)}, "method": {"name": method, "r": rank, "dropout": 0.0},
+                     "data": {"max_length": s}, "train": {"micro_batch_size": b}})
+    model, _, _ = load_base(spec, log=lambda *_: None)
+    m = methods.build(spec, model).model.train()
+    owned = {t.untyped_storage().data_ptr() for t in [*m.parameters(), *m.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in owned:
+            seen.setdefault(key, t.untyped_storage().nbytes())
+        return t
+
+    ids = torch.randint(10, 500, (b, s))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("cfg", [
+    {"hidden_size": 96, "intermediate_size": 352, "num_attention_heads": 6, "num_key_value_heads": 2},
+    {"hidden_size": 128, "intermediate_size": 200, "num_attention_heads": 4, "num_key_value_heads": 4},
+])
+@pytest.mark.parametrize("method,rank", [("lora", 4), ("qlora", 8)])
+def test_saved_activations_per_layer_are_what_autograd_saves(tmp_path, tiny_model_dir, cfg, method, rank):
+    """The activation term is counted, not fitted: one more decoder layer adds exactly
+    ``saved_per_token`` fp32 elements per token to what autograd really keeps for backward."""
+    import shutil
+
+    from cluster.memory import saved_per_token
+
+    b, s = 2, 48
+    sizes = []
+    for layers in (1, 2):
+        d = tmp_path / f"m{layers}"
+        shutil.copytree(tiny_model_dir, d)  # its tokenizer; the weights are replaced
+        sizes.append(_saved_bytes(d, {**cfg, "num_hidden_layers": layers}, method, rank, b, s))
+    shape = Shape(layers=1, hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"], heads=cfg["num_attention_heads"],
+                  kv_heads=cfg["num_key_value_heads"], vocab=512)
+    assert sizes[1] - sizes[0] == saved_per_token(shape, Plan(method=method, rank=rank)) * b * s * 4
