@@ -7,8 +7,13 @@
 under ASHA; prints the best eval loss of each, their ratio, and the training steps each spent.
 
 ``layerwise``: on SmolLM2-135M with the shipped json_extract task, the budget is the memory of uniform
-4-bit rank 8 (weights + adapter + its optimizer); the searched plan and that uniform baseline are then
-trained for the same steps; prints both eval losses (and exact match) and memories.
+4-bit rank 8 (weights + adapter + its optimizer). The search chooses on training seed 0, so its own eval
+loss is biased in its favour; the chosen plan and the uniform baseline are then retrained on fresh seeds
+(``--seeds``, default 1 2) and their mean eval loss and exact match are compared.
+
+``plan``: one full-length run of the same job, uniform NF4 rank 8 changed by ``--layers`` (``b8:29,11``:
+layers 29 and 11 in int8; ``r0:24,25``: no adapter on layers 24 and 25; ``r16:11``: rank 16) and/or
+``--set field=value`` overrides, e.g. ``--set model.quantization=int8``; prints its memory and metrics.
 """
 from __future__ import annotations
 
@@ -63,53 +68,114 @@ def asha(args) -> dict:
     return {**out, "loss_ratio": ratio, "steps_ratio": steps}
 
 
+def _lw_raw(steps: int, trials: int = 12, short_steps: int = 6) -> dict:
+    return {
+        "name": "bench-lw", "model": {"base": "smollm2-135m"},
+        "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": "builtin:json_extract", "format": "chat", "max_length": 192, "task": "json_extract", "eval_task_samples": 32},
+        "train": {"max_steps": steps, "micro_batch_size": 4, "lr": 1e-3, "warmup_steps": 2, "eval_every": steps, "eval_base": False},
+        "scaling": {"cpus_per_worker": 0.9},
+        "tune": {"layerwise": {"trials": trials, "population": 6, "short_steps": short_steps, "promote": 2, "calibration_samples": 16}},
+    }
+
+
+def _train_layers(raw: dict, layers, fields: dict, name: str) -> dict:
+    from pipelines.spec import validate
+    from pipelines.train import run
+    from tuning import layerwise as L
+    from tuning.search import ALL_TARGETS
+    from tuning.spec import trial_raw
+
+    plan = {} if L.is_uniform(layers) else L.plan_fields(layers, ALL_TARGETS)
+    spec = validate(trial_raw(raw, {"name": name, "model.quantization": "nf4", **plan, **fields}))
+    return run(spec, log=lambda m: print(m, file=sys.stderr))["metrics"]
+
+
+def _mean(runs: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+    return sum(vals) / len(vals) if vals else None
+
+
 def layerwise(args) -> dict:
     from cluster.memory import Shape
     from pipelines.plan import shape_of
     from pipelines.spec import validate
-    from pipelines.train import run
     from tuning import layerwise as L
     from tuning.search import ALL_TARGETS, search
-    from tuning.spec import trial_raw
 
     home = tempfile.mkdtemp(prefix="bench-layerwise-")
     os.environ["RAYPEFT_HOME"] = home
-    raw = {
-        "name": "bench-lw", "model": {"base": "smollm2-135m"},
-        "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": "builtin:json_extract", "format": "chat", "max_length": 192, "task": "json_extract", "eval_task_samples": 32},
-        "train": {"max_steps": args.steps, "micro_batch_size": 4, "lr": 1e-3, "warmup_steps": 2, "eval_every": args.steps, "eval_base": False},
-        "scaling": {"cpus_per_worker": 0.9},
-        "tune": {"layerwise": {"trials": args.trials, "population": 6, "short_steps": args.short_steps, "promote": 2, "calibration_samples": 16}},
-    }
+    raw = _lw_raw(args.steps, args.trials, args.short_steps)
     spec = validate(raw)
     shape: Shape = shape_of(spec)
-    budget = int(L.memory(shape, L.uniform(shape, 4, 8), ALL_TARGETS))
+    uniform = L.uniform(shape, 4, 8)
+    budget = int(L.memory(shape, uniform, ALL_TARGETS))
     t0 = time.time()
     found = search(spec, budget, out=os.path.join(home, "plan.yaml"), log=lambda m: print(m, file=sys.stderr))
     search_s = time.time() - t0
     chosen = found["chosen"]
-    base_raw = trial_raw(spec.model_dump(mode="json"), {"name": "bench-uniform", "model.quantization": "nf4"})
-    baseline = run(validate(base_raw), log=lambda m: print(m, file=sys.stderr))
-    rows = [("uniform NF4, rank 8 (QLoRA)", budget, baseline["metrics"]), (f"searched: {chosen['describe']}", chosen["memory_bytes"], {
-        "eval_loss": chosen.get("eval_loss"), "exact_match": chosen.get("exact_match")})]
-    print(f"\nbudget {budget / 1e6:.2f} MB (weights + adapter + its AdamW states); {args.steps} training steps each; search {search_s / 60:.1f} min\n")
-    print("| plan | memory (MB) | eval_loss | exact_match |\n|---|---|---|---|")
-    for label, mem, m in rows:
-        em = m.get("exact_match")
-        print(f"| {label} | {mem / 1e6:.2f} | {m['eval_loss']:.4f} | {em if em is None else f'{em:.3f}'} |")
-    return {"budget": budget, "baseline": baseline["metrics"], "chosen": {k: v for k, v in chosen.items() if k != "layers"}}
+    print(f"\nbudget {budget / 1e6:.2f} MB (weights + adapter + its AdamW states); search {search_s / 60:.1f} min, "
+          f"{found['plans_trained']} plans trained\n\nplans trained for {args.steps} steps on seed 0 (the search's choice):\n")
+    print("| plan | memory (MB) | eval_loss (seed 0) | exact_match (seed 0) |\n|---|---|---|---|")
+    for p in found["promoted"]:
+        mark = " (chosen)" if p["layers"] == chosen["layers"] else ""
+        em = p.get("exact_match")
+        print(f"| {L.describe(p['layers'])}{mark} | {p['memory_bytes'] / 1e6:.2f} | {p.get('eval_loss', float('nan')):.4f} | "
+              f"{'—' if em is None else f'{em:.3f}'} |")
+    out = {"budget": budget, "search_s": search_s, "chosen": L.describe(chosen["layers"]),
+           "promoted": [{k: v for k, v in p.items() if k != "layers"} | {"plan": L.describe(p["layers"])} for p in found["promoted"]]}
+    if chosen["layers"] == uniform:
+        print("\nthe search chose uniform NF4 rank 8 itself: no searched plan beat it (a tie, not a win)")
+        return {**out, "verdict": "tie"}
+    # an unbiased comparison: fresh seeds the search never saw
+    runs: dict[str, list[dict]] = {"uniform": [], "chosen": []}
+    for seed in args.seeds:
+        runs["uniform"].append(_train_layers(raw, uniform, {"train.seed": seed}, f"bench-uniform-s{seed}"))
+        runs["chosen"].append(_train_layers(raw, chosen["layers"], {"train.seed": seed}, f"bench-chosen-s{seed}"))
+    print(f"\nretrained on seeds {args.seeds} (mean):\n\n| plan | memory (MB) | eval_loss | exact_match |\n|---|---|---|---|")
+    for key, label, mem in (("uniform", "uniform NF4, rank 8 (QLoRA)", budget), ("chosen", f"searched: {L.describe(chosen['layers'])}", chosen["memory_bytes"])):
+        print(f"| {label} | {mem / 1e6:.2f} | {_mean(runs[key], 'eval_loss'):.4f} | {_mean(runs[key], 'exact_match'):.3f} |")
+    wins = _mean(runs["chosen"], "eval_loss") < _mean(runs["uniform"], "eval_loss")
+    print(f"\nsearched plan {'beats' if wins else 'does not beat'} uniform NF4 rank 8 on fresh seeds")
+    return {**out, "runs": runs, "verdict": "win" if wins else "loss"}
+
+
+def plan(args) -> dict:
+    """One full-length run of the benchmark job: uniform NF4 rank 8 changed by ``--layers`` / ``--set``."""
+    from pipelines.plan import shape_of
+    from pipelines.spec import validate
+    from tuning import layerwise as L
+    from tuning.search import ALL_TARGETS
+
+    os.environ["RAYPEFT_HOME"] = tempfile.mkdtemp(prefix="bench-plan-")
+    raw = _lw_raw(args.steps)
+    shape = shape_of(validate(raw))
+    layers = list(L.uniform(shape, 4, 8))
+    for part in (args.layers or "").split():
+        kind, idx = part.split(":")
+        for i in map(int, idx.split(",")):
+            b, r = layers[i]
+            layers[i] = (int(kind[1:]), r) if kind[0] == "b" else (b, int(kind[1:]))
+    fields = dict(kv.split("=", 1) for kv in args.set)
+    metrics = _train_layers(raw, layers, fields, "bench-plan")
+    mem = L.memory(shape, layers, ALL_TARGETS) if not fields else None
+    print(f"\n{L.describe(layers)} {' '.join(args.set)}: memory {'—' if mem is None else f'{mem / 1e6:.2f} MB'}, "
+          f"eval_loss {metrics['eval_loss']:.4f}, exact_match {metrics.get('exact_match')}")
+    return {"plan": L.describe(layers), "set": fields, "memory_bytes": mem, **metrics}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.tuning", description=__doc__.split("\n\n")[0])
-    p.add_argument("which", choices=["asha", "layerwise"])
+    p.add_argument("which", choices=["asha", "layerwise", "plan"])
     p.add_argument("--steps", type=int, default=None, help="full-length training steps (asha: 24, layerwise: 20)")
     p.add_argument("--trials", type=int, default=12, help="layerwise: plans proposed")
     p.add_argument("--short-steps", type=int, default=6, help="layerwise: steps of each short trial")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="layerwise: fresh training seeds for the comparison")
+    p.add_argument("--layers", help="plan: per-layer changes to uniform NF4 rank 8, e.g. 'b8:29,11 r0:24,25'")
+    p.add_argument("--set", action="append", default=[], help="plan: a spec override field=value (repeatable)")
     args = p.parse_args(argv)
     args.steps = args.steps or (24 if args.which == "asha" else 20)
-    result = (asha if args.which == "asha" else layerwise)(args)
+    result = {"asha": asha, "layerwise": layerwise, "plan": plan}[args.which](args)
     print(json.dumps(result, default=str))
     return 0
 

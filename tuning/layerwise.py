@@ -108,6 +108,11 @@ def seed_plans(
     return unique
 
 
+def is_uniform(layers: Layers) -> bool:
+    """One bit-width and one rank in every layer (QLoRA's shape of plan)."""
+    return len(set(layers)) == 1
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats on both objectives (both minimized), by the first."""
     front = []

@@ -137,8 +137,13 @@ def search(spec: JobSpec, budget: int, out: str | None = None, log=print) -> dic
     front = [rows[i] for i in L.pareto_front([(r["short_eval_loss"], r["memory_bytes"]) for r in rows])]
     log(f"[raypeft] {len(rows)} plan(s) trained within budget, {len(front)} on the Pareto front")
 
-    # ---- promote the best few to full-length trials
+    # ---- promote the best few to full-length trials, plus the reference: the largest uniform plan within
+    # budget (what one would train without the search), so the search never returns a plan worse than it
     promoted = sorted(front, key=lambda r: r["short_eval_loss"])[: lw.promote]
+    uniform = [r for r in rows if L.is_uniform(r["layers"])]
+    reference = max(uniform, key=lambda r: (r["memory_bytes"], -r["short_eval_loss"])) if uniform else None
+    if reference is not None and all(p["layers"] != reference["layers"] for p in promoted):
+        promoted.append(reference)
     long_space = {"plan": tune.grid_search([{**L.plan_fields(p["layers"], targets), **_point(p["layers"]), "memory_bytes": p["memory_bytes"]}
                                             for p in promoted])}
     grid2, logger2 = run_trials(spec, f"{name}-long", long_space, metric=None, mode=None, num_samples=1,
@@ -151,9 +156,14 @@ def search(spec: JobSpec, budget: int, out: str | None = None, log=print) -> dic
                 p["exact_match"] = r.metrics.get("exact_match")
     finished = [p for p in promoted if "eval_loss" in p]
     chosen = min(finished or promoted, key=lambda p: p.get("eval_loss", p["short_eval_loss"]))
+    if reference is not None:
+        reference = next(p for p in promoted if p["layers"] == reference["layers"])
+        if chosen["layers"] == reference["layers"]:
+            log(f"[raypeft] no searched plan beat the uniform reference ({L.describe(reference['layers'])}) after "
+                f"{spec.train.max_steps} steps: choosing it")
 
     # ---- phase 3: outputs
-    table = front_table(front, chosen, budget)
+    table = front_table(front + [p for p in promoted if p not in front], chosen, budget, reference)
     print(table, flush=True)
     plan_spec = _with(spec, L.plan_fields(chosen["layers"], targets))
     out_path = Path(out or f"{spec.name}-layerwise.yaml")
@@ -175,13 +185,14 @@ def search(spec: JobSpec, budget: int, out: str | None = None, log=print) -> dic
         f"eval_loss {chosen.get('eval_loss', chosen['short_eval_loss']):.4f} → {out_path}  (train it: raypeft train {out_path})")
     return {"name": name, "parent_run_id": parent, "tracking_uri": uri, "budget_bytes": budget, "wall_s": round(time.time() - t0, 1),
             "plan_spec": str(out_path), "chosen": {**chosen, "describe": L.describe(chosen["layers"])}, "front": front,
-            "plans_trained": len(rows)}
+            "reference": reference, "promoted": promoted, "plans_trained": len(rows)}
 
 
-def front_table(front: list[dict[str, Any]], chosen: dict[str, Any], budget: int) -> str:
+def front_table(front: list[dict[str, Any]], chosen: dict[str, Any], budget: int, reference: dict[str, Any] | None = None) -> str:
+    """The Pareto front (and any promoted plan off it, such as the uniform reference) as a markdown table."""
     lines = ["| plan | memory (MB) | % of budget | short eval_loss | full eval_loss |", "|---|---|---|---|---|"]
     for r in sorted(front, key=lambda r: r["memory_bytes"]):
-        mark = " **(chosen)**" if r is chosen else ""
+        mark = (" **(chosen)**" if r is chosen else "") + (" (uniform reference)" if r is reference else "")
         full = f"{r['eval_loss']:.4f}" if "eval_loss" in r else "—"
         lines.append(f"| {L.describe(r['layers'])}{mark} | {r['memory_bytes'] / 1e6:.2f} | {100 * r['memory_bytes'] / budget:.0f}% "
                      f"| {r['short_eval_loss']:.4f} | {full} |")

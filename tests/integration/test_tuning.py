@@ -95,6 +95,11 @@ def test_layerwise_search_plans_fit_the_budget_and_the_plan_trains(local_ray, ra
     assert all(r["memory_bytes"] <= budget for r in result["front"])
     chosen = result["chosen"]
     assert chosen["memory_bytes"] <= budget and "eval_loss" in chosen
+    # the largest uniform plan within budget (here int8 rank 4) is always trained in full as the reference,
+    # and the search never returns a plan that did worse than it
+    ref = result["reference"]
+    assert ref["layers"] == L.uniform(shape, 8, 4) and "eval_loss" in ref
+    assert chosen["eval_loss"] <= ref["eval_loss"]
     c = _client(result["tracking_uri"])
     assert {"pareto_front.png", "pareto_front.md", "calibration.json", "plan.yaml"} <= {a.path for a in c.list_artifacts(result["parent_run_id"])}
 

@@ -216,3 +216,7 @@ def test_calibration_finds_nf4_noisier_than_int8(tiny_model_dir, chat_data):
     assert set(cal["sensitivity"]) == {4, 8}
     assert all(a > b >= 0 for a, b in zip(cal["sensitivity"][4], cal["sensitivity"][8]))
     assert abs(sum(cal["importance"]) - 1) < 1e-6 and all(x > 0 for x in cal["importance"])
+
+
+def test_is_uniform():
+    assert L.is_uniform([(4, 8)] * 3) and not L.is_uniform([(4, 8), (4, 8), (8, 8)])
