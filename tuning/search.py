@@ -123,7 +123,7 @@ def search(spec: JobSpec, budget: int, out: str | None = None, log=print) -> dic
     searcher = OptunaSearch(space=space, metric=["eval_loss", "memory_bytes"], mode=["min", "min"], sampler=sampler,
                             points_to_evaluate=[_point(s) for s in seeds[: lw.trials]])
     grid, logger = run_trials(short, f"{name}-short", {}, metric=None, mode=None, num_samples=lw.trials, searcher=searcher,
-                              parent_run_id=parent, uri=uri, max_steps=lw.short_steps, log=log)
+                              parent_run_id=parent, uri=uri, max_steps=lw.short_steps, verbose=0, log=log)
     rows = []
     for r in grid:
         cfg, last = r.config, (r.metrics or {})
@@ -147,7 +147,7 @@ def search(spec: JobSpec, budget: int, out: str | None = None, log=print) -> dic
     long_space = {"plan": tune.grid_search([{**L.plan_fields(p["layers"], targets), **_point(p["layers"]), "memory_bytes": p["memory_bytes"]}
                                             for p in promoted])}
     grid2, logger2 = run_trials(spec, f"{name}-long", long_space, metric=None, mode=None, num_samples=1,
-                                parent_run_id=parent, uri=uri, max_steps=spec.train.max_steps, log=log)
+                                parent_run_id=parent, uri=uri, max_steps=spec.train.max_steps, verbose=0, log=log)
     for r in grid2:
         layers = _layers_of(r.config["plan"], shape.layers)
         for p in promoted:

@@ -93,6 +93,12 @@ class MlflowSweepLogger(tune.Callback):
         for i in range(0, len(batch), 100):
             c.log_batch(run.info.run_id, params=batch[i : i + 100])
         self.runs[trial.trial_id] = run.info.run_id
+        if "bits_0" in config:  # a layerwise plan: one line instead of Tune's table of every bits_i / rank_i
+            from tuning.layerwise import describe
+
+            n = sum(1 for k in config if k.startswith("bits_"))
+            plan = describe([(int(config[f"bits_{i}"]), int(config[f"rank_{i}"])) for i in range(n)])
+            print(f"[raypeft] trial {trial.trial_id}: {plan}" + (" (infeasible: not trained)" if config.get("over_budget") else ""))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         from pipelines.tracking import StepLogger
@@ -112,7 +118,9 @@ class MlflowSweepLogger(tune.Callback):
         c = self._client()
         c.set_tag(run_id, "raypeft.stopped_early", str(early).lower())
         c.set_terminated(run_id, status)
-        what = "over budget, not trained" if last.get("over_budget") else (f"stopped early at step {step}" if early else f"finished {step} steps")
+        if last.get("over_budget") and status == "FINISHED":
+            return  # announced as infeasible when it started
+        what = f"stopped early at step {step}" if early else f"finished {step} steps"
         metric = ", ".join(f"{k} {last[k]:.4f}" for k in ("eval_loss", "exact_match") if isinstance(last.get(k), (int, float)))
         print(f"[raypeft] trial {trial.trial_id}: {what if status == 'FINISHED' else 'failed'}{', ' + metric if metric else ''}")
 
@@ -159,8 +167,9 @@ def make_searcher(spec: JobSpec):
 
 
 def run_trials(spec: JobSpec, name: str, param_space: dict[str, Any], *, metric, mode, num_samples: int,
-               scheduler=None, searcher=None, parent_run_id: str, uri: str, max_steps: int, log=print):
-    """Run Tune trials of ``spec`` (each a Train run) and log them under ``parent_run_id``. Returns the ResultGrid."""
+               scheduler=None, searcher=None, parent_run_id: str, uri: str, max_steps: int, verbose: int = 1, log=print):
+    """Run Tune trials of ``spec`` (each a Train run) and log them under ``parent_run_id``. Returns the ResultGrid.
+    ``verbose``: Tune's console output (0: only raypeft's one line per trial start and end)."""
     import ray
 
     from pipelines.tracking import client
@@ -181,7 +190,7 @@ def run_trials(spec: JobSpec, name: str, param_space: dict[str, Any], *, metric,
         param_space=param_space,
         tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples, scheduler=scheduler,
                                     search_alg=searcher, max_concurrent_trials=n),
-        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[logger], verbose=1),
+        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[logger], verbose=verbose),
     )
     grid = tuner.fit()
     return grid, logger
