@@ -108,6 +108,34 @@ def seed_plans(
     return unique
 
 
+def repair(
+    layers: Layers, sensitivity: dict[int, list[float]], importance: list[float], bits: Sequence[int], ranks: Sequence[int],
+    fits: Callable[[Layers], bool],
+) -> Layers | None:
+    """An over-budget plan made to fit by the cheapest downgrades, or None if none does (e.g. no adapter).
+
+    Bit-widths go first: the layer whose calibrated KL rises least moves one bit-width down. Only when
+    every layer is at the lowest bit-width do ranks go, one step at a time, from the layer with the
+    least rank importance (the measurements in the README show rank is the dearer thing to cut).
+    NSGA-II's random proposals over 30 layers almost never fit a tight budget; repaired, they train."""
+    plan, bits, ranks = list(layers), sorted(bits), sorted(ranks)
+
+    def sens(b: int, i: int) -> float:
+        return 0.0 if b == 16 else sensitivity.get(b, [0.0] * len(plan))[i]
+
+    while not fits(plan):
+        cands = [(sens(bits[bits.index(b) - 1], i) - sens(b, i), i, (bits[bits.index(b) - 1], r))
+                 for i, (b, r) in enumerate(plan) if b != bits[0]]
+        if not cands:
+            cands = [(importance[i] * (r - ranks[ranks.index(r) - 1]), i, (b, ranks[ranks.index(r) - 1]))
+                     for i, (b, r) in enumerate(plan) if r != ranks[0]]
+        if not cands:
+            return None
+        _, i, new = min(cands)
+        plan[i] = new
+    return plan
+
+
 def is_uniform(layers: Layers) -> bool:
     """One bit-width and one rank in every layer (QLoRA's shape of plan)."""
     return len(set(layers)) == 1

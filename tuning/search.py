@@ -47,21 +47,29 @@ def _point(layers: L.Layers) -> dict[str, int]:
 
 
 class PlanSpace:
-    """Optuna define-by-run space: a bit-width and a rank per layer; the budget goes to NSGA-II as a constraint.
-    A class, not a closure: Tune pickles the searcher."""
+    """Optuna define-by-run space: a bit-width and a rank per layer. A proposal over budget is repaired
+    (``layerwise.repair``) and the repaired plan is what trains; the budget also goes to NSGA-II as a
+    constraint, for the proposals no repair saves. A class, not a closure: Tune pickles the searcher."""
 
-    def __init__(self, shape, targets, bits, ranks, budget, param_bytes, double_quant):
+    def __init__(self, shape, targets, bits, ranks, budget, param_bytes, double_quant, sensitivity, importance):
         self.shape, self.targets, self.bits, self.ranks = shape, tuple(targets), list(bits), list(ranks)
         self.budget, self.param_bytes, self.double_quant = budget, param_bytes, double_quant
+        self.sensitivity, self.importance = sensitivity, importance
+
+    def _memory(self, layers: L.Layers) -> float:
+        return L.memory(self.shape, layers, self.targets, self.param_bytes, self.double_quant)
 
     def __call__(self, trial) -> dict[str, Any]:
         layers = [(trial.suggest_categorical(f"bits_{i}", self.bits), trial.suggest_categorical(f"rank_{i}", self.ranks))
                   for i in range(self.shape.layers)]
-        m = L.memory(self.shape, layers, self.targets, self.param_bytes, self.double_quant)
-        adapted = any(r for _, r in layers)
+        fixed = L.repair(layers, self.sensitivity, self.importance, self.bits, self.ranks,
+                         lambda p: self._memory(p) <= self.budget and any(r for _, r in p))
+        plan = fixed or layers
+        m, adapted = self._memory(plan), any(r for _, r in plan)
         trial.set_user_attr("constraint", [m - self.budget, 0.0 if adapted else 1.0])
         ok = m <= self.budget and adapted
-        return {**(L.plan_fields(layers, self.targets) if ok else {}), "memory_bytes": m, "over_budget": not ok}
+        return {**(L.plan_fields(plan, self.targets) if ok else {}), **_point(plan), "memory_bytes": m, "over_budget": not ok,
+                "repaired": fixed is not None and fixed != layers}
 
 
 def _constraints(trial) -> list[float]:
@@ -118,7 +126,7 @@ def search(spec: JobSpec, budget: int, out: str | None = None, log=print) -> dic
     short = _with(spec, {"train.max_steps": lw.short_steps, "train.eval_every": lw.short_steps, "data.task": "none",
                          "train.warmup_steps": min(spec.train.warmup_steps, lw.short_steps - 1), "checkpoint.every_steps": 0})
 
-    space = PlanSpace(shape, targets, lw.bits, lw.ranks, budget, pbytes, spec.model.double_quant)
+    space = PlanSpace(shape, targets, lw.bits, lw.ranks, budget, pbytes, spec.model.double_quant, cal["sensitivity"], cal["importance"])
     sampler = NSGAIISampler(population_size=lw.population, seed=lw.seed, constraints_func=_constraints)
     searcher = OptunaSearch(space=space, metric=["eval_loss", "memory_bytes"], mode=["min", "min"], sampler=sampler,
                             points_to_evaluate=[_point(s) for s in seeds[: lw.trials]])

@@ -43,7 +43,7 @@ class LayerwiseSpec(_Section):
     bits: list[Literal[4, 8, 16]] = Field([4, 8, 16], min_length=1, description="Bit-widths a decoder layer may take: 4 (bnb NF4), 8 (bnb int8), 16 (unquantized).")
     ranks: list[Rank] = Field([0, 4, 8, 16], min_length=1, description="LoRA ranks a decoder layer may take (0: no adapter); alpha = 2·rank.")
     calibration_samples: int = Field(16, gt=0, description="Training examples the sensitivity calibration runs on.")
-    trials: int = Field(24, gt=0, description="Plans NSGA-II proposes (plans over budget are not trained).")
+    trials: int = Field(24, gt=0, description="Plans NSGA-II proposes. One over budget is repaired to fit (bit-widths down first, then rank) and trained; one no repair fits is not trained.")
     population: int = Field(8, ge=2, description="NSGA-II population size (generations = trials / population).")
     short_steps: int = Field(10, gt=0, description="Training steps of each cheap trial.")
     promote: int = Field(2, gt=0, description="Best Pareto plans (by short-trial eval loss) retrained for `train.max_steps` steps.")

@@ -98,7 +98,8 @@ class MlflowSweepLogger(tune.Callback):
 
             n = sum(1 for k in config if k.startswith("bits_"))
             plan = describe([(int(config[f"bits_{i}"]), int(config[f"rank_{i}"])) for i in range(n)])
-            print(f"[raypeft] trial {trial.trial_id}: {plan}" + (" (infeasible: not trained)" if config.get("over_budget") else ""))
+            note = " (infeasible: not trained)" if config.get("over_budget") else " (repaired to fit the budget)" if config.get("repaired") else ""
+            print(f"[raypeft] trial {trial.trial_id}: {plan}{note}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         from pipelines.tracking import StepLogger

@@ -114,6 +114,28 @@ def test_seed_plans_fit_the_budget_and_favour_sensitive_layers():
     assert tiered and all(s[3][1] >= s[0][1] for s in tiered)  # layer 3 matters most for rank
 
 
+def test_repair_makes_over_budget_plans_fit_downgrading_bits_of_tolerant_layers_first():
+    shape = Shape(layers=4, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=100)
+    sens = {4: [0.9, 0.1, 0.2, 0.3], 8: [0.05, 0.01, 0.01, 0.01]}
+    imp = [0.4, 0.3, 0.2, 0.1]
+
+    def fits_under(budget):
+        return lambda p: L.memory(shape, p, TARGETS) <= budget and any(r for _, r in p)
+
+    greedy = [(16, 8)] * 4
+    # room for three int8 layers: every layer steps 16 → 8 (the cheapest KL), then layer 1, which minds NF4
+    # least, goes on to 4 bits; ranks untouched
+    one = L.memory(shape, [(8, 8), (4, 8), (8, 8), (8, 8)], TARGETS)
+    fixed = L.repair(greedy, sens, imp, [4, 8, 16], [0, 4, 8], fits_under(one))
+    assert fixed == [(8, 8), (4, 8), (8, 8), (8, 8)]
+    # below uniform NF4 rank 8: bits are all at 4, then rank goes from the least important layer (3) first
+    tight = L.memory(shape, L.uniform(shape, 4, 8), TARGETS) - 1
+    fixed = L.repair(greedy, sens, imp, [4, 8, 16], [0, 4, 8], fits_under(tight))
+    assert fixed == [(4, 8), (4, 8), (4, 8), (4, 4)]
+    assert L.repair([(4, 0)] * 4, sens, imp, [4, 8, 16], [0, 4, 8], fits_under(tight)) is None  # no adapter: unfixable
+    assert L.repair(L.uniform(shape, 4, 8), sens, imp, [4, 8, 16], [0, 4, 8], fits_under(one)) == L.uniform(shape, 4, 8)
+
+
 def test_memory_falls_with_bits_and_rises_with_rank():
     shape = Shape(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=512)
     m = lambda b, r: L.memory(shape, L.uniform(shape, b, r), TARGETS)  # noqa: E731
