@@ -17,9 +17,9 @@ Components (``Breakdown``):
   and plain states for the rest; mixed precision adds an fp32 master copy;
 * activations: what autograd saves for backward, counted tensor by tensor on the transformers Llama
   path with SDPA attention and a PEFT LoRA on every target (``saved_per_token``): per token and
-  layer, 4 intermediate-sized tensors (gate, up, SiLU, product), 6 hidden-sized (two RMSNorms'
-  input, normalized and output; the attention output; q after RoPE), 2 key/value-sized, one
-  logsumexp per head and each LoRA's r-sized A output. With gradient
+  layer, 4 intermediate-sized tensors (gate, up, SiLU, product), 6 hidden-sized (the RMSNorms'
+  inputs and outputs, the query side of attention, the attention output), 2 key/value-sized, one
+  logsumexp per head, the two RMSNorm scales and each LoRA's r-sized A output. With gradient
   checkpointing, each layer's input plus one layer being recomputed. Then the loss's peak: the
   fp32 log-softmax it saves, the gradient flowing into it and the one flowing out (three
   vocab-sized fp32 tensors per token), plus the logits themselves in a 16-bit compute dtype;

@@ -21,6 +21,17 @@ def layer_key(i: int) -> str:
     return rf"model\.layers\.{i}\..*"
 
 
+def to_point(layers: Layers) -> dict[str, int]:
+    """A plan as the flat ``bits_i`` / ``rank_i`` parameters the search samples."""
+    return {k: v for i, (b, r) in enumerate(layers) for k, v in ((f"bits_{i}", b), (f"rank_{i}", r))}
+
+
+def from_point(point: dict) -> Layers:
+    """The plan in a trial config's ``bits_i`` / ``rank_i`` parameters."""
+    n = sum(1 for k in point if k.startswith("bits_"))
+    return [(int(point[f"bits_{i}"]), int(point[f"rank_{i}"])) for i in range(n)]
+
+
 def plan_fields(layers: Layers, targets: Sequence[str]) -> dict[str, object]:
     """Dotted job-spec fields that load and train ``layers``. Raises ValueError if no layer has an adapter."""
     adapted = [i for i, (_, r) in enumerate(layers) if r > 0]

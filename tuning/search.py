@@ -38,14 +38,6 @@ def _with(spec: JobSpec, fields: dict[str, Any]) -> JobSpec:
     return validate(trial_raw(spec.model_dump(mode="json", exclude={"tune"}), fields))
 
 
-def _layers_of(config: dict[str, Any], n: int) -> L.Layers:
-    return [(int(config[f"bits_{i}"]), int(config[f"rank_{i}"])) for i in range(n)]
-
-
-def _point(layers: L.Layers) -> dict[str, int]:
-    return {k: v for i, (b, r) in enumerate(layers) for k, v in ((f"bits_{i}", b), (f"rank_{i}", r))}
-
-
 class PlanSpace:
     """Optuna define-by-run space: a bit-width and a rank per layer. A proposal over budget is repaired
     (``layerwise.repair``) and the repaired plan is what trains; the budget also goes to NSGA-II as a
@@ -68,7 +60,7 @@ class PlanSpace:
         m, adapted = self._memory(plan), any(r for _, r in plan)
         trial.set_user_attr("constraint", [m - self.budget, 0.0 if adapted else 1.0])
         ok = m <= self.budget and adapted
-        return {**(L.plan_fields(plan, self.targets) if ok else {}), **_point(plan), "memory_bytes": m, "over_budget": not ok,
+        return {**(L.plan_fields(plan, self.targets) if ok else {}), **L.to_point(plan), "memory_bytes": m, "over_budget": not ok,
                 "repaired": fixed is not None and fixed != layers}
 
 
@@ -129,7 +121,7 @@ def search(spec: JobSpec, budget: int, out: str | None = None, log=print) -> dic
     space = PlanSpace(shape, targets, lw.bits, lw.ranks, budget, pbytes, spec.model.double_quant, cal["sensitivity"], cal["importance"])
     sampler = NSGAIISampler(population_size=lw.population, seed=lw.seed, constraints_func=_constraints)
     searcher = OptunaSearch(space=space, metric=["eval_loss", "memory_bytes"], mode=["min", "min"], sampler=sampler,
-                            points_to_evaluate=[_point(s) for s in seeds[: lw.trials]])
+                            points_to_evaluate=[L.to_point(s) for s in seeds[: lw.trials]])
     grid, logger = run_trials(short, f"{name}-short", {}, metric=None, mode=None, num_samples=lw.trials, searcher=searcher,
                               parent_run_id=parent, uri=uri, max_steps=lw.short_steps, verbose=0, log=log)
     rows = []
@@ -137,7 +129,7 @@ def search(spec: JobSpec, budget: int, out: str | None = None, log=print) -> dic
         cfg, last = r.config, (r.metrics or {})
         if r.error or last.get("over_budget") or not isinstance(last.get("eval_loss"), (int, float)):
             continue
-        layers = _layers_of(cfg, shape.layers)
+        layers = L.from_point(cfg)
         rows.append({"trial": last.get("trial_id"), "layers": layers, "memory_bytes": cfg["memory_bytes"], "short_eval_loss": last["eval_loss"]})
     if not rows:
         tracking.fail_run(uri, parent, "no plan within budget trained")
@@ -152,12 +144,12 @@ def search(spec: JobSpec, budget: int, out: str | None = None, log=print) -> dic
     reference = max(uniform, key=lambda r: (r["memory_bytes"], -r["short_eval_loss"])) if uniform else None
     if reference is not None and all(p["layers"] != reference["layers"] for p in promoted):
         promoted.append(reference)
-    long_space = {"plan": tune.grid_search([{**L.plan_fields(p["layers"], targets), **_point(p["layers"]), "memory_bytes": p["memory_bytes"]}
+    long_space = {"plan": tune.grid_search([{**L.plan_fields(p["layers"], targets), **L.to_point(p["layers"]), "memory_bytes": p["memory_bytes"]}
                                             for p in promoted])}
     grid2, logger2 = run_trials(spec, f"{name}-long", long_space, metric=None, mode=None, num_samples=1,
                                 parent_run_id=parent, uri=uri, max_steps=spec.train.max_steps, verbose=0, log=log)
     for r in grid2:
-        layers = _layers_of(r.config["plan"], shape.layers)
+        layers = L.from_point(r.config["plan"])
         for p in promoted:
             if p["layers"] == layers and isinstance((r.metrics or {}).get("eval_loss"), (int, float)):
                 p["eval_loss"] = r.metrics["eval_loss"]

@@ -94,10 +94,9 @@ class MlflowSweepLogger(tune.Callback):
             c.log_batch(run.info.run_id, params=batch[i : i + 100])
         self.runs[trial.trial_id] = run.info.run_id
         if "bits_0" in config:  # a layerwise plan: one line instead of Tune's table of every bits_i / rank_i
-            from tuning.layerwise import describe
+            from tuning.layerwise import describe, from_point
 
-            n = sum(1 for k in config if k.startswith("bits_"))
-            plan = describe([(int(config[f"bits_{i}"]), int(config[f"rank_{i}"])) for i in range(n)])
+            plan = describe(from_point(config))
             note = " (infeasible: not trained)" if config.get("over_budget") else " (repaired to fit the budget)" if config.get("repaired") else ""
             print(f"[raypeft] trial {trial.trial_id}: {plan}{note}")
 

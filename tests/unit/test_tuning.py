@@ -240,5 +240,7 @@ def test_calibration_finds_nf4_noisier_than_int8(tiny_model_dir, chat_data):
     assert abs(sum(cal["importance"]) - 1) < 1e-6 and all(x > 0 for x in cal["importance"])
 
 
-def test_is_uniform():
+def test_is_uniform_and_the_point_round_trip():
     assert L.is_uniform([(4, 8)] * 3) and not L.is_uniform([(4, 8), (4, 8), (8, 8)])
+    layers = [(4, 8), (8, 0), (16, 16)] * 4  # 12 layers: bits_10 must not be read as bits_1
+    assert L.from_point({**L.to_point(layers), "memory_bytes": 1.0}) == layers
