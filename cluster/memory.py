@@ -167,6 +167,25 @@ def saved_per_token(shape: Shape, plan: Plan) -> int:
     return 4 * i + 6 * h + 2 * kv + shape.heads + 2 + adapters
 
 
+def frozen_per_token(shape: Shape) -> int:
+    """Elements autograd saves per token in a decoder layer without an adapter that a gradient still
+    crosses (an adapted layer lies below it): only what its input's gradient needs, so none of the
+    linears' inputs and no LoRA outputs. 3·intermediate + 4·hidden + 2·kv + heads + 2 (measured like
+    ``saved_per_token``). A layer below every adapted one saves nothing: no gradient reaches it."""
+    kv = shape.kv_heads * (shape.head_dim or shape.hidden // shape.heads)
+    return 3 * shape.intermediate + 4 * shape.hidden + 2 * kv + shape.heads + 2
+
+
+def activation_bytes(shape: Shape, saved: list[int], tokens: int, act: int, logits_bytes: int = 4, checkpointing: bool = False) -> float:
+    """Peak bytes of activations: ``saved[i]`` elements per token kept by layer ``i`` (or, checkpointed,
+    each layer's input plus the largest layer being recomputed), then the loss's vocab-sized peak."""
+    if checkpointing:
+        out = shape.layers * tokens * shape.hidden * act + max(saved, default=0) * tokens * act
+    else:
+        out = sum(saved) * tokens * act
+    return out + tokens * shape.vocab * (3 * logits_bytes + (act if act != logits_bytes else 0))
+
+
 def _opt_bytes_per_param(plan: Plan) -> float:
     states = 2.0 if plan.optimizer == "adamw8bit" else 8.0
     return states + (4.0 if plan.master_weights else 0.0)
@@ -202,15 +221,9 @@ def estimate(shape: Shape, plan: Plan) -> Breakdown:
         b.gradients = trainable * tb
         b.optimizer = trainable * _opt_bytes_per_param(plan)
 
-    # activations: checkpointed layer inputs + one layer recomputed, or every layer's saved tensors
-    tokens = plan.micro_batch * plan.seq_len
-    act = plan.param_bytes  # activations in the compute dtype
-    per_layer_full = saved_per_token(shape, plan) * tokens * act
-    if plan.gradient_checkpointing:
-        b.activations = shape.layers * tokens * shape.hidden * act + per_layer_full
-    else:
-        b.activations = shape.layers * per_layer_full
-    b.activations += tokens * shape.vocab * (3 * plan.logits_bytes + (act if act != plan.logits_bytes else 0))
+    # activations (in the compute dtype): checkpointed layer inputs + one layer recomputed, or every layer's saved tensors
+    b.activations = activation_bytes(shape, [saved_per_token(shape, plan)] * shape.layers, plan.micro_batch * plan.seq_len,
+                                     plan.param_bytes, plan.logits_bytes, plan.gradient_checkpointing)
 
     # ZeRO sharding and offload
     n = max(1, plan.gpus)
@@ -298,11 +311,15 @@ def linear_bytes(n_in: int, n_out: int, bits: int, param_bytes: int = 4, double_
 
 def layerwise_estimate(
     shape: Shape, layers: list[tuple[int, int]], targets: tuple[str, ...] = Plan.targets, param_bytes: int = 4,
-    trainable_bytes: int = 4, double_quant: bool = True, optimizer_bytes: float = 8.0,
+    trainable_bytes: int = 4, double_quant: bool = True, optimizer_bytes: float = 8.0, tokens: int = 0,
+    checkpointing: bool = False,
 ) -> Breakdown:
     """Bytes of a base whose decoder layer ``i`` is quantized to ``layers[i][0]`` bits (4, 8, 16) and carries
     LoRA rank ``layers[i][1]`` (0: no adapter) on ``targets``: weights, adapter, its gradients and its AdamW
-    states. Activations do not depend on the plan and are left out (add them with ``estimate``)."""
+    states; with ``tokens`` (micro batch × sequence length) > 0, also the training step's activations, which
+    depend on the plan: an adapted layer keeps ``saved_per_token`` at its rank, a layer without an adapter
+    ``frozen_per_token`` if an adapted layer lies below it and nothing otherwise (with checkpointing, where
+    the inputs are made to require gradients, every layer keeps its input)."""
     if len(layers) != shape.layers:
         raise ValueError(f"plan has {len(layers)} layers, the model {shape.layers}")
     b = Breakdown()
@@ -316,4 +333,9 @@ def layerwise_estimate(
     b.adapter = trainable * trainable_bytes
     b.gradients = trainable * trainable_bytes
     b.optimizer = trainable * optimizer_bytes
+    if tokens:
+        first = 0 if checkpointing else next((k for k, (_, r) in enumerate(layers) if r), len(layers))
+        saved = [0 if k < first else saved_per_token(shape, Plan(rank=r, targets=targets)) if r else frozen_per_token(shape)
+                 for k, (_, r) in enumerate(layers)]
+        b.activations = activation_bytes(shape, saved, tokens, param_bytes, checkpointing=checkpointing)
     return b

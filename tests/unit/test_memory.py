@@ -79,7 +79,7 @@ def test_plan_cli(tmp_path, capsys):
     assert main(["plan", "pipelines/configs/demo.yaml", "model.base=someone/unknown-model"]) == 2
 
 
-def _saved_bytes(model_dir, layers_cfg: dict, method: str, rank: int, b: int, s: int) -> int:
+def _saved_bytes(model_dir, layers_cfg: dict, method: str, rank: int, b: int, s: int, targets=None) -> int:
     """Bytes of the tensors autograd saves in one training forward (weights and buffers excluded)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -90,7 +90,8 @@ def _saved_bytes(model_dir, layers_cfg: dict, method: str, rank: int, b: int, s:
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=512, max_position_embeddings=256, **layers_cfg)).save_pretrained(model_dir)
-    spec = validate({"model": {"base": str(model_dir)}, "method": {"name": method, "r": rank, "dropout": 0.0},
+    spec = validate({"model": {"base": str(model_dir)}, "method": {"name": method, "r": rank, "dropout": 0.0,
+                                                                 **({"target_modules": targets} if targets else {})},
                      "data": {"max_length": s}, "train": {"micro_batch_size": b}})
     model, _, _ = load_base(spec, log=lambda *_: None)
     m = methods.build(spec, model).model.train()
@@ -130,3 +131,26 @@ def test_saved_activations_per_layer_are_what_autograd_saves(tmp_path, tiny_mode
     shape = Shape(layers=1, hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"], heads=cfg["num_attention_heads"],
                   kv_heads=cfg["num_key_value_heads"], vocab=512)
     assert sizes[1] - sizes[0] == saved_per_token(shape, Plan(method=method, rank=rank)) * b * s * 4
+
+
+@pytest.mark.parametrize("adapted", [(1, 2, 3), (2, 3), (3,), (0, 3), (1, 3)])
+def test_layers_without_adapters_save_what_the_layerwise_model_says(tmp_path, tiny_model_dir, adapted):
+    """A layer without an adapter below every adapted one saves nothing; one above saves only what its
+    input's gradient needs. The layerwise plan's activation term must match autograd to the byte."""
+    import shutil
+
+    from cluster.memory import layerwise_estimate
+
+    cfg = {"hidden_size": 96, "intermediate_size": 352, "num_attention_heads": 6, "num_key_value_heads": 2, "num_hidden_layers": 4}
+    shape = Shape(layers=4, hidden=96, intermediate=352, heads=6, kv_heads=2, vocab=512)
+    b, s, rank = 2, 48, 4
+    linears = "(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    measured, planned = [], []
+    for layers in ((0, 1, 2, 3), adapted):
+        d = tmp_path / "m{}".format("".join(map(str, layers)))
+        shutil.copytree(tiny_model_dir, d)
+        regex = rf"model\.layers\.({'|'.join(map(str, layers))})\..*\.{linears}"
+        measured.append(_saved_bytes(d, cfg, "lora", rank, b, s, targets=regex))
+        plan = [(16, rank if i in layers else 0) for i in range(4)]
+        planned.append(layerwise_estimate(shape, plan, tokens=b * s).activations)
+    assert measured[0] - measured[1] == planned[0] - planned[1] > 0
