@@ -86,8 +86,12 @@ def _train_layers(raw: dict, layers, fields: dict, name: str) -> dict:
     from tuning.search import ALL_TARGETS
     from tuning.spec import trial_raw
 
-    plan = {} if L.is_uniform(layers) else L.plan_fields(layers, ALL_TARGETS)
-    spec = validate(trial_raw(raw, {"name": name, "model.quantization": "nf4", **plan, **fields}))
+    if L.is_uniform(layers):  # a plain QLoRA-style job: one quantization, one rank
+        (bits, rank), = set(layers)
+        plan = {"model.quantization": {4: "nf4", 8: "int8", 16: "none"}[bits], "method.r": rank, "method.alpha": 2.0 * rank}
+    else:
+        plan = {"model.quantization": "nf4", **L.plan_fields(layers, ALL_TARGETS)}
+    spec = validate(trial_raw(raw, {"name": name, **plan, **fields}))
     return run(spec, log=lambda m: print(m, file=sys.stderr))["metrics"]
 
 
