@@ -6,10 +6,12 @@
 ``asha``: the same 12-point grid (learning rate × rank) runs twice, once to completion (FIFO) and once
 under ASHA; prints the best eval loss of each, their ratio, and the training steps each spent.
 
-``layerwise``: on SmolLM2-135M with the shipped json_extract task, the budget is the memory of uniform
-4-bit rank 8 (weights + adapter + its optimizer). The search chooses on training seed 0, so its own eval
-loss is biased in its favour; the chosen plan and the uniform baseline are then retrained on fresh seeds
-(``--seeds``, default 1 2) and their mean eval loss and exact match are compared.
+``layerwise``: on SmolLM2-135M with the shipped json_extract task, the budget is what uniform 4-bit rank 8
+needs: by default its training peak (``--memory peak``: weights, adapter, its gradients and AdamW states,
+and the activations of a full micro batch), or weights + adapter + its states only (``--memory weights``,
+QR-Adaptor's measure). The search chooses on training seed 0, so its own eval loss is biased in its
+favour; a non-uniform choice and the uniform baseline are then retrained on fresh seeds (``--seeds``,
+default 1 2), compared seed by seed, and both peaks are measured in fresh processes (``benchmarks.memory``).
 
 ``plan``: one full-length run of the same job, uniform NF4 rank 8 changed by ``--layers`` (``b8:29,11``:
 layers 29 and 11 in int8; ``r0:24,25``: no adapter on layers 24 and 25; ``r16:11``: rank 16) and/or
@@ -79,20 +81,32 @@ def _lw_raw(steps: int, trials: int = 12, short_steps: int = 6) -> dict:
     }
 
 
-def _train_layers(raw: dict, layers, fields: dict, name: str) -> dict:
-    from pipelines.spec import validate
-    from pipelines.train import run
+def _plan_raw(raw: dict, layers, fields: dict) -> dict:
+    """The benchmark job with ``layers`` as its base and adapter (uniform: a plain QLoRA-style job)."""
     from tuning import layerwise as L
     from tuning.search import ALL_TARGETS
     from tuning.spec import trial_raw
 
-    if L.is_uniform(layers):  # a plain QLoRA-style job: one quantization, one rank
+    if L.is_uniform(layers):  # one quantization, one rank
         (bits, rank), = set(layers)
         plan = {"model.quantization": {4: "nf4", 8: "int8", 16: "none"}[bits], "method.r": rank, "method.alpha": 2.0 * rank}
     else:
         plan = {"model.quantization": "nf4", **L.plan_fields(layers, ALL_TARGETS)}
-    spec = validate(trial_raw(raw, {"name": name, **plan, **fields}))
-    return run(spec, log=lambda m: print(m, file=sys.stderr))["metrics"]
+    return trial_raw(raw, {**plan, **fields})
+
+
+def _train_layers(raw: dict, layers, fields: dict, name: str) -> dict:
+    from pipelines.spec import validate
+    from pipelines.train import run
+
+    return run(validate(_plan_raw(raw, layers, {"name": name, **fields})), log=lambda m: print(m, file=sys.stderr))["metrics"]
+
+
+def _measured_peak(raw: dict, layers) -> int:
+    """The plan's training peak measured on this machine (``benchmarks.memory``: fresh process, live-tensor RSS)."""
+    from benchmarks.memory import LIVE_MALLOC, _measure
+
+    return _measure(_plan_raw(raw, layers, {}), LIVE_MALLOC)["measured"]
 
 
 def _mean(runs: list[dict], key: str) -> float | None:
@@ -101,47 +115,57 @@ def _mean(runs: list[dict], key: str) -> float | None:
 
 
 def layerwise(args) -> dict:
-    from cluster.memory import Shape
-    from pipelines.plan import shape_of
     from pipelines.spec import validate
     from tuning import layerwise as L
-    from tuning.search import ALL_TARGETS, search
+    from tuning.search import ALL_TARGETS, plan_memory, search
 
     home = tempfile.mkdtemp(prefix="bench-layerwise-")
     os.environ["RAYPEFT_HOME"] = home
     raw = _lw_raw(args.steps, args.trials, args.short_steps)
+    raw["tune"]["layerwise"]["memory"] = args.memory
     spec = validate(raw)
-    shape: Shape = shape_of(spec)
-    uniform = L.uniform(shape, 4, 8)
-    budget = int(L.memory(shape, uniform, ALL_TARGETS))
+    mem = plan_memory(spec)
+    weights = L.Memory(mem.shape, ALL_TARGETS)  # weights + adapter + its states, whatever the budget counts
+    uniform = L.uniform(mem.shape, 4, 8)
+    budget = int(mem(uniform))
     t0 = time.time()
     found = search(spec, budget, out=os.path.join(home, "plan.yaml"), log=lambda m: print(m, file=sys.stderr))
     search_s = time.time() - t0
     chosen = found["chosen"]
-    print(f"\nbudget {budget / 1e6:.2f} MB (weights + adapter + its AdamW states); search {search_s / 60:.1f} min, "
+    what = f"training peak at {spec.train.micro_batch_size} × {spec.data.max_length} tokens" if mem.tokens else "weights + adapter + its AdamW states"
+    print(f"\nbudget {budget / 1e6:.2f} MB ({what}) = uniform NF4 rank 8; search {search_s / 60:.1f} min, "
           f"{found['plans_trained']} plans trained\n\nplans trained for {args.steps} steps on seed 0 (the search's choice):\n")
-    print("| plan | memory (MB) | eval_loss (seed 0) | exact_match (seed 0) |\n|---|---|---|---|")
+    print("| plan | budgeted memory (MB) | weights + adapter + states (MB) | eval_loss (seed 0) | exact_match (seed 0) |\n|---|---|---|---|---|")
     for p in found["promoted"]:
         mark = " (chosen)" if p["layers"] == chosen["layers"] else ""
         em = p.get("exact_match")
-        print(f"| {L.describe(p['layers'])}{mark} | {p['memory_bytes'] / 1e6:.2f} | {p.get('eval_loss', float('nan')):.4f} | "
-              f"{'—' if em is None else f'{em:.3f}'} |")
-    out = {"budget": budget, "search_s": search_s, "chosen": L.describe(chosen["layers"]),
+        print(f"| {L.describe(p['layers'])}{mark} | {p['memory_bytes'] / 1e6:.2f} | {weights(p['layers']) / 1e6:.2f} | "
+              f"{p.get('eval_loss', float('nan')):.4f} | {'—' if em is None else f'{em:.3f}'} |")
+    out = {"budget": budget, "memory": args.memory, "search_s": search_s, "chosen": L.describe(chosen["layers"]),
+           "chosen_layers": chosen["layers"],
            "promoted": [{k: v for k, v in p.items() if k != "layers"} | {"plan": L.describe(p["layers"])} for p in found["promoted"]]}
     if chosen["layers"] == uniform:
         print("\nthe search chose uniform NF4 rank 8 itself: no searched plan beat it (a tie, not a win)")
         return {**out, "verdict": "tie"}
-    # an unbiased comparison: fresh seeds the search never saw
+    # an unbiased comparison: fresh seeds the search never saw, and the peaks measured, not modelled
     runs: dict[str, list[dict]] = {"uniform": [], "chosen": []}
     for seed in args.seeds:
         runs["uniform"].append(_train_layers(raw, uniform, {"train.seed": seed}, f"bench-uniform-s{seed}"))
         runs["chosen"].append(_train_layers(raw, chosen["layers"], {"train.seed": seed}, f"bench-chosen-s{seed}"))
-    print(f"\nretrained on seeds {args.seeds} (mean):\n\n| plan | memory (MB) | eval_loss | exact_match |\n|---|---|---|---|")
-    for key, label, mem in (("uniform", "uniform NF4, rank 8 (QLoRA)", budget), ("chosen", f"searched: {L.describe(chosen['layers'])}", chosen["memory_bytes"])):
-        print(f"| {label} | {mem / 1e6:.2f} | {_mean(runs[key], 'eval_loss'):.4f} | {_mean(runs[key], 'exact_match'):.3f} |")
-    wins = _mean(runs["chosen"], "eval_loss") < _mean(runs["uniform"], "eval_loss")
-    print(f"\nsearched plan {'beats' if wins else 'does not beat'} uniform NF4 rank 8 on fresh seeds")
-    return {**out, "runs": runs, "verdict": "win" if wins else "loss"}
+    measured = {k: _measured_peak(raw, layers) for k, layers in (("uniform", uniform), ("chosen", chosen["layers"]))}
+    print(f"\nretrained on fresh seeds {args.seeds}:\n\n| plan | budgeted memory (MB) | weights + adapter + states (MB) | "
+          "measured training peak (MiB) | eval_loss per seed | mean eval_loss | mean exact_match |\n|---|---|---|---|---|---|---|")
+    for key, label, layers in (("uniform", "uniform NF4, rank 8 (QLoRA)", uniform), ("chosen", f"searched: {L.describe(chosen['layers'])}", chosen["layers"])):
+        per = ", ".join(f"{r['eval_loss']:.4f}" for r in runs[key])
+        print(f"| {label} | {mem(layers) / 1e6:.2f} | {weights(layers) / 1e6:.2f} | {measured[key] / 2**20:.0f} | {per} | "
+              f"{_mean(runs[key], 'eval_loss'):.4f} | {_mean(runs[key], 'exact_match'):.3f} |")
+    paired = [c["eval_loss"] < u["eval_loss"] for c, u in zip(runs["chosen"], runs["uniform"])]
+    wins = all(paired)
+    ratio = _mean(runs["chosen"], "eval_loss") / _mean(runs["uniform"], "eval_loss")
+    print(f"\nsearched / uniform mean eval_loss: {ratio:.3f}; lower on {sum(paired)} of {len(paired)} seeds; measured peak "
+          f"{measured['chosen'] / measured['uniform']:.3f}× uniform's\nsearched plan {'beats' if wins else 'does not beat'} "
+          f"uniform NF4 rank 8 on every fresh seed")
+    return {**out, "runs": runs, "measured_peak": measured, "loss_ratio": ratio, "verdict": "win" if wins else "no win"}
 
 
 def plan(args) -> dict:
@@ -162,19 +186,25 @@ def plan(args) -> dict:
             layers[i] = (int(kind[1:]), r) if kind[0] == "b" else (b, int(kind[1:]))
     fields = dict(kv.split("=", 1) for kv in args.set)
     metrics = _train_layers(raw, layers, fields, "bench-plan")
-    mem = L.memory(shape, layers, ALL_TARGETS) if not fields else None
-    print(f"\n{L.describe(layers)} {' '.join(args.set)}: memory {'—' if mem is None else f'{mem / 1e6:.2f} MB'}, "
-          f"eval_loss {metrics['eval_loss']:.4f}, exact_match {metrics.get('exact_match')}")
-    return {"plan": L.describe(layers), "set": fields, "memory_bytes": mem, **metrics}
+    spec = validate(raw)
+    tokens = spec.train.micro_batch_size * spec.data.max_length
+    known = not set(fields) - {"train.seed"}  # other overrides may change what the memory model is given
+    mem = L.memory(shape, layers, ALL_TARGETS) if known else None
+    peak = L.memory(shape, layers, ALL_TARGETS, tokens=tokens) if known else None
+    print(f"\n{L.describe(layers)} {' '.join(args.set)}: peak {'—' if peak is None else f'{peak / 1e6:.2f} MB'}, weights + adapter + states "
+          f"{'—' if mem is None else f'{mem / 1e6:.2f} MB'}, eval_loss {metrics['eval_loss']:.4f}, exact_match {metrics.get('exact_match')}")
+    return {"plan": L.describe(layers), "set": fields, "memory_bytes": mem, "peak_bytes": peak, **metrics}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.tuning", description=__doc__.split("\n\n")[0])
     p.add_argument("which", choices=["asha", "layerwise", "plan"])
     p.add_argument("--steps", type=int, default=None, help="full-length training steps (asha: 24, layerwise: 20)")
-    p.add_argument("--trials", type=int, default=12, help="layerwise: plans proposed")
+    p.add_argument("--trials", type=int, default=15, help="layerwise: plans proposed (two thirds of them calibration seeds)")
     p.add_argument("--short-steps", type=int, default=6, help="layerwise: steps of each short trial")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="layerwise: fresh training seeds for the comparison")
+    p.add_argument("--memory", choices=["peak", "weights"], default="peak",
+                   help="layerwise: what the budget (uniform NF4 rank 8's) counts (tune.layerwise.memory)")
     p.add_argument("--layers", help="plan: per-layer changes to uniform NF4 rank 8, e.g. 'b8:29,11 r0:24,25'")
     p.add_argument("--set", action="append", default=[], help="plan: a spec override field=value (repeatable)")
     args = p.parse_args(argv)

@@ -27,11 +27,16 @@ def fake_quant(w, bits: int):
     return (torch.round(w.float() / scale).clamp(-127, 127) * scale).to(w.dtype)
 
 
-def calibrate(spec: "JobSpec", bits: Sequence[int], targets: Sequence[str], samples: int = 16, log=print) -> dict[str, Any]:
-    """Sensitivity and importance per decoder layer of the spec's base (loaded unquantized)."""
+def calibrate(spec: "JobSpec", bits: Sequence[int], targets: Sequence[str], samples: int = 16, threads: int | None = None,
+              log=print) -> dict[str, Any]:
+    """Sensitivity and importance per decoder layer of the spec's base (loaded unquantized), on ``threads``
+    torch threads (default: torch's own choice)."""
     import time
 
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from pipelines import data as D
     from pipelines.models import load_base
@@ -75,5 +80,5 @@ def calibrate(spec: "JobSpec", bits: Sequence[int], targets: Sequence[str], samp
     out.loss.backward()
     raw = [sum(float(w.grad.pow(2).sum()) for w in ws) for ws in tracked]
     total = sum(raw) or 1.0
-    log(f"[raypeft] calibration on {len(ex)} examples: {len(layers)} layers in {time.perf_counter() - t0:.1f}s")
+    log(f"[raypeft] calibration on {len(ex)} examples, {torch.get_num_threads()} thread(s): {len(layers)} layers in {time.perf_counter() - t0:.1f}s")
     return {"sensitivity": sens, "importance": [r / total for r in raw], "loss": out.loss.item(), "samples": len(ex)}

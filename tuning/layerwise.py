@@ -9,6 +9,7 @@ Pure: no torch, no Ray, no I/O.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from cluster.memory import Shape, layerwise_estimate
@@ -48,9 +49,27 @@ def plan_fields(layers: Layers, targets: Sequence[str]) -> dict[str, object]:
     }
 
 
-def memory(shape: Shape, layers: Layers, targets: Sequence[str], param_bytes: int = 4, double_quant: bool = True) -> float:
-    """Bytes of the plan: weights + adapter + its gradients and AdamW states (``layerwise_estimate``)."""
-    return layerwise_estimate(shape, layers, tuple(targets), param_bytes=param_bytes, double_quant=double_quant).total
+@dataclass(frozen=True)
+class Memory:
+    """A plan's bytes (``layerwise_estimate``): weights + adapter + its gradients and AdamW states and, with
+    ``tokens`` (micro batch × sequence length) > 0, the training step's activations: the peak. A value, not a
+    closure, because Tune pickles the searcher that holds it."""
+
+    shape: Shape
+    targets: tuple[str, ...]
+    param_bytes: int = 4
+    double_quant: bool = True
+    tokens: int = 0
+    checkpointing: bool = False
+
+    def __call__(self, layers: Layers) -> float:
+        return layerwise_estimate(self.shape, layers, tuple(self.targets), param_bytes=self.param_bytes, double_quant=self.double_quant,
+                                  tokens=self.tokens, checkpointing=self.checkpointing).total
+
+
+def memory(shape: Shape, layers: Layers, targets: Sequence[str], param_bytes: int = 4, double_quant: bool = True, tokens: int = 0) -> float:
+    """Bytes of the plan (``Memory``): weights + adapter + its states, + activations of ``tokens`` if > 0."""
+    return Memory(shape, tuple(targets), param_bytes, double_quant, tokens)(layers)
 
 
 def uniform(shape: Shape, bits: int, rank: int) -> Layers:
@@ -64,12 +83,18 @@ def seed_plans(
     """Warm starts for the multi-objective search, from the calibration.
 
     * every uniform plan (one bit-width, one rank) that fits;
+    * no adapter on the bottom k layers (k = n/8, n/4, n/3), ranks raised above them by importance:
+      no gradient reaches a layer below every adapter, so under a peak budget its activations are
+      not kept at all, which frees far more memory than its adapter held (the README measures it);
+    * no adapter on the k least important layers, their memory spent on rank where it matters most;
     * rank allocations by importance at the cheapest bit-width: two tiers (the more important half of
       the layers gets the larger rank) and three tiers (top third the largest rank, middle third the
       middle one, bottom third the smallest, 0 included), which keep the adapter's size while moving
       rank to where the gradients are;
-    * each allocation again with bits raised greedily: the layer whose quantization hurts most (per
+    * each of these again with bits raised greedily: the layer whose quantization hurts most (per
       step up) moves up one bit-width, while the plan fits.
+
+    In that order, so a search with fewer trials than seeds tries the first ones.
     """
     n = len(importance)
     bits, nz = sorted(bits), sorted(r for r in ranks if r > 0)
@@ -107,8 +132,26 @@ def seed_plans(
             else:
                 return plan
 
+    def upgrade_ranks(plan: Layers) -> Layers:
+        plan = list(plan)
+        for i in order:  # most important first, one step each, while the plan fits
+            b, r = plan[i]
+            if 0 < r < nz[-1]:
+                trial = plan[:i] + [(b, nz[nz.index(r) + 1])] + plan[i + 1:]
+                if fits(trial):
+                    plan = trial
+        return plan
+
     lo, mid, hi = sorted(ranks)[0], nz[len(nz) // 2], nz[-1]
-    starts = [two(mid, nz[0]), two(hi, mid), two(hi, nz[0]), three(hi, mid, lo), three(hi, mid, nz[0])]
+    starts = []
+    if lo == 0:
+        for k in sorted({max(1, n // 8), max(1, n // 4), max(1, n // 3)}):  # the bottom k layers
+            if k < n:
+                starts.append(upgrade_ranks([(bits[0], 0 if i < k else mid) for i in range(n)]))
+        for k in sorted({1, 2, max(3, n // 8)}):  # the k least important layers
+            if k < n:
+                starts.append(upgrade_ranks([(bits[0], 0 if order.index(i) >= n - k else mid) for i in range(n)]))
+    starts += [two(mid, nz[0]), two(hi, mid), two(hi, nz[0]), three(hi, mid, lo), three(hi, mid, nz[0])]
     for start in [*(s for s in seeds if s[0][0] == bits[0]), *starts]:
         if fits(start):
             seeds += [start, upgrade_bits(start)]
@@ -121,15 +164,20 @@ def seed_plans(
 
 def repair(
     layers: Layers, sensitivity: dict[int, list[float]], importance: list[float], bits: Sequence[int], ranks: Sequence[int],
-    fits: Callable[[Layers], bool],
+    fits: Callable[[Layers], bool], memory: Callable[[Layers], float] | None = None,
 ) -> Layers | None:
     """An over-budget plan made to fit by the cheapest downgrades, or None if none does (e.g. no adapter).
 
     Bit-widths go first: the layer whose calibrated KL rises least moves one bit-width down. Only when
     every layer is at the lowest bit-width do ranks go, one step at a time, from the layer with the
-    least rank importance (the measurements in the README show rank is the dearer thing to cut).
-    NSGA-II's random proposals over 30 layers almost never fit a tight budget; repaired, they train."""
+    least rank importance (the measurements in the README show rank is the dearer thing to cut) per
+    byte the step frees, when ``memory`` is given: under a peak budget, removing an adapter also frees
+    the activations its layer kept. NSGA-II's random proposals over 30 layers almost never fit a tight
+    budget; repaired, they train."""
     plan, bits, ranks = list(layers), sorted(bits), sorted(ranks)
+
+    def freed(i: int, new: tuple[int, int]) -> float:
+        return max(memory(plan) - memory(plan[:i] + [new] + plan[i + 1:]), 1.0) if memory else 1.0
 
     def sens(b: int, i: int) -> float:
         return 0.0 if b == 16 else sensitivity.get(b, [0.0] * len(plan))[i]
@@ -138,8 +186,8 @@ def repair(
         cands = [(sens(bits[bits.index(b) - 1], i) - sens(b, i), i, (bits[bits.index(b) - 1], r))
                  for i, (b, r) in enumerate(plan) if b != bits[0]]
         if not cands:
-            cands = [(importance[i] * (r - ranks[ranks.index(r) - 1]), i, (b, ranks[ranks.index(r) - 1]))
-                     for i, (b, r) in enumerate(plan) if r != ranks[0]]
+            cands = [(importance[i] * (r - lower) / freed(i, (b, lower)), i, (b, lower))
+                     for i, (b, r) in enumerate(plan) if r != ranks[0] for lower in [ranks[ranks.index(r) - 1]]]
         if not cands:
             return None
         _, i, new = min(cands)

@@ -34,6 +34,16 @@ def _targets(spec: JobSpec) -> tuple[str, ...]:
     return ALL_TARGETS
 
 
+def plan_memory(spec: JobSpec) -> L.Memory:
+    """How the spec's ``tune.layerwise.memory`` counts a plan's bytes: the training step's peak (activations of
+    ``train.micro_batch_size`` × ``data.max_length`` tokens included) or weights + adapter + its states only."""
+    from pipelines.plan import DTYPE_BYTES, shape_of
+
+    peak = spec.tune.layerwise.memory == "peak"
+    return L.Memory(shape_of(spec), _targets(spec), DTYPE_BYTES[spec.model.dtype], spec.model.double_quant,
+                    spec.train.micro_batch_size * spec.data.max_length if peak else 0, spec.model.gradient_checkpointing)
+
+
 def _with(spec: JobSpec, fields: dict[str, Any]) -> JobSpec:
     return validate(trial_raw(spec.model_dump(mode="json", exclude={"tune"}), fields))
 
@@ -43,24 +53,22 @@ class PlanSpace:
     (``layerwise.repair``) and the repaired plan is what trains; the budget also goes to NSGA-II as a
     constraint, for the proposals no repair saves. A class, not a closure: Tune pickles the searcher."""
 
-    def __init__(self, shape, targets, bits, ranks, budget, param_bytes, double_quant, sensitivity, importance):
-        self.shape, self.targets, self.bits, self.ranks = shape, tuple(targets), list(bits), list(ranks)
-        self.budget, self.param_bytes, self.double_quant = budget, param_bytes, double_quant
+    def __init__(self, memory: L.Memory, bits, ranks, budget, sensitivity, importance):
+        self.memory, self.bits, self.ranks, self.budget = memory, list(bits), list(ranks), budget
         self.sensitivity, self.importance = sensitivity, importance
 
-    def _memory(self, layers: L.Layers) -> float:
-        return L.memory(self.shape, layers, self.targets, self.param_bytes, self.double_quant)
+    def fits(self, layers: L.Layers) -> bool:
+        return self.memory(layers) <= self.budget and any(r for _, r in layers)
 
     def __call__(self, trial) -> dict[str, Any]:
         layers = [(trial.suggest_categorical(f"bits_{i}", self.bits), trial.suggest_categorical(f"rank_{i}", self.ranks))
-                  for i in range(self.shape.layers)]
-        fixed = L.repair(layers, self.sensitivity, self.importance, self.bits, self.ranks,
-                         lambda p: self._memory(p) <= self.budget and any(r for _, r in p))
+                  for i in range(self.memory.shape.layers)]
+        fixed = L.repair(layers, self.sensitivity, self.importance, self.bits, self.ranks, self.fits, self.memory)
         plan = fixed or layers
-        m, adapted = self._memory(plan), any(r for _, r in plan)
+        m, adapted = self.memory(plan), any(r for _, r in plan)
         trial.set_user_attr("constraint", [m - self.budget, 0.0 if adapted else 1.0])
         ok = m <= self.budget and adapted
-        return {**(L.plan_fields(plan, self.targets) if ok else {}), **L.to_point(plan), "memory_bytes": m, "over_budget": not ok,
+        return {**(L.plan_fields(plan, self.memory.targets) if ok else {}), **L.to_point(plan), "memory_bytes": m, "over_budget": not ok,
                 "repaired": fixed is not None and fixed != layers}
 
 
@@ -74,16 +82,13 @@ def search(spec: JobSpec, budget: int, out: str | None = None, log=print) -> dic
     from ray.tune.search.optuna import OptunaSearch
 
     from pipelines import tracking
-    from pipelines.plan import DTYPE_BYTES, shape_of
     from pipelines.train import init_ray, job_lineage
     from tuning.calibrate import calibrate
 
     lw = spec.tune.layerwise
-    shape, targets = shape_of(spec), _targets(spec)
-    pbytes = DTYPE_BYTES[spec.model.dtype]
-
-    def mem(layers: L.Layers) -> float:
-        return L.memory(shape, layers, targets, pbytes, spec.model.double_quant)
+    mem = plan_memory(spec)
+    shape, targets = mem.shape, mem.targets
+    what = f"peak memory ({spec.train.micro_batch_size} × {spec.data.max_length} tokens)" if mem.tokens else "weights + adapter memory"
 
     def fits(layers: L.Layers) -> bool:
         return mem(layers) <= budget and any(r for _, r in layers)
@@ -91,7 +96,7 @@ def search(spec: JobSpec, budget: int, out: str | None = None, log=print) -> dic
     smallest = mem(L.uniform(shape, min(lw.bits), min([r for r in lw.ranks if r] or [1])))
     if smallest > budget:
         raise ValueError(f"tune.layerwise.budget: even the smallest plan ({min(lw.bits)}-bit, rank {min(r for r in lw.ranks if r)}) "
-                         f"needs {smallest / 1e6:.1f} MB (got {budget / 1e6:.1f} MB)")
+                         f"needs {smallest / 1e6:.1f} MB of {what} (got {budget / 1e6:.1f} MB)")
 
     name = f"{spec.name}-layerwise-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = tracking.tracking_uri(spec)
@@ -99,13 +104,16 @@ def search(spec: JobSpec, budget: int, out: str | None = None, log=print) -> dic
     c = tracking.client(uri)
     c.log_batch(parent, metrics=metric_batch({"budget_bytes": budget}))
     log(f"[raypeft] layerwise search {name}: {shape.layers} layers × bits {lw.bits} × ranks {lw.ranks}, "
-        f"budget {budget / 1e6:.1f} MB; MLflow parent run {parent}")
+        f"budget {budget / 1e6:.1f} MB of {what}; MLflow parent run {parent}")
     t0 = time.time()
 
     # ---- phase 1: calibration (a Ray task, so it runs on the cluster like the trials)
+    # nothing else runs during calibration: it takes every free CPU of one node
     init_ray()
-    cal = ray.get(ray.remote(calibrate).options(num_cpus=min(1.0, spec.scaling.cpus_per_worker)).remote(
-        spec, lw.bits, targets, lw.calibration_samples))
+    node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
+    cpus = max(1, int(min(node, ray.available_resources().get("CPU", 0))))
+    cal = ray.get(ray.remote(calibrate).options(num_cpus=cpus).remote(
+        spec, lw.bits, targets, lw.calibration_samples, threads=cpus))
     c.log_text(parent, json.dumps(cal, indent=1), "calibration.json")
     order = sorted(range(shape.layers), key=lambda i: -max(cal["sensitivity"].get(min(lw.bits), [0] * shape.layers)[i], 0))
     log(f"[raypeft] most quantization-sensitive layers: {order[:5]}; most rank-important: "
@@ -118,10 +126,10 @@ def search(spec: JobSpec, budget: int, out: str | None = None, log=print) -> dic
     short = _with(spec, {"train.max_steps": lw.short_steps, "train.eval_every": lw.short_steps, "data.task": "none",
                          "train.warmup_steps": min(spec.train.warmup_steps, lw.short_steps - 1), "checkpoint.every_steps": 0})
 
-    space = PlanSpace(shape, targets, lw.bits, lw.ranks, budget, pbytes, spec.model.double_quant, cal["sensitivity"], cal["importance"])
+    space = PlanSpace(mem, lw.bits, lw.ranks, budget, cal["sensitivity"], cal["importance"])
     sampler = NSGAIISampler(population_size=lw.population, seed=lw.seed, constraints_func=_constraints)
     searcher = OptunaSearch(space=space, metric=["eval_loss", "memory_bytes"], mode=["min", "min"], sampler=sampler,
-                            points_to_evaluate=[L.to_point(s) for s in seeds[: lw.trials]])
+                            points_to_evaluate=[L.to_point(s) for s in seeds[: max(1, 2 * lw.trials // 3)]])  # a third left to NSGA-II
     grid, logger = run_trials(short, f"{name}-short", {}, metric=None, mode=None, num_samples=lw.trials, searcher=searcher,
                               parent_run_id=parent, uri=uri, max_steps=lw.short_steps, verbose=0, log=log)
     rows = []
@@ -211,7 +219,7 @@ def front_png(rows, front, chosen, budget: int, out: Path) -> Path:
     ax.plot([r["memory_bytes"] / 1e6 for r in f], [r["short_eval_loss"] for r in f], "o-", label="Pareto front")
     ax.scatter([chosen["memory_bytes"] / 1e6], [chosen["short_eval_loss"]], marker="*", s=200, c="red", label="chosen", zorder=3)
     ax.axvline(budget / 1e6, ls="--", c="k", lw=1, label="budget")
-    ax.set_xlabel("memory (MB): weights + adapter + its optimizer")
+    ax.set_xlabel("memory (MB), as the budget counts it (tune.layerwise.memory)")
     ax.set_ylabel("eval loss after the short trial")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

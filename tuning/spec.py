@@ -37,8 +37,15 @@ class _Section(BaseModel):
 class LayerwiseSpec(_Section):
     budget: int | str | None = Field(
         None,
-        description="Memory budget for the base weights + adapter + its gradients and AdamW states, in bytes or "
-        "with a unit (`60MB`, `1.2GiB`). Required by `raypeft layerwise` (or pass `--budget`).",
+        description="Memory budget per worker, in bytes or with a unit (`60MB`, `1.2GiB`): what `memory` counts. "
+        "Required by `raypeft layerwise` (or pass `--budget`).",
+    )
+    memory: Literal["peak", "weights"] = Field(
+        "peak",
+        description="What the budget bounds. `peak`: the training step's peak, as `raypeft plan` models it: weights, "
+        "adapter, its gradients and AdamW states, and the activations of `train.micro_batch_size` × `data.max_length` "
+        "tokens, which depend on the plan (a layer below every adapter keeps none). `weights`: weights + adapter + "
+        "its gradients and AdamW states only (QR-Adaptor's measure).",
     )
     bits: list[Literal[4, 8, 16]] = Field([4, 8, 16], min_length=1, description="Bit-widths a decoder layer may take: 4 (bnb NF4), 8 (bnb int8), 16 (unquantized).")
     ranks: list[Rank] = Field([0, 4, 8, 16], min_length=1, description="LoRA ranks a decoder layer may take (0: no adapter); alpha = 2·rank.")

@@ -78,7 +78,7 @@ def test_layerwise_search_plans_fit_the_budget_and_the_plan_trains(local_ray, ra
     from pipelines.preflight import load_checked_spec
     from pipelines.train import run
     from tuning import layerwise as L
-    from tuning.search import ALL_TARGETS, search
+    from tuning.search import ALL_TARGETS, plan_memory, search
 
     spec = tiny_spec(
         tiny_model_dir, chat_data, name="lw",
@@ -87,7 +87,9 @@ def test_layerwise_search_plans_fit_the_budget_and_the_plan_trains(local_ray, ra
         tune={"layerwise": {"trials": 6, "population": 3, "short_steps": 3, "promote": 2, "calibration_samples": 8}},
     )
     shape = Shape.from_config(json.loads((tiny_model_dir / "config.json").read_text()))
-    budget = int(L.memory(shape, L.uniform(shape, 8, 4), ALL_TARGETS))  # uniform int8 rank 4 just fits
+    peak = plan_memory(spec)  # the default: the training step's peak, activations included
+    assert peak.tokens == spec.train.micro_batch_size * spec.data.max_length and peak.targets == ALL_TARGETS
+    budget = int(peak(L.uniform(shape, 8, 4)))  # uniform int8 rank 4 just fits
     out = tmp_path / "plan.yaml"
     result = search(spec, budget, out=str(out))
 

@@ -112,6 +112,8 @@ def test_seed_plans_fit_the_budget_and_favour_sensitive_layers():
     assert greedy and all(s[0][0] >= max(b for b, _ in s[1:]) for s in greedy)  # layer 0 minds quantization most
     tiered = [s for s in seeds if len({r for _, r in s}) > 1]
     assert tiered and all(s[3][1] >= s[0][1] for s in tiered)  # layer 3 matters most for rank
+    # the least important layer (0) gives up its adapter and the memory goes to rank elsewhere
+    assert any(s[0][1] == 0 and max(r for _, r in s) == 8 and all(r for _, r in s[1:]) for s in seeds)
 
 
 def test_repair_makes_over_budget_plans_fit_downgrading_bits_of_tolerant_layers_first():
@@ -134,6 +136,26 @@ def test_repair_makes_over_budget_plans_fit_downgrading_bits_of_tolerant_layers_
     assert fixed == [(4, 8), (4, 8), (4, 8), (4, 4)]
     assert L.repair([(4, 0)] * 4, sens, imp, [4, 8, 16], [0, 4, 8], fits_under(tight)) is None  # no adapter: unfixable
     assert L.repair(L.uniform(shape, 4, 8), sens, imp, [4, 8, 16], [0, 4, 8], fits_under(one)) == L.uniform(shape, 4, 8)
+
+
+def test_under_a_peak_budget_repair_drops_the_adapter_that_frees_most_memory_per_importance():
+    shape = Shape(layers=4, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=100)
+    peak = L.Memory(shape, TARGETS, tokens=512)
+    sens = {4: [0.1] * 4, 8: [0.01] * 4}
+    imp = [0.2, 0.1, 0.4, 0.3]
+    plan = [(4, 4), (4, 8), (4, 8), (4, 8)]
+    budget = peak(plan) - 1
+
+    def fits(p):
+        return peak(p) <= budget and any(r for _, r in p)
+
+    # by importance alone, layer 1 (the least important) loses rank; per byte freed, layer 0 loses its
+    # adapter: below every other adapter, its activations are no longer kept at all
+    assert L.repair(plan, sens, imp, [4, 8], [0, 4, 8], fits) == [(4, 4), (4, 4), (4, 8), (4, 8)]
+    assert L.repair(plan, sens, imp, [4, 8], [0, 4, 8], fits, peak) == [(4, 0), (4, 8), (4, 8), (4, 8)]
+    # the activations depend on where the adapters are, not only on how many there are
+    assert peak([(4, 0), (4, 8), (4, 8), (4, 8)]) < peak([(4, 8), (4, 0), (4, 8), (4, 8)]) < peak([(4, 8)] * 4)
+    assert L.Memory(shape, TARGETS)([(4, 0), (4, 8), (4, 8), (4, 8)]) == L.Memory(shape, TARGETS)([(4, 8), (4, 0), (4, 8), (4, 8)])
 
 
 def test_memory_falls_with_bits_and_rises_with_rank():
