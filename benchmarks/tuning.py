@@ -70,7 +70,7 @@ def asha(args) -> dict:
     return {**out, "loss_ratio": ratio, "steps_ratio": steps}
 
 
-def _lw_raw(steps: int, trials: int = 12, short_steps: int = 6) -> dict:
+def _lw_raw(steps: int, trials: int = 15, short_steps: int = 6) -> dict:
     return {
         "name": "bench-lw", "model": {"base": "smollm2-135m"},
         "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
