@@ -457,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     lw = sub.add_parser("layerwise", help="search per-layer bit-widths and LoRA ranks under a memory budget (QR-Adaptor style)")
     lw.add_argument("spec", help="job spec YAML")
     lw.add_argument("overrides", nargs="*", help="section.field=value overrides (tune.layerwise.* included)")
-    lw.add_argument("--budget", help="memory budget for weights + adapter + its optimizer, e.g. 60MB (tune.layerwise.budget)")
+    lw.add_argument("--budget", help="memory budget per worker, e.g. 1.5GB (tune.layerwise.budget): the training peak, or with "
+                    "tune.layerwise.memory=weights the weights + adapter + its optimizer states")
     lw.add_argument("--out", help="where to write the chosen plan as a job spec (default: <name>-layerwise.yaml)")
     lw.set_defaults(fn=_cmd_layerwise)
 

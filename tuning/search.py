@@ -19,7 +19,7 @@ import yaml
 from ray import tune
 
 from cluster.memory import Plan
-from pipelines.spec import JobSpec, validate
+from pipelines.spec import JobSpec, SpecError, validate
 from tuning import layerwise as L
 from tuning.spec import trial_raw
 from tuning.sweep import PENALTY, metric_batch, run_trials
@@ -95,8 +95,8 @@ def search(spec: JobSpec, budget: int, out: str | None = None, log=print) -> dic
 
     smallest = mem(L.uniform(shape, min(lw.bits), min([r for r in lw.ranks if r] or [1])))
     if smallest > budget:
-        raise ValueError(f"tune.layerwise.budget: even the smallest plan ({min(lw.bits)}-bit, rank {min(r for r in lw.ranks if r)}) "
-                         f"needs {smallest / 1e6:.1f} MB of {what} (got {budget / 1e6:.1f} MB)")
+        raise SpecError([("tune.layerwise.budget", f"even the smallest plan ({min(lw.bits)}-bit, rank {min(r for r in lw.ranks if r)}) "
+                                                   f"needs {smallest / 1e6:.1f} MB of {what} (got {budget / 1e6:.1f} MB)")])
 
     name = f"{spec.name}-layerwise-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = tracking.tracking_uri(spec)

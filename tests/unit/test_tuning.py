@@ -266,3 +266,21 @@ def test_is_uniform_and_the_point_round_trip():
     assert L.is_uniform([(4, 8)] * 3) and not L.is_uniform([(4, 8), (4, 8), (8, 8)])
     layers = [(4, 8), (8, 0), (16, 16)] * 4  # 12 layers: bits_10 must not be read as bits_1
     assert L.from_point({**L.to_point(layers), "memory_bytes": 1.0}) == layers
+
+
+def test_layerwise_cli_refuses_a_budget_no_plan_fits_with_exit_2_before_ray_starts(tiny_model_dir, chat_data, tmp_path, capsys):
+    import ray
+    import yaml
+
+    from raypeft.cli import main
+
+    spec = tmp_path / "lw.yaml"
+    spec.write_text(yaml.safe_dump({"name": "lw", "model": {"base": str(tiny_model_dir)}, "method": {"name": "lora", "r": 4},
+                                    "data": {"train": str(chat_data), "format": "chat", "max_length": 64}}))
+    assert main(["layerwise", str(spec), "--budget", "1MB"]) == 2
+    err = capsys.readouterr().err
+    assert "tune.layerwise.budget" in err and "smallest plan" in err and "peak memory" in err and "(got 1.0 MB)" in err
+    # counted as weights + adapter only, the same budget asks less of the plan but is still far too small
+    assert main(["layerwise", str(spec), "tune.layerwise.memory=weights", "--budget", "1kB"]) == 2
+    assert "weights + adapter memory" in capsys.readouterr().err
+    assert not ray.is_initialized()
