@@ -85,12 +85,12 @@ def _measure(raw: dict, env: dict) -> dict:
 
 
 def planned(raw: dict) -> int:
-    from cluster.memory import estimate
-    from pipelines.plan import plan_of, shape_of
+    from pipelines.plan import breakdown_of, plan_of, shape_of
     from pipelines.spec import validate
 
     spec = validate(raw)
-    return int(estimate(shape_of(spec), plan_of(spec)).total)
+    shape = shape_of(spec)
+    return int(breakdown_of(spec, shape, plan_of(spec)).total)
 
 
 def main(argv=None) -> int:

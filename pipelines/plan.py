@@ -66,6 +66,54 @@ def plan_of(spec: "JobSpec", gpus: int | None = None) -> Plan:
     )
 
 
+LINEARS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def layers_of(spec: "JobSpec", shape: Shape) -> list[tuple[int, int]] | None:
+    """Each decoder layer's (bits, LoRA rank) for a spec with a ``model.quantization_plan`` (what
+    ``raypeft layerwise`` writes), resolved the way the loader and PEFT resolve them; None otherwise.
+    A layer's bit-width is its first linear's, its rank the largest of its targeted linears' (0: none)."""
+    import re
+
+    from pipelines.spec import pattern_key
+
+    if not spec.model.quantization_plan:
+        return None
+    targets, ranks = spec.method.target_modules, spec.method.rank_pattern
+    out = []
+    for i in range(shape.layers):
+        names = [f"model.layers.{i}.{block}.{lin}" for lin, block in LINEARS.items()]
+        bits = spec.module_bits(names[0])
+
+        def targeted(name: str) -> bool:
+            if isinstance(targets, str):
+                return re.fullmatch(targets, name) is not None
+            return any(name == t or name.endswith("." + t) for t in (targets or LINEARS))
+
+        rank = max([ranks[k] if (k := pattern_key(ranks, n)) is not None else spec.rank() for n in names if targeted(n)], default=0)
+        out.append((bits, rank))
+    return out
+
+
+def breakdown_of(spec: "JobSpec", shape: Shape, plan: Plan) -> Breakdown:
+    """The memory model for the spec: ``estimate``, or for a per-layer plan ``layerwise_estimate``
+    (the search's own measure, activations included)."""
+    from cluster.memory import estimate, layerwise_estimate
+
+    layers = layers_of(spec, shape)
+    if layers is None:
+        return estimate(shape, plan)
+    b = layerwise_estimate(shape, layers, plan.targets, param_bytes=plan.param_bytes, double_quant=spec.model.double_quant,
+                           tokens=plan.micro_batch * plan.seq_len, checkpointing=plan.gradient_checkpointing)
+    b.overhead = plan.overhead_bytes
+    counts: dict[tuple[int, int], int] = {}
+    for lr in layers:
+        counts[lr] = counts.get(lr, 0) + 1
+    b.notes.append("per-layer plan: " + ", ".join(f"{bits}b×r{r} ×{c}" for (bits, r), c in sorted(counts.items())))
+    return b
+
+
 def render(shape: Shape, plan: Plan, b: Breakdown, budget: float | None) -> tuple[str, bool]:
     lines = [f"model: {shape.params() / 1e6:,.0f}M parameters ({shape.layers} layers, hidden {shape.hidden}); "
              f"method {plan.method}, rank {plan.rank}; {plan.gpus} GPU(s), ZeRO-{plan.zero_stage}; "

@@ -282,8 +282,8 @@ def _cmd_status(args) -> int:
 def _cmd_plan(args) -> int:
     import json
 
-    from cluster.memory import estimate, parse_bytes
-    from pipelines.plan import CPU_NOTE, plan_of, render, shape_of
+    from cluster.memory import parse_bytes
+    from pipelines.plan import CPU_NOTE, breakdown_of, plan_of, render, shape_of
     from pipelines.spec import load_spec
 
     try:
@@ -294,7 +294,7 @@ def _cmd_plan(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     plan = plan_of(spec, args.gpus)
-    breakdown = estimate(shape, plan)
+    breakdown = breakdown_of(spec, shape, plan)
     if not spec.scaling.use_gpu:
         breakdown.notes.append(CPU_NOTE)
     text, fits = render(shape, plan, breakdown, budget)

@@ -284,3 +284,31 @@ def test_layerwise_cli_refuses_a_budget_no_plan_fits_with_exit_2_before_ray_star
     assert main(["layerwise", str(spec), "tune.layerwise.memory=weights", "--budget", "1kB"]) == 2
     assert "weights + adapter memory" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_raypeft_plan_on_a_written_layerwise_spec_counts_what_the_search_counted(tiny_model_dir, chat_data, tmp_path, capsys):
+    """`raypeft plan` on the spec the search writes reads the per-layer plan back and gives the search's own peak."""
+    import yaml
+
+    from pipelines.plan import layers_of, shape_of
+    from raypeft.cli import main
+    from tests.conftest import tiny_spec
+    from tuning.search import plan_memory
+
+    spec = tiny_spec(tiny_model_dir, chat_data)
+    shape = shape_of(spec)
+    layers = [(4, 0), (8, 16)] if shape.layers == 2 else [(4, 0)] + [(8, 16)] * (shape.layers - 1)
+    fields = L.plan_fields(layers, TARGETS)
+    raw = spec.model_dump(mode="json", exclude={"tune"})
+    raw["model"]["quantization_plan"] = fields["model.quantization_plan"]
+    for k in ("r", "alpha", "rank_pattern", "alpha_pattern", "target_modules"):
+        raw["method"][k] = fields[f"method.{k}"]
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    written = validate(raw)
+    assert layers_of(written, shape) == layers
+    main(["plan", str(path), "--json"])
+    out = capsys.readouterr().out
+    assert "per-layer plan: 4b×r0 ×1" in out
+    assert json.loads(out.strip().splitlines()[-1])["total"] == pytest.approx(plan_memory(written)(layers))
+    assert layers_of(spec, shape) is None  # a plain spec keeps the uniform model
