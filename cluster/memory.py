@@ -167,13 +167,15 @@ def saved_per_token(shape: Shape, plan: Plan) -> int:
     return 4 * i + 6 * h + 2 * kv + shape.heads + 2 + adapters
 
 
-def frozen_per_token(shape: Shape) -> int:
+def frozen_per_token(shape: Shape, int8: bool = False) -> int:
     """Elements autograd saves per token in a decoder layer without an adapter that a gradient still
     crosses (an adapted layer lies below it): only what its input's gradient needs, so none of the
     linears' inputs and no LoRA outputs. 3·intermediate + 4·hidden + 2·kv + heads + 2 (measured like
-    ``saved_per_token``). A layer below every adapted one saves nothing: no gradient reaches it."""
+    ``saved_per_token``). bitsandbytes' int8 matmul on CPU keeps its input whatever needs a gradient,
+    which adds the linears' inputs back: intermediate + 2·hidden more. A layer below every adapted one
+    saves nothing: no gradient reaches it."""
     kv = shape.kv_heads * (shape.head_dim or shape.hidden // shape.heads)
-    return 3 * shape.intermediate + 4 * shape.hidden + 2 * kv + shape.heads + 2
+    return 3 * shape.intermediate + 4 * shape.hidden + 2 * kv + shape.heads + 2 + (shape.intermediate + 2 * shape.hidden if int8 else 0)
 
 
 def activation_bytes(shape: Shape, saved: list[int], tokens: int, act: int, logits_bytes: int = 4, checkpointing: bool = False) -> float:
@@ -225,7 +227,14 @@ def estimate(shape: Shape, plan: Plan) -> Breakdown:
     b.activations = activation_bytes(shape, [saved_per_token(shape, plan)] * shape.layers, plan.micro_batch * plan.seq_len,
                                      plan.param_bytes, plan.logits_bytes, plan.gradient_checkpointing)
 
-    # ZeRO sharding and offload
+    shard(b, plan)
+    b.overhead = plan.overhead_bytes
+    return b
+
+
+def shard(b: Breakdown, plan: Plan) -> Breakdown:
+    """ZeRO sharding and offload applied to ``b`` in place: optimizer states (stage ≥ 1), gradients (≥ 2)
+    and parameters (3) divided by the GPU count; offloaded parts moved to CPU memory (noted)."""
     n = max(1, plan.gpus)
     if plan.zero_stage >= 1:
         b.optimizer /= n
@@ -240,7 +249,6 @@ def estimate(shape: Shape, plan: Plan) -> Breakdown:
     if plan.offload_params and plan.zero_stage >= 3:
         b.notes.append(f"parameters offloaded to CPU memory ({(b.weights + b.adapter) / GiB:.2f} GiB per GPU moved)")
         b.weights = b.adapter = 0
-    b.overhead = plan.overhead_bytes
     return b
 
 
@@ -256,7 +264,8 @@ def fixes(shape: Shape, plan: Plan, budget: float, max_gpus: int = 64) -> list[t
     if plan.optimizer == "adamw" and plan.method in ("full", "galore"):
         candidates.append(("use 8-bit AdamW states (galore_8bit / an 8-bit optimizer)", replace(plan, optimizer="adamw8bit")))
     if plan.method in ("lora", "dora", "full"):
-        candidates.append(("train QLoRA on a 4-bit base (method.name=qlora)", replace(plan, method="qlora", weight_bits=None)))
+        # as raypeft trains it: PEFT's k-bit preparation casts the unquantized parameters to fp32, and the activations follow
+        candidates.append(("train QLoRA on a 4-bit base (method.name=qlora)", replace(plan, method="qlora", weight_bits=None, param_bytes=4)))
     if plan.gpus > 1:
         for stage in range(plan.zero_stage + 1, 4):
             candidates.append((f"shard with ZeRO-{stage} (scaling.strategy=zero{stage})", replace(plan, zero_stage=stage)))
@@ -335,7 +344,7 @@ def layerwise_estimate(
     b.optimizer = trainable * optimizer_bytes
     if tokens:
         first = 0 if checkpointing else next((k for k, (_, r) in enumerate(layers) if r), len(layers))
-        saved = [0 if k < first else saved_per_token(shape, Plan(rank=r, targets=targets)) if r else frozen_per_token(shape)
-                 for k, (_, r) in enumerate(layers)]
+        saved = [0 if k < first else saved_per_token(shape, Plan(rank=r, targets=targets)) if r else frozen_per_token(shape, bits == 8)
+                 for k, (bits, r) in enumerate(layers)]
         b.activations = activation_bytes(shape, saved, tokens, param_bytes, checkpointing=checkpointing)
     return b

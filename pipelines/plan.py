@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cluster.deepspeed import offloads, zero_stage
-from cluster.memory import GiB, KNOWN, Breakdown, Plan, Shape, fixes
+from cluster.memory import GiB, KNOWN, Breakdown, Plan, Shape, fixes, shard
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
@@ -41,6 +41,14 @@ def shape_of(spec: "JobSpec") -> Shape:
     raise ValueError(f"model.base: no config.json to read and no known shape for {base!r} (known: {', '.join(KNOWN)})")
 
 
+def param_bytes(spec: "JobSpec") -> int:
+    """Bytes per unquantized parameter and activation when the job trains. On a 4/8-bit base, PEFT's
+    ``prepare_model_for_kbit_training`` casts every bf16/fp16 parameter that is not a 4-bit weight to
+    fp32 (embeddings, norms, 16-bit layers), so the hidden states are fp32 too."""
+    kbit = spec.quantization() in ("nf4", "int8") or any(b < 16 for b in spec.model.quantization_plan.values())
+    return 4 if kbit else DTYPE_BYTES[spec.model.dtype]
+
+
 def plan_of(spec: "JobSpec", gpus: int | None = None) -> Plan:
     name = spec.method.name
     method = {"qlora": "qlora", "qdora": "qlora", "dora": "dora"}.get(name, "galore" if name.startswith("galore") else
@@ -54,7 +62,7 @@ def plan_of(spec: "JobSpec", gpus: int | None = None) -> Plan:
     return Plan(
         method=method, rank=spec.rank(), targets=targets,
         weight_bits=4 if q == "nf4" else 8 if q == "int8" else None, int8=q == "int8",
-        param_bytes=DTYPE_BYTES[spec.model.dtype],
+        param_bytes=param_bytes(spec),
         trainable_bytes=4 if method != "galore" else DTYPE_BYTES[spec.model.dtype],  # PEFT keeps adapters in fp32
         master_weights=bool(stage and bf16 and method == "galore"),
         optimizer="adamw8bit" if name == "galore_8bit" else "adamw",
@@ -70,10 +78,11 @@ LINEARS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", 
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 
-def layers_of(spec: "JobSpec", shape: Shape) -> list[tuple[int, int]] | None:
-    """Each decoder layer's (bits, LoRA rank) for a spec with a ``model.quantization_plan`` (what
-    ``raypeft layerwise`` writes), resolved the way the loader and PEFT resolve them; None otherwise.
-    A layer's bit-width is its first linear's, its rank the largest of its targeted linears' (0: none)."""
+def layers_of(spec: "JobSpec", shape: Shape) -> tuple[list[tuple[int, int]], tuple[str, ...]] | None:
+    """Each decoder layer's (bits, LoRA rank) and the linears adapted anywhere, for a spec with a
+    ``model.quantization_plan`` (what ``raypeft layerwise`` writes), resolved the way the loader and
+    PEFT resolve them; None otherwise. A layer's bit-width is its first linear's, its rank the largest
+    of its targeted linears' (0: none)."""
     import re
 
     from pipelines.spec import pattern_key
@@ -81,19 +90,22 @@ def layers_of(spec: "JobSpec", shape: Shape) -> list[tuple[int, int]] | None:
     if not spec.model.quantization_plan:
         return None
     targets, ranks = spec.method.target_modules, spec.method.rank_pattern
-    out = []
+
+    def targeted(name: str) -> bool:
+        if targets == "all-linear":
+            return True
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        return any(name == t or name.endswith("." + t) for t in targets)
+
+    layers, adapted = [], set()
     for i in range(shape.layers):
-        names = [f"model.layers.{i}.{block}.{lin}" for lin, block in LINEARS.items()]
-        bits = spec.module_bits(names[0])
-
-        def targeted(name: str) -> bool:
-            if isinstance(targets, str):
-                return re.fullmatch(targets, name) is not None
-            return any(name == t or name.endswith("." + t) for t in (targets or LINEARS))
-
-        rank = max([ranks[k] if (k := pattern_key(ranks, n)) is not None else spec.rank() for n in names if targeted(n)], default=0)
-        out.append((bits, rank))
-    return out
+        names = {lin: f"model.layers.{i}.{block}.{lin}" for lin, block in LINEARS.items()}
+        hit = {lin: n for lin, n in names.items() if targeted(n)}
+        adapted |= set(hit)
+        rank = max([ranks[k] if (k := pattern_key(ranks, n)) is not None else spec.rank() for n in hit.values()], default=0)
+        layers.append((spec.module_bits(names["q_proj"]), rank))
+    return layers, tuple(lin for lin in LINEARS if lin in adapted) or tuple(LINEARS)
 
 
 def breakdown_of(spec: "JobSpec", shape: Shape, plan: Plan) -> Breakdown:
@@ -101,11 +113,13 @@ def breakdown_of(spec: "JobSpec", shape: Shape, plan: Plan) -> Breakdown:
     (the search's own measure, activations included)."""
     from cluster.memory import estimate, layerwise_estimate
 
-    layers = layers_of(spec, shape)
-    if layers is None:
+    found = layers_of(spec, shape)
+    if found is None:
         return estimate(shape, plan)
-    b = layerwise_estimate(shape, layers, plan.targets, param_bytes=plan.param_bytes, double_quant=spec.model.double_quant,
+    layers, targets = found
+    b = layerwise_estimate(shape, layers, targets, param_bytes=plan.param_bytes, double_quant=spec.model.double_quant,
                            tokens=plan.micro_batch * plan.seq_len, checkpointing=plan.gradient_checkpointing)
+    shard(b, plan)
     b.overhead = plan.overhead_bytes
     counts: dict[tuple[int, int], int] = {}
     for lr in layers:
@@ -127,7 +141,9 @@ def render(shape: Shape, plan: Plan, b: Breakdown, budget: float | None) -> tupl
         lines.append("")
         lines.append(f"verdict: {'fits' if fits else 'does not fit'} in {budget / GiB:.1f} GiB per GPU "
                      f"({100 * b.total / budget:.0f}% used)")
-        if not fits:
+        if not fits and any(n.startswith("per-layer plan") for n in b.notes):
+            lines.append("  fix: rerun `raypeft layerwise` with this budget (--budget), or lower train.micro_batch_size / data.max_length")
+        elif not fits:
             options = fixes(shape, plan, budget)
             lines += [f"  fix: {what} → {total / GiB:.2f} GiB" for what, _, total in options[:4]] or \
                 ["  no single change fits: use more GPUs with ZeRO-3 and offload, or a smaller base"]

@@ -39,9 +39,11 @@ def plan_memory(spec: JobSpec) -> L.Memory:
     ``train.micro_batch_size`` × ``data.max_length`` tokens included) or weights + adapter + its states only."""
     from pipelines.plan import DTYPE_BYTES, shape_of
 
-    peak = spec.tune.layerwise.memory == "peak"
-    return L.Memory(shape_of(spec), _targets(spec), DTYPE_BYTES[spec.model.dtype], spec.model.double_quant,
-                    spec.train.micro_batch_size * spec.data.max_length if peak else 0, spec.model.gradient_checkpointing)
+    lw = spec.tune.layerwise
+    # a plan with 4/8-bit layers trains its unquantized parameters and activations in fp32 (``plan.param_bytes``)
+    pbytes = 4 if min(lw.bits) < 16 else DTYPE_BYTES[spec.model.dtype]
+    return L.Memory(shape_of(spec), _targets(spec), pbytes, spec.model.double_quant,
+                    spec.train.micro_batch_size * spec.data.max_length if lw.memory == "peak" else 0, spec.model.gradient_checkpointing)
 
 
 def _with(spec: JobSpec, fields: dict[str, Any]) -> JobSpec:
@@ -108,12 +110,12 @@ def search(spec: JobSpec, budget: int, out: str | None = None, log=print) -> dic
     t0 = time.time()
 
     # ---- phase 1: calibration (a Ray task, so it runs on the cluster like the trials)
-    # nothing else runs during calibration: it takes every free CPU of one node
+    # nothing of the search runs during calibration: it is scheduled on one CPU, so it never waits for a
+    # whole free node, and uses as many threads as the cluster has free CPUs (at most one node's)
     init_ray()
     node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
-    cpus = max(1, int(min(node, ray.available_resources().get("CPU", 0))))
-    cal = ray.get(ray.remote(calibrate).options(num_cpus=cpus).remote(
-        spec, lw.bits, targets, lw.calibration_samples, threads=cpus))
+    threads = max(1, int(min(node, ray.available_resources().get("CPU", 0))))
+    cal = ray.get(ray.remote(calibrate).options(num_cpus=1).remote(spec, lw.bits, targets, lw.calibration_samples, threads=threads))
     c.log_text(parent, json.dumps(cal, indent=1), "calibration.json")
     order = sorted(range(shape.layers), key=lambda i: -max(cal["sensitivity"].get(min(lw.bits), [0] * shape.layers)[i], 0))
     log(f"[raypeft] most quantization-sensitive layers: {order[:5]}; most rank-important: "

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Rank = Annotated[int, Field(ge=0)]
 
@@ -48,13 +48,21 @@ class LayerwiseSpec(_Section):
         "its gradients and AdamW states only (QR-Adaptor's measure).",
     )
     bits: list[Literal[4, 8, 16]] = Field([4, 8, 16], min_length=1, description="Bit-widths a decoder layer may take: 4 (bnb NF4), 8 (bnb int8), 16 (unquantized).")
-    ranks: list[Rank] = Field([0, 4, 8, 16], min_length=1, description="LoRA ranks a decoder layer may take (0: no adapter); alpha = 2·rank.")
+    ranks: list[Rank] = Field([0, 4, 8, 16], min_length=1, description="LoRA ranks a decoder layer may take (0: no adapter; at least one > 0); alpha = 2·rank.")
     calibration_samples: int = Field(16, gt=0, description="Training examples the sensitivity calibration runs on.")
     trials: int = Field(24, gt=0, description="Plans NSGA-II proposes. One over budget is repaired to fit (bit-widths down first, then rank) and trained; one no repair fits is not trained.")
     population: int = Field(8, ge=2, description="NSGA-II population size (generations = trials / population).")
     short_steps: int = Field(10, gt=0, description="Training steps of each cheap trial.")
     promote: int = Field(2, gt=0, description="Best Pareto plans (by short-trial eval loss) retrained for `train.max_steps` steps.")
     seed: int = Field(0, description="Sampler seed.")
+
+
+    @field_validator("ranks")
+    @classmethod
+    def _some_adapter(cls, v: list[int]) -> list[int]:
+        if not any(v):
+            raise ValueError(f"needs at least one rank > 0, or no plan has an adapter (got {v})")
+        return v
 
 
 class TuneSpec(_Section):

@@ -79,8 +79,9 @@ def test_plan_cli(tmp_path, capsys):
     assert main(["plan", "pipelines/configs/demo.yaml", "model.base=someone/unknown-model"]) == 2
 
 
-def _saved_bytes(model_dir, layers_cfg: dict, method: str, rank: int, b: int, s: int, targets=None) -> int:
-    """Bytes of the tensors autograd saves in one training forward (weights and buffers excluded)."""
+def _saved_bytes(model_dir, layers_cfg: dict, method: str, rank: int, b: int, s: int, targets=None, quantization_plan=None) -> int:
+    """Bytes of the tensors autograd keeps for backward after one training forward (weights and buffers
+    excluded): the saved tensors, and the inputs bitsandbytes' int8 matmul keeps on its context."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -90,7 +91,8 @@ def _saved_bytes(model_dir, layers_cfg: dict, method: str, rank: int, b: int, s:
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=512, max_position_embeddings=256, **layers_cfg)).save_pretrained(model_dir)
-    spec = validate({"model": {"base": str(model_dir)}, "method": {"name": method, "r": rank, "dropout": 0.0,
+    spec = validate({"model": {"base": str(model_dir), **({"quantization_plan": quantization_plan} if quantization_plan else {})},
+                     "method": {"name": method, "r": rank, "dropout": 0.0,
                                                                  **({"target_modules": targets} if targets else {})},
                      "data": {"max_length": s}, "train": {"micro_batch_size": b}})
     model, _, _ = load_base(spec, log=lambda *_: None)
@@ -106,7 +108,17 @@ def _saved_bytes(model_dir, layers_cfg: dict, method: str, rank: int, b: int, s:
 
     ids = torch.randint(10, 500, (b, s))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        m(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
+        loss = m(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+    nodes, done = [loss.grad_fn], set()
+    while nodes:  # a custom Function's node is its ctx: bnb's int8 matmul keeps ``ctx.A``
+        node = nodes.pop()
+        if node is None or id(node) in done:
+            continue
+        done.add(id(node))
+        if isinstance(getattr(node, "A", None), torch.Tensor):
+            pack(node.A)
+        nodes += [n for n, _ in node.next_functions]
+    loss.backward()
     return sum(seen.values())
 
 
@@ -133,10 +145,12 @@ def test_saved_activations_per_layer_are_what_autograd_saves(tmp_path, tiny_mode
     assert sizes[1] - sizes[0] == saved_per_token(shape, Plan(method=method, rank=rank)) * b * s * 4
 
 
-@pytest.mark.parametrize("adapted", [(1, 2, 3), (2, 3), (3,), (0, 3), (1, 3)])
-def test_layers_without_adapters_save_what_the_layerwise_model_says(tmp_path, tiny_model_dir, adapted):
+@pytest.mark.parametrize("adapted,bits", [((1, 2, 3), 16), ((2, 3), 16), ((3,), 16), ((0, 3), 16), ((1, 3), 16),
+                                          ((0, 3), 8), ((2, 3), 8), ((0, 3), 4)])
+def test_layers_without_adapters_save_what_the_layerwise_model_says(tmp_path, tiny_model_dir, adapted, bits):
     """A layer without an adapter below every adapted one saves nothing; one above saves only what its
-    input's gradient needs. The layerwise plan's activation term must match autograd to the byte."""
+    input's gradient needs (an int8 one also its linears' inputs). The layerwise plan's activation term
+    must match autograd to the byte; the layers without adapter are at ``bits``."""
     import shutil
 
     from cluster.memory import layerwise_estimate
@@ -150,7 +164,28 @@ def test_layers_without_adapters_save_what_the_layerwise_model_says(tmp_path, ti
         d = tmp_path / "m{}".format("".join(map(str, layers)))
         shutil.copytree(tiny_model_dir, d)
         regex = rf"model\.layers\.({'|'.join(map(str, layers))})\..*\.{linears}"
-        measured.append(_saved_bytes(d, cfg, "lora", rank, b, s, targets=regex))
-        plan = [(16, rank if i in layers else 0) for i in range(4)]
+        plan = [(16 if i in layers else bits, rank if i in layers else 0) for i in range(4)]
+        qplan = {rf"model\.layers\.{i}\..*": bb for i, (bb, _) in enumerate(plan) if bb != 16}
+        measured.append(_saved_bytes(d, cfg, "lora", rank, b, s, targets=regex, quantization_plan=qplan))
         planned.append(layerwise_estimate(shape, plan, tokens=b * s).activations)
     assert measured[0] - measured[1] == planned[0] - planned[1] > 0
+
+
+@pytest.mark.parametrize("method,quantization,fp32", [("lora", "none", False), ("qlora", "nf4", True), ("lora", "int8", True)])
+def test_planner_counts_the_dtype_a_bf16_job_really_trains_in(tiny_model_dir, method, quantization, fp32):
+    """On a 4/8-bit base, PEFT's prepare_model_for_kbit_training casts every bf16 parameter that is not a 4-bit
+    weight to fp32, so the embeddings, norms and activations are fp32: the planner must count 4 bytes there."""
+    import torch
+
+    from pipelines import methods
+    from pipelines.models import load_base
+    from pipelines.plan import plan_of
+    from pipelines.spec import validate
+
+    spec = validate({"model": {"base": str(tiny_model_dir), "dtype": "bfloat16", "quantization": quantization},
+                     "method": {"name": method, "r": 4}})
+    model, _, _ = load_base(spec, log=lambda *_: None)
+    m = methods.build(spec, model).model
+    embed = m.get_input_embeddings().weight
+    assert embed.dtype == (torch.float32 if fp32 else torch.bfloat16)
+    assert plan_of(spec).param_bytes == embed.element_size()

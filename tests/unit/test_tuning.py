@@ -306,9 +306,31 @@ def test_raypeft_plan_on_a_written_layerwise_spec_counts_what_the_search_counted
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(raw))
     written = validate(raw)
-    assert layers_of(written, shape) == layers
+    assert layers_of(written, shape) == (layers, TARGETS)
     main(["plan", str(path), "--json"])
     out = capsys.readouterr().out
     assert "per-layer plan: 4b×r0 ×1" in out
     assert json.loads(out.strip().splitlines()[-1])["total"] == pytest.approx(plan_memory(written)(layers))
     assert layers_of(spec, shape) is None  # a plain spec keeps the uniform model
+
+
+def test_layers_of_reads_targets_as_peft_does(tiny_model_dir, chat_data):
+    from pipelines.plan import layers_of, shape_of
+    from tests.conftest import tiny_spec
+
+    spec = tiny_spec(tiny_model_dir, chat_data)
+    shape = shape_of(spec)
+    plan = {L.layer_key(i): 8 for i in range(shape.layers)}
+    every = validate({**spec.model_dump(mode="json", exclude={"tune"}), "model": {"base": str(tiny_model_dir), "quantization_plan": plan}})
+    assert every.method.target_modules == "all-linear"
+    assert layers_of(every, shape) == ([(8, 4)] * shape.layers, TARGETS)  # all-linear: every layer at method.r
+    raw = every.model_dump(mode="json", exclude={"tune"})
+    raw["method"]["target_modules"] = ["q_proj", "v_proj"]
+    raw["method"]["rank_pattern"] = {L.layer_key(0): 16}
+    assert layers_of(validate(raw), shape) == ([(8, 16)] + [(8, 4)] * (shape.layers - 1), ("q_proj", "v_proj"))
+
+
+def test_ranks_without_an_adapter_are_refused():
+    with pytest.raises(SpecError) as e:
+        validate({"tune": {"layerwise": {"ranks": [0]}}})
+    assert any(f == "tune.layerwise.ranks" and "rank > 0" in m for f, m in e.value.problems)
