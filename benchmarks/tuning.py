@@ -150,15 +150,17 @@ def layerwise(args) -> dict:
     # an unbiased comparison: fresh seeds the search never saw, and the peaks measured, not modelled
     runs: dict[str, list[dict]] = {"uniform": [], "chosen": []}
     for seed in args.seeds:
-        runs["uniform"].append(_train_layers(raw, uniform, {"train.seed": seed}, f"bench-uniform-s{seed}"))
-        runs["chosen"].append(_train_layers(raw, chosen["layers"], {"train.seed": seed}, f"bench-chosen-s{seed}"))
+        for key, layers in (("uniform", uniform), ("chosen", chosen["layers"])):
+            t1 = time.time()
+            metrics = _train_layers(raw, layers, {"train.seed": seed}, f"bench-{key}-s{seed}")
+            runs[key].append({**metrics, "wall_s": round(time.time() - t1, 1)})  # load + 20 steps + eval, one run at a time
     measured = {k: _measured_peak(raw, layers) for k, layers in (("uniform", uniform), ("chosen", chosen["layers"]))}
     print(f"\nretrained on fresh seeds {args.seeds}:\n\n| plan | budgeted memory (MB) | weights + adapter + states (MB) | "
-          "measured training peak (MiB) | eval_loss per seed | mean eval_loss | mean exact_match |\n|---|---|---|---|---|---|---|")
+          "measured training peak (MiB) | eval_loss per seed | mean eval_loss | mean exact_match | mean wall per run |\n|---|---|---|---|---|---|---|---|")
     for key, label, layers in (("uniform", "uniform NF4, rank 8 (QLoRA)", uniform), ("chosen", f"searched: {L.describe(chosen['layers'])}", chosen["layers"])):
         per = ", ".join(f"{r['eval_loss']:.4f}" for r in runs[key])
         print(f"| {label} | {mem(layers) / 1e6:.2f} | {weights(layers) / 1e6:.2f} | {measured[key] / 2**20:.0f} | {per} | "
-              f"{_mean(runs[key], 'eval_loss'):.4f} | {_mean(runs[key], 'exact_match'):.3f} |")
+              f"{_mean(runs[key], 'eval_loss'):.4f} | {_mean(runs[key], 'exact_match'):.3f} | {_mean(runs[key], 'wall_s'):.0f} s |")
     paired = [c["eval_loss"] < u["eval_loss"] for c, u in zip(runs["chosen"], runs["uniform"])]
     wins = all(paired)
     ratio = _mean(runs["chosen"], "eval_loss") / _mean(runs["uniform"], "eval_loss")
