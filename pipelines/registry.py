@@ -93,8 +93,9 @@ def evaluate_versions(gate: Gate, uris: dict[str, str], tracking_uri: str) -> di
     """Score every ``label → models:/...`` on the gate's eval set, together, in one Ray task."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(configure_logging=False, log_to_driver=False)
+    from pipelines.train import init_ray
+
+    init_ray(log_to_driver=False)
     return ray.get(ray.remote(num_cpus=1)(_evaluate).remote(gate, uris, tracking_uri))
 
 

@@ -61,7 +61,7 @@ def _write_state(storage: str, name: str, state: dict[str, Any]) -> None:
     (d / JOB_STATE).write_text(json.dumps(state, indent=2))
 
 
-def init_ray() -> None:
+def init_ray(**kwargs) -> None:
     import ray
 
     if not ray.is_initialized():
@@ -69,7 +69,9 @@ def init_ray() -> None:
         # cluster inherits this process's environment, so turn the echo off there.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
         # RAY_ADDRESS (set by `ray job submit`) connects to that cluster; otherwise a local one starts.
-        ray.init(log_to_driver=True, configure_logging=False)
+        # "local" says so explicitly: with no address, Ray would attach to the last `ray start` cluster
+        # on this machine (/tmp/ray/ray_current_cluster), even a dead one.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", **{"log_to_driver": True, "configure_logging": False, **kwargs})
 
 
 def job_lineage(spec: JobSpec) -> dict[str, str]:

@@ -143,13 +143,12 @@ def _cmd_serve(args) -> int:
     from serving import spec as serve_spec
 
     spec = serve_spec.load(args.spec, args.overrides)
-    import ray
     from ray import serve
 
+    from pipelines.train import init_ray
     from serving.app import build_app
 
-    if not ray.is_initialized():
-        ray.init(configure_logging=False)
+    init_ray()
     d = spec.deployment
     serve.start(http_options={"host": d.host, "port": d.port})
     serve.run(build_app(spec), name=spec.name, route_prefix="/")

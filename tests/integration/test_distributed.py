@@ -214,9 +214,14 @@ def test_rerun_after_driver_crash_resumes_the_same_run(tmp_path, tiny_model_dir,
     env = {**os.environ, "RAYPEFT_HOME": str(home), "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
     cmd = [sys.executable, "-m", "raypeft", "train", str(path)]
-    first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    # the driver's output goes to a file, not a pipe nobody reads: a full pipe would block the driver
+    log = tmp_path / "first.log"
+    with open(log, "wb") as out:
+        first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for(lambda: _registered_checkpoint(home / "runs" / "crashy"), 300, "a registered checkpoint")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; the driver's output ends:\n{log.read_text(errors='replace')[-3000:]}") from None
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
         first.wait(timeout=60)
