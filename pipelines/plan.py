@@ -112,6 +112,7 @@ def breakdown_of(spec: "JobSpec", shape: Shape, plan: Plan) -> Breakdown:
     """The memory model for the spec: ``estimate``, or for a per-layer plan ``layerwise_estimate``
     (the search's own measure, activations included)."""
     from cluster.memory import estimate, layerwise_estimate
+    from tuning.layerwise import describe
 
     found = layers_of(spec, shape)
     if found is None:
@@ -121,10 +122,7 @@ def breakdown_of(spec: "JobSpec", shape: Shape, plan: Plan) -> Breakdown:
                            tokens=plan.micro_batch * plan.seq_len, checkpointing=plan.gradient_checkpointing)
     shard(b, plan)
     b.overhead = plan.overhead_bytes
-    counts: dict[tuple[int, int], int] = {}
-    for lr in layers:
-        counts[lr] = counts.get(lr, 0) + 1
-    b.notes.append("per-layer plan: " + ", ".join(f"{bits}b×r{r} ×{c}" for (bits, r), c in sorted(counts.items())))
+    b.notes.append(f"per-layer plan: {describe(layers)}")
     return b
 
 
