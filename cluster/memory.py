@@ -162,7 +162,7 @@ def saved_per_token(shape: Shape, plan: Plan) -> int:
     keeps a logsumexp per head, never the s × s scores) and a PEFT adapter on ``plan.targets``.
     ``tests/unit/test_memory.py`` re-counts it on real models of several shapes."""
     h, i = shape.hidden, shape.intermediate
-    kv = shape.kv_heads * (shape.head_dim or h // shape.heads)
+    kv = shape.linears()["k_proj"][1]
     adapters = sum(plan.rank for name in shape.linears() if name in plan.targets) if plan.method in ("lora", "dora", "qlora") else 0
     return 4 * i + 6 * h + 2 * kv + shape.heads + 2 + adapters
 
@@ -174,7 +174,7 @@ def frozen_per_token(shape: Shape, int8: bool = False) -> int:
     ``saved_per_token``). bitsandbytes' int8 matmul on CPU keeps its input whatever needs a gradient,
     which adds the linears' inputs back: intermediate + 2·hidden more. A layer below every adapted one
     saves nothing: no gradient reaches it."""
-    kv = shape.kv_heads * (shape.head_dim or shape.hidden // shape.heads)
+    kv = shape.linears()["k_proj"][1]
     return 3 * shape.intermediate + 4 * shape.hidden + 2 * kv + shape.heads + 2 + (shape.intermediate + 2 * shape.hidden if int8 else 0)
 
 

@@ -74,6 +74,8 @@ def plan_of(spec: "JobSpec", gpus: int | None = None) -> Plan:
     )
 
 
+PER_LAYER = "per-layer plan: "  # the note breakdown_of leaves on a per-layer plan's breakdown
+
 LINEARS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
@@ -122,7 +124,7 @@ def breakdown_of(spec: "JobSpec", shape: Shape, plan: Plan) -> Breakdown:
                            tokens=plan.micro_batch * plan.seq_len, checkpointing=plan.gradient_checkpointing)
     shard(b, plan)
     b.overhead = plan.overhead_bytes
-    b.notes.append(f"per-layer plan: {describe(layers)}")
+    b.notes.append(PER_LAYER + describe(layers))
     return b
 
 
@@ -139,7 +141,7 @@ def render(shape: Shape, plan: Plan, b: Breakdown, budget: float | None) -> tupl
         lines.append("")
         lines.append(f"verdict: {'fits' if fits else 'does not fit'} in {budget / GiB:.1f} GiB per GPU "
                      f"({100 * b.total / budget:.0f}% used)")
-        if not fits and any(n.startswith("per-layer plan") for n in b.notes):
+        if not fits and any(n.startswith(PER_LAYER) for n in b.notes):  # the uniform fixes don't apply to it
             lines.append("  fix: rerun `raypeft layerwise` with this budget (--budget), or lower train.micro_batch_size / data.max_length")
         elif not fits:
             options = fixes(shape, plan, budget)
