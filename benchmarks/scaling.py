@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="comma-separated strategies to run (default: all)")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    from pipelines.train import init_ray
+    from cluster.connect import init_ray
 
     init_ray()
     configs = [c for c in CONFIGS if not args.only or c[1] in args.only.split(",")]

@@ -348,3 +348,14 @@ def layerwise_estimate(
                  for k, (bits, r) in enumerate(layers)]
         b.activations = activation_bytes(shape, saved, tokens, param_bytes, checkpointing=checkpointing)
     return b
+
+
+Layers = list[tuple[int, int]]  # (bits, rank) per decoder layer: a per-layer plan
+
+
+def describe(layers: Layers) -> str:
+    """``4b×r8 ×20, 8b×r16 ×10``: a plan in one line."""
+    counts: dict[tuple[int, int], int] = {}
+    for lr in layers:
+        counts[lr] = counts.get(lr, 0) + 1
+    return ", ".join(f"{b}b×r{r} ×{c}" for (b, r), c in sorted(counts.items()))

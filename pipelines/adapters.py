@@ -25,12 +25,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipelines.specbase import UserError
+
 META_FILE = "raypeft.json"
 PROBE_TEXT = "Extract the person as JSON: Maria Lopez, 34, is a nurse in Porto."
 COMBINATIONS = ("linear", "cat", "ties", "dare_linear", "dare_ties", "svd")
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError, ValueError):
     """A bad adapter reference or an incompatible combination (exit code 2 in the CLI)."""
 
 
@@ -95,54 +97,21 @@ def resolve(ref: str, tracking_uri: str | None = None, dst: str | None = None) -
     return path
 
 
-def _base_path(adapter_dir: Path) -> str:
-    meta, cfg = read_meta(adapter_dir), read_config(adapter_dir)
-    if meta.get("base") == "smollm2-135m":
-        from pipelines.models import materialize_smollm2
-
-        return str(materialize_smollm2(lambda *_: None))
-    return cfg["base_model_name_or_path"]
-
-
 def _dtype(name: str):
     import torch
 
-    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-            "fp16": torch.float16, "float16": torch.float16}[name]
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def load_base_as_trained(adapter_dir: Path):
-    """The base exactly as the adapter's training loaded it (same bitsandbytes plan), and its tokenizer."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    """The base exactly as the adapter's training loaded it (``trained_base_spec``), its tokenizer, and its
+    quantization (``nf4``, ``int8``, ``none`` or ``mixed`` for a per-layer plan)."""
+    from pipelines.models import disable_bnb_cpu_repacking, load_base, trained_base_spec
 
-    from pipelines.models import disable_bnb_cpu_repacking, load_tokenizer, quantize_linears
-
-    meta, path = read_meta(adapter_dir), _base_path(adapter_dir)
-    q = meta.get("quantization", "none")
-    kwargs: dict[str, Any] = {"dtype": _dtype(meta.get("dtype", "float32"))}
-    if q == "nf4":
-        compute = _dtype(meta.get("compute_dtype", "float32"))
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=meta.get("double_quant", True),
-            bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute,
-        )
-        kwargs["device_map"] = {"": "cpu"}
-    elif q == "int8":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["device_map"] = {"": "cpu"}
-    plan = meta.get("quantization_plan") or {}
-    if plan:  # a mixed 4/8/16-bit base: load unquantized, then quantize module by module as in training
-        kwargs.pop("quantization_config", None)
-        kwargs.pop("device_map", None)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if plan:
-        from pipelines.spec import DEFAULT_BITS, pattern_bits
-
-        quantize_linears(model, lambda n: pattern_bits(plan, DEFAULT_BITS[q], n), _dtype(meta.get("compute_dtype", "float32")),
-                         meta.get("double_quant", True))
-        q = "mixed"
+    spec = trained_base_spec(adapter_dir)
+    model, tok, _ = load_base(spec, log=lambda *_: None)
     disable_bnb_cpu_repacking(model)  # keep dequantization exact and comparable
-    return model, load_tokenizer(path), q
+    return model, tok, "mixed" if spec.model.quantization_plan else spec.quantization()
 
 
 # --------------------------------------------------------------------------- export
@@ -187,6 +156,8 @@ def export(ref: str, out: str | Path, merge: bool = True, dtype: str = "fp32", t
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from pipelines.models import resolve_base, trained_base_spec
+
     src = resolve(ref, tracking_uri)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -206,7 +177,7 @@ def export(ref: str, out: str | Path, merge: bool = True, dtype: str = "fp32", t
     reference = _prompt_logits(PeftModel.from_pretrained(base, str(src)).eval(), tok)  # the adapter model as trained
     report["quantization"] = q
     # a clean, unquantized model of the same architecture, holding dequant(W), takes the merge
-    cfg = AutoConfig.from_pretrained(_base_path(src))
+    cfg = AutoConfig.from_pretrained(resolve_base(trained_base_spec(src).model, log=lambda *_: None))
     if hasattr(cfg, "quantization_config"):
         delattr(cfg, "quantization_config")
     clean = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -257,7 +228,8 @@ def combine(
 ) -> dict[str, Any]:
     """Write the weighted combination of ``refs`` as a new standard PEFT adapter in ``out``."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+
+    from pipelines.models import load_base, trained_base_spec
 
     if method not in COMBINATIONS:
         raise AdapterError(f"--method must be one of {', '.join(COMBINATIONS)} (got {method!r})")
@@ -275,7 +247,7 @@ def combine(
         raise AdapterError(f"output directory is not empty: {str(out)!r}")
 
     # adapter arithmetic touches only the LoRA tensors: an fp32 base of the right shape is enough
-    base = AutoModelForCausalLM.from_pretrained(_base_path(dirs[0]))
+    base, _, _ = load_base(trained_base_spec(dirs[0], quantized=False), log=lambda *_: None)
     names = [f"parent{i}" for i in range(len(dirs))]
     model = PeftModel.from_pretrained(base, str(dirs[0]), adapter_name=names[0])
     for name, d in zip(names[1:], dirs[1:]):

@@ -227,6 +227,3 @@ def _permutation(n: int, seed: int, epoch: int) -> list[int]:
 def eval_shard(n: int, rank: int, world_size: int) -> range:
     return range(rank, n, world_size)
 
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

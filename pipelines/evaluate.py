@@ -6,9 +6,6 @@ from typing import Any, Callable
 
 from pipelines.data import collate, eval_shard, prompt_and_completion, reference_of
 
-TASK_METRICS: dict[str, tuple[str, Callable[[list[str], list[str]], float]]] = {}
-
-
 def task_metric(task: str) -> tuple[str, Callable[[list[str], list[str]], float]] | None:
     if task == "none":
         return None

@@ -261,6 +261,32 @@ def load_base(spec: "JobSpec", device: Any = "cpu", log=print):
     return model, tok, path
 
 
+def trained_base_spec(adapter_dir: str | os.PathLike, quantized: bool = True) -> "JobSpec":
+    """The job spec (model section only) an adapter's base was loaded with in training, read from the
+    adapter's ``raypeft.json``; ``load_base`` of it rebuilds that base exactly (per-layer plan included).
+    ``quantized=False`` gives the same base unquantized (adapter arithmetic needs only its shapes)."""
+    from pipelines.spec import JobSpec, ModelSpec
+
+    adapter_dir = Path(adapter_dir)
+    meta_file, cfg_file = adapter_dir / "raypeft.json", adapter_dir / "adapter_config.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    base = meta.get("base")
+    if base != "smollm2-135m":  # PEFT records the resolved path or hub id the base came from
+        base = cfg.get("base_model_name_or_path") or base or "smollm2-135m"
+    dtypes = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    fields = {
+        "base": base,
+        "revision": meta.get("revision"),
+        "dtype": dtypes.get(meta.get("dtype"), meta.get("dtype", "float32")),
+        "compute_dtype": dtypes.get(meta.get("compute_dtype"), meta.get("compute_dtype", "float32")),
+        "double_quant": meta.get("double_quant", True),
+        "quantization": meta.get("quantization", "none") if quantized else "none",
+        "quantization_plan": (meta.get("quantization_plan") or {}) if quantized else {},
+    }
+    return JobSpec(model=ModelSpec(**fields))
+
+
 def _own_unquantized(model) -> None:
     """Copy the parameters quantization left alone (embeddings, norms, skipped linears) out of the
     checkpoint's memory map. They are views into it, so the map stays open, and every page that

@@ -85,27 +85,18 @@ def layers_of(spec: "JobSpec", shape: Shape) -> tuple[list[tuple[int, int]], tup
     ``model.quantization_plan`` (what ``raypeft layerwise`` writes), resolved the way the loader and
     PEFT resolve them; None otherwise. A layer's bit-width is its first linear's, its rank the largest
     of its targeted linears' (0: none)."""
-    import re
-
-    from pipelines.spec import pattern_key
+    from pipelines.targets import is_target, pattern_value
 
     if not spec.model.quantization_plan:
         return None
     targets, ranks = spec.method.target_modules, spec.method.rank_pattern
 
-    def targeted(name: str) -> bool:
-        if targets == "all-linear":
-            return True
-        if isinstance(targets, str):
-            return re.fullmatch(targets, name) is not None
-        return any(name == t or name.endswith("." + t) for t in targets)
-
     layers, adapted = [], set()
     for i in range(shape.layers):
         names = {lin: f"model.layers.{i}.{block}.{lin}" for lin, block in LINEARS.items()}
-        hit = {lin: n for lin, n in names.items() if targeted(n)}
+        hit = {lin: n for lin, n in names.items() if is_target(targets, n)}
         adapted |= set(hit)
-        rank = max([ranks[k] if (k := pattern_key(ranks, n)) is not None else spec.rank() for n in hit.values()], default=0)
+        rank = max([pattern_value(ranks, n, spec.rank()) for n in hit.values()], default=0)
         layers.append((spec.module_bits(names["q_proj"]), rank))
     return layers, tuple(lin for lin in LINEARS if lin in adapted) or tuple(LINEARS)
 
@@ -113,8 +104,7 @@ def layers_of(spec: "JobSpec", shape: Shape) -> tuple[list[tuple[int, int]], tup
 def breakdown_of(spec: "JobSpec", shape: Shape, plan: Plan) -> Breakdown:
     """The memory model for the spec: ``estimate``, or for a per-layer plan ``layerwise_estimate``
     (the search's own measure, activations included)."""
-    from cluster.memory import estimate, layerwise_estimate
-    from tuning.layerwise import describe
+    from cluster.memory import describe, estimate, layerwise_estimate
 
     found = layers_of(spec, shape)
     if found is None:

@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pipelines.targets import target_matches
+
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.methods import Prepared
     from pipelines.spec import JobSpec
@@ -51,17 +53,6 @@ class Report:
         if self.matched:
             lines.append("target modules: " + ", ".join(f"{k} ×{v}" for k, v in self.matched.items()))
         return "\n".join(lines)
-
-
-def target_matches(target: str | list[str], module_names: list[str]) -> dict[str, int]:
-    """How many module names each ``target_modules`` entry matches (PEFT's rules: suffix for a list,
-    full match for a regex string). ``all-linear`` is not checked here."""
-    if isinstance(target, str):
-        if target == "all-linear":
-            return {}
-        rx = re.compile(target)
-        return {target: sum(1 for n in module_names if rx.fullmatch(n))}
-    return {t: sum(1 for n in module_names if n == t or n.endswith("." + t)) for t in target}
 
 
 def _kind(name: str, adapter: str) -> str:

@@ -19,17 +19,17 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from pipelines.spec import DataSpec, SpecError, _pydantic_problems, read_yaml
+from pipelines.spec import DataSpec
+from pipelines.specbase import Section, read_yaml, validate_spec
 
 PROMOTIONS_EXPERIMENT = "raypeft-promotions"
 
 
-class Gate(BaseModel):
+class Gate(Section):
     """The evaluation gate (a YAML file for ``raypeft promote --gate``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     metric: Literal["eval_loss", "exact_match"] = Field("eval_loss", description="Metric compared on the eval set.")
     mode: Literal["min", "max"] = Field("min", description="`min`: lower is better (eval_loss); `max`: higher is better.")
     margin: float = Field(0.0, ge=0, description="The candidate must beat the current holder by at least this much.")
@@ -39,11 +39,7 @@ class Gate(BaseModel):
 
 
 def load_gate(path: str | None) -> Gate:
-    raw = read_yaml(path) if path else {}
-    try:
-        return Gate.model_validate(raw)
-    except ValidationError as e:
-        raise SpecError(_pydantic_problems(e), "gate") from None
+    return validate_spec(Gate, read_yaml(path, "gate") if path else {}, source="gate")
 
 
 def gate_decision(gate: Gate, candidate: float, baseline: float | None) -> tuple[bool, list[str]]:
@@ -93,7 +89,7 @@ def evaluate_versions(gate: Gate, uris: dict[str, str], tracking_uri: str) -> di
     """Score every ``label → models:/...`` on the gate's eval set, together, in one Ray task."""
     import ray
 
-    from pipelines.train import init_ray
+    from cluster.connect import init_ray
 
     init_ray(log_to_driver=False)
     return ray.get(ray.remote(num_cpus=1)(_evaluate).remote(gate, uris, tracking_uri))

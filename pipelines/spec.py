@@ -8,44 +8,42 @@ depend on other fields (the effective quantization of a QLoRA job, say) are
 *derived* by methods, never written back into the spec.
 
 Each field's description is its one and only documentation: ``raypeft train
---help-spec`` and the README reference are generated from it.
+--help``, ``raypeft spec`` and the docs' spec reference are generated from it.
+
+The ``tune`` section is read only by ``raypeft tune`` / ``raypeft layerwise``, which validate
+it with ``tuning.spec`` (``TunedJobSpec``); here it is an opaque mapping.
 
 This module imports neither Ray nor torch, so validation is instant.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field
 
-from tuning.spec import TuneSpec
+from pipelines.specbase import (  # noqa: F401 - re-exported: the job spec's public toolkit
+    Problem,
+    Section,
+    SpecError,
+    UserError,
+    apply_overrides,
+    parse_override,
+    quote,
+    read_yaml,
+    validate_spec,
+)
+from pipelines.specbase import field_reference as _field_reference
+from pipelines.specbase import reference_markdown as _reference_markdown
+from pipelines.targets import pattern_value
 
 BUILTIN_BASES = ("smollm2-135m",)
 
 
-class SpecError(Exception):
-    """A spec failed validation. ``problems`` lists every ``(field, message)``."""
-
-    def __init__(self, problems: list[tuple[str, str]], source: str = "spec"):
-        self.problems = problems
-        self.source = source
-        lines = [f"invalid {source}: {len(problems)} problem(s)"]
-        lines += [f"  - {field}: {msg}" for field, msg in problems]
-        super().__init__("\n".join(lines))
-
-    def __reduce__(self):  # picklable across Ray processes
-        return (SpecError, (self.problems, self.source))
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelSpec(_Section):
+class ModelSpec(Section):
     base: str = Field(
         "smollm2-135m",
         description="Base model: the built-in offline `smollm2-135m` (SmolLM2-135M-Instruct from the "
@@ -74,14 +72,14 @@ class ModelSpec(_Section):
     )
 
 
-class GaloreSpec(_Section):
+class GaloreSpec(Section):
     rank: int = Field(128, gt=0, description="GaLore projection rank.")
     update_proj_gap: int = Field(200, gt=0, description="Steps between projection (SVD) updates.")
     scale: float = Field(0.25, gt=0, description="GaLore update scale.")
     proj_type: Literal["std", "reverse_std", "right", "left", "full"] = Field("std", description="Projection side.")
 
 
-class MethodSpec(_Section):
+class MethodSpec(Section):
     name: str = Field(
         "lora",
         pattern=r"^[a-z0-9_]+$",
@@ -93,7 +91,13 @@ class MethodSpec(_Section):
     alpha: float | None = Field(
         None, gt=0, description="LoRA alpha (default 2·r). Scale is alpha/r, or alpha/sqrt(r) for rslora."
     )
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input (LoRA family).")
+    dropout: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Adapter dropout: `lora_dropout` for the LoRA family; for other PEFT methods, when set, their own "
+        "dropout field (`vera_dropout`, `boft_dropout`, `module_dropout`, ...), refused if they have none.",
+    )
     target_modules: str | list[str] = Field(
         "all-linear", description="Modules to adapt: `all-linear`, a list of module-name suffixes, or a regex."
     )
@@ -110,7 +114,7 @@ class MethodSpec(_Section):
     )
 
 
-class DataSpec(_Section):
+class DataSpec(Section):
     train: str = Field(
         "builtin:json_extract",
         description="Training data: a .jsonl or .parquet file, a directory saved by `datasets.save_to_disk`, or "
@@ -132,7 +136,7 @@ class DataSpec(_Section):
     eval_task_samples: int = Field(64, ge=0, description="Eval examples scored with the task metric (0 = all).")
 
 
-class TrainSpec(_Section):
+class TrainSpec(Section):
     lr: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     max_steps: int = Field(60, gt=0, description="Optimizer steps to run.")
     micro_batch_size: int = Field(8, gt=0, description="Examples per worker per forward pass.")
@@ -153,7 +157,7 @@ class TrainSpec(_Section):
     eval_base: bool = Field(True, description="Evaluate the base model (adapter disabled) before training, for comparison.")
 
 
-class ScalingSpec(_Section):
+class ScalingSpec(Section):
     num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker; NCCL backend. CPU workers use gloo.")
     strategy: Literal["ddp", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"] = Field(
@@ -172,7 +176,7 @@ class ScalingSpec(_Section):
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads per worker (0 = cpus_per_worker).")
 
 
-class CheckpointSpec(_Section):
+class CheckpointSpec(Section):
     every_steps: int = Field(0, ge=0, description="Save and report a checkpoint every N steps (0: only at the end).")
     keep: int = Field(2, gt=0, description="Checkpoints kept (Ray Train `num_to_keep`).")
     storage: str | None = Field(
@@ -183,7 +187,7 @@ class CheckpointSpec(_Section):
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts allowed from the latest checkpoint (-1: unlimited).")
 
 
-class TrackingSpec(_Section):
+class TrackingSpec(Section):
     experiment: str = Field("raypeft", min_length=1, description="MLflow experiment name.")
     registered_model: str | None = Field(
         None, description="Register the adapter as a new version of this MLflow model (unset: don't register)."
@@ -195,7 +199,7 @@ class TrackingSpec(_Section):
     )
 
 
-class JobSpec(_Section):
+class JobSpec(Section):
     name: str = Field("raypeft-job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", description="Job name: Ray Train run name and MLflow run name.")
     model: ModelSpec = Field(default_factory=ModelSpec, description="Base model.")
     method: MethodSpec = Field(default_factory=MethodSpec, description="Fine-tuning method.")
@@ -204,7 +208,11 @@ class JobSpec(_Section):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Ray Train workers.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing and fault tolerance.")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow tracking and registry.")
-    tune: TuneSpec = Field(default_factory=TuneSpec, description="Ray Tune sweep (`raypeft tune`) and layerwise search (`raypeft layerwise`); ignored by `raypeft train`.")
+    tune: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Ray Tune sweep (`raypeft tune`) and layerwise search (`raypeft layerwise`): validated by those "
+        "commands (see the tune fields below); `raypeft train` does not read it.",
+    )
 
     # ---- derived values (never written back into the spec) ----
     def quantization(self) -> str:
@@ -257,18 +265,9 @@ class JobSpec(_Section):
 DEFAULT_BITS = {"nf4": 4, "int8": 8, "none": 16}
 
 
-def pattern_key(patterns, name: str) -> str | None:
-    """The first pattern matching the end of module ``name`` (PEFT's ``rank_pattern`` rule), or None."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return None
-
-
 def pattern_bits(plan: dict[str, int], default: int, name: str) -> int:
-    key = pattern_key(plan, name)
-    return default if key is None else int(plan[key])
-
+    """Bit-width of linear ``name`` under a quantization plan (PEFT's ``rank_pattern`` key rule)."""
+    return int(pattern_value(plan, name, default))
 
 
 _PARAM_KEY = re.compile(r"^[\w.\-/: ]+$")
@@ -281,95 +280,12 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v and not all(_PARAM_KEY.match(str(x)) for x in v):
-            import json
-
             out[key] = json.dumps(v)
         elif isinstance(v, dict) and v:
             out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out
-
-
-def _quote(value: Any) -> str:
-    s = repr(value)
-    return s if len(s) <= 80 else s[:77] + "..."
-
-
-_UNION_TAG = re.compile(r"^(str|int|float|bool|[a-z-]+\[.*\])$")
-
-
-def _loc(loc: tuple) -> str:
-    # pydantic puts union-member tags ('str', 'list[str]', 'function-after[...]') into loc
-    return ".".join(str(p) for p in loc if not (isinstance(p, str) and _UNION_TAG.match(p)))
-
-
-def _pydantic_problems(err: ValidationError) -> list[tuple[str, str]]:
-    seen: dict[str, list[str]] = {}
-    values: dict[str, Any] = {}
-    for e in err.errors():
-        field = _loc(e["loc"]) or "<root>"
-        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
-        seen.setdefault(field, [])
-        if msg not in seen[field]:
-            seen[field].append(msg)
-        values[field] = e.get("input")
-    return [(f, f"{'; '.join(m)} (got {_quote(values[f])})") for f, m in seen.items()]
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` → (["a","b","c"], yaml-parsed value)."""
-    if "=" not in item:
-        raise SpecError([(item, "override must look like section.field=value")], "override")
-    key, raw = item.split("=", 1)
-    if not key or any(not p for p in key.split(".")):
-        raise SpecError([(key or item, f"bad override key (got {_quote(item)})")], "override")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
-        try:
-            value = float(value) if _FLOAT.match(value) else value
-        except ValueError:
-            pass
-    return key.split("."), value
-
-
-_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``raw`` with ``key=value`` overrides applied."""
-    import copy
-
-    data = copy.deepcopy(raw)
-    for item in overrides:
-        path, value = parse_override(item)
-        node = data
-        for p in path[:-1]:
-            nxt = node.get(p)
-            if not isinstance(nxt, dict):
-                nxt = {}
-                node[p] = nxt
-            node = nxt
-        node[path[-1]] = value
-    return data
-
-
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError([("<file>", f"spec file not found (got {_quote(str(path))})")])
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SpecError([("<file>", f"not valid YAML in {str(path)!r}: {e}")]) from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise SpecError([("<root>", f"spec must be a mapping (got {_quote(raw)})")])
-    return raw
 
 
 def validate(raw: dict[str, Any], base_dir: str | os.PathLike | None = None) -> JobSpec:
@@ -382,22 +298,7 @@ def validate(raw: dict[str, Any], base_dir: str | os.PathLike | None = None) -> 
     Raises:
         SpecError: with every problem found, each naming the field and quoting the value.
     """
-    try:
-        spec = JobSpec.model_validate(raw)
-    except ValidationError as e:
-        problems = _pydantic_problems(e)
-        # run the cross-field checks on the sections that did parse, so every problem is listed at once
-        broken = {f.split(".")[0] for f, _ in problems}
-        try:
-            partial = JobSpec.model_validate({k: v for k, v in raw.items() if k not in broken})
-            problems += [p for p in semantic_problems(partial, base_dir) if p[0].split(".")[0] not in broken]
-        except ValidationError:
-            pass
-        raise SpecError(problems) from None
-    problems = semantic_problems(spec, base_dir)
-    if problems:
-        raise SpecError(problems)
-    return spec
+    return validate_spec(JobSpec, raw, lambda spec: semantic_problems(spec, base_dir))
 
 
 def load_spec(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
@@ -414,16 +315,16 @@ def _data_source_problem(field: str, value: str, base_dir: Path) -> tuple[str, s
         from pipelines.datasets import BUILTIN
 
         if value.split(":", 1)[1] not in BUILTIN:
-            return field, f"unknown builtin dataset (got {_quote(value)}; known: {sorted(BUILTIN)})"
+            return field, f"unknown builtin dataset (got {quote(value)}; known: {sorted(BUILTIN)})"
         return None
     if "://" in value:
         return None  # remote (fsspec) paths are checked by the worker that reads them
     value = os.path.expanduser(value)
     p = Path(value) if os.path.isabs(value) else base_dir / value
     if not p.exists():
-        return field, f"file or directory not found (got {_quote(value)})"
+        return field, f"file or directory not found (got {quote(value)})"
     if p.is_file() and p.suffix not in (".jsonl", ".json", ".parquet"):
-        return field, f"unsupported data file type {p.suffix!r}; use .jsonl, .json or .parquet (got {_quote(value)})"
+        return field, f"unsupported data file type {p.suffix!r}; use .jsonl, .json or .parquet (got {quote(value)})"
     return None
 
 
@@ -440,7 +341,7 @@ def semantic_problems(spec: JobSpec, base_dir: str | os.PathLike | None = None) 
         if not path.is_absolute():
             path = base / path
         if not (path / "config.json").is_file():
-            problems.append(("model.base", f"local model directory has no config.json (got {_quote(m.base)})"))
+            problems.append(("model.base", f"local model directory has no config.json (got {quote(m.base)})"))
 
     problems += method_problems(spec)
     problems += _plan_problems(spec)
@@ -468,40 +369,15 @@ def semantic_problems(spec: JobSpec, base_dir: str | os.PathLike | None = None) 
     if spec.checkpoint.every_steps > t.max_steps:
         problems.append(("checkpoint.every_steps", f"must be <= train.max_steps ({t.max_steps}) (got {spec.checkpoint.every_steps})"))
 
-    if spec.scaling.use_gpu and spec.model.dtype == "float16" and spec.quantization() == "none":
-        pass  # allowed; fp16 with GradScaler is the user's call
     if not spec.scaling.use_gpu and spec.model.dtype == "float16":
         problems.append(("model.dtype", "float16 training is not supported on CPU; use float32 or bfloat16 (got 'float16')"))
 
     uri = spec.tracking.tracking_uri
     if uri is not None and not uri.startswith(("sqlite:///", "http://", "https://", "postgresql", "mysql", "databricks")):
-        problems.append(("tracking.tracking_uri", f"expected sqlite:///..., http(s)://... or a database URI; MLflow 3's file store is not supported (got {_quote(uri)})"))
+        problems.append(("tracking.tracking_uri", f"expected sqlite:///..., http(s)://... or a database URI; MLflow 3's file store is not supported (got {quote(uri)})"))
     if spec.tracking.registered_model is not None and not spec.tracking.registered_model.strip():
-        problems.append(("tracking.registered_model", f"must not be blank (got {_quote(spec.tracking.registered_model)})"))
-    problems += _tune_problems(spec, base_dir)
+        problems.append(("tracking.registered_model", f"must not be blank (got {quote(spec.tracking.registered_model)})"))
     return problems
-
-
-def _tune_problems(spec: JobSpec, base_dir) -> list[tuple[str, str]]:
-    from cluster.memory import parse_bytes
-    from tuning.spec import tune_problems
-
-    out = []
-    if spec.tune.space:
-        out += tune_problems(spec.model_dump(mode="json", exclude={"tune"}), spec.tune, validate, base_dir)
-        if spec.tune.scheduler != "fifo" and not spec.train.eval_every:
-            out.append(("train.eval_every", f"scheduler {spec.tune.scheduler!r} stops trials on eval results; set eval_every > 0 "
-                        "or tune.scheduler fifo (got 0)"))
-        grace = spec.tune.grace_period
-        if grace is not None and grace > spec.train.max_steps:
-            out.append(("tune.grace_period", f"must be <= train.max_steps ({spec.train.max_steps}) (got {grace})"))
-    lw = spec.tune.layerwise
-    if lw.budget is not None:
-        try:
-            parse_bytes(lw.budget)
-        except ValueError as e:
-            out.append(("tune.layerwise.budget", str(e)))
-    return out
 
 
 def _plan_problems(spec: JobSpec) -> list[tuple[str, str]]:
@@ -510,7 +386,7 @@ def _plan_problems(spec: JobSpec) -> list[tuple[str, str]]:
         try:
             re.compile(key)
         except re.error as e:
-            out.append((f"model.quantization_plan.{key}", f"not a valid regex: {e} (got {_quote(key)})"))
+            out.append((f"model.quantization_plan.{key}", f"not a valid regex: {e} (got {quote(key)})"))
     plan_bits = set(spec.model.quantization_plan.values())
     if plan_bits - {16} and spec.scaling.strategy.startswith("zero3"):
         out.append(("model.quantization_plan", f"a mixed 4/8-bit base cannot be partitioned by ZeRO-3; use zero2 or ddp "
@@ -549,21 +425,12 @@ def _scaling_problems(spec: JobSpec) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------- docs
 
 
-def field_reference(model: type[BaseModel] = JobSpec, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted field, default, description) for every field, in declaration order."""
-    rows: list[tuple[str, str, str]] = []
-    for name, f in model.model_fields.items():
-        ann = f.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows += field_reference(ann, f"{prefix}{name}.")
-            continue
-        default = f.get_default(call_default_factory=True)
-        rows.append((f"{prefix}{name}", repr(default), f.description or ""))
-    return rows
+def field_reference(model: type[BaseModel] | None = None) -> list[tuple[str, str, str]]:
+    """(dotted field, default, description) of every field of ``model`` (default: the job spec).
+    ``tuning.spec.TunedJobSpec`` gives the tune fields too."""
+    return _field_reference(model or JobSpec)
 
 
-def reference_markdown(model: type[BaseModel] = JobSpec) -> str:
-    lines = ["| field | default | meaning |", "| --- | --- | --- |"]
-    for field, default, desc in field_reference(model):
-        lines.append(f"| `{field}` | `{default}` | {desc.replace('|', '/')} |")
-    return "\n".join(lines)
+def reference_markdown(model: type[BaseModel] | None = None) -> str:
+    """The field table of ``model`` (default: the job spec)."""
+    return _reference_markdown(model or JobSpec)

@@ -58,7 +58,7 @@ def experiment_id(uri: str, name: str) -> str:
         return c.get_experiment_by_name(name).experiment_id
 
 
-def _str_params(d: dict[str, Any]) -> dict[str, str]:
+def str_params(d: dict[str, Any]) -> dict[str, str]:
     return {k: (str(v) if v is not None else "null")[:6000] for k, v in d.items()}
 
 
@@ -68,7 +68,7 @@ def start_run(spec: "JobSpec", uri: str, run_name: str, tags: dict[str, str]) ->
 
     c = client(uri)
     run = c.create_run(experiment_id(uri, spec.tracking.experiment), run_name=run_name, tags=tags)
-    params = [Param(k, v) for k, v in _str_params(spec.flat()).items()]
+    params = [Param(k, v) for k, v in str_params(spec.flat()).items()]
     for i in range(0, len(params), 100):
         c.log_batch(run.info.run_id, params=params[i : i + 100])
     c.log_text(run.info.run_id, spec_yaml(spec), "spec.yaml")
@@ -183,7 +183,7 @@ def _log_model(c, run_id: str, directory: str, tags: dict[str, str], params: dic
     import mlflow
 
     model = mlflow.initialize_logged_model(
-        name="adapter", source_run_id=run_id, tags=tags, params=_str_params(params), model_type=ADAPTER_MODEL_TYPE,
+        name="adapter", source_run_id=run_id, tags=tags, params=str_params(params), model_type=ADAPTER_MODEL_TYPE,
         experiment_id=c.get_run(run_id).info.experiment_id,
     )
     try:

@@ -61,19 +61,6 @@ def _write_state(storage: str, name: str, state: dict[str, Any]) -> None:
     (d / JOB_STATE).write_text(json.dumps(state, indent=2))
 
 
-def init_ray(**kwargs) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        # Train V2 echoes worker prints twice (stdout + its log redirection); a local
-        # cluster inherits this process's environment, so turn the echo off there.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-        # RAY_ADDRESS (set by `ray job submit`) connects to that cluster; otherwise a local one starts.
-        # "local" says so explicitly: with no address, Ray would attach to the last `ray start` cluster
-        # on this machine (/tmp/ray/ray_current_cluster), even a dead one.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", **{"log_to_driver": True, "configure_logging": False, **kwargs})
-
-
 def job_lineage(spec: JobSpec) -> dict[str, str]:
     """Tags that tie a run to its exact base weights, data and method."""
     from pipelines.data import dataset_fingerprint
@@ -127,6 +114,8 @@ def run(spec: JobSpec, log=print) -> dict[str, Any]:
         run_id = tracking.start_run(spec, uri, run_name, {**lineage, "raypeft.job": run_name})
     _write_state(storage, run_name, {"status": "running", "mlflow_run_id": run_id, "tracking_uri": uri})
     log(f"[raypeft] MLflow run {run_id} at {uri}")
+
+    from cluster.connect import init_ray
 
     init_ray()
     from pipelines.loop import ADAPTER_DIR
@@ -204,6 +193,16 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
     print(json.dumps(result), flush=True)
     return 0
+
+
+def command(args) -> int:
+    """``raypeft train``."""
+    return main([args.spec, *args.overrides])
+
+
+def validate_command(args) -> int:
+    """``raypeft validate``."""
+    return main([args.spec, *args.overrides, "--validate-only"])
 
 
 if __name__ == "__main__":

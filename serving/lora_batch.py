@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipelines.targets import is_target, pattern_value
+
 
 class BatchContext:
     """Shared by every wrapped layer of one model: the slot of each row of the current batch."""
@@ -154,8 +156,8 @@ class AdapterWeights:
             prefix = key[: -len(".lora_A.weight")]
             module = _module_name(prefix)
             b = tensors[f"{prefix}.lora_B.weight"]
-            mr = _pattern(rank_pattern, module, r)
-            ma = _pattern(alpha_pattern, module, alpha)
+            mr = pattern_value(rank_pattern, module, r)
+            ma = pattern_value(alpha_pattern, module, alpha)
             scale = ma / math.sqrt(mr) if rs else ma / mr
             mag = tensors.get(f"{prefix}.lora_magnitude_vector")
             if mag is None:
@@ -173,13 +175,6 @@ def _module_name(prefix: str) -> str:
     return prefix[len("base_model.model."):] if prefix.startswith("base_model.model.") else prefix
 
 
-def _pattern(pattern: dict, module: str, default):
-    for key, value in pattern.items():
-        if module == key or module.endswith("." + key) or re.fullmatch(key, module):
-            return value
-    return default
-
-
 # --------------------------------------------------------------------------- the model
 
 
@@ -195,7 +190,7 @@ class MultiLoraModel:
         dtype = next(model.parameters()).dtype
         dtype = dtype if dtype.is_floating_point and dtype != torch.uint8 else torch.float32
         for name, mod in list(model.named_modules()):
-            if not _is_linear(mod) or "lm_head" in name or not _targeted(name, target):
+            if not _is_linear(mod) or "lm_head" in name or not is_target(target, name):
                 continue
             wrapped = MultiLoraLinear(mod, self.ctx, slots, r_max, dtype=torch.float32)
             parent, _, child = name.rpartition(".")
@@ -235,11 +230,3 @@ def _is_linear(mod: nn.Module) -> bool:
     if isinstance(mod, nn.Linear):
         return True
     return type(mod).__name__ in ("Linear4bit", "Linear8bitLt") and hasattr(mod, "in_features")
-
-
-def _targeted(name: str, target) -> bool:
-    if target == "all-linear":
-        return True
-    if isinstance(target, str):
-        return re.fullmatch(target, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target)

@@ -12,18 +12,14 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from pipelines.spec import SpecError, _pydantic_problems, _quote, apply_overrides, read_yaml
+from pipelines.specbase import Problem, Section, apply_overrides, quote, read_yaml, validate_spec
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ServeModel(_Section):
+class ServeModel(Section):
     base: str = Field("smollm2-135m", description="Base model: `smollm2-135m` (offline), a local HF directory, or a hub id.")
     name: str | None = Field(None, description="Name clients use for the base (`model` = NAME or NAME:adapter). Default: `base`.")
     quantization: Literal["none", "nf4", "int8"] = Field("none", description="bitsandbytes quantization of the served base.")
@@ -31,7 +27,7 @@ class ServeModel(_Section):
     target_modules: str | list[str] = Field("all-linear", description="Layers that carry adapters (the union of what the adapters target).")
 
 
-class ServeCache(_Section):
+class ServeCache(Section):
     active_slots: int = Field(8, gt=0, le=512, description="Adapters resident in the model at once (the active tier); a batch mixes any of them.")
     max_rank: int = Field(64, gt=0, le=1024, description="Largest adapter rank served (the slots are sized for it).")
     cpu_adapters: int = Field(64, gt=0, description="Adapters kept in CPU memory (the CPU tier), least recently used out first.")
@@ -39,7 +35,7 @@ class ServeCache(_Section):
     prefetch: list[str] = Field(default_factory=list, description="Adapters read into the CPU tier when the replica starts.")
 
 
-class ServeLimits(_Section):
+class ServeLimits(Section):
     max_batch_size: int = Field(8, gt=0, le=1024, description="Rows decoded together per step.")
     max_queue: int = Field(64, gt=0, description="Requests waiting per replica; beyond it requests get 503 with Retry-After.")
     max_new_tokens: int = Field(256, gt=0, description="Largest `max_tokens` a request may ask for (also its default).")
@@ -47,7 +43,7 @@ class ServeLimits(_Section):
     request_timeout_s: float = Field(120.0, gt=0, description="A request still unfinished after this gets 504.")
 
 
-class ServeDeployment(_Section):
+class ServeDeployment(Section):
     replicas: int = Field(1, gt=0, description="Replicas, each holding the base once (ignored with autoscaling).")
     autoscaling: dict[str, Any] | None = Field(None, description="Ray Serve `autoscaling_config` (min_replicas, max_replicas, target_ongoing_requests).")
     cpus_per_replica: float = Field(1, gt=0, description="CPUs reserved per replica.")
@@ -56,7 +52,7 @@ class ServeDeployment(_Section):
     port: int = Field(8000, gt=0, lt=65536, description="HTTP port of the Serve proxy.")
 
 
-class ServeSpec(_Section):
+class ServeSpec(Section):
     name: str = Field("raypeft-serve", pattern=NAME.pattern, description="Serve application name.")
     model: ServeModel = Field(default_factory=ServeModel, description="The shared base.")
     adapters: dict[str, str] = Field(
@@ -83,53 +79,36 @@ class ServeSpec(_Section):
         return self.model.name or self.model.base
 
 
-def _problems(spec: ServeSpec) -> list[tuple[str, str]]:
+def semantic_problems(spec: ServeSpec) -> list[Problem]:
     out = []
     for name, src in spec.adapters.items():
         if not NAME.match(name):
-            out.append((f"adapters.{name}", f"adapter names are letters, digits, '_', '.', '-' (got {_quote(name)})"))
+            out.append((f"adapters.{name}", f"adapter names are letters, digits, '_', '.', '-' (got {quote(name)})"))
         elif src.startswith("models:/"):
             if not re.match(r"^models:/[^/@]+(@[^/]+|/\d+)$", src) and not re.match(r"^models:/m-[0-9a-f]+$", src):
-                out.append((f"adapters.{name}", f"expected models:/name@alias or models:/name/version (got {_quote(src)})"))
+                out.append((f"adapters.{name}", f"expected models:/name@alias or models:/name/version (got {quote(src)})"))
         elif "://" not in src:
             p = Path(os.path.expanduser(src))
             if not (p / "adapter_config.json").is_file():
-                out.append((f"adapters.{name}", f"not a PEFT adapter directory (no adapter_config.json) (got {_quote(src)})"))
+                out.append((f"adapters.{name}", f"not a PEFT adapter directory (no adapter_config.json) (got {quote(src)})"))
     for i, root in enumerate(spec.adapter_roots):
         if not Path(os.path.expanduser(root)).is_dir():
-            out.append((f"adapter_roots.{i}", f"directory not found (got {_quote(root)})"))
+            out.append((f"adapter_roots.{i}", f"directory not found (got {quote(root)})"))
     unknown = [p for p in spec.cache.prefetch if p not in spec.adapters]
     if unknown:
         out.append(("cache.prefetch", f"names not in `adapters` (got {unknown!r})"))
     if spec.deployment.gpus_per_replica == 0 and spec.model.dtype == "float16":
         out.append(("model.dtype", "float16 is not supported on CPU; use float32 or bfloat16 (got 'float16')"))
     if spec.api_key_env and not os.environ.get(spec.api_key_env):
-        out.append(("api_key_env", f"environment variable is not set (got {_quote(spec.api_key_env)})"))
+        out.append(("api_key_env", f"environment variable is not set (got {quote(spec.api_key_env)})"))
     return out
 
 
 def validate(raw: dict[str, Any]) -> ServeSpec:
-    try:
-        spec = ServeSpec.model_validate(raw)
-    except ValidationError as e:
-        problems = _pydantic_problems(e)
-        broken = {f.split(".")[0] for f, _ in problems}
-        try:  # cross-field checks on the sections that did parse, so every problem is listed at once
-            partial = ServeSpec.model_validate({k: v for k, v in raw.items() if k not in broken})
-            problems += [p for p in _problems(partial) if p[0].split(".")[0] not in broken]
-        except ValidationError:
-            pass
-        raise SpecError(problems, "serving spec") from None
-    problems = _problems(spec)
-    if problems:
-        raise SpecError(problems, "serving spec")
-    return spec
+    """A validated ``ServeSpec``, or ``SpecError`` listing every problem."""
+    return validate_spec(ServeSpec, raw, semantic_problems, "serving spec")
 
 
 def load(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> ServeSpec:
     """Read, override and validate a serving spec file."""
-    try:
-        raw = read_yaml(path)
-    except SpecError as e:
-        raise SpecError(e.problems, "serving spec") from None
-    return validate(apply_overrides(raw, list(overrides)))
+    return validate(apply_overrides(read_yaml(path, "serving spec"), overrides))

@@ -12,9 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from cluster.memory import Shape, layerwise_estimate
-
-Layers = list[tuple[int, int]]  # (bits, rank) per decoder layer
+from cluster.memory import Layers, Shape, layerwise_estimate
 
 
 def layer_key(i: int) -> str:
@@ -207,11 +205,3 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
         if not any((c <= a and d <= b) and (c < a or d < b) for j, (c, d) in enumerate(points) if j != i):
             front.append(i)
     return sorted(front, key=lambda i: points[i])
-
-
-def describe(layers: Layers) -> str:
-    """``4b×r8 ×20, 8b×r16 ×10``: a plan in one line."""
-    counts: dict[tuple[int, int], int] = {}
-    for lr in layers:
-        counts[lr] = counts.get(lr, 0) + 1
-    return ", ".join(f"{b}b×r{r} ×{c}" for (b, r), c in sorted(counts.items()))

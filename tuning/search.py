@@ -19,6 +19,7 @@ import yaml
 from ray import tune
 
 from cluster.memory import Plan
+from tuning.spec import TunedJobSpec
 from pipelines.spec import JobSpec, SpecError, validate
 from tuning import layerwise as L
 from tuning.spec import trial_raw
@@ -34,7 +35,7 @@ def _targets(spec: JobSpec) -> tuple[str, ...]:
     return ALL_TARGETS
 
 
-def plan_memory(spec: JobSpec) -> L.Memory:
+def plan_memory(spec: TunedJobSpec) -> L.Memory:
     """How the spec's ``tune.layerwise.memory`` counts a plan's bytes: the training step's peak (activations of
     ``train.micro_batch_size`` × ``data.max_length`` tokens included) or weights + adapter + its states only."""
     from pipelines.plan import DTYPE_BYTES, shape_of
@@ -78,13 +79,14 @@ def _constraints(trial) -> list[float]:
     return trial.user_attrs.get("constraint", [0.0, 0.0])
 
 
-def search(spec: JobSpec, budget: int, out: str | None = None, log=print) -> dict[str, Any]:
+def search(spec: TunedJobSpec, budget: int, out: str | None = None, log=print) -> dict[str, Any]:
     import ray
     from optuna.samplers import NSGAIISampler
     from ray.tune.search.optuna import OptunaSearch
 
     from pipelines import tracking
-    from pipelines.train import init_ray, job_lineage
+    from cluster.connect import init_ray
+    from pipelines.train import job_lineage
     from tuning.calibrate import calibrate
 
     lw = spec.tune.layerwise

@@ -18,7 +18,10 @@ from __future__ import annotations
 import itertools
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from pipelines.spec import JobSpec, Problem, SpecError, semantic_problems
+from pipelines.specbase import Section, apply_overrides, read_yaml, set_path, validate_spec
 
 Rank = Annotated[int, Field(ge=0)]
 
@@ -30,11 +33,7 @@ DOMAINS = {
     "randint": "[low, high], an integer in low..high-1",
 }
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LayerwiseSpec(_Section):
+class LayerwiseSpec(Section):
     budget: int | str | None = Field(
         None,
         description="Memory budget per worker, in bytes or with a unit (`60MB`, `1.2GiB`): what `memory` counts. "
@@ -65,7 +64,7 @@ class LayerwiseSpec(_Section):
         return v
 
 
-class TuneSpec(_Section):
+class TuneSpec(Section):
     space: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Search space: dotted spec field → `{choice: [...]}`, `{grid: [...]}`, `{uniform: [lo, hi]}`, "
@@ -109,21 +108,6 @@ def _domain_values(field: str, dom: Any) -> tuple[list[tuple[str, str]], list[An
     return [], list(arg)
 
 
-def set_path(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
-    """A copy of ``raw`` with ``dotted`` set to ``value`` (pure)."""
-    import copy
-
-    out = copy.deepcopy(raw)
-    node = out
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        if not isinstance(node.get(p), dict):
-            node[p] = {}
-        node = node[p]
-    node[leaf] = value
-    return out
-
-
 def trial_raw(raw: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """The raw job spec of one trial: ``raw`` without its ``tune`` section, with ``config``'s dotted fields set."""
     out = {k: v for k, v in raw.items() if k != "tune"}
@@ -132,10 +116,9 @@ def trial_raw(raw: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def tune_problems(raw: dict[str, Any], tune: TuneSpec, validate, base_dir=None) -> list[tuple[str, str]]:
-    """Problems with the sweep: malformed domains, and values the job spec would refuse.
-
-    ``validate(raw, base_dir)`` is the job-spec validator (raises ``SpecError`` with ``problems``)."""
+def space_problems(raw: dict[str, Any], tune: TuneSpec, base_dir=None) -> list[Problem]:
+    """Problems with the sweep: malformed domains, and values the job spec would refuse."""
+    from pipelines.spec import validate as validate_job
     out: list[tuple[str, str]] = []
     values: dict[str, list[Any]] = {}
     for field, dom in tune.space.items():
@@ -156,9 +139,9 @@ def tune_problems(raw: dict[str, Any], tune: TuneSpec, validate, base_dir=None) 
     seen: set[tuple[str, str]] = set()
     for config in checks:
         try:
-            validate(trial_raw(raw, config), base_dir)
-        except Exception as e:  # SpecError
-            for field, msg in getattr(e, "problems", [("<spec>", str(e))]):
+            validate_job(trial_raw(raw, config), base_dir)
+        except SpecError as e:
+            for field, msg in e.problems:
                 key = (field, msg)
                 if key in seen:
                     continue
@@ -169,6 +152,58 @@ def tune_problems(raw: dict[str, Any], tune: TuneSpec, validate, base_dir=None) 
     if not tune.space:
         out.append(("tune.space", "is empty: name at least one field to search (got {})"))
     return out
+
+
+class TunedJobSpec(JobSpec):
+    """A job spec whose ``tune`` section is validated: what ``raypeft tune`` and ``raypeft layerwise`` run."""
+
+    tune: TuneSpec = Field(
+        default_factory=TuneSpec,
+        description="Ray Tune sweep (`raypeft tune`) and layerwise search (`raypeft layerwise`); `raypeft train` does not read it.",
+    )
+
+
+def tune_problems(spec: TunedJobSpec, base_dir=None) -> list[Problem]:
+    """The job's own cross-field checks, plus the sweep's and the layerwise search's."""
+    from cluster.memory import parse_bytes
+
+    out = semantic_problems(spec, base_dir)
+    tune = spec.tune
+    if tune.space:
+        out += space_problems(spec.model_dump(mode="json", exclude={"tune"}), tune, base_dir)
+        if tune.scheduler != "fifo" and not spec.train.eval_every:
+            out.append(("train.eval_every", f"scheduler {tune.scheduler!r} stops trials on eval results; set eval_every > 0 "
+                        "or tune.scheduler fifo (got 0)"))
+        if tune.grace_period is not None and tune.grace_period > spec.train.max_steps:
+            out.append(("tune.grace_period", f"must be <= train.max_steps ({spec.train.max_steps}) (got {tune.grace_period})"))
+    if tune.layerwise.budget is not None:
+        try:
+            parse_bytes(tune.layerwise.budget)
+        except ValueError as e:
+            out.append(("tune.layerwise.budget", str(e)))
+    return out
+
+
+def validate(raw: dict[str, Any], base_dir=None) -> TunedJobSpec:
+    """Validate a job spec with its ``tune`` section (``SpecError`` listing every problem)."""
+    return validate_spec(TunedJobSpec, raw, lambda spec: tune_problems(spec, base_dir))
+
+
+def load(path, overrides=()) -> TunedJobSpec:
+    """Read, override and validate a tuned job spec, target modules checked against the base: everything
+    checkable before Ray starts."""
+    from pipelines.preflight import architecture_problems
+
+    spec = validate(apply_overrides(read_yaml(path), overrides))
+    problems = architecture_problems(spec)
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def job_of(spec: TunedJobSpec) -> JobSpec:
+    """The plain job spec of a tuned one (its ``tune`` section dropped): what a trial trains."""
+    return JobSpec.model_validate(spec.model_dump(exclude={"tune"}))
 
 
 def concurrency(cluster: dict[str, float], per_trial: dict[str, float], requested: int | None = None) -> int:

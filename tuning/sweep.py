@@ -21,6 +21,7 @@ from typing import Any
 
 from ray import tune
 
+from tuning.spec import TunedJobSpec
 from pipelines.spec import JobSpec, validate
 from tuning.spec import absolute_paths, concurrency, trial_raw
 
@@ -82,19 +83,20 @@ class MlflowSweepLogger(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         from mlflow.entities import Param
 
-        from pipelines.tracking import _str_params
+        from pipelines.tracking import str_params
 
         c = self._client()
         run = c.create_run(self.experiment_id, run_name=f"{self.sweep}/{trial.trial_id}",
                            tags={"mlflow.parentRunId": self.parent, "raypeft.sweep": self.sweep, "raypeft.trial_id": trial.trial_id})
         config = trial.config.get("plan") or trial.config
         params = {k: v for k, v in config.items() if not isinstance(v, dict)}  # the plan's dicts: as bits_i / rank_i
-        batch = [Param(k, v) for k, v in _str_params(params).items()]
+        batch = [Param(k, v) for k, v in str_params(params).items()]
         for i in range(0, len(batch), 100):
             c.log_batch(run.info.run_id, params=batch[i : i + 100])
         self.runs[trial.trial_id] = run.info.run_id
         if "bits_0" in config:  # a layerwise plan: one line instead of Tune's table of every bits_i / rank_i
-            from tuning.layerwise import describe, from_point
+            from cluster.memory import describe
+            from tuning.layerwise import from_point
 
             plan = describe(from_point(config))
             note = " (infeasible: not trained)" if config.get("over_budget") else " (repaired to fit the budget)" if config.get("repaired") else ""
@@ -141,7 +143,7 @@ def search_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {field: make[kind](arg) for field, dom in space.items() for kind, arg in dom.items()}
 
 
-def make_scheduler(spec: JobSpec):
+def make_scheduler(spec: TunedJobSpec):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule
 
     t = spec.tune
@@ -155,7 +157,7 @@ def make_scheduler(spec: JobSpec):
     return FIFOScheduler()
 
 
-def make_searcher(spec: JobSpec):
+def make_searcher(spec: TunedJobSpec):
     if spec.tune.searcher == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -166,14 +168,15 @@ def make_searcher(spec: JobSpec):
 # --------------------------------------------------------------------------- running trials
 
 
-def run_trials(spec: JobSpec, name: str, param_space: dict[str, Any], *, metric, mode, num_samples: int,
+def run_trials(spec: TunedJobSpec, name: str, param_space: dict[str, Any], *, metric, mode, num_samples: int,
                scheduler=None, searcher=None, parent_run_id: str, uri: str, max_steps: int, verbose: int = 1, log=print):
     """Run Tune trials of ``spec`` (each a Train run) and log them under ``parent_run_id``. Returns the ResultGrid.
     ``verbose``: Tune's console output (0: only raypeft's one line per trial start and end)."""
     import ray
 
     from pipelines.tracking import client
-    from pipelines.train import init_ray, storage_dir
+    from cluster.connect import init_ray
+    from pipelines.train import storage_dir
 
     init_ray()
     sc = spec.scaling
@@ -279,7 +282,7 @@ def register_trial(spec: JobSpec, row: dict[str, Any], uri: str, dest: Path, log
     return out
 
 
-def sweep(spec: JobSpec, log=print) -> dict[str, Any]:
+def sweep(spec: TunedJobSpec, log=print) -> dict[str, Any]:
     """Run the spec's ``tune`` sweep end to end and return the result record."""
     from pipelines import tracking
     from pipelines.train import job_lineage, storage_dir

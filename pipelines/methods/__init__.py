@@ -37,7 +37,6 @@ class Method:
     build: Callable[["JobSpec", Any], Prepared]
     problems: Callable[["JobSpec"], list[tuple[str, str]]] = field(default=lambda spec: [])
     needs_quantization: str | None = None  # "4bit" for qlora/qdora
-    mixed_batch_servable: bool = False
 
 
 REGISTRY: dict[str, Method] = {}

@@ -15,24 +15,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
 
 
-def _is_target(name: str, target) -> bool:
-    if target == "all-linear":
-        return "lm_head" not in name
-    if isinstance(target, str):
-        import re
-
-        return re.fullmatch(target, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target)
-
-
 def galore_param_groups(spec: "JobSpec", model) -> list[dict]:
     import torch
+
+    from pipelines.targets import is_target
 
     g = spec.method.galore
     galore_params, regular = [], []
     targeted = set()
     for mod_name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and _is_target(mod_name, spec.method.target_modules):
+        if isinstance(mod, torch.nn.Linear) and is_target(spec.method.target_modules, mod_name):
             targeted.add(id(mod.weight))
     for p in model.parameters():
         if not p.requires_grad:

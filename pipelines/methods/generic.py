@@ -15,7 +15,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
 
 _ALPHA_FIELDS = ("lora_alpha", "alpha")
-_DROPOUT_FIELDS = ("lora_dropout", "module_dropout", "dropout", "vblora_dropout", "vera_dropout", "rank_dropout")
+
+
+def dropout_field(cls) -> str | None:
+    """The config field of a PEFT class that ``method.dropout`` sets: ``lora_dropout``, ``<type>_dropout``
+    (``vera_dropout``, ``boft_dropout``, ...), else ``module_dropout`` (OFT, LoHa, LoKr), else None."""
+    names = [f.name for f in fields(cls)]
+    own = [n for n in names if n.endswith("_dropout") and n not in ("rank_dropout", "module_dropout")]
+    return (own or [n for n in names if n == "module_dropout"] or [None])[0]
 
 
 def config_class(name: str):
@@ -58,6 +65,9 @@ def peft_config(spec: "JobSpec", model=None):
             # config because feedforward_modules ({'down_proj'}) is not a subset of them
             target = linear_suffixes(model)
         kwargs["target_modules"] = target
+    drop = dropout_field(cls)
+    if drop and "dropout" in m.model_fields_set:  # unset: the class's own default
+        kwargs[drop] = m.dropout
     for key, pattern in (("rank_pattern", m.rank_pattern), ("alpha_pattern", m.alpha_pattern)):
         if pattern and key in names:
             kwargs[key] = dict(pattern)
@@ -84,6 +94,8 @@ def _problems(spec: "JobSpec") -> list[tuple[str, str]]:
     out = [
         (f"method.args.{k}", f"not a {cls.__name__} field (got {v!r})") for k, v in spec.method.args.items() if k not in names
     ]
+    if "dropout" in spec.method.model_fields_set and dropout_field(cls) is None:
+        out.append(("method.dropout", f"{spec.method.name} has no dropout (got {spec.method.dropout!r})"))
     if spec.method.rank_pattern and "rank_pattern" not in names:
         out.append(("method.rank_pattern", f"{spec.method.name} has no rank_pattern (got {spec.method.rank_pattern!r})"))
     if not out:

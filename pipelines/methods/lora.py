@@ -92,4 +92,4 @@ for _name, _summary, _build, _q in (
     ("qlora", "QLoRA: LoRA on a bitsandbytes NF4 (double-quant) base", _builder(), "4bit"),
     ("qdora", "QDoRA: DoRA on a bitsandbytes NF4 base", _builder(use_dora=True), "4bit"),
 ):
-    register(Method(_name, _summary, _build, _args_problems, needs_quantization=_q, mixed_batch_servable=True))
+    register(Method(_name, _summary, _build, _args_problems, needs_quantization=_q))

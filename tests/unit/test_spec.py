@@ -136,7 +136,7 @@ def test_override_value_types():
     assert out["tracking"]["registered_model"] == ""
     assert out["method"]["args"] == {"num_virtual_tokens": 8}
     assert out["name"] == "a=b"  # split on the first '=' only
-    assert parse_override("a.b.c=[1, 2]") == (["a", "b", "c"], [1, 2])
+    assert parse_override("a.b.c=[1, 2]") == ("a.b.c", [1, 2])
 
 
 @pytest.mark.parametrize("item", ["train.lr", "train.lr 1e-4", "=1", "train..lr=1", ".lr=1", "train.=1"])

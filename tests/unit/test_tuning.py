@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from cluster.memory import Shape, layerwise_estimate, linear_bytes
-from pipelines.spec import SpecError, pattern_bits, validate
+from pipelines.spec import SpecError, pattern_bits
+from tuning.spec import validate
 from tuning import layerwise as L
 from tuning.spec import concurrency, trial_raw
 
