@@ -100,3 +100,23 @@ def status(addr: str | None = None) -> dict[str, Any]:
     except (requests.RequestException, ValueError) as e:
         out["resources"] = {"error": str(e)}
     return out
+
+
+def status_command(args) -> int:
+    """``raypeft status``: jobs, Serve applications and resources, as a table or JSON."""
+    import json
+
+    st = status(args.address)
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"cluster {st['address']}")
+    for k, v in sorted(st.get("resources", {}).items()):
+        print(f"  {k:14} {v}" if k == "error" else f"  {k:14} {v['used']:g} / {v['total']:g} used")
+    print(f"jobs ({len(st['jobs'])}):")
+    for j in sorted(st["jobs"], key=lambda j: j["start"] or 0):
+        print(f"  {j['id']:32} {j['status']:10} {j['entrypoint']}")
+    print("serve applications:" + ("" if st["serve"] else " none"))
+    for name, app_status in st["serve"].items():
+        print(f"  {name:32} {app_status}")
+    return 0

@@ -1,0 +1,37 @@
+"""``raypeft tune`` and ``raypeft layerwise``: validate the tuned job spec, run the search, print its result."""
+
+from __future__ import annotations
+
+import json
+
+from pipelines.spec import SpecError
+from tuning.spec import load
+
+
+def tune(args) -> int:
+    """Run the spec's Ray Tune sweep; exit 1 if no trial finished."""
+    spec = load(args.spec, args.overrides)
+    if not spec.tune.space:
+        raise SpecError([("tune.space", "is empty: add a tune section naming the fields to search (got {})")])
+    from tuning.sweep import sweep
+
+    result = sweep(spec)
+    result.pop("rows")
+    print(json.dumps(result, default=str), flush=True)
+    return 0 if result["best"] else 1
+
+
+def layerwise(args) -> int:
+    """Run the layerwise bit-width × rank search; exit 1 if no plan was found."""
+    from cluster.memory import parse_bytes
+
+    overrides = list(args.overrides) + ([f"tune.layerwise.budget={args.budget}"] if args.budget else [])
+    spec = load(args.spec, overrides)
+    if spec.tune.layerwise.budget is None:
+        raise SpecError([("tune.layerwise.budget", "required: pass --budget 60MB or set it in the spec (got None)")])
+    budget = parse_bytes(spec.tune.layerwise.budget)
+    from tuning.search import search
+
+    result = search(spec, budget, out=args.out)
+    print(json.dumps({k: v for k, v in result.items() if k != "front"}, default=str), flush=True)
+    return 0 if result.get("plan_spec") else 1
