@@ -15,6 +15,7 @@ planner models (and what ``torch.cuda.max_memory_allocated`` reports on a GPU). 
 defaults, which keep freed blocks of up to 32 MiB for reuse: the extra is allocator slack, shown
 in its own column.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,11 @@ import sys
 import tempfile
 
 CASES = [
-    ("tiny", "lora", 8, 256), ("tiny", "qlora", 8, 256),
-    ("smollm2-135m", "lora", 4, 256), ("smollm2-135m", "qlora", 4, 256), ("smollm2-135m", "lora", 8, 128),
+    ("tiny", "lora", 8, 256),
+    ("tiny", "qlora", 8, 256),
+    ("smollm2-135m", "lora", 4, 256),
+    ("smollm2-135m", "qlora", 4, 256),
+    ("smollm2-135m", "lora", 8, 128),
 ]
 
 
@@ -40,10 +44,9 @@ def _status_kb(field: str) -> int:
 def child(raw: dict) -> dict:
     import gc
 
-    import torch
-
     import bitsandbytes  # noqa: F401  (its import is part of the baseline)
     import peft  # noqa: F401
+    import torch
     import transformers  # noqa: F401
 
     from pipelines import methods
@@ -79,8 +82,13 @@ LIVE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def _measure(raw: dict, env: dict) -> dict:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--child", json.dumps(raw)],
-                         capture_output=True, text=True, check=True, env={**os.environ, "MALLOC_ARENA_MAX": "2", **env})
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.memory", "--child", json.dumps(raw)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "MALLOC_ARENA_MAX": "2", **env},
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -106,20 +114,40 @@ def main(argv=None) -> int:
     tiny = str(tiny_llama(os.path.join(tmp, "tiny"), vocab_size=4096, hidden=256, layers=4))
     rows = []
     for base, method, b, s in CASES:
-        raw = {"model": {"base": tiny if base == "tiny" else base}, "method": {"name": method, "r": 16, "dropout": 0.0},
-               "data": {"max_length": s}, "train": {"micro_batch_size": b}}
+        raw = {
+            "model": {"base": tiny if base == "tiny" else base},
+            "method": {"name": method, "r": 16, "dropout": 0.0},
+            "data": {"max_length": s},
+            "train": {"micro_batch_size": b},
+        }
         m = _measure(raw, LIVE_MALLOC)
         glibc = _measure(raw, {})["measured"]
         est = planned(raw)
-        rows.append({"base": base, "method": method, "batch": f"{b}×{s}", **m, "glibc_default": glibc, "planned": est,
-                     "ratio": est / m["measured"]})
-        print(f"{base} {method} {b}×{s}: measured {m['measured'] / 2**20:.0f} MiB (glibc defaults {glibc / 2**20:.0f}), "
-              f"planned {est / 2**20:.0f} MiB ({est / m['measured']:.2f}×)", file=sys.stderr)
-    print("\n| base | method | batch × tokens | measured (MiB) | planned (MiB) | planned / measured | glibc defaults (MiB) |")
+        rows.append(
+            {
+                "base": base,
+                "method": method,
+                "batch": f"{b}×{s}",
+                **m,
+                "glibc_default": glibc,
+                "planned": est,
+                "ratio": est / m["measured"],
+            }
+        )
+        print(
+            f"{base} {method} {b}×{s}: measured {m['measured'] / 2**20:.0f} MiB (glibc defaults {glibc / 2**20:.0f}), "
+            f"planned {est / 2**20:.0f} MiB ({est / m['measured']:.2f}×)",
+            file=sys.stderr,
+        )
+    print(
+        "\n| base | method | batch × tokens | measured (MiB) | planned (MiB) | planned / measured | glibc defaults (MiB) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['base']} | {r['method']} | {r['batch']} | {r['measured'] / 2**20:.0f} | {r['planned'] / 2**20:.0f} | "
-              f"**{r['ratio']:.2f}** | {r['glibc_default'] / 2**20:.0f} |")
+        print(
+            f"| {r['base']} | {r['method']} | {r['batch']} | {r['measured'] / 2**20:.0f} | {r['planned'] / 2**20:.0f} | "
+            f"**{r['ratio']:.2f}** | {r['glibc_default'] / 2**20:.0f} |"
+        )
     print(json.dumps(rows))
     return 0
 

@@ -11,6 +11,7 @@ save and restore are timed inside 2 Ray Train workers on the same model and meth
 through the engines the loop uses (``engine.save`` / ``engine.load``: the resume path),
 after two optimizer steps so the optimizer states exist. Not a timed test.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,19 +29,36 @@ CONFIGS = [(1, "ddp"), (2, "ddp"), (2, "zero1"), (2, "zero2"), (2, "zero2_offloa
 def make_spec(args, home: str, workers: int, strategy: str, name: str):
     from pipelines.spec import validate
 
-    return validate({
-        "name": name,
-        "model": {"base": args.base, "dtype": "bfloat16" if args.gpu else "float32",
-                  "compute_dtype": "bfloat16" if args.gpu else "float32"},
-        "method": {"name": args.method, "r": 16, "alpha": 32, "dropout": 0.0},
-        "data": {"train": "builtin:json_extract", "format": "chat", "max_length": args.seq, "packing": True},
-        "train": {"max_steps": args.steps, "micro_batch_size": args.batch, "global_batch_size": args.batch * 2, "lr": 1e-4,
-                  "warmup_steps": 1, "eval_every": 0, "eval_base": False},
-        "scaling": {"num_workers": workers, "strategy": strategy, "use_gpu": args.gpu,
-                    "cpus_per_worker": 1 if not args.gpu else 2, "torch_threads": max(1, args.threads // workers)},
-        "checkpoint": {"storage": os.path.join(home, "runs")},
-        "tracking": {"experiment": "bench-scaling", "tracking_uri": f"sqlite:///{home}/mlflow.db"},
-    })
+    return validate(
+        {
+            "name": name,
+            "model": {
+                "base": args.base,
+                "dtype": "bfloat16" if args.gpu else "float32",
+                "compute_dtype": "bfloat16" if args.gpu else "float32",
+            },
+            "method": {"name": args.method, "r": 16, "alpha": 32, "dropout": 0.0},
+            "data": {"train": "builtin:json_extract", "format": "chat", "max_length": args.seq, "packing": True},
+            "train": {
+                "max_steps": args.steps,
+                "micro_batch_size": args.batch,
+                "global_batch_size": args.batch * 2,
+                "lr": 1e-4,
+                "warmup_steps": 1,
+                "eval_every": 0,
+                "eval_base": False,
+            },
+            "scaling": {
+                "num_workers": workers,
+                "strategy": strategy,
+                "use_gpu": args.gpu,
+                "cpus_per_worker": 1 if not args.gpu else 2,
+                "torch_threads": max(1, args.threads // workers),
+            },
+            "checkpoint": {"storage": os.path.join(home, "runs")},
+            "tracking": {"experiment": "bench-scaling", "tracking_uri": f"sqlite:///{home}/mlflow.db"},
+        }
+    )
 
 
 def throughput(spec, warmup: int) -> tuple[float, float]:
@@ -87,7 +105,9 @@ def checkpoint_worker(config: dict) -> None:
         ex = D.encode_all(records[:64], spec.data, tok)
         sharder = D.Sharder(len(ex), spec.train.micro_batch_size, world, rank, 0)
         for step in range(2):
-            batch = {k: v.to(device) for k, v in D.collate([ex[i] for i in sharder.indices(step)], tok.pad_token_id).items()}
+            batch = {
+                k: v.to(device) for k, v in D.collate([ex[i] for i in sharder.indices(step)], tok.pad_token_id).items()
+            }
             engine.micro_step(batch, last=True)
             engine.finish_step(step)
         saves, loads = [], []
@@ -110,7 +130,11 @@ def checkpoint_worker(config: dict) -> None:
             if rank == 0:
                 shutil.rmtree(d)
         if rank == 0:
-            timings[spec.scaling.strategy] = {"save_s": statistics.median(saves), "restore_s": statistics.median(loads), "bytes": size}
+            timings[spec.scaling.strategy] = {
+                "save_s": statistics.median(saves),
+                "restore_s": statistics.median(loads),
+                "bytes": size,
+            }
         del engine, prepared, base, keep
         gc.collect()
     if rank == 0:
@@ -128,7 +152,9 @@ def checkpoint_times(args, home: str) -> dict[str, dict[str, float]]:
     TorchTrainer(
         checkpoint_worker,
         train_loop_config={"specs": specs, "gpu": args.gpu, "scratch": scratch},
-        scaling_config=ScalingConfig(num_workers=2, use_gpu=args.gpu, resources_per_worker={"CPU": specs[0].scaling.cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=2, use_gpu=args.gpu, resources_per_worker={"CPU": specs[0].scaling.cpus_per_worker}
+        ),
         run_config=RunConfig(name="bench-ckpt", storage_path=os.path.join(home, "runs")),
     ).fit()
     with open(os.path.join(scratch, "timings.json")) as f:
@@ -152,8 +178,11 @@ def main(argv=None) -> int:
 
     init_ray()
     configs = [c for c in CONFIGS if not args.only or c[1] in args.only.split(",")]
-    print(f"model {args.base}, {args.method} r=16 all-linear, {'bf16 GPU' if args.gpu else 'fp32 CPU'}, global batch "
-          f"{args.batch * 2} × {args.seq} tokens (packed), {args.steps} steps ({args.warmup} warmup), {args.threads} threads in all", flush=True)
+    print(
+        f"model {args.base}, {args.method} r=16 all-linear, {'bf16 GPU' if args.gpu else 'fp32 CPU'}, global batch "
+        f"{args.batch * 2} × {args.seq} tokens (packed), {args.steps} steps ({args.warmup} warmup), {args.threads} threads in all",
+        flush=True,
+    )
     rows = []
     with tempfile.TemporaryDirectory() as home:
         for workers, strategy in configs:

@@ -14,6 +14,7 @@ Decode tokens/s = generated tokens / wall seconds (prefill included for every va
 the best of ``--repeats`` runs each, interleaved. Also the cold adapter load (read the
 safetensors + load into a slot, DoRA norms included) p50. Not a timed test.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,9 +47,12 @@ def make_adapters(base_path: str, n: int, rank: int, out: Path) -> list[Path]:
     dirs = []
     for i in range(n):
         torch.manual_seed(1000 + i)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path),
-                               LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, target_modules="all-linear",
-                                          init_lora_weights=False))
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(base_path),
+            LoraConfig(
+                task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, target_modules="all-linear", init_lora_weights=False
+            ),
+        )
         with torch.no_grad():  # small random deltas: distinct adapters that still produce text
             for name, p in model.named_parameters():
                 if "lora_B" in name:
@@ -77,8 +81,17 @@ def run_engine(base_path, dirs, tok, tokens, adapters=True):
         engine.load_adapter(str(i))
 
     def once():
-        reqs = [engine.submit(Request(tok(p, add_special_tokens=False)["input_ids"], str(i) if adapters else None,
-                                      max_tokens=tokens, ignore_eos=True)) for i, p in enumerate(PROMPTS[: len(dirs)])]
+        reqs = [
+            engine.submit(
+                Request(
+                    tok(p, add_special_tokens=False)["input_ids"],
+                    str(i) if adapters else None,
+                    max_tokens=tokens,
+                    ignore_eos=True,
+                )
+            )
+            for i, p in enumerate(PROMPTS[: len(dirs)])
+        ]
         t0 = time.perf_counter()
         while not all(r.finish_reason for r in reqs):
             engine.step()
@@ -168,11 +181,17 @@ def main(argv=None) -> int:
                 best[name] = max(best[name], n / dt)
         loads = cold_loads(base_path, dirs, 3)
     ours = best["raypeft mixed batch"]
-    print(f"{args.base}: {args.adapters} adapters (rank {args.rank}, all linear), batch of {args.adapters} requests "
-          f"(one per adapter), {args.tokens} greedy tokens each, {args.threads} threads, best of {args.repeats}")
+    print(
+        f"{args.base}: {args.adapters} adapters (rank {args.rank}, all linear), batch of {args.adapters} requests "
+        f"(one per adapter), {args.tokens} greedy tokens each, {args.threads} threads, best of {args.repeats}"
+    )
     print("| variant | decode tokens/s | raypeft ÷ variant | goal |")
     print("| --- | ---: | ---: | --- |")
-    goals = {"(a) base alone (HF generate)": "≥ 0.8×", "(b) PEFT adapter_names": "≥ 1.5×", "(c) PEFT grouped per adapter": "≥ 3×"}
+    goals = {
+        "(a) base alone (HF generate)": "≥ 0.8×",
+        "(b) PEFT adapter_names": "≥ 1.5×",
+        "(c) PEFT grouped per adapter": "≥ 3×",
+    }
     for name, rate in best.items():
         ratio = "" if name == "raypeft mixed batch" else f"{ours / rate:.2f}×"
         print(f"| {name} | {rate:.1f} | {ratio} | {goals.get(name, '')} |")

@@ -9,6 +9,7 @@ with the same number of torch threads. Steady-state tokens/s excludes the first
 separately). Order is bare → raypeft → bare, and the bare figure is the mean of
 its two runs, so drift on a noisy machine hits both sides. Not a timed test.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,17 +24,26 @@ import time
 def make_spec(args, home: str):
     from pipelines.spec import validate
 
-    return validate({
-        "name": "bench-throughput",
-        "model": {"base": args.base},
-        "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
-        "data": {"train": "builtin:json_extract", "format": "chat", "max_length": args.seq, "packing": True},
-        "train": {"max_steps": args.steps, "micro_batch_size": args.batch, "lr": 1e-4, "warmup_steps": 1,
-                  "eval_every": 0, "eval_base": False, "max_grad_norm": 1.0},
-        "scaling": {"num_workers": 1, "cpus_per_worker": args.threads},
-        "checkpoint": {"storage": os.path.join(home, "runs")},
-        "tracking": {"experiment": "bench", "tracking_uri": f"sqlite:///{home}/mlflow.db"},
-    })
+    return validate(
+        {
+            "name": "bench-throughput",
+            "model": {"base": args.base},
+            "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
+            "data": {"train": "builtin:json_extract", "format": "chat", "max_length": args.seq, "packing": True},
+            "train": {
+                "max_steps": args.steps,
+                "micro_batch_size": args.batch,
+                "lr": 1e-4,
+                "warmup_steps": 1,
+                "eval_every": 0,
+                "eval_base": False,
+                "max_grad_norm": 1.0,
+            },
+            "scaling": {"num_workers": 1, "cpus_per_worker": args.threads},
+            "checkpoint": {"storage": os.path.join(home, "runs")},
+            "tracking": {"experiment": "bench", "tracking_uri": f"sqlite:///{home}/mlflow.db"},
+        }
+    )
 
 
 def bare_loop(spec, args) -> float:
@@ -50,7 +60,9 @@ def bare_loop(spec, args) -> float:
     path = resolve_base(spec.model)
     tok = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    model = get_peft_model(
+        model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+    )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     train, _ = D.train_eval_records(spec.data, spec.train.seed)
     ex = D.encode_all(train, spec.data, tok)
@@ -66,7 +78,7 @@ def bare_loop(spec, args) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
         rates.append(int(batch["attention_mask"].sum()) / (time.perf_counter() - t0))
-    return statistics.mean(rates[args.warmup:])
+    return statistics.mean(rates[args.warmup :])
 
 
 def raypeft_run(spec, args) -> tuple[float, float]:
@@ -80,7 +92,7 @@ def raypeft_run(spec, args) -> tuple[float, float]:
     wall = time.perf_counter() - t0
     hist = MlflowClient(result["tracking_uri"]).get_metric_history(result["run_id"], "tokens_per_s")
     rates = [h.value for h in sorted(hist, key=lambda h: h.step)]
-    return statistics.mean(rates[args.warmup:]), wall
+    return statistics.mean(rates[args.warmup :]), wall
 
 
 def main(argv=None) -> int:
@@ -95,12 +107,18 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     with tempfile.TemporaryDirectory() as home:
         spec = make_spec(args, home)
-        print(f"model {args.base}, LoRA r=16 all-linear, fp32, batch {args.batch} × {args.seq} tokens (packed), "
-              f"{args.steps} steps ({args.warmup} warmup), {args.threads} threads", flush=True)
+        print(
+            f"model {args.base}, LoRA r=16 all-linear, fp32, batch {args.batch} × {args.seq} tokens (packed), "
+            f"{args.steps} steps ({args.warmup} warmup), {args.threads} threads",
+            flush=True,
+        )
         bare1 = bare_loop(spec, args)
         print(f"bare PEFT+torch (1st): {bare1:8.0f} tok/s", flush=True)
         ray_rate, wall = raypeft_run(spec, args)
-        print(f"raypeft 1 worker:      {ray_rate:8.0f} tok/s  (end-to-end wall {wall:.0f}s incl. Ray + model start)", flush=True)
+        print(
+            f"raypeft 1 worker:      {ray_rate:8.0f} tok/s  (end-to-end wall {wall:.0f}s incl. Ray + model start)",
+            flush=True,
+        )
         bare2 = bare_loop(spec, args)
         print(f"bare PEFT+torch (2nd): {bare2:8.0f} tok/s", flush=True)
     bare = (bare1 + bare2) / 2

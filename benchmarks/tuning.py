@@ -17,6 +17,7 @@ default 1 2), compared seed by seed, and both peaks are measured in fresh proces
 layers 29 and 11 in int8; ``r0:24,25``: no adapter on layers 24 and 25; ``r16:11``: rank 16) and/or
 ``--set field=value`` overrides, e.g. ``--set model.quantization=int8``; prints its memory and metrics.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,39 +46,82 @@ def asha(args) -> dict:
     model, data = _tiny_setup(home)
     out = {}
     for scheduler in ("fifo", "asha"):
-        spec = validate({
-            "name": f"bench-{scheduler}", "model": {"base": model},
-            "method": {"name": "lora", "r": 4},
-            "data": {"train": data, "format": "chat", "max_length": 64, "eval_fraction": 0.2},
-            "train": {"max_steps": args.steps, "micro_batch_size": 4, "warmup_steps": 1, "eval_every": 3, "eval_base": False},
-            "scaling": {"cpus_per_worker": 0.9},
-            # the grid in a shuffled order (the same for both runs): trials start in this order, and
-            # ASHA can only stop a trial that does worse than the ones before it
-            "tune": {"space": {"train.lr": {"grid": [3e-3, 1e-4, 3e-2, 3e-4, 1e-2, 1e-3]}, "method.r": {"grid": [4, 8]}},
-                     "num_samples": 1, "scheduler": scheduler, "reduction_factor": 4, "grace_period": 3},
-        })
+        spec = validate(
+            {
+                "name": f"bench-{scheduler}",
+                "model": {"base": model},
+                "method": {"name": "lora", "r": 4},
+                "data": {"train": data, "format": "chat", "max_length": 64, "eval_fraction": 0.2},
+                "train": {
+                    "max_steps": args.steps,
+                    "micro_batch_size": 4,
+                    "warmup_steps": 1,
+                    "eval_every": 3,
+                    "eval_base": False,
+                },
+                "scaling": {"cpus_per_worker": 0.9},
+                # the grid in a shuffled order (the same for both runs): trials start in this order, and
+                # ASHA can only stop a trial that does worse than the ones before it
+                "tune": {
+                    "space": {"train.lr": {"grid": [3e-3, 1e-4, 3e-2, 3e-4, 1e-2, 1e-3]}, "method.r": {"grid": [4, 8]}},
+                    "num_samples": 1,
+                    "scheduler": scheduler,
+                    "reduction_factor": 4,
+                    "grace_period": 3,
+                },
+            }
+        )
         t0 = time.time()
         res = sweep(spec, log=lambda m: print(m, file=sys.stderr))
-        out[scheduler] = {"best_eval_loss": res["best"]["eval_loss"], "steps": res["total_steps"], "trials": res["trials"],
-                          "stopped_early": res["stopped_early"], "wall_s": round(time.time() - t0, 1)}
+        out[scheduler] = {
+            "best_eval_loss": res["best"]["eval_loss"],
+            "steps": res["total_steps"],
+            "trials": res["trials"],
+            "stopped_early": res["stopped_early"],
+            "wall_s": round(time.time() - t0, 1),
+        }
     ratio = out["asha"]["best_eval_loss"] / out["fifo"]["best_eval_loss"]
     steps = out["asha"]["steps"] / out["fifo"]["steps"]
     print("\n| run | best eval_loss | training steps | trials stopped early | wall |\n|---|---|---|---|---|")
     for k, label in (("fifo", "full grid (12 trials)"), ("asha", "ASHA, same grid")):
         o = out[k]
         print(f"| {label} | {o['best_eval_loss']:.4f} | {o['steps']} | {o['stopped_early']} | {o['wall_s']:.0f} s |")
-    print(f"\nASHA best / grid best eval_loss: {ratio:.4f} (goal ≤ 1.02); ASHA steps / grid steps: {steps:.2f} (goal ≤ 0.40)")
+    print(
+        f"\nASHA best / grid best eval_loss: {ratio:.4f} (goal ≤ 1.02); ASHA steps / grid steps: {steps:.2f} (goal ≤ 0.40)"
+    )
     return {**out, "loss_ratio": ratio, "steps_ratio": steps}
 
 
 def _lw_raw(steps: int, trials: int = 15, short_steps: int = 6) -> dict:
     return {
-        "name": "bench-lw", "model": {"base": "smollm2-135m"},
+        "name": "bench-lw",
+        "model": {"base": "smollm2-135m"},
         "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": "builtin:json_extract", "format": "chat", "max_length": 192, "task": "json_extract", "eval_task_samples": 32},
-        "train": {"max_steps": steps, "micro_batch_size": 4, "lr": 1e-3, "warmup_steps": 2, "eval_every": steps, "eval_base": False},
+        "data": {
+            "train": "builtin:json_extract",
+            "format": "chat",
+            "max_length": 192,
+            "task": "json_extract",
+            "eval_task_samples": 32,
+        },
+        "train": {
+            "max_steps": steps,
+            "micro_batch_size": 4,
+            "lr": 1e-3,
+            "warmup_steps": 2,
+            "eval_every": steps,
+            "eval_base": False,
+        },
         "scaling": {"cpus_per_worker": 0.9},
-        "tune": {"layerwise": {"trials": trials, "population": 6, "short_steps": short_steps, "promote": 2, "calibration_samples": 16}},
+        "tune": {
+            "layerwise": {
+                "trials": trials,
+                "population": 6,
+                "short_steps": short_steps,
+                "promote": 2,
+                "calibration_samples": 16,
+            }
+        },
     }
 
 
@@ -88,8 +132,12 @@ def _plan_raw(raw: dict, layers, fields: dict) -> dict:
     from tuning.spec import trial_raw
 
     if L.is_uniform(layers):  # one quantization, one rank
-        (bits, rank), = set(layers)
-        plan = {"model.quantization": {4: "nf4", 8: "int8", 16: "none"}[bits], "method.r": rank, "method.alpha": 2.0 * rank}
+        ((bits, rank),) = set(layers)
+        plan = {
+            "model.quantization": {4: "nf4", 8: "int8", 16: "none"}[bits],
+            "method.r": rank,
+            "method.alpha": 2.0 * rank,
+        }
     else:
         plan = {"model.quantization": "nf4", **L.plan_fields(layers, ALL_TARGETS)}
     return trial_raw(raw, {**plan, **fields})
@@ -99,7 +147,9 @@ def _train_layers(raw: dict, layers, fields: dict, name: str) -> dict:
     from pipelines.spec import validate
     from pipelines.train import run
 
-    return run(validate(_plan_raw(raw, layers, {"name": name, **fields})), log=lambda m: print(m, file=sys.stderr))["metrics"]
+    return run(validate(_plan_raw(raw, layers, {"name": name, **fields})), log=lambda m: print(m, file=sys.stderr))[
+        "metrics"
+    ]
 
 
 def _measured_peak(raw: dict, layers) -> int:
@@ -132,18 +182,35 @@ def layerwise(args) -> dict:
     found = search(spec, budget, out=os.path.join(home, "plan.yaml"), log=lambda m: print(m, file=sys.stderr))
     search_s = time.time() - t0
     chosen = found["chosen"]
-    what = f"training peak at {spec.train.micro_batch_size} × {spec.data.max_length} tokens" if mem.tokens else "weights + adapter + its AdamW states"
-    print(f"\nbudget {budget / 1e6:.2f} MB ({what}) = uniform NF4 rank 8; search {search_s / 60:.1f} min, "
-          f"{found['plans_trained']} plans trained\n\nplans trained for {args.steps} steps on seed 0 (the search's choice):\n")
-    print("| plan | budgeted memory (MB) | weights + adapter + states (MB) | eval_loss (seed 0) | exact_match (seed 0) |\n|---|---|---|---|---|")
+    what = (
+        f"training peak at {spec.train.micro_batch_size} × {spec.data.max_length} tokens"
+        if mem.tokens
+        else "weights + adapter + its AdamW states"
+    )
+    print(
+        f"\nbudget {budget / 1e6:.2f} MB ({what}) = uniform NF4 rank 8; search {search_s / 60:.1f} min, "
+        f"{found['plans_trained']} plans trained\n\nplans trained for {args.steps} steps on seed 0 (the search's choice):\n"
+    )
+    print(
+        "| plan | budgeted memory (MB) | weights + adapter + states (MB) | eval_loss (seed 0) | exact_match (seed 0) |\n|---|---|---|---|---|"
+    )
     for p in found["promoted"]:
         mark = " (chosen)" if p["layers"] == chosen["layers"] else ""
         em = p.get("exact_match")
-        print(f"| {L.describe(p['layers'])}{mark} | {p['memory_bytes'] / 1e6:.2f} | {weights(p['layers']) / 1e6:.2f} | "
-              f"{p.get('eval_loss', float('nan')):.4f} | {'—' if em is None else f'{em:.3f}'} |")
-    out = {"budget": budget, "memory": args.memory, "search_s": search_s, "chosen": L.describe(chosen["layers"]),
-           "chosen_layers": chosen["layers"],
-           "promoted": [{k: v for k, v in p.items() if k != "layers"} | {"plan": L.describe(p["layers"])} for p in found["promoted"]]}
+        print(
+            f"| {L.describe(p['layers'])}{mark} | {p['memory_bytes'] / 1e6:.2f} | {weights(p['layers']) / 1e6:.2f} | "
+            f"{p.get('eval_loss', float('nan')):.4f} | {'—' if em is None else f'{em:.3f}'} |"
+        )
+    out = {
+        "budget": budget,
+        "memory": args.memory,
+        "search_s": search_s,
+        "chosen": L.describe(chosen["layers"]),
+        "chosen_layers": chosen["layers"],
+        "promoted": [
+            {k: v for k, v in p.items() if k != "layers"} | {"plan": L.describe(p["layers"])} for p in found["promoted"]
+        ],
+    }
     if chosen["layers"] == uniform:
         print("\nthe search chose uniform NF4 rank 8 itself: no searched plan beat it (a tie, not a win)")
         return {**out, "verdict": "tie"}
@@ -153,20 +220,31 @@ def layerwise(args) -> dict:
         for key, layers in (("uniform", uniform), ("chosen", chosen["layers"])):
             t1 = time.time()
             metrics = _train_layers(raw, layers, {"train.seed": seed}, f"bench-{key}-s{seed}")
-            runs[key].append({**metrics, "wall_s": round(time.time() - t1, 1)})  # load + 20 steps + eval, one run at a time
+            runs[key].append(
+                {**metrics, "wall_s": round(time.time() - t1, 1)}
+            )  # load + 20 steps + eval, one run at a time
     measured = {k: _measured_peak(raw, layers) for k, layers in (("uniform", uniform), ("chosen", chosen["layers"]))}
-    print(f"\nretrained on fresh seeds {args.seeds}:\n\n| plan | budgeted memory (MB) | weights + adapter + states (MB) | "
-          "measured training peak (MiB) | eval_loss per seed | mean eval_loss | mean exact_match | mean wall per run |\n|---|---|---|---|---|---|---|---|")
-    for key, label, layers in (("uniform", "uniform NF4, rank 8 (QLoRA)", uniform), ("chosen", f"searched: {L.describe(chosen['layers'])}", chosen["layers"])):
+    print(
+        f"\nretrained on fresh seeds {args.seeds}:\n\n| plan | budgeted memory (MB) | weights + adapter + states (MB) | "
+        "measured training peak (MiB) | eval_loss per seed | mean eval_loss | mean exact_match | mean wall per run |\n|---|---|---|---|---|---|---|---|"
+    )
+    for key, label, layers in (
+        ("uniform", "uniform NF4, rank 8 (QLoRA)", uniform),
+        ("chosen", f"searched: {L.describe(chosen['layers'])}", chosen["layers"]),
+    ):
         per = ", ".join(f"{r['eval_loss']:.4f}" for r in runs[key])
-        print(f"| {label} | {mem(layers) / 1e6:.2f} | {weights(layers) / 1e6:.2f} | {measured[key] / 2**20:.0f} | {per} | "
-              f"{_mean(runs[key], 'eval_loss'):.4f} | {_mean(runs[key], 'exact_match'):.3f} | {_mean(runs[key], 'wall_s'):.0f} s |")
+        print(
+            f"| {label} | {mem(layers) / 1e6:.2f} | {weights(layers) / 1e6:.2f} | {measured[key] / 2**20:.0f} | {per} | "
+            f"{_mean(runs[key], 'eval_loss'):.4f} | {_mean(runs[key], 'exact_match'):.3f} | {_mean(runs[key], 'wall_s'):.0f} s |"
+        )
     paired = [c["eval_loss"] < u["eval_loss"] for c, u in zip(runs["chosen"], runs["uniform"])]
     wins = all(paired)
     ratio = _mean(runs["chosen"], "eval_loss") / _mean(runs["uniform"], "eval_loss")
-    print(f"\nsearched / uniform mean eval_loss: {ratio:.3f}; lower on {sum(paired)} of {len(paired)} seeds; measured peak "
-          f"{measured['chosen'] / measured['uniform']:.3f}× uniform's\nsearched plan {'beats' if wins else 'does not beat'} "
-          f"uniform NF4 rank 8 on every fresh seed")
+    print(
+        f"\nsearched / uniform mean eval_loss: {ratio:.3f}; lower on {sum(paired)} of {len(paired)} seeds; measured peak "
+        f"{measured['chosen'] / measured['uniform']:.3f}× uniform's\nsearched plan {'beats' if wins else 'does not beat'} "
+        f"uniform NF4 rank 8 on every fresh seed"
+    )
     return {**out, "runs": runs, "measured_peak": measured, "loss_ratio": ratio, "verdict": "win" if wins else "no win"}
 
 
@@ -193,8 +271,10 @@ def plan(args) -> dict:
     known = not set(fields) - {"train.seed"}  # other overrides may change what the memory model is given
     mem = L.memory(shape, layers, ALL_TARGETS) if known else None
     peak = L.memory(shape, layers, ALL_TARGETS, tokens=tokens) if known else None
-    print(f"\n{L.describe(layers)} {' '.join(args.set)}: peak {'—' if peak is None else f'{peak / 1e6:.2f} MB'}, weights + adapter + states "
-          f"{'—' if mem is None else f'{mem / 1e6:.2f} MB'}, eval_loss {metrics['eval_loss']:.4f}, exact_match {metrics.get('exact_match')}")
+    print(
+        f"\n{L.describe(layers)} {' '.join(args.set)}: peak {'—' if peak is None else f'{peak / 1e6:.2f} MB'}, weights + adapter + states "
+        f"{'—' if mem is None else f'{mem / 1e6:.2f} MB'}, eval_loss {metrics['eval_loss']:.4f}, exact_match {metrics.get('exact_match')}"
+    )
     return {"plan": L.describe(layers), "set": fields, "memory_bytes": mem, "peak_bytes": peak, **metrics}
 
 
@@ -202,11 +282,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.tuning", description=__doc__.split("\n\n")[0])
     p.add_argument("which", choices=["asha", "layerwise", "plan"])
     p.add_argument("--steps", type=int, default=None, help="full-length training steps (asha: 24, layerwise: 20)")
-    p.add_argument("--trials", type=int, default=15, help="layerwise: plans proposed (two thirds of them calibration seeds)")
+    p.add_argument(
+        "--trials", type=int, default=15, help="layerwise: plans proposed (two thirds of them calibration seeds)"
+    )
     p.add_argument("--short-steps", type=int, default=6, help="layerwise: steps of each short trial")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="layerwise: fresh training seeds for the comparison")
-    p.add_argument("--memory", choices=["peak", "weights"], default="peak",
-                   help="layerwise: what the budget (uniform NF4 rank 8's) counts (tune.layerwise.memory)")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=[1, 2], help="layerwise: fresh training seeds for the comparison"
+    )
+    p.add_argument(
+        "--memory",
+        choices=["peak", "weights"],
+        default="peak",
+        help="layerwise: what the budget (uniform NF4 rank 8's) counts (tune.layerwise.memory)",
+    )
     p.add_argument("--layers", help="plan: per-layer changes to uniform NF4 rank 8, e.g. 'b8:29,11 r0:24,25'")
     p.add_argument("--set", action="append", default=[], help="plan: a spec override field=value (repeatable)")
     args = p.parse_args(argv)

@@ -15,4 +15,7 @@ def init_ray(**kwargs) -> None:
         # RAY_ADDRESS (set by `ray job submit`) connects to that cluster; otherwise a local one starts.
         # "local" says so explicitly: with no address, Ray would attach to the last `ray start` cluster
         # on this machine (/tmp/ray/ray_current_cluster), even a dead one.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", **{"log_to_driver": True, "configure_logging": False, **kwargs})
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS") or "local",
+            **{"log_to_driver": True, "configure_logging": False, **kwargs},
+        )

@@ -9,6 +9,7 @@ refused (``override_problems``), so the spec stays the single source of truth.
 
     ds_config("zero2", micro_batch_size=8, grad_accum=1, world_size=2, max_grad_norm=1.0, dtype="float32")
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,8 +20,17 @@ PRESETS: dict[str, dict[str, Any] | None] = {
     "ddp": None,
     "zero1": {"stage": 1},
     "zero2": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True},
-    "zero2_offload": {"stage": 2, "contiguous_gradients": True, "offload_optimizer": {"device": "cpu", "pin_memory": False}},
-    "zero3": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True, "stage3_gather_16bit_weights_on_model_save": False},
+    "zero2_offload": {
+        "stage": 2,
+        "contiguous_gradients": True,
+        "offload_optimizer": {"device": "cpu", "pin_memory": False},
+    },
+    "zero3": {
+        "stage": 3,
+        "overlap_comm": False,
+        "contiguous_gradients": True,
+        "stage3_gather_16bit_weights_on_model_save": False,
+    },
     "zero3_offload": {
         "stage": 3,
         "contiguous_gradients": True,

@@ -8,6 +8,7 @@ Token authentication (Ray 2.60's default) is handled: when a token is available
 runs with ``RAY_AUTH_MODE=token``. No import of the other raypeft packages: the caller
 validates the spec before anything here is called.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -44,12 +45,20 @@ def entrypoint(spec_path: str, overrides: list[str], working_dir: str) -> str:
     """``python -m pipelines.train SPEC k=v ...`` with SPEC relative to the working dir it ships with."""
     rel = os.path.relpath(Path(spec_path).resolve(), Path(working_dir).resolve())
     if rel.startswith(".."):
-        raise ValueError(f"the spec must be inside the working dir that is shipped to the cluster ({working_dir}); got {spec_path!r}")
+        raise ValueError(
+            f"the spec must be inside the working dir that is shipped to the cluster ({working_dir}); got {spec_path!r}"
+        )
     return " ".join(shlex.quote(a) for a in ["python", "-m", "pipelines.train", rel, *overrides])
 
 
-def submit(spec_path: str, overrides: list[str], addr: str | None = None, working_dir: str = ".",
-           env: dict[str, str] | None = None, job_id: str | None = None) -> str:
+def submit(
+    spec_path: str,
+    overrides: list[str],
+    addr: str | None = None,
+    working_dir: str = ".",
+    env: dict[str, str] | None = None,
+    job_id: str | None = None,
+) -> str:
     """Submit a training job; returns the submission id."""
     env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **(env or {})}
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAYPEFT_HOME"):
@@ -60,8 +69,9 @@ def submit(spec_path: str, overrides: list[str], addr: str | None = None, workin
         "excludes": [".venv", ".git", "**/__pycache__", "mlruns", "*.db", "methods-compare"],
         "env_vars": env_vars,
     }
-    return client(addr).submit_job(entrypoint=entrypoint(spec_path, overrides, working_dir), runtime_env=runtime_env,
-                                   submission_id=job_id)
+    return client(addr).submit_job(
+        entrypoint=entrypoint(spec_path, overrides, working_dir), runtime_env=runtime_env, submission_id=job_id
+    )
 
 
 def follow(job_id: str, addr: str | None = None, out=print) -> str:
@@ -81,8 +91,16 @@ def status(addr: str | None = None) -> dict[str, Any]:
     import requests
 
     c = client(addr)
-    jobs = [{"id": j.submission_id, "status": str(j.status.value), "entrypoint": j.entrypoint[:100],
-             "start": j.start_time, "end": j.end_time} for j in c.list_jobs()]
+    jobs = [
+        {
+            "id": j.submission_id,
+            "status": str(j.status.value),
+            "entrypoint": j.entrypoint[:100],
+            "start": j.start_time,
+            "end": j.end_time,
+        }
+        for j in c.list_jobs()
+    ]
     headers = dict(getattr(c, "_headers", None) or {})
     base = address(addr)
     out: dict[str, Any] = {"address": base, "jobs": jobs}

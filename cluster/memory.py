@@ -26,6 +26,7 @@ Components (``Breakdown``):
 * ZeRO divides optimizer states (stage ≥ 1), gradients (≥ 2) and parameters (3) by the GPU count;
   offload moves optimizer states (and, for stage 3, parameters) to CPU memory.
 """
+
 from __future__ import annotations
 
 import re
@@ -63,21 +64,32 @@ class Shape:
     head_dim: int | None = None
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "Shape":
+    def from_config(cls, cfg: dict) -> Shape:
         """From an HF ``config.json`` mapping (Llama, Mistral, Qwen2, SmolLM, ... field names)."""
         return cls(
-            layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"],
-            heads=cfg["num_attention_heads"], kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            vocab=cfg["vocab_size"], tied=bool(cfg.get("tie_word_embeddings", False)), head_dim=cfg.get("head_dim"),
+            layers=cfg["num_hidden_layers"],
+            hidden=cfg["hidden_size"],
+            intermediate=cfg["intermediate_size"],
+            heads=cfg["num_attention_heads"],
+            kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            vocab=cfg["vocab_size"],
+            tied=bool(cfg.get("tie_word_embeddings", False)),
+            head_dim=cfg.get("head_dim"),
         )
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) of every linear layer of one decoder layer."""
         h, i = self.hidden, self.intermediate
         kv = self.kv_heads * (self.head_dim or h // self.heads)
-        return {"q_proj": (h, self.heads * (self.head_dim or h // self.heads)), "k_proj": (h, kv), "v_proj": (h, kv),
-                "o_proj": (self.heads * (self.head_dim or h // self.heads), h), "gate_proj": (h, i), "up_proj": (h, i),
-                "down_proj": (i, h)}
+        return {
+            "q_proj": (h, self.heads * (self.head_dim or h // self.heads)),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (self.heads * (self.head_dim or h // self.heads), h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
     def linear_params(self) -> int:
         return self.layers * sum(a * b for a, b in self.linears().values())
@@ -145,7 +157,9 @@ class Breakdown:
         return self.weights + self.adapter + self.gradients + self.optimizer + self.activations + self.overhead
 
     def rows(self) -> list[tuple[str, float]]:
-        return [(k, getattr(self, k)) for k in ("weights", "adapter", "gradients", "optimizer", "activations", "overhead")]
+        return [
+            (k, getattr(self, k)) for k in ("weights", "adapter", "gradients", "optimizer", "activations", "overhead")
+        ]
 
 
 def adapter_params(shape: Shape, plan: Plan) -> int:
@@ -163,7 +177,11 @@ def saved_per_token(shape: Shape, plan: Plan) -> int:
     ``tests/unit/test_memory.py`` re-counts it on real models of several shapes."""
     h, i = shape.hidden, shape.intermediate
     kv = shape.linears()["k_proj"][1]
-    adapters = sum(plan.rank for name in shape.linears() if name in plan.targets) if plan.method in ("lora", "dora", "qlora") else 0
+    adapters = (
+        sum(plan.rank for name in shape.linears() if name in plan.targets)
+        if plan.method in ("lora", "dora", "qlora")
+        else 0
+    )
     return 4 * i + 6 * h + 2 * kv + shape.heads + 2 + adapters
 
 
@@ -175,10 +193,19 @@ def frozen_per_token(shape: Shape, int8: bool = False) -> int:
     which adds the linears' inputs back: intermediate + 2·hidden more. A layer below every adapted one
     saves nothing: no gradient reaches it."""
     kv = shape.linears()["k_proj"][1]
-    return 3 * shape.intermediate + 4 * shape.hidden + 2 * kv + shape.heads + 2 + (shape.intermediate + 2 * shape.hidden if int8 else 0)
+    return (
+        3 * shape.intermediate
+        + 4 * shape.hidden
+        + 2 * kv
+        + shape.heads
+        + 2
+        + (shape.intermediate + 2 * shape.hidden if int8 else 0)
+    )
 
 
-def activation_bytes(shape: Shape, saved: list[int], tokens: int, act: int, logits_bytes: int = 4, checkpointing: bool = False) -> float:
+def activation_bytes(
+    shape: Shape, saved: list[int], tokens: int, act: int, logits_bytes: int = 4, checkpointing: bool = False
+) -> float:
     """Peak bytes of activations: ``saved[i]`` elements per token kept by layer ``i`` (or, checkpointed,
     each layer's input plus the largest layer being recomputed), then the loss's vocab-sized peak."""
     if checkpointing:
@@ -198,7 +225,9 @@ def estimate(shape: Shape, plan: Plan) -> Breakdown:
     b = Breakdown()
     tb = plan.trainable_bytes or plan.param_bytes
     lin = shape.linear_params()
-    int8_scales = shape.layers * sum(o for _, o in shape.linears().values()) * 4 if plan.bits() == 8 and plan.int8 else 0
+    int8_scales = (
+        shape.layers * sum(o for _, o in shape.linears().values()) * 4 if plan.bits() == 8 and plan.int8 else 0
+    )
     b.weights = lin * plan.bits() / 8 + int8_scales + shape.other_params() * plan.param_bytes
 
     if plan.method == "full":
@@ -214,9 +243,13 @@ def estimate(shape: Shape, plan: Plan) -> Breakdown:
         for i, o in shape.linears().values():
             projected += plan.galore_rank * max(i, o)
             proj += plan.galore_rank * min(i, o)
-        b.optimizer = shape.layers * (2 * projected * state + proj * tb) + shape.other_params() * _opt_bytes_per_param(plan)
-        b.notes.append(f"GaLore rank {plan.galore_rank}: Adam states on the projected gradients" +
-                       (", one gradient tensor at a time (layerwise)" if plan.galore_layerwise else ""))
+        b.optimizer = shape.layers * (2 * projected * state + proj * tb) + shape.other_params() * _opt_bytes_per_param(
+            plan
+        )
+        b.notes.append(
+            f"GaLore rank {plan.galore_rank}: Adam states on the projected gradients"
+            + (", one gradient tensor at a time (layerwise)" if plan.galore_layerwise else "")
+        )
     else:
         trainable = adapter_params(shape, plan)
         b.adapter = trainable * tb
@@ -224,8 +257,14 @@ def estimate(shape: Shape, plan: Plan) -> Breakdown:
         b.optimizer = trainable * _opt_bytes_per_param(plan)
 
     # activations (in the compute dtype): checkpointed layer inputs + one layer recomputed, or every layer's saved tensors
-    b.activations = activation_bytes(shape, [saved_per_token(shape, plan)] * shape.layers, plan.micro_batch * plan.seq_len,
-                                     plan.param_bytes, plan.logits_bytes, plan.gradient_checkpointing)
+    b.activations = activation_bytes(
+        shape,
+        [saved_per_token(shape, plan)] * shape.layers,
+        plan.micro_batch * plan.seq_len,
+        plan.param_bytes,
+        plan.logits_bytes,
+        plan.gradient_checkpointing,
+    )
 
     shard(b, plan)
     b.overhead = plan.overhead_bytes
@@ -260,21 +299,43 @@ def fixes(shape: Shape, plan: Plan, budget: float, max_gpus: int = 64) -> list[t
     out = []
     candidates: list[tuple[str, Plan]] = []
     if not plan.gradient_checkpointing:
-        candidates.append(("turn on gradient checkpointing (model.gradient_checkpointing=true)", replace(plan, gradient_checkpointing=True)))
+        candidates.append(
+            (
+                "turn on gradient checkpointing (model.gradient_checkpointing=true)",
+                replace(plan, gradient_checkpointing=True),
+            )
+        )
     if plan.optimizer == "adamw" and plan.method in ("full", "galore"):
-        candidates.append(("use 8-bit AdamW states (galore_8bit / an 8-bit optimizer)", replace(plan, optimizer="adamw8bit")))
+        candidates.append(
+            ("use 8-bit AdamW states (galore_8bit / an 8-bit optimizer)", replace(plan, optimizer="adamw8bit"))
+        )
     if plan.method in ("lora", "dora", "full"):
         # as raypeft trains it: PEFT's k-bit preparation casts the unquantized parameters to fp32, and the activations follow
-        candidates.append(("train QLoRA on a 4-bit base (method.name=qlora)", replace(plan, method="qlora", weight_bits=None, param_bytes=4)))
+        candidates.append(
+            (
+                "train QLoRA on a 4-bit base (method.name=qlora)",
+                replace(plan, method="qlora", weight_bits=None, param_bytes=4),
+            )
+        )
     if plan.gpus > 1:
         for stage in range(plan.zero_stage + 1, 4):
-            candidates.append((f"shard with ZeRO-{stage} (scaling.strategy=zero{stage})", replace(plan, zero_stage=stage)))
+            candidates.append(
+                (f"shard with ZeRO-{stage} (scaling.strategy=zero{stage})", replace(plan, zero_stage=stage))
+            )
     if plan.gpus > 1 or plan.zero_stage:
         stage = max(plan.zero_stage, 2)
-        candidates.append((f"offload optimizer states to CPU (scaling.strategy=zero{stage}_offload)",
-                           replace(plan, zero_stage=stage, offload_optimizer=True)))
-        candidates.append(("offload parameters too (scaling.strategy=zero3_offload)",
-                           replace(plan, zero_stage=3, offload_optimizer=True, offload_params=True)))
+        candidates.append(
+            (
+                f"offload optimizer states to CPU (scaling.strategy=zero{stage}_offload)",
+                replace(plan, zero_stage=stage, offload_optimizer=True),
+            )
+        )
+        candidates.append(
+            (
+                "offload parameters too (scaling.strategy=zero3_offload)",
+                replace(plan, zero_stage=3, offload_optimizer=True, offload_params=True),
+            )
+        )
     for what, p in candidates:
         total = estimate(shape, p).total
         if total <= budget:
@@ -319,8 +380,14 @@ def linear_bytes(n_in: int, n_out: int, bits: int, param_bytes: int = 4, double_
 
 
 def layerwise_estimate(
-    shape: Shape, layers: list[tuple[int, int]], targets: tuple[str, ...] = Plan.targets, param_bytes: int = 4,
-    trainable_bytes: int = 4, double_quant: bool = True, optimizer_bytes: float = 8.0, tokens: int = 0,
+    shape: Shape,
+    layers: list[tuple[int, int]],
+    targets: tuple[str, ...] = Plan.targets,
+    param_bytes: int = 4,
+    trainable_bytes: int = 4,
+    double_quant: bool = True,
+    optimizer_bytes: float = 8.0,
+    tokens: int = 0,
     checkpointing: bool = False,
 ) -> Breakdown:
     """Bytes of a base whose decoder layer ``i`` is quantized to ``layers[i][0]`` bits (4, 8, 16) and carries
@@ -344,8 +411,14 @@ def layerwise_estimate(
     b.optimizer = trainable * optimizer_bytes
     if tokens:
         first = 0 if checkpointing else next((k for k, (_, r) in enumerate(layers) if r), len(layers))
-        saved = [0 if k < first else saved_per_token(shape, Plan(rank=r, targets=targets)) if r else frozen_per_token(shape, bits == 8)
-                 for k, (bits, r) in enumerate(layers)]
+        saved = [
+            0
+            if k < first
+            else saved_per_token(shape, Plan(rank=r, targets=targets))
+            if r
+            else frozen_per_token(shape, bits == 8)
+            for k, (bits, r) in enumerate(layers)
+        ]
         b.activations = activation_bytes(shape, saved, tokens, param_bytes, checkpointing=checkpointing)
     return b
 

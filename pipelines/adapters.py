@@ -16,6 +16,7 @@ Every adapter directory raypeft writes carries ``raypeft.json`` beside the stand
 PEFT files: how its base was loaded (id, quantization, dtypes) and its lineage.
 PEFT, vLLM and LoRAX ignore the extra file.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,7 +75,8 @@ def resolve(ref: str, tracking_uri: str | None = None, dst: str | None = None) -
     if ref.startswith(("models:/", "runs:/")):
         import mlflow
 
-        from pipelines.tracking import _global_uri, tracking_uri as default_uri
+        from pipelines.tracking import _global_uri
+        from pipelines.tracking import tracking_uri as default_uri
 
         uri = tracking_uri or default_uri()
         dst = dst or tempfile.mkdtemp(prefix="raypeft-adapter-")
@@ -125,7 +127,9 @@ def dequantized_state_dict(model) -> tuple[dict[str, Any], int]:
     from peft.utils.integrations import dequantize_module_weight
 
     state: dict[str, Any] = {}
-    quantized = {name: mod for name, mod in model.named_modules() if isinstance(mod, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+    quantized = {
+        name: mod for name, mod in model.named_modules() if isinstance(mod, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    }
     for name, mod in quantized.items():
         state[f"{name}.weight"] = dequantize_module_weight(mod).detach().to(torch.float32).cpu().clone()
         if mod.bias is not None:
@@ -146,7 +150,9 @@ def _prompt_logits(model, tokenizer):
         return model(input_ids=ids).logits.float()
 
 
-def export(ref: str, out: str | Path, merge: bool = True, dtype: str = "fp32", tracking_uri: str | None = None, log=print) -> dict[str, Any]:
+def export(
+    ref: str, out: str | Path, merge: bool = True, dtype: str = "fp32", tracking_uri: str | None = None, log=print
+) -> dict[str, Any]:
     """Write the adapter alone, or merged into its base as a plain HF model directory.
 
     Returns a report: out, merged, quantization, dequantized layers and ``max_abs_logit_diff``
@@ -184,14 +190,18 @@ def export(ref: str, out: str | Path, merge: bool = True, dtype: str = "fp32", t
     missing, unexpected = clean.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
     if missing or unexpected:
-        raise RuntimeError(f"base weights do not fit the architecture: missing={missing[:3]} unexpected={unexpected[:3]}")
+        raise RuntimeError(
+            f"base weights do not fit the architecture: missing={missing[:3]} unexpected={unexpected[:3]}"
+        )
     clean.tie_weights()
     del base, state
     clean = PeftModel.from_pretrained(clean, str(src)).merge_and_unload().eval()
     report["max_abs_logit_diff"] = float((_prompt_logits(clean, tok) - reference).abs().max())
     clean.to(_dtype(dtype)).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    (out / META_FILE).write_text(json.dumps({**read_meta(src), "merged_from": ref, "quantization": "none", "dtype": dtype}, indent=2))
+    (out / META_FILE).write_text(
+        json.dumps({**read_meta(src), "merged_from": ref, "quantization": "none", "dtype": dtype}, indent=2)
+    )
     report["dtype"] = dtype
     return report
 
@@ -213,9 +223,16 @@ def compatibility_problems(configs: list[dict], metas: list[dict], method: str) 
     quants = {m.get("quantization", "none") for m in metas}
     if len(quants) > 1:
         out.append(f"adapters were trained on differently quantized bases: {sorted(quants)}")
-    targets = {json.dumps(sorted(c["target_modules"]) if isinstance(c.get("target_modules"), list) else c.get("target_modules")) for c in configs}
+    targets = {
+        json.dumps(
+            sorted(c["target_modules"]) if isinstance(c.get("target_modules"), list) else c.get("target_modules")
+        )
+        for c in configs
+    }
     if len(targets) > 1 and method not in ("cat", "svd"):
-        out.append(f"{method} needs the same target modules in every adapter (got {sorted(targets)}); cat and svd accept different ones")
+        out.append(
+            f"{method} needs the same target modules in every adapter (got {sorted(targets)}); cat and svd accept different ones"
+        )
     ranks = {c.get("r") for c in configs}
     if len(ranks) > 1 and method in ("linear", "ties", "dare_linear", "dare_ties"):
         out.append(f"{method} needs equal ranks (got {sorted(ranks)}); use cat or svd")
@@ -223,8 +240,13 @@ def compatibility_problems(configs: list[dict], metas: list[dict], method: str) 
 
 
 def combine(
-    refs: list[str], weights: list[float], method: str, out: str | Path, density: float = 0.5,
-    tracking_uri: str | None = None, log=print,
+    refs: list[str],
+    weights: list[float],
+    method: str,
+    out: str | Path,
+    density: float = 0.5,
+    tracking_uri: str | None = None,
+    log=print,
 ) -> dict[str, Any]:
     """Write the weighted combination of ``refs`` as a new standard PEFT adapter in ``out``."""
     from peft import PeftModel
@@ -236,7 +258,9 @@ def combine(
     if len(refs) < 2:
         raise AdapterError(f"combine needs at least two adapters (got {len(refs)})")
     if len(weights) != len(refs):
-        raise AdapterError(f"--weights needs one weight per adapter: {len(refs)} adapters, {len(weights)} weights (got {weights})")
+        raise AdapterError(
+            f"--weights needs one weight per adapter: {len(refs)} adapters, {len(weights)} weights (got {weights})"
+        )
     dirs = [resolve(r, tracking_uri) for r in refs]
     configs, metas = [read_config(d) for d in dirs], [read_meta(d) for d in dirs]
     problems = compatibility_problems(configs, metas, method)
@@ -260,4 +284,10 @@ def combine(
     meta = {**metas[0], "method": f"combine:{method}", "parents": refs, "weights": list(weights), "combination": method}
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
     log(f"[raypeft] combined {len(refs)} adapters ({method}, weights {weights}) into {out}")
-    return {"out": str(out), "parents": refs, "weights": list(weights), "method": method, "r": read_config(out).get("r")}
+    return {
+        "out": str(out),
+        "parents": refs,
+        "weights": list(weights),
+        "method": method,
+        "r": read_config(out).get("r"),
+    }

@@ -56,6 +56,7 @@ def methods_compare(args) -> int:
 def check(args) -> int:
     from pipelines import methods, preflight
     from pipelines.models import load_base
+
     spec = preflight.load_checked_spec(args.spec, args.overrides)
     base, _, _ = load_base(spec, log=_log)
     names = preflight.module_names(base)
@@ -80,11 +81,19 @@ def export(args) -> int:
 
     report = export(args.ref, args.out, merge=args.merge, dtype=args.dtype, tracking_uri=args.tracking_uri, log=_log)
     if "max_abs_logit_diff" in report:
-        print(f"[raypeft] merged into the {report['quantization']} base ({report['dequantized_layers']} layers dequantized); "
-              f"max |logits(merged) - logits(adapter)| = {report['max_abs_logit_diff']:.3g}", file=sys.stderr)
+        print(
+            f"[raypeft] merged into the {report['quantization']} base ({report['dequantized_layers']} layers dequantized); "
+            f"max |logits(merged) - logits(adapter)| = {report['max_abs_logit_diff']:.3g}",
+            file=sys.stderr,
+        )
     if args.register:
-        report["registry"] = _register(args.out, args.register, "export", {
-            "raypeft.source": args.ref, "raypeft.merged": args.merge, "raypeft.dtype": args.dtype}, args.tracking_uri)
+        report["registry"] = _register(
+            args.out,
+            args.register,
+            "export",
+            {"raypeft.source": args.ref, "raypeft.merged": args.merge, "raypeft.dtype": args.dtype},
+            args.tracking_uri,
+        )
     print(json.dumps(report))
     return 0
 
@@ -97,11 +106,21 @@ def combine(args) -> int:
     except ValueError:
         raise UserError(f"--weights must be comma-separated numbers (got {args.weights!r})") from None
     out = args.out or args.name
-    report = combine(args.adapters, weights, args.method, out, density=args.density, tracking_uri=args.tracking_uri, log=_log)
+    report = combine(
+        args.adapters, weights, args.method, out, density=args.density, tracking_uri=args.tracking_uri, log=_log
+    )
     if not args.no_register:
-        report["registry"] = _register(out, args.name, f"combine-{args.name}", {
-            "raypeft.parents": ",".join(args.adapters), "raypeft.weights": args.weights,
-            "raypeft.combination": args.method}, args.tracking_uri)
+        report["registry"] = _register(
+            out,
+            args.name,
+            f"combine-{args.name}",
+            {
+                "raypeft.parents": ",".join(args.adapters),
+                "raypeft.weights": args.weights,
+                "raypeft.combination": args.method,
+            },
+            args.tracking_uri,
+        )
     print(json.dumps(report))
     return 0
 
@@ -153,10 +172,15 @@ def promote(args) -> int:
     c, b = result["candidate"][gate.metric], (result["baseline"] or {}).get(gate.metric)
     vs = f" vs {b:.4f} (version {result['previous']})" if b is not None else " (no current holder)"
     if result["status"] == "failed":
-        print(f"[raypeft] refused: {args.name}/{args.version} stays off @{args.alias}: " + "; ".join(result["reasons"]), file=sys.stderr)
+        print(
+            f"[raypeft] refused: {args.name}/{args.version} stays off @{args.alias}: " + "; ".join(result["reasons"]),
+            file=sys.stderr,
+        )
     else:
-        print(f"[raypeft] {args.name}@{args.alias} → version {args.version} ({result['status']}: {gate.metric} {c:.4f}{vs})",
-              file=sys.stderr)
+        print(
+            f"[raypeft] {args.name}@{args.alias} → version {args.version} ({result['status']}: {gate.metric} {c:.4f}{vs})",
+            file=sys.stderr,
+        )
     print(json.dumps(result))
     return 0 if result["moved"] else 1
 

@@ -12,6 +12,7 @@ permutations, where ``G = micro_batch_size × num_workers``, and rank ``r`` take
 its own slice. Resuming at step ``s`` therefore needs only ``s``: no sampler
 state to save, and the global batch is what the spec says for any worker count.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,9 +20,10 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import DataSpec
@@ -70,7 +72,7 @@ def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
     return data if isinstance(data, list) else data[split]
 
 
-def dataset_fingerprint(data: "DataSpec") -> str:
+def dataset_fingerprint(data: DataSpec) -> str:
     """sha256 over the bytes of the train and eval sources (lineage tag)."""
     h = hashlib.sha256()
     for src, split in ((data.train, "train"), (data.eval, "eval")):
@@ -84,7 +86,7 @@ def dataset_fingerprint(data: "DataSpec") -> str:
     return "sha256:" + h.hexdigest()
 
 
-def train_eval_records(data: "DataSpec", seed: int) -> tuple[list[dict], list[dict]]:
+def train_eval_records(data: DataSpec, seed: int) -> tuple[list[dict], list[dict]]:
     train = load_records(data.train, "train")
     if data.eval is not None:
         return train, load_records(data.eval, "eval")
@@ -115,14 +117,16 @@ def prompt_and_completion(record: dict[str, Any], fmt: str, tokenizer) -> tuple[
             return tmpl.format(instruction=record["instruction"], input=record.get("input", "")), record["output"]
         messages = record["messages"]
     except KeyError as e:
-        raise FormatError(f"record has no {e.args[0]!r} field needed by data.format {fmt!r}: {str(record)[:120]}") from None
+        raise FormatError(
+            f"record has no {e.args[0]!r} field needed by data.format {fmt!r}: {str(record)[:120]}"
+        ) from None
     if not messages or messages[-1].get("role") != "assistant":
         raise FormatError(f"chat record must end with an assistant message: {str(record)[:120]}")
     prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     if not full.startswith(prompt):  # templates that rewrite earlier turns: fall back to the raw content
         return prompt, messages[-1]["content"] + (tokenizer.eos_token or "")
-    return prompt, full[len(prompt):]
+    return prompt, full[len(prompt) :]
 
 
 def reference_of(record: dict[str, Any], fmt: str) -> str:
@@ -166,7 +170,7 @@ def pack(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str
     return rows
 
 
-def encode_all(records: Iterable[dict], data: "DataSpec", tokenizer, packing: bool | None = None) -> list[dict]:
+def encode_all(records: Iterable[dict], data: DataSpec, tokenizer, packing: bool | None = None) -> list[dict]:
     out = [encode(r, data.format, tokenizer, data.max_length) for r in records]
     out = [e for e in out if any(label != IGNORE for label in e["labels"])]
     return pack(out, data.max_length) if (data.packing if packing is None else packing) else out
@@ -226,4 +230,3 @@ def _permutation(n: int, seed: int, epoch: int) -> list[int]:
 
 def eval_shard(n: int, rank: int, world_size: int) -> range:
     return range(rank, n, world_size)
-

@@ -16,6 +16,7 @@ into it and Ray Train merges them into one checkpoint):
   ``adapter/`` can check it reproduces the trained model (the near-empty ZeRO-3
   adapter of DeepSpeed issue #4295 fails this check).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,7 +35,7 @@ DS_TAG = "state"
 PROBE_FILE = "probe.pt"
 
 
-def save_adapter(model, directory: Path, spec: "JobSpec", state_dict: dict | None = None) -> None:
+def save_adapter(model, directory: Path, spec: JobSpec, state_dict: dict | None = None) -> None:
     """The standard PEFT directory (or the full model for GaLore), plus ``raypeft.json``: how the base was
     loaded, so export and serving can rebuild exactly the base the adapter was trained against."""
     import json
@@ -70,7 +71,7 @@ def load_rng(path: Path, rank: int) -> None:
 class TorchEngine:
     """One process, or DDP over gloo / NCCL. Gradient accumulation with ``no_sync``."""
 
-    def __init__(self, spec: "JobSpec", prepared: "Prepared", rank: int, world: int, device):
+    def __init__(self, spec: JobSpec, prepared: Prepared, rank: int, world: int, device):
         import torch
 
         self.spec, self.prepared, self.rank, self.world = spec, prepared, rank, world
@@ -91,7 +92,7 @@ class TorchEngine:
 
     def micro_step(self, batch: dict, last: bool):
         sync = self.ddp is None or last
-        with (self.ddp.no_sync() if not sync else contextlib.nullcontext()):
+        with self.ddp.no_sync() if not sync else contextlib.nullcontext():
             loss = (self.ddp or self.model)(**batch).loss
             (loss / self.accum).backward()
         return loss
@@ -101,7 +102,9 @@ class TorchEngine:
 
         if not self.prepared.steps_in_backward:
             if self.spec.train.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.spec.train.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad], self.spec.train.max_grad_norm
+                )
             self.optimizer.step()
         if self.prepared.after_step:
             self.prepared.after_step(step)
@@ -113,7 +116,9 @@ class TorchEngine:
         if self.rank == 0:
             save_adapter(self.model, path / ADAPTER_DIR, self.spec)
             trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
-            torch.save({"step": step, "trainable": trainable, "optimizer": self.optimizer.state_dict()}, path / STATE_FILE)
+            torch.save(
+                {"step": step, "trainable": trainable, "optimizer": self.optimizer.state_dict()}, path / STATE_FILE
+            )
         save_rng(path, self.rank)
 
     def load(self, path: Path) -> int:
@@ -135,7 +140,7 @@ class TorchEngine:
 class DeepSpeedEngine:
     """DeepSpeed ZeRO 1/2/3 (with optional CPU offload) around the method's own optimizer."""
 
-    def __init__(self, spec: "JobSpec", prepared: "Prepared", rank: int, world: int, device, config: dict[str, Any]):
+    def __init__(self, spec: JobSpec, prepared: Prepared, rank: int, world: int, device, config: dict[str, Any]):
         import deepspeed  # imported in the worker only (it probes accelerators at import)
 
         self.spec, self.prepared, self.rank, self.world = spec, prepared, rank, world
@@ -169,7 +174,9 @@ class DeepSpeedEngine:
             return contextlib.nullcontext()
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters([p for p in self.model.parameters() if p.requires_grad], modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(
+            [p for p in self.model.parameters() if p.requires_grad], modifier_rank=None
+        )
 
     def micro_step(self, batch: dict, last: bool):
         loss = self.engine(**batch).loss
@@ -183,7 +190,9 @@ class DeepSpeedEngine:
 
     def save(self, path: Path, step: int) -> None:
         # every rank writes its own optimizer partition; frozen base weights stay out of the checkpoint
-        self.engine.save_checkpoint(str(path / DS_DIR), tag=DS_TAG, client_state={"raypeft_step": step}, exclude_frozen_parameters=True)
+        self.engine.save_checkpoint(
+            str(path / DS_DIR), tag=DS_TAG, client_state={"raypeft_step": step}, exclude_frozen_parameters=True
+        )
         with self.gather():
             if self.rank == 0:  # whole tensors, copied while gathered (not model.state_dict(): see above)
                 sd = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
@@ -213,7 +222,7 @@ def deepspeed_setup(config: dict[str, Any] | None, device, quantized: bool = Fal
     return HfDeepSpeedConfig(config)
 
 
-def build_engine(spec: "JobSpec", prepared: "Prepared", rank: int, world: int, device, ds_config: dict[str, Any] | None):
+def build_engine(spec: JobSpec, prepared: Prepared, rank: int, world: int, device, ds_config: dict[str, Any] | None):
     """The engine for the spec's ``scaling.strategy`` (``ds_config`` None: plain torch)."""
     if ds_config is None:
         return TorchEngine(spec, prepared, rank, world, device)

@@ -1,10 +1,17 @@
 """Evaluation: token-weighted eval loss / perplexity (sharded across ranks) and task metrics by greedy generation."""
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pipelines.data import collate, eval_shard, prompt_and_completion, reference_of
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
 
 def task_metric(task: str) -> tuple[str, Callable[[list[str], list[str]], float]] | None:
     if task == "none":
@@ -17,7 +24,14 @@ def task_metric(task: str) -> tuple[str, Callable[[list[str], list[str]], float]
 
 
 def eval_loss(
-    model, examples: list[dict], batch_size: int, pad_id: int, device, rank: int = 0, world: int = 1, lockstep: bool = False
+    model,
+    examples: list[dict],
+    batch_size: int,
+    pad_id: int,
+    device,
+    rank: int = 0,
+    world: int = 1,
+    lockstep: bool = False,
 ) -> dict[str, float]:
     """Mean loss per completion token over the eval set (all ranks together).
 
@@ -30,9 +44,9 @@ def eval_loss(
 
     total = torch.zeros(2, dtype=torch.float64, device=device)
     shard = [examples[i] for i in eval_shard(len(examples), rank, world)]
-    n_batches = -(-len(shard) // batch_size)
+    n_batches = _ceil_div(len(shard), batch_size)
     if lockstep:
-        n_batches = -(-(-(-len(examples) // world)) // batch_size)  # batches of the largest shard
+        n_batches = _ceil_div(_ceil_div(len(examples), world), batch_size)  # batches of the largest shard
     model.eval()
     with torch.no_grad():
         for b in range(n_batches):
@@ -43,10 +57,13 @@ def eval_loss(
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             labels = batch["labels"]
             if logits.shape[1] != labels.shape[1]:  # prompt-learning methods prepend virtual tokens
-                logits = logits[:, -labels.shape[1]:]
+                logits = logits[:, -labels.shape[1] :]
             shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
             loss = torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+                shift_logits.reshape(-1, shift_logits.shape[-1]),
+                shift_labels.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
             )
             total += weight * torch.stack([loss.double(), (shift_labels != -100).sum().double()])
     if world > 1 and dist.is_initialized():
@@ -69,12 +86,18 @@ def generate_completions(
     try:
         with torch.no_grad():
             for i in range(0, len(prompts), batch_size):
-                enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                enc = tokenizer(
+                    prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+                ).to(device)
                 gen = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id, synced_gpus=synced,
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    synced_gpus=synced,
                 )
-                outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = old_side
         model.train()
@@ -82,7 +105,15 @@ def generate_completions(
 
 
 def task_score(
-    model, tokenizer, records: list[dict], fmt: str, task: str, n: int, device, batch_size: int = 16, synced: bool = False
+    model,
+    tokenizer,
+    records: list[dict],
+    fmt: str,
+    task: str,
+    n: int,
+    device,
+    batch_size: int = 16,
+    synced: bool = False,
 ) -> dict[str, Any]:
     """Greedy-generate the first ``n`` eval records and score them with the task metric.
 

@@ -4,6 +4,7 @@
 process group (gloo on CPU, NCCL on GPU) is already initialized by Ray Train.
 It reads top to bottom as the job: load base → build method → data → loop.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 from pipelines.engines import ADAPTER_DIR, PROBE_FILE  # noqa: F401  (ADAPTER_DIR: the driver reads it)
 
 
-def lr_factor(step: int, spec: "JobSpec") -> float:
+def lr_factor(step: int, spec: JobSpec) -> float:
     """Multiplier on each group's base LR at optimizer step ``step`` (0-based). Pure."""
     t = spec.train
     if step < t.warmup_steps:
@@ -70,7 +71,9 @@ def train_worker(config: dict[str, Any]) -> None:
     random.seed(spec.train.seed)
 
     ds_config = spec.deepspeed_config()
-    hf_ds = deepspeed_setup(ds_config, device, quantized=spec.quantization() != "none")  # keep alive: ZeRO-3 partitions weights while they load
+    hf_ds = deepspeed_setup(
+        ds_config, device, quantized=spec.quantization() != "none"
+    )  # keep alive: ZeRO-3 partitions weights while they load
     base, tok, _ = load_base(spec, device=device, log=log)
     base_modules = preflight.module_names(base)
     prepared = methods.build(spec, base)
@@ -82,8 +85,10 @@ def train_worker(config: dict[str, Any]) -> None:
     report = preflight.check(spec, prepared, base_modules)
     log(f"method {spec.method.name}: pre-flight ok, " + report.summary().replace("\n", "; "))
     engine = build_engine(spec, prepared, rank, world, device, ds_config)
-    log(f"strategy {spec.scaling.strategy}: {world} worker(s), global batch {spec.global_batch_size()} "
-        f"= {spec.train.micro_batch_size} × {spec.grad_accum()} accumulation × {world}")
+    log(
+        f"strategy {spec.scaling.strategy}: {world} worker(s), global batch {spec.global_batch_size()} "
+        f"= {spec.train.micro_batch_size} × {spec.grad_accum()} accumulation × {world}"
+    )
 
     train_records, eval_records = D.train_eval_records(spec.data, spec.train.seed)
     train_ex = D.encode_all(train_records, spec.data, tok)
@@ -109,8 +114,17 @@ def train_worker(config: dict[str, Any]) -> None:
     def evaluate(step: int, prefix: str = "") -> dict[str, float]:
         out = eval_loss(model, eval_ex, mb, pad_id, device, rank, world, lockstep=lockstep)
         if spec.data.task != "none" and (is_main or lockstep):
-            res = task_score(model, tok, eval_records, spec.data.format, spec.data.task, spec.data.eval_task_samples, device, synced=lockstep)
-            for prompt, pred, ref in res.pop("_examples", []):
+            res = task_score(
+                model,
+                tok,
+                eval_records,
+                spec.data.format,
+                spec.data.task,
+                spec.data.eval_task_samples,
+                device,
+                synced=lockstep,
+            )
+            for _prompt, pred, ref in res.pop("_examples", []):
                 log(f"  sample → {pred.strip()[:100]!r} (expected {ref[:100]!r})")
             out.update(res)
         out = {prefix + k: v for k, v in out.items()}
@@ -147,8 +161,11 @@ def train_worker(config: dict[str, Any]) -> None:
             if is_main:
                 torch.save({"input_ids": probe[0], "logits": probe[1], "step": step}, Path(tmp) / PROBE_FILE)
                 (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
-            ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"step_{step:07d}")
+            ray.train.report(
+                {**metrics, "step": step},
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=f"step_{step:07d}",
+            )
         save_s = time.perf_counter() - t0
         log(f"checkpoint @ step {step} saved in {save_s:.1f}s")
         if logger:
@@ -162,7 +179,9 @@ def train_worker(config: dict[str, Any]) -> None:
     for step in range(start_step, spec.train.max_steps):
         for micro in range(accum):
             k = step * accum + micro
-            batch = {key: v.to(device) for key, v in D.collate([train_ex[i] for i in sharder.indices(k)], pad_id).items()}
+            batch = {
+                key: v.to(device) for key, v in D.collate([train_ex[i] for i in sharder.indices(k)], pad_id).items()
+            }
             loss = engine.micro_step(batch, last=micro == accum - 1)
             loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
             tokens_since += int(batch["attention_mask"].sum())
@@ -179,7 +198,9 @@ def train_worker(config: dict[str, Any]) -> None:
             tok_s = stats[2].item() / max(now - t_last, 1e-9)
             eta = (now - t_start) / max(done - start_step, 1) * (spec.train.max_steps - done)
             metrics = {"train_loss": stats[0].item() / max(stats[1].item(), 1), "lr": lr_used, "tokens_per_s": tok_s}
-            log(f"step {done}/{spec.train.max_steps} loss {metrics['train_loss']:.4f} lr {lr_used:.2e} tok/s {tok_s:,.0f} eta {_fmt_eta(eta)}")
+            log(
+                f"step {done}/{spec.train.max_steps} loss {metrics['train_loss']:.4f} lr {lr_used:.2e} tok/s {tok_s:,.0f} eta {_fmt_eta(eta)}"
+            )
             if logger:
                 logger.log({**metrics, "epoch": sharder.epoch_of(done * accum)}, done)
             loss_sum.zero_()

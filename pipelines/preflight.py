@@ -14,9 +14,9 @@ They verify the checklist that careful fine-tuners run by hand:
 summary; it reads tensors and names only (no Ray, no I/O), so it runs in the
 training worker before step 0 and in ``raypeft check``.
 """
+
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +49,9 @@ class Report:
     def summary(self) -> str:
         pct = 100 * self.trainable / max(self.total, 1)
         kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(self.by_kind.items(), key=lambda kv: -kv[1]))
-        lines = [f"trainable {self.trainable:,} / {self.total:,} parameters ({pct:.3f}%)" + (f": {kinds}" if kinds else "")]
+        lines = [
+            f"trainable {self.trainable:,} / {self.total:,} parameters ({pct:.3f}%)" + (f": {kinds}" if kinds else "")
+        ]
         if self.matched:
             lines.append("target modules: " + ", ".join(f"{k} ×{v}" for k, v in self.matched.items()))
         return "\n".join(lines)
@@ -64,7 +66,7 @@ def _kind(name: str, adapter: str) -> str:
     return parts[-1]
 
 
-def preflight(spec: "JobSpec", prepared: "Prepared", base_module_names: list[str]) -> Report:
+def preflight(spec: JobSpec, prepared: Prepared, base_module_names: list[str]) -> Report:
     """Check ``prepared`` (built from ``spec``) against the checklist above.
 
     Args:
@@ -103,12 +105,19 @@ def preflight(spec: "JobSpec", prepared: "Prepared", base_module_names: list[str
         rep.problems.append(f"the optimizer holds {len(frozen_in_opt)} frozen parameter(s), e.g. {frozen_in_opt[0]!r}")
     not_in_opt = [n for n, p in trainable if id(p) not in in_opt]
     if not_in_opt:
-        rep.problems.append(f"{len(not_in_opt)} trainable parameter(s) are not in the optimizer and would never change, e.g. {not_in_opt[0]!r}")
+        rep.problems.append(
+            f"{len(not_in_opt)} trainable parameter(s) are not in the optimizer and would never change, e.g. {not_in_opt[0]!r}"
+        )
     if spec.method.name.startswith("galore"):  # the projected group must hold the target 2-D weights
         projected = [p for g in prepared.optimizer.param_groups if "rank" in g for p in g["params"]]
         if not projected:
-            rep.problems.append("GaLore's projected parameter group is empty: no 2-D weight of the target modules is trainable")
-        rep.by_kind = {"galore (projected)": sum(p.numel() for p in projected), "other": rep.trainable - sum(p.numel() for p in projected)}
+            rep.problems.append(
+                "GaLore's projected parameter group is empty: no 2-D weight of the target modules is trainable"
+            )
+        rep.by_kind = {
+            "galore (projected)": sum(p.numel() for p in projected),
+            "other": rep.trainable - sum(p.numel() for p in projected),
+        }
 
     # every target_modules entry matched something
     rep.matched = target_matches(spec.method.target_modules, base_module_names)
@@ -120,18 +129,25 @@ def preflight(spec: "JobSpec", prepared: "Prepared", base_module_names: list[str
     # (AdaLoRA's no-op factor is its singular values E; A and B start random)
     init = spec.method.args.get("init_lora_weights", True)
     peft_type = str(getattr(getattr(model, "peft_config", {}).get(adapter), "peft_type", "")) if adapter else ""
-    zero_factor = {"PeftType.LORA": ".lora_B.", "LORA": ".lora_B.", "PeftType.ADALORA": ".lora_E.", "ADALORA": ".lora_E."}.get(peft_type)
+    zero_factor = {
+        "PeftType.LORA": ".lora_B.",
+        "LORA": ".lora_B.",
+        "PeftType.ADALORA": ".lora_E.",
+        "ADALORA": ".lora_E.",
+    }.get(peft_type)
     if zero_factor and init is True:
         nonzero = [n for n, p in trainable if zero_factor in n and p.numel() and bool(torch.count_nonzero(p.detach()))]
         if nonzero:
-            rep.problems.append(f"LoRA {zero_factor.strip('.').split('_')[1]} is not zero at init in {len(nonzero)} module(s), e.g. {nonzero[0]!r}")
+            rep.problems.append(
+                f"LoRA {zero_factor.strip('.').split('_')[1]} is not zero at init in {len(nonzero)} module(s), e.g. {nonzero[0]!r}"
+            )
 
     # dtype and quantization as specified
     rep.problems += _quantization_problems(spec, model)
     return rep
 
 
-def _quantization_problems(spec: "JobSpec", model) -> list[str]:
+def _quantization_problems(spec: JobSpec, model) -> list[str]:
     import torch
 
     from pipelines.models import torch_dtype
@@ -158,16 +174,21 @@ def _quantization_problems(spec: "JobSpec", model) -> list[str]:
         out.append(f"model.quantization: 'none' was asked for, but the model has quantized layers {kinds}")
     dtype = torch_dtype(spec.model.dtype)
     wrong = [
-        n for n, p in model.named_parameters()
-        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype and type(p).__name__ not in ("Params4bit", "Int8Params")
-        and p.dtype in (torch.float32, torch.bfloat16, torch.float16) and q == "none"
+        n
+        for n, p in model.named_parameters()
+        if not p.requires_grad
+        and p.is_floating_point()
+        and p.dtype != dtype
+        and type(p).__name__ not in ("Params4bit", "Int8Params")
+        and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and q == "none"
     ]
     if wrong:
         out.append(f"model.dtype: {len(wrong)} base weight(s) are not {spec.model.dtype}, e.g. {wrong[0]!r}")
     return out
 
 
-def check(spec: "JobSpec", prepared: "Prepared", base_module_names: list[str]) -> Report:
+def check(spec: JobSpec, prepared: Prepared, base_module_names: list[str]) -> Report:
     """Run ``preflight`` and raise ``PreflightError`` on any problem; return the report otherwise."""
     rep = preflight(spec, prepared, base_module_names)
     if rep.problems:
@@ -184,7 +205,7 @@ def _missing_targets_message(missing: list[str], names: list[str]) -> str:
     return f"{missing!r} matched no module of the base; its modules end in: {', '.join(suffixes[:40])}"
 
 
-def architecture_problems(spec: "JobSpec") -> list[tuple[str, str]]:
+def architecture_problems(spec: JobSpec) -> list[tuple[str, str]]:
     """Driver-side, before Ray starts: ``target_modules`` against the base's architecture, built on
     the meta device (no weights are read). A base whose config cannot be read here (a hub id
     without network) is left to the worker's full pre-flight."""
@@ -203,7 +224,7 @@ def architecture_problems(spec: "JobSpec") -> list[tuple[str, str]]:
     return [("method.target_modules", f"{_missing_targets_message(missing, names)} (got {target!r})")]
 
 
-def load_checked_spec(path, overrides=()) -> "JobSpec":
+def load_checked_spec(path, overrides=()) -> JobSpec:
     """``load_spec`` plus ``architecture_problems``: everything checkable before Ray starts.
 
     Raises:
@@ -218,7 +239,7 @@ def load_checked_spec(path, overrides=()) -> "JobSpec":
     return spec
 
 
-def _plan_problems(spec: "JobSpec", model) -> list[str]:
+def _plan_problems(spec: JobSpec, model) -> list[str]:
     import bitsandbytes as bnb
     import torch
 

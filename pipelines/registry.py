@@ -11,6 +11,7 @@
 * Moves of one alias are serialized by a file lock beside the tracking store, so two racing
   promotions leave the alias on one of the two versions with the history in the same order.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,10 +32,14 @@ class Gate(Section):
     """The evaluation gate (a YAML file for ``raypeft promote --gate``)."""
 
     metric: Literal["eval_loss", "exact_match"] = Field("eval_loss", description="Metric compared on the eval set.")
-    mode: Literal["min", "max"] = Field("min", description="`min`: lower is better (eval_loss); `max`: higher is better.")
+    mode: Literal["min", "max"] = Field(
+        "min", description="`min`: lower is better (eval_loss); `max`: higher is better."
+    )
     margin: float = Field(0.0, ge=0, description="The candidate must beat the current holder by at least this much.")
     bound: float | None = Field(None, description="Absolute bound: a ceiling for `min`, a floor for `max`.")
-    data: DataSpec = Field(default_factory=DataSpec, description="Eval data (the `data` section of a job spec; its eval split is used).")
+    data: DataSpec = Field(
+        default_factory=DataSpec, description="Eval data (the `data` section of a job spec; its eval split is used)."
+    )
     seed: int = Field(42, description="Seed of the held-out split (as in the job spec).")
 
 
@@ -52,8 +57,10 @@ def gate_decision(gate: Gate, candidate: float, baseline: float | None) -> tuple
     if baseline is not None:
         need = baseline + gate.margin if gate.mode == "max" else baseline - gate.margin
         if not better(candidate, need):
-            reasons.append(f"{gate.metric} {candidate:.4f} does not beat the current holder's {baseline:.4f} "
-                           f"by the margin {gate.margin} (needs {'≥' if gate.mode == 'max' else '≤'} {need:.4f})")
+            reasons.append(
+                f"{gate.metric} {candidate:.4f} does not beat the current holder's {baseline:.4f} "
+                f"by the margin {gate.margin} (needs {'≥' if gate.mode == 'max' else '≤'} {need:.4f})"
+            )
     return not reasons, reasons
 
 
@@ -78,9 +85,21 @@ def _evaluate(gate: Gate, uris: dict[str, str], tracking_uri: str) -> dict[str, 
         with torch.no_grad():
             scores = eval_loss(model, examples, 8, tok.pad_token_id, torch.device("cpu"))
             if gate.data.task != "none":
-                scores.update({k: v for k, v in task_score(model, tok, records, gate.data.format, gate.data.task,
-                                                           gate.data.eval_task_samples, torch.device("cpu")).items()
-                               if not k.startswith("_")})
+                scores.update(
+                    {
+                        k: v
+                        for k, v in task_score(
+                            model,
+                            tok,
+                            records,
+                            gate.data.format,
+                            gate.data.task,
+                            gate.data.eval_task_samples,
+                            torch.device("cpu"),
+                        ).items()
+                        if not k.startswith("_")
+                    }
+                )
         out[label] = scores
     return out
 
@@ -145,7 +164,9 @@ def _move(uri: str, name: str, alias: str, version: str, entry: dict[str, Any]) 
     return hist
 
 
-def promote(uri: str, name: str, version: str, alias: str, gate: Gate, force: bool = False, log=print) -> dict[str, Any]:
+def promote(
+    uri: str, name: str, version: str, alias: str, gate: Gate, force: bool = False, log=print
+) -> dict[str, Any]:
     """Evaluate, record, and move ``alias`` to ``version`` if the gate passes (or ``force``)."""
     c = _client(uri)
     c.get_model_version(name, str(version))  # raises for a missing version
@@ -162,22 +183,45 @@ def promote(uri: str, name: str, version: str, alias: str, gate: Gate, force: bo
 
     from pipelines.tracking import experiment_id
 
-    run = c.create_run(experiment_id(uri, PROMOTIONS_EXPERIMENT), run_name=f"promote-{name}-v{version}-{alias}",
-                       tags={"raypeft.model": name, "raypeft.version": str(version), "raypeft.alias": alias,
-                             "raypeft.baseline_version": current or "none", "validation_status": status})
+    run = c.create_run(
+        experiment_id(uri, PROMOTIONS_EXPERIMENT),
+        run_name=f"promote-{name}-v{version}-{alias}",
+        tags={
+            "raypeft.model": name,
+            "raypeft.version": str(version),
+            "raypeft.alias": alias,
+            "raypeft.baseline_version": current or "none",
+            "validation_status": status,
+        },
+    )
     for label, vals in scores.items():
         for k, v in vals.items():
             c.log_metric(run.info.run_id, f"{label}_{k}", float(v))
     c.log_param(run.info.run_id, "gate", gate.model_dump_json())
     c.set_terminated(run.info.run_id, "FINISHED")
-    for k, v in {"validation_status": status, f"validation.{gate.metric}": f"{cand:.6g}",
-                 "validation.baseline_version": current or "none", "validation.run_id": run.info.run_id}.items():
+    for k, v in {
+        "validation_status": status,
+        f"validation.{gate.metric}": f"{cand:.6g}",
+        "validation.baseline_version": current or "none",
+        "validation.run_id": run.info.run_id,
+    }.items():
         c.set_model_version_tag(name, str(version), k, v)
-    result = {"model": name, "version": str(version), "alias": alias, "previous": current, "status": status,
-              "candidate": scores["candidate"], "baseline": scores.get("baseline"), "reasons": reasons,
-              "run_id": run.info.run_id, "moved": passed or force}
+    result = {
+        "model": name,
+        "version": str(version),
+        "alias": alias,
+        "previous": current,
+        "status": status,
+        "candidate": scores["candidate"],
+        "baseline": scores.get("baseline"),
+        "reasons": reasons,
+        "run_id": run.info.run_id,
+        "moved": passed or force,
+    }
     if passed or force:
-        _move(uri, name, alias, str(version), {"by": "promote", "forced": force and not passed, "run_id": run.info.run_id})
+        _move(
+            uri, name, alias, str(version), {"by": "promote", "forced": force and not passed, "run_id": run.info.run_id}
+        )
     return result
 
 
@@ -188,7 +232,9 @@ def rollback(uri: str, name: str, alias: str) -> dict[str, Any]:
         hist = history(uri, name, alias)
         current = holder(uri, name, alias)
         if len(hist) < 2:
-            raise ValueError(f"{name}@{alias} has no previous holder to roll back to (history: {[h['version'] for h in hist]})")
+            raise ValueError(
+                f"{name}@{alias} has no previous holder to roll back to (history: {[h['version'] for h in hist]})"
+            )
         undone = hist.pop()
         target = hist[-1]["version"]
         c.set_registered_model_alias(name, alias, target)
@@ -200,8 +246,20 @@ def rollback(uri: str, name: str, alias: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- listing
 
 
-LINEAGE = ("base_model", "base_model_revision", "base_model_hash", "base_model_source", "dataset", "dataset_hash",
-           "method", "quantization", "raypeft.run_id", "raypeft.source", "raypeft.parents", "raypeft.combination")
+LINEAGE = (
+    "base_model",
+    "base_model_revision",
+    "base_model_hash",
+    "base_model_source",
+    "dataset",
+    "dataset_hash",
+    "method",
+    "quantization",
+    "raypeft.run_id",
+    "raypeft.source",
+    "raypeft.parents",
+    "raypeft.combination",
+)
 
 
 def list_models(uri: str) -> list[dict[str, Any]]:
@@ -209,9 +267,14 @@ def list_models(uri: str) -> list[dict[str, Any]]:
     out = []
     for m in c.search_registered_models():
         versions = c.search_model_versions(f"name='{m.name}'")
-        out.append({"name": m.name, "versions": len(versions),
-                    "latest": max((int(v.version) for v in versions), default=None),
-                    "aliases": dict(sorted((a, str(v)) for a, v in (m.aliases or {}).items()))})
+        out.append(
+            {
+                "name": m.name,
+                "versions": len(versions),
+                "latest": max((int(v.version) for v in versions), default=None),
+                "aliases": dict(sorted((a, str(v)) for a, v in (m.aliases or {}).items())),
+            }
+        )
     return out
 
 
@@ -234,18 +297,26 @@ def show(uri: str, ref: str) -> dict[str, Any]:
     rows = []
     for v in versions:
         tags = v.tags or {}
-        rows.append({
-            "version": str(v.version), "aliases": sorted(aliases_of.get(str(v.version), [])),
-            "validation_status": tags.get("validation_status", "unvalidated"),
-            "metrics": {k[len("metric."):]: float(x) for k, x in tags.items() if k.startswith("metric.")},
-            "lineage": {k: tags[k] for k in LINEAGE if k in tags},
-            "run_id": v.run_id, "source": v.source, "created": v.creation_timestamp,
-        })
+        rows.append(
+            {
+                "version": str(v.version),
+                "aliases": sorted(aliases_of.get(str(v.version), [])),
+                "validation_status": tags.get("validation_status", "unvalidated"),
+                "metrics": {k[len("metric.") :]: float(x) for k, x in tags.items() if k.startswith("metric.")},
+                "lineage": {k: tags[k] for k in LINEAGE if k in tags},
+                "run_id": v.run_id,
+                "source": v.source,
+                "created": v.creation_timestamp,
+            }
+        )
     if len(rows) == 1 and rows[0]["run_id"]:  # one version: the job spec that trained it, from its run
         try:
             rows[0]["spec"] = Path(c.download_artifacts(rows[0]["run_id"], "spec.yaml")).read_text()
         except Exception:  # noqa: BLE001 - exports and combinations have no training spec
             pass
-    hist = {k[len("raypeft.alias_history."):]: json.loads(val) for k, val in (model.tags or {}).items()
-            if k.startswith("raypeft.alias_history.")}
+    hist = {
+        k[len("raypeft.alias_history.") :]: json.loads(val)
+        for k, val in (model.tags or {}).items()
+        if k.startswith("raypeft.alias_history.")
+    }
     return {"name": name, "versions": rows, "alias_history": hist}

@@ -15,6 +15,7 @@ it with ``tuning.spec`` (``TunedJobSpec``); here it is an opaque mapping.
 
 This module imports neither Ray nor torch, so validation is instant.
 """
+
 from __future__ import annotations
 
 import json
@@ -87,7 +88,9 @@ class MethodSpec(Section):
         "galore_layerwise, adalora, or any PEFT method by its PEFT type name (loha, lokr, ia3, vera, vblora, "
         "hra, waveft, boft, oft, fourierft, prompt_tuning, prefix_tuning, ...).",
     )
-    r: int | None = Field(None, gt=0, description="Rank (LoRA family default 16; passed to any PEFT config with an `r`).")
+    r: int | None = Field(
+        None, gt=0, description="Rank (LoRA family default 16; passed to any PEFT config with an `r`)."
+    )
     alpha: float | None = Field(
         None, gt=0, description="LoRA alpha (default 2·r). Scale is alpha/r, or alpha/sqrt(r) for rslora."
     )
@@ -101,7 +104,9 @@ class MethodSpec(Section):
     target_modules: str | list[str] = Field(
         "all-linear", description="Modules to adapt: `all-linear`, a list of module-name suffixes, or a regex."
     )
-    rank_pattern: dict[str, Annotated[int, Field(gt=0)]] = Field(default_factory=dict, description="Per-module rank overrides (PEFT `rank_pattern`).")
+    rank_pattern: dict[str, Annotated[int, Field(gt=0)]] = Field(
+        default_factory=dict, description="Per-module rank overrides (PEFT `rank_pattern`)."
+    )
     alpha_pattern: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict, description="Per-module alpha overrides (PEFT `alpha_pattern`)."
     )
@@ -120,8 +125,12 @@ class DataSpec(Section):
         description="Training data: a .jsonl or .parquet file, a directory saved by `datasets.save_to_disk`, or "
         "`builtin:json_extract` (the shipped structured-extraction task).",
     )
-    eval: str | None = Field(None, description="Eval data (same kinds as `train`); when unset, `eval_fraction` is held out.")
-    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of `train` held out for eval when `eval` is unset.")
+    eval: str | None = Field(
+        None, description="Eval data (same kinds as `train`); when unset, `eval_fraction` is held out."
+    )
+    eval_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Fraction of `train` held out for eval when `eval` is unset."
+    )
     format: Literal["text", "instruction", "chat"] = Field(
         "chat",
         description="`text` (field `text`), `instruction` (alpaca: instruction/input/output), or `chat` "
@@ -132,7 +141,9 @@ class DataSpec(Section):
         "none", description="Task metric computed by greedy generation at eval: `json_extract` = exact JSON match."
     )
     max_length: int = Field(256, gt=8, le=131072, description="Maximum tokens per example (longer ones are truncated).")
-    packing: bool = Field(False, description="Pack several examples into each max_length row (no cross-example attention masking).")
+    packing: bool = Field(
+        False, description="Pack several examples into each max_length row (no cross-example attention masking)."
+    )
     eval_task_samples: int = Field(64, ge=0, description="Eval examples scored with the task metric (0 = all).")
 
 
@@ -140,21 +151,30 @@ class TrainSpec(Section):
     lr: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     max_steps: int = Field(60, gt=0, description="Optimizer steps to run.")
     micro_batch_size: int = Field(8, gt=0, description="Examples per worker per forward pass.")
-    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step (leave at 1 when `global_batch_size` is set).")
+    grad_accum: int = Field(
+        1,
+        gt=0,
+        description="Micro-batches accumulated per optimizer step (leave at 1 when `global_batch_size` is set).",
+    )
     global_batch_size: int | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="Examples per optimizer step across all workers. When set, accumulation is derived: "
         "global_batch_size / (micro_batch_size × num_workers), which must be whole, so the global batch stays "
         "the same whatever the worker count. Unset: micro_batch_size × grad_accum × num_workers.",
     )
-    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
     warmup_steps: int = Field(5, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
     seed: int = Field(42, description="Seed for weights init, data order and dropout.")
     eval_every: int = Field(20, ge=0, description="Evaluate every N steps (0: only at the end).")
     log_every: int = Field(1, gt=0, description="Log metrics every N steps.")
-    eval_base: bool = Field(True, description="Evaluate the base model (adapter disabled) before training, for comparison.")
+    eval_base: bool = Field(
+        True, description="Evaluate the base model (adapter disabled) before training, for comparison."
+    )
 
 
 class ScalingSpec(Section):
@@ -184,7 +204,9 @@ class CheckpointSpec(Section):
         description="Ray Train storage path (local dir or cloud URI) for checkpoints and the final adapter. "
         "Unset: $RAYPEFT_HOME/runs ($RAYPEFT_HOME defaults to ~/.raypeft).",
     )
-    max_failures: int = Field(0, ge=-1, description="Worker-group restarts allowed from the latest checkpoint (-1: unlimited).")
+    max_failures: int = Field(
+        0, ge=-1, description="Worker-group restarts allowed from the latest checkpoint (-1: unlimited)."
+    )
 
 
 class TrackingSpec(Section):
@@ -200,7 +222,11 @@ class TrackingSpec(Section):
 
 
 class JobSpec(Section):
-    name: str = Field("raypeft-job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", description="Job name: Ray Train run name and MLflow run name.")
+    name: str = Field(
+        "raypeft-job",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
+        description="Job name: Ray Train run name and MLflow run name.",
+    )
     model: ModelSpec = Field(default_factory=ModelSpec, description="Base model.")
     method: MethodSpec = Field(default_factory=MethodSpec, description="Fine-tuning method.")
     data: DataSpec = Field(default_factory=DataSpec, description="Datasets and formatting.")
@@ -336,7 +362,9 @@ def semantic_problems(spec: JobSpec, base_dir: str | os.PathLike | None = None) 
     problems: list[tuple[str, str]] = []
 
     m = spec.model
-    if m.base not in BUILTIN_BASES and (m.base.startswith((".", "/", "~")) or os.sep in m.base and Path(m.base).exists()):
+    if m.base not in BUILTIN_BASES and (
+        m.base.startswith((".", "/", "~")) or os.sep in m.base and Path(m.base).exists()
+    ):
         path = Path(os.path.expanduser(m.base))
         if not path.is_absolute():
             path = base / path
@@ -352,7 +380,9 @@ def semantic_problems(spec: JobSpec, base_dir: str | os.PathLike | None = None) 
             if p:
                 problems.append(p)
     if spec.data.task == "json_extract" and spec.data.format == "text":
-        problems.append(("data.task", "json_extract needs a prompt/completion format: data.format instruction or chat (got 'text')"))
+        problems.append(
+            ("data.task", "json_extract needs a prompt/completion format: data.format instruction or chat (got 'text')")
+        )
     if spec.data.eval is None and spec.data.eval_fraction == 0 and (spec.train.eval_every or spec.data.task != "none"):
         problems.append(("data.eval_fraction", "0 leaves no eval split; set data.eval or a fraction > 0 (got 0)"))
 
@@ -362,21 +392,47 @@ def semantic_problems(spec: JobSpec, base_dir: str | os.PathLike | None = None) 
     if t.global_batch_size is not None:
         per_pass = t.micro_batch_size * spec.scaling.num_workers
         if t.grad_accum != 1:
-            problems.append(("train.grad_accum", f"set either grad_accum or global_batch_size, not both (got {t.grad_accum} with global_batch_size {t.global_batch_size})"))
+            problems.append(
+                (
+                    "train.grad_accum",
+                    f"set either grad_accum or global_batch_size, not both (got {t.grad_accum} with global_batch_size {t.global_batch_size})",
+                )
+            )
         elif t.global_batch_size % per_pass:
-            problems.append(("train.global_batch_size", f"must be a multiple of micro_batch_size × num_workers = {per_pass} (got {t.global_batch_size})"))
+            problems.append(
+                (
+                    "train.global_batch_size",
+                    f"must be a multiple of micro_batch_size × num_workers = {per_pass} (got {t.global_batch_size})",
+                )
+            )
     problems += _scaling_problems(spec)
     if spec.checkpoint.every_steps > t.max_steps:
-        problems.append(("checkpoint.every_steps", f"must be <= train.max_steps ({t.max_steps}) (got {spec.checkpoint.every_steps})"))
+        problems.append(
+            (
+                "checkpoint.every_steps",
+                f"must be <= train.max_steps ({t.max_steps}) (got {spec.checkpoint.every_steps})",
+            )
+        )
 
     if not spec.scaling.use_gpu and spec.model.dtype == "float16":
-        problems.append(("model.dtype", "float16 training is not supported on CPU; use float32 or bfloat16 (got 'float16')"))
+        problems.append(
+            ("model.dtype", "float16 training is not supported on CPU; use float32 or bfloat16 (got 'float16')")
+        )
 
     uri = spec.tracking.tracking_uri
-    if uri is not None and not uri.startswith(("sqlite:///", "http://", "https://", "postgresql", "mysql", "databricks")):
-        problems.append(("tracking.tracking_uri", f"expected sqlite:///..., http(s)://... or a database URI; MLflow 3's file store is not supported (got {quote(uri)})"))
+    if uri is not None and not uri.startswith(
+        ("sqlite:///", "http://", "https://", "postgresql", "mysql", "databricks")
+    ):
+        problems.append(
+            (
+                "tracking.tracking_uri",
+                f"expected sqlite:///..., http(s)://... or a database URI; MLflow 3's file store is not supported (got {quote(uri)})",
+            )
+        )
     if spec.tracking.registered_model is not None and not spec.tracking.registered_model.strip():
-        problems.append(("tracking.registered_model", f"must not be blank (got {quote(spec.tracking.registered_model)})"))
+        problems.append(
+            ("tracking.registered_model", f"must not be blank (got {quote(spec.tracking.registered_model)})")
+        )
     return problems
 
 
@@ -389,10 +445,20 @@ def _plan_problems(spec: JobSpec) -> list[tuple[str, str]]:
             out.append((f"model.quantization_plan.{key}", f"not a valid regex: {e} (got {quote(key)})"))
     plan_bits = set(spec.model.quantization_plan.values())
     if plan_bits - {16} and spec.scaling.strategy.startswith("zero3"):
-        out.append(("model.quantization_plan", f"a mixed 4/8-bit base cannot be partitioned by ZeRO-3; use zero2 or ddp "
-                    f"(got strategy {spec.scaling.strategy!r})"))
+        out.append(
+            (
+                "model.quantization_plan",
+                f"a mixed 4/8-bit base cannot be partitioned by ZeRO-3; use zero2 or ddp "
+                f"(got strategy {spec.scaling.strategy!r})",
+            )
+        )
     if plan_bits and spec.method.name.startswith("galore"):
-        out.append(("model.quantization_plan", f"{spec.method.name} trains full-precision weights; remove the plan (got {len(plan_bits)} bit-width(s))"))
+        out.append(
+            (
+                "model.quantization_plan",
+                f"{spec.method.name} trains full-precision weights; remove the plan (got {len(plan_bits)} bit-width(s))",
+            )
+        )
     return out
 
 
@@ -404,21 +470,46 @@ def _scaling_problems(spec: JobSpec) -> list[tuple[str, str]]:
     stage = zero_stage(sc.strategy)
     if stage == 0:
         if sc.deepspeed:
-            out.append(("scaling.deepspeed", f"overrides need a DeepSpeed strategy (zero1/2/3), not 'ddp' (got {sc.deepspeed!r})"))
+            out.append(
+                (
+                    "scaling.deepspeed",
+                    f"overrides need a DeepSpeed strategy (zero1/2/3), not 'ddp' (got {sc.deepspeed!r})",
+                )
+            )
         return out
     out += [(f"scaling.deepspeed.{k}", msg) for k, msg in override_problems(sc.deepspeed)]
     name = spec.method.name
     if name.startswith("galore"):
-        out.append(("scaling.strategy", f"{name} steps its own projected optimizer, which DeepSpeed ZeRO cannot shard; "
-                    f"use strategy ddp with {name}, or a LoRA-family method with {sc.strategy} (got {sc.strategy!r})"))
+        out.append(
+            (
+                "scaling.strategy",
+                f"{name} steps its own projected optimizer, which DeepSpeed ZeRO cannot shard; "
+                f"use strategy ddp with {name}, or a LoRA-family method with {sc.strategy} (got {sc.strategy!r})",
+            )
+        )
     elif name == "adalora":
-        out.append(("scaling.strategy", f"adalora reallocates ranks from the gradients, which ZeRO partitions; use strategy ddp (got {sc.strategy!r})"))
+        out.append(
+            (
+                "scaling.strategy",
+                f"adalora reallocates ranks from the gradients, which ZeRO partitions; use strategy ddp (got {sc.strategy!r})",
+            )
+        )
     if stage == 3 and spec.quantization() == "int8":
-        out.append(("scaling.strategy", "ZeRO-3 cannot partition an int8 (LLM.int8) base; use zero2 with int8, or "
-                    f"zero3 with model.quantization nf4 (QLoRA) (got {sc.strategy!r} with int8)"))
+        out.append(
+            (
+                "scaling.strategy",
+                "ZeRO-3 cannot partition an int8 (LLM.int8) base; use zero2 with int8, or "
+                f"zero3 with model.quantization nf4 (QLoRA) (got {sc.strategy!r} with int8)",
+            )
+        )
     if stage == 3 and spec.quantization() == "nf4" and spec.model.compute_dtype != spec.model.dtype:
-        out.append(("model.compute_dtype", f"ZeRO-3 partitions 4-bit weights stored as compute_dtype, which must equal model.dtype "
-                    f"({spec.model.dtype!r}) (got {spec.model.compute_dtype!r})"))
+        out.append(
+            (
+                "model.compute_dtype",
+                f"ZeRO-3 partitions 4-bit weights stored as compute_dtype, which must equal model.dtype "
+                f"({spec.model.dtype!r}) (got {spec.model.compute_dtype!r})",
+            )
+        )
     return out
 
 

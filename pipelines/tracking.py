@@ -9,6 +9,7 @@ Embedded default: ``sqlite:///$RAYPEFT_HOME/mlflow.db`` with artifacts under
 ``$RAYPEFT_HOME/mlartifacts``; ``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri``
 selects a server.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,7 +29,7 @@ def raypeft_home() -> Path:
     return Path(os.environ.get("RAYPEFT_HOME", Path.home() / ".raypeft")).expanduser().resolve()
 
 
-def tracking_uri(spec: "JobSpec | None" = None) -> str:
+def tracking_uri(spec: JobSpec | None = None) -> str:
     if spec is not None and spec.tracking.tracking_uri:
         return spec.tracking.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -45,16 +46,18 @@ def client(uri: str):
 
 
 def experiment_id(uri: str, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:///"):  # keep artifacts beside the db, not in whatever cwd the job runs in
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
     try:
         return c.create_experiment(name, artifact_location=location)
-    except Exception:  # created concurrently
+    except MlflowException:  # created concurrently
         return c.get_experiment_by_name(name).experiment_id
 
 
@@ -62,7 +65,7 @@ def str_params(d: dict[str, Any]) -> dict[str, str]:
     return {k: (str(v) if v is not None else "null")[:6000] for k, v in d.items()}
 
 
-def start_run(spec: "JobSpec", uri: str, run_name: str, tags: dict[str, str]) -> str:
+def start_run(spec: JobSpec, uri: str, run_name: str, tags: dict[str, str]) -> str:
     """Create the job's MLflow run; log the flattened spec as params and the lineage tags."""
     from mlflow.entities import Param
 
@@ -75,7 +78,7 @@ def start_run(spec: "JobSpec", uri: str, run_name: str, tags: dict[str, str]) ->
     return run.info.run_id
 
 
-def spec_yaml(spec: "JobSpec") -> str:
+def spec_yaml(spec: JobSpec) -> str:
     import yaml
 
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
@@ -129,7 +132,7 @@ def loss_curve_png(uri: str, run_id: str, out: Path) -> Path | None:
 
 
 def finish_run(
-    spec: "JobSpec", uri: str, run_id: str, adapter_dir: str, lineage: dict[str, str], final_metrics: dict[str, float]
+    spec: JobSpec, uri: str, run_id: str, adapter_dir: str, lineage: dict[str, str], final_metrics: dict[str, float]
 ) -> dict[str, Any]:
     """Log the loss curve and the adapter (a LoggedModel of adapter files only), register it, close the run."""
 
@@ -166,24 +169,46 @@ def _global_uri(uri: str):
 
 
 def _log_and_register(
-    spec: "JobSpec", uri: str, run_id: str, adapter_dir: str, lineage: dict[str, str], final_metrics: dict[str, float]
+    spec: JobSpec, uri: str, run_id: str, adapter_dir: str, lineage: dict[str, str], final_metrics: dict[str, float]
 ) -> dict[str, Any]:
     c = client(uri)
     params = {"method": spec.method.name, "r": spec.rank(), "alpha": spec.alpha(), "quantization": spec.quantization()}
-    version_tags = {**lineage, "raypeft.run_id": run_id, **{f"metric.{k}": f"{v:.6g}" for k, v in final_metrics.items()}}
-    out = _log_model(c, run_id, adapter_dir, {**lineage, "raypeft.method": spec.method.name}, params,
-                     spec.tracking.registered_model, version_tags)
+    version_tags = {
+        **lineage,
+        "raypeft.run_id": run_id,
+        **{f"metric.{k}": f"{v:.6g}" for k, v in final_metrics.items()},
+    }
+    out = _log_model(
+        c,
+        run_id,
+        adapter_dir,
+        {**lineage, "raypeft.method": spec.method.name},
+        params,
+        spec.tracking.registered_model,
+        version_tags,
+    )
     c.set_terminated(run_id, "FINISHED")
     return out
 
 
-def _log_model(c, run_id: str, directory: str, tags: dict[str, str], params: dict[str, Any],
-               registered_model: str | None, version_tags: dict[str, str]) -> dict[str, Any]:
+def _log_model(
+    c,
+    run_id: str,
+    directory: str,
+    tags: dict[str, str],
+    params: dict[str, Any],
+    registered_model: str | None,
+    version_tags: dict[str, str],
+) -> dict[str, Any]:
     """Log ``directory`` as an MLflow 3 LoggedModel of ``run_id`` and register it (inside ``_global_uri``)."""
     import mlflow
 
     model = mlflow.initialize_logged_model(
-        name="adapter", source_run_id=run_id, tags=tags, params=str_params(params), model_type=ADAPTER_MODEL_TYPE,
+        name="adapter",
+        source_run_id=run_id,
+        tags=tags,
+        params=str_params(params),
+        model_type=ADAPTER_MODEL_TYPE,
         experiment_id=c.get_run(run_id).info.experiment_id,
     )
     try:
@@ -193,8 +218,13 @@ def _log_model(c, run_id: str, directory: str, tags: dict[str, str], params: dic
         raise
     mlflow.finalize_logged_model(model.model_id, "READY")
     c.set_tag(run_id, "raypeft.model_id", model.model_id)
-    out: dict[str, Any] = {"run_id": run_id, "model_id": model.model_id, "model_uri": f"models:/{model.model_id}",
-                           "registered_model": None, "version": None}
+    out: dict[str, Any] = {
+        "run_id": run_id,
+        "model_id": model.model_id,
+        "model_uri": f"models:/{model.model_id}",
+        "registered_model": None,
+        "version": None,
+    }
     if registered_model:
         version = mlflow.register_model(f"models:/{model.model_id}", registered_model, tags=version_tags)
         out["registered_model"] = registered_model
@@ -202,8 +232,9 @@ def _log_model(c, run_id: str, directory: str, tags: dict[str, str], params: dic
     return out
 
 
-def register_directory(uri: str, directory: str, registered_model: str, run_name: str, tags: dict[str, str],
-                       experiment: str = "raypeft") -> dict[str, Any]:
+def register_directory(
+    uri: str, directory: str, registered_model: str, run_name: str, tags: dict[str, str], experiment: str = "raypeft"
+) -> dict[str, Any]:
     """Log a directory (an exported or combined adapter / model) in a run of its own and register it.
 
     ``tags`` carry the lineage (parents, source), on the run, the LoggedModel and the version.

@@ -8,6 +8,7 @@ MLflow run, runs the ``TorchTrainer``, copies the final adapter out of the last
 checkpoint, logs and registers it, and prints one JSON object as the last stdout
 line: run_id, adapter_dir, registered_model, version, metrics.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,7 +88,9 @@ def make_trainer(spec: JobSpec, loop_config: dict[str, Any], run_name: str, stor
         train_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}
+            num_workers=sc.num_workers,
+            use_gpu=sc.use_gpu,
+            resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})},
         ),
         run_config=RunConfig(
             name=run_name,
@@ -126,7 +129,11 @@ def run(spec: JobSpec, log=print) -> dict[str, Any]:
         result = trainer.fit()
     except Exception as e:
         tracking.fail_run(uri, run_id, f"{type(e).__name__}: {e}")
-        _write_state(storage, run_name, {"status": "failed", "mlflow_run_id": run_id, "tracking_uri": uri, "error": str(e)[:2000]})
+        _write_state(
+            storage,
+            run_name,
+            {"status": "failed", "mlflow_run_id": run_id, "tracking_uri": uri, "error": str(e)[:2000]},
+        )
         raise
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
@@ -162,7 +169,11 @@ def summary_lines(result: dict[str, Any], spec: JobSpec) -> list[str]:
     for key in ("eval_loss", "exact_match"):
         if key in m:
             base = m.get(f"base_{key}")
-            lines.append(f"[raypeft] {key}: base {base:.4f} → adapter {m[key]:.4f}" if base is not None else f"[raypeft] {key}: {m[key]:.4f}")
+            lines.append(
+                f"[raypeft] {key}: base {base:.4f} → adapter {m[key]:.4f}"
+                if base is not None
+                else f"[raypeft] {key}: {m[key]:.4f}"
+            )
     return lines
 
 

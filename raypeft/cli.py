@@ -32,125 +32,108 @@ def spec_reference(args) -> int:
     return 0
 
 
-def _spec_args(p: argparse.ArgumentParser, what: str = "job spec YAML") -> None:
-    p.add_argument("spec", help=what)
-    p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.lr=1e-4 method.r=16")
+JOB = "job spec YAML"
+OVERRIDES = "section.field=value overrides, e.g. train.lr=1e-4 method.r=16"
+TRACKING = ("--tracking-uri", "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the local SQLite)", {})
+ADDRESS = ("--address", "dashboard address (default: $RAY_ADDRESS or http://127.0.0.1:8265)", {})
+
+# name, "module:function" it runs, help, positional spec (help text) or None, then (flag, help, argparse kwargs)
+# fmt: off
+COMMANDS = [
+    ("train", "pipelines.train:command", "train an adapter from a job spec (prints one JSON line)", JOB, []),
+    ("validate", "pipelines.train:validate_command", "validate a job spec (exit 2 listing every problem)", JOB, []),
+    ("methods", "pipelines.commands:methods", "list the fine-tuning methods, or compare their parameter budgets", None, [
+        ("action", "list, or compare", {"nargs": "?", "choices": ["list", "compare"], "default": "list"}),
+        ("--model", "compare: base model (built-in name, local dir or hub id)", {"default": "smollm2-135m"}),
+        ("--methods", "compare: comma-separated methods (default: LoRA family, PEFT's main ones)", {"default": ""}),
+        ("--target", "compare: target_modules, all-linear or comma-separated suffixes", {"default": "all-linear"}),
+        ("--r", "compare: rank for methods that have one", {"type": int, "default": 16}),
+        ("--args", "compare: YAML mapping of per-method config arguments, e.g. '{vblora: {vector_length: 64}}'",
+         {"default": ""}),
+        ("--out", "compare: folder for methods.md, methods.csv, methods.png", {"default": "methods-compare"}),
+    ]),
+    ("check", "pipelines.commands:check", "pre-flight checks on the model a spec builds (no training)", JOB, []),
+    ("export", "pipelines.commands:export", "export an adapter, or merge it into its (dequantized) base", None, [
+        ("ref", "adapter directory or MLflow URI (models:/name@alias, models:/name/version)", {}),
+        ("out", "output directory (must be empty or new)", {}),
+        ("--merge", "merge into the base; 4-/8-bit bases are dequantized first", {"action": "store_true"}),
+        ("--dtype", "dtype of the merged weights", {"choices": ["fp32", "bf16", "fp16"], "default": "fp32"}),
+        ("--register", "register the export as a new version of this MLflow model", {"metavar": "NAME"}),
+        TRACKING,
+    ]),
+    ("combine", "pipelines.commands:combine", "weighted combination of LoRA adapters, registered as a new one", None, [
+        ("adapters", "adapter directories or MLflow URIs", {"nargs": "+"}),
+        ("--weights", "one weight per adapter, e.g. 0.7,0.3", {"required": True}),
+        ("--method", "linear, cat, ties, dare_linear, dare_ties or svd (PEFT add_weighted_adapter)",
+         {"default": "linear"}),
+        ("--density", "ties / dare: fraction of weights kept", {"type": float, "default": 0.5}),
+        ("--name", "name of the new adapter (and of its registered model)", {"required": True}),
+        ("--out", "output directory (default: NAME)", {}),
+        ("--no-register", "write the adapter only; do not register it", {"action": "store_true"}),
+        TRACKING,
+    ]),
+    ("models", "pipelines.commands:models", "registered adapters: versions, aliases, metrics, lineage", None, [
+        ("action", "list or show", {"choices": ["list", "show"]}),
+        ("ref", "show: NAME, NAME@alias or NAME/version", {"nargs": "?"}),
+        TRACKING,
+    ]),
+    ("promote", "pipelines.commands:promote", "move an alias to a version if it passes the evaluation gate", None, [
+        ("name", "registered model", {}),
+        ("--version", "candidate version", {"required": True}),
+        ("--alias", "alias to move (default: champion)", {"default": "champion"}),
+        ("--gate", "gate YAML: metric, mode, margin, bound, data (default: eval_loss, min, 0 margin)", {}),
+        ("--force", "move the alias even if the gate fails (recorded as forced)", {"action": "store_true"}),
+        TRACKING,
+    ]),
+    ("rollback", "pipelines.commands:rollback", "move an alias back to its previous holder", None, [
+        ("name", "registered model", {}),
+        ("--alias", "alias to move back (default: champion)", {"default": "champion"}),
+        TRACKING,
+    ]),
+    ("submit", "pipelines.commands:submit", "submit a training job to a Ray cluster (JobSubmissionClient)", JOB, [
+        ADDRESS,
+        ("--working-dir", "folder shipped to the workers (default: . = the repo)", {"default": "."}),
+        ("--job-id", "submission id (default: generated)", {}),
+        ("--follow", "stream the job's logs until it ends; exit 1 unless it succeeded", {"action": "store_true"}),
+    ]),
+    ("status", "cluster.jobs:status_command", "jobs, Serve applications and resources of a Ray cluster", None, [
+        ADDRESS,
+        ("--json", "print JSON", {"action": "store_true"}),
+    ]),
+    ("plan", "pipelines.commands:plan", "estimate per-GPU memory of a job and whether it fits (exit 1 if not)", JOB, [
+        ("--gpus", "GPUs (default: scaling.num_workers)", {"type": int}),
+        ("--gpu-memory", "memory per GPU, e.g. 80GB or 24GiB; prints a verdict and fixes", {}),
+        ("--json", "also print the breakdown as JSON", {"action": "store_true"}),
+    ]),
+    ("serve", "serving.commands:serve", "serve the base and adapters over an OpenAI-compatible API", "serving spec YAML", [
+        ("--detach", "return after deploying (with RAY_ADDRESS set to a running cluster)", {"action": "store_true"}),
+    ]),
+    ("tune", "tuning.commands:tune", "Ray Tune sweep over the spec's tune.space (ASHA / HyperBand / median)", JOB, []),
+    ("layerwise", "tuning.commands:layerwise", "search per-layer bit-widths and LoRA ranks under a memory budget", JOB, [
+        ("--budget", "memory budget per worker, e.g. 1.5GB (tune.layerwise.budget; see tune.layerwise.memory)", {}),
+        ("--out", "where to write the chosen plan as a job spec (default: <name>-layerwise.yaml)", {}),
+    ]),
+    ("spec", "raypeft.cli:spec_reference", "print the job spec reference (every field, default and meaning)", None, [
+        ("--markdown", "as a markdown table (the docs' reference)", {"action": "store_true"}),
+    ]),
+]
+# fmt: on
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raypeft", description="Parameter-efficient fine-tuning on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser(
-        "train", help="train an adapter from a job spec", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train an adapter on Ray Train. Prints one JSON object as the last stdout line.",
-        epilog=_spec_help().replace("%", "%%"),
-    )
-    t.add_argument("spec", help="job spec YAML")
-    t.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.lr=1e-4 method.r=16")
-    t.set_defaults(fn="pipelines.train:command")
-
-    v = sub.add_parser("validate", help="validate a job spec (exit 2 listing every problem) and print it resolved")
-    _spec_args(v)
-    v.set_defaults(fn="pipelines.train:validate_command")
-
-    m = sub.add_parser("methods", help="list the fine-tuning methods, or compare their parameter budgets")
-    m.add_argument("action", nargs="?", choices=["list", "compare"], default="list")
-    m.add_argument("--model", default="smollm2-135m", help="compare: base model (built-in name, local dir or hub id)")
-    m.add_argument("--methods", default="", help="compare: comma-separated method names (default: the LoRA family and PEFT's main methods)")
-    m.add_argument("--target", default="all-linear", help="compare: target_modules, all-linear or comma-separated suffixes")
-    m.add_argument("--r", type=int, default=16, help="compare: rank for methods that have one")
-    m.add_argument("--args", default="", help="compare: YAML mapping of per-method config arguments, e.g. '{vblora: {vector_length: 64}}'")
-    m.add_argument("--out", default="methods-compare", help="compare: folder for methods.md, methods.csv, methods.png")
-    m.set_defaults(fn="pipelines.commands:methods")
-
-    c = sub.add_parser("check", help="pre-flight checks on the model a spec builds (no training)")
-    _spec_args(c)
-    c.set_defaults(fn="pipelines.commands:check")
-
-    e = sub.add_parser("export", help="export an adapter, or merge it into its (dequantized) base as an HF model")
-    e.add_argument("ref", help="adapter directory or MLflow URI (models:/name@alias, models:/name/version)")
-    e.add_argument("out", help="output directory (must be empty or new)")
-    e.add_argument("--merge", action="store_true", help="merge into the base; 4-/8-bit bases are dequantized first")
-    e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the merged weights")
-    e.add_argument("--register", metavar="NAME", help="register the export as a new version of this MLflow model")
-    e.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the local SQLite)")
-    e.set_defaults(fn="pipelines.commands:export")
-
-    k = sub.add_parser("combine", help="weighted combination of LoRA adapters, written and registered as a new adapter")
-    k.add_argument("adapters", nargs="+", help="adapter directories or MLflow URIs")
-    k.add_argument("--weights", required=True, help="one weight per adapter, e.g. 0.7,0.3")
-    k.add_argument("--method", default="linear", help="linear, cat, ties, dare_linear, dare_ties or svd (PEFT add_weighted_adapter)")
-    k.add_argument("--density", type=float, default=0.5, help="ties / dare: fraction of weights kept")
-    k.add_argument("--name", required=True, help="name of the new adapter (and of its registered model)")
-    k.add_argument("--out", help="output directory (default: NAME)")
-    k.add_argument("--no-register", action="store_true", help="write the adapter only; do not register it")
-    k.add_argument("--tracking-uri", help="MLflow tracking URI")
-    k.set_defaults(fn="pipelines.commands:combine")
-
-    md = sub.add_parser("models", help="registered adapters: versions, aliases, metrics, lineage")
-    md.add_argument("action", choices=["list", "show"])
-    md.add_argument("ref", nargs="?", help="show: NAME, NAME@alias or NAME/version")
-    md.add_argument("--tracking-uri", help="MLflow tracking URI")
-    md.set_defaults(fn="pipelines.commands:models")
-
-    pr = sub.add_parser("promote", help="move an alias to a version if it passes the evaluation gate")
-    pr.add_argument("name", help="registered model")
-    pr.add_argument("--version", required=True, help="candidate version")
-    pr.add_argument("--alias", default="champion", help="alias to move (default: champion)")
-    pr.add_argument("--gate", help="gate YAML: metric, mode, margin, bound, data (default: eval_loss, min, 0 margin, the shipped task)")
-    pr.add_argument("--force", action="store_true", help="move the alias even if the gate fails (recorded as forced)")
-    pr.add_argument("--tracking-uri", help="MLflow tracking URI")
-    pr.set_defaults(fn="pipelines.commands:promote")
-
-    rb = sub.add_parser("rollback", help="move an alias back to its previous holder")
-    rb.add_argument("name")
-    rb.add_argument("--alias", default="champion")
-    rb.add_argument("--tracking-uri", help="MLflow tracking URI")
-    rb.set_defaults(fn="pipelines.commands:rollback")
-
-    sb = sub.add_parser("submit", help="submit a training job to a Ray cluster (JobSubmissionClient)")
-    _spec_args(sb)
-    sb.add_argument("--address", help="dashboard address (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
-    sb.add_argument("--working-dir", default=".", help="folder shipped to the workers (default: . = the repo)")
-    sb.add_argument("--job-id", help="submission id (default: generated)")
-    sb.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 1 unless it succeeded")
-    sb.set_defaults(fn="pipelines.commands:submit")
-
-    st = sub.add_parser("status", help="jobs, Serve applications and resources of a Ray cluster")
-    st.add_argument("--address")
-    st.add_argument("--json", action="store_true")
-    st.set_defaults(fn="cluster.jobs:status_command")
-
-    pl = sub.add_parser("plan", help="estimate per-GPU memory of a job and whether it fits (exit 1 if not)")
-    _spec_args(pl)
-    pl.add_argument("--gpus", type=int, help="GPUs (default: scaling.num_workers)")
-    pl.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GB or 24GiB; prints a verdict and fixes")
-    pl.add_argument("--json", action="store_true", help="also print the breakdown as JSON")
-    pl.set_defaults(fn="pipelines.commands:plan")
-
-    sv = sub.add_parser("serve", help="serve the base and its adapters over an OpenAI-compatible HTTP API (Ray Serve)")
-    sv.add_argument("spec", help="serving spec YAML (see serving/configs/demo.yaml)")
-    sv.add_argument("overrides", nargs="*", help="section.field=value overrides")
-    sv.add_argument("--detach", action="store_true", help="return after deploying (with RAY_ADDRESS set to a running cluster)")
-    sv.set_defaults(fn="serving.commands:serve")
-
-    tn = sub.add_parser("tune", help="Ray Tune sweep over the spec's tune.space (ASHA / HyperBand / median, random / Optuna)")
-    tn.add_argument("spec", help="job spec YAML with a tune section")
-    tn.add_argument("overrides", nargs="*", help="section.field=value overrides (tune.* included)")
-    tn.set_defaults(fn="tuning.commands:tune")
-
-    lw = sub.add_parser("layerwise", help="search per-layer bit-widths and LoRA ranks under a memory budget (QR-Adaptor style)")
-    lw.add_argument("spec", help="job spec YAML")
-    lw.add_argument("overrides", nargs="*", help="section.field=value overrides (tune.layerwise.* included)")
-    lw.add_argument("--budget", help="memory budget per worker, e.g. 1.5GB (tune.layerwise.budget): the training peak, or with "
-                    "tune.layerwise.memory=weights the weights + adapter + its optimizer states")
-    lw.add_argument("--out", help="where to write the chosen plan as a job spec (default: <name>-layerwise.yaml)")
-    lw.set_defaults(fn="tuning.commands:layerwise")
-
-    r = sub.add_parser("spec", help="print the job spec reference (every field, default and meaning)")
-    r.add_argument("--markdown", action="store_true", help="as a markdown table (the README reference)")
-    r.set_defaults(fn="raypeft.cli:spec_reference")
+    for name, fn, help, spec, arguments in COMMANDS:
+        extra = {"epilog": _spec_help().replace("%", "%%")} if name == "train" else {}
+        c = sub.add_parser(
+            name, help=help, description=help, formatter_class=argparse.RawDescriptionHelpFormatter, **extra
+        )
+        c.set_defaults(fn=fn)
+        if spec:
+            c.add_argument("spec", help=spec)
+            c.add_argument("overrides", nargs="*", help=OVERRIDES)
+        for flag, text, kwargs in arguments:
+            c.add_argument(flag, help=text, **kwargs)
     return p
 
 
@@ -166,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except Exception:  # a runtime failure: the traceback, exit 1
+    except Exception:  # noqa: BLE001 - a runtime failure: the traceback, exit 1
         traceback.print_exc()
         return 1
 

@@ -23,7 +23,8 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import FastAPI, Request as HttpRequest
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -38,7 +39,9 @@ class HttpError(Exception):
 
 
 def _error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers)
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers
+    )
 
 
 @api.exception_handler(HttpError)
@@ -109,18 +112,28 @@ class LoraServer:
         self.spec = validate(raw_spec)
         s = self.spec
         m = s.model
-        job = job_validate({"model": {"base": m.base, "quantization": m.quantization, "dtype": m.dtype, "compute_dtype": m.dtype}})
+        job = job_validate(
+            {"model": {"base": m.base, "quantization": m.quantization, "dtype": m.dtype, "compute_dtype": m.dtype}}
+        )
         device = "cuda" if s.deployment.gpus_per_replica else "cpu"
         base, self.tok, _ = load_base(job, device=device, log=lambda *_: None)
         base.eval()
         from pipelines.models import disable_bnb_cpu_repacking
 
         disable_bnb_cpu_repacking(base)
-        self.multi = MultiLoraModel(base, slots=s.cache.active_slots + 1, r_max=s.cache.max_rank, target=m.target_modules)
+        self.multi = MultiLoraModel(
+            base, slots=s.cache.active_slots + 1, r_max=s.cache.max_rank, target=m.target_modules
+        )
         self.sources = AdapterSources(s, tempfile.mkdtemp(prefix="raypeft-serve-"))
         self.engine = Engine(
-            self.multi, self.tok, self.sources.resolve, max_batch=s.limits.max_batch_size, max_queue=s.limits.max_queue,
-            cpu_cache_items=s.cache.cpu_adapters, cpu_cache_bytes=s.cache.cpu_bytes, device=device,
+            self.multi,
+            self.tok,
+            self.sources.resolve,
+            max_batch=s.limits.max_batch_size,
+            max_queue=s.limits.max_queue,
+            cpu_cache_items=s.cache.cpu_adapters,
+            cpu_cache_bytes=s.cache.cpu_bytes,
+            device=device,
         )
         for name in s.cache.prefetch:
             self.engine.load_adapter(name)
@@ -153,7 +166,9 @@ class LoraServer:
             return
         got = request.headers.get("authorization", "")
         if got != f"Bearer {self.token}":
-            raise HttpError(401, "missing or wrong bearer token" if got else "missing bearer token", "authentication_error")
+            raise HttpError(
+                401, "missing or wrong bearer token" if got else "missing bearer token", "authentication_error"
+            )
 
     def _adapter_of(self, model: str) -> str | None:
         """``base:adapter`` / ``adapter`` / ``base`` → the adapter name (None for the bare base)."""
@@ -200,13 +215,25 @@ class LoraServer:
             raise HttpError(400, f"max_tokens {max_tokens} exceeds the limit {lim.max_new_tokens}")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        req = Request(ids, adapter, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stops(),
-                      seed=body.seed, sink=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        req = Request(
+            ids,
+            adapter,
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=body.stops(),
+            seed=body.seed,
+            sink=lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
+        )
         try:
             self.engine.submit(req)
         except Overloaded as e:
             raise HttpError(503, f"server busy: {e}", "overloaded_error", {"Retry-After": "1"}) from None
-        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
+        meta = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "created": int(time.time()),
+            "model": body.model,
+        }
         return req, events, meta, len(ids)
 
     async def _events(self, req, events: asyncio.Queue):
@@ -237,13 +264,27 @@ class LoraServer:
             elif kind == "error":
                 raise HttpError(500 if "could not be loaded" not in value else 424, value, "adapter_error")
             elif kind == "timeout":
-                raise HttpError(504, f"request did not finish within {self.spec.limits.request_timeout_s}s", "timeout_error")
+                raise HttpError(
+                    504, f"request did not finish within {self.spec.limits.request_timeout_s}s", "timeout_error"
+                )
         content = "".join(text)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": reason} if chat
-                  else {"index": 0, "text": content, "finish_reason": reason, "logprobs": None})
-        usage = {"prompt_tokens": n_prompt, "completion_tokens": len(req.out_ids), "total_tokens": n_prompt + len(req.out_ids)}
-        return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice], "usage": usage,
-                "system_fingerprint": self._version(req.adapter)}
+        choice = (
+            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": reason}
+            if chat
+            else {"index": 0, "text": content, "finish_reason": reason, "logprobs": None}
+        )
+        usage = {
+            "prompt_tokens": n_prompt,
+            "completion_tokens": len(req.out_ids),
+            "total_tokens": n_prompt + len(req.out_ids),
+        }
+        return {
+            **meta,
+            "object": "chat.completion" if chat else "text_completion",
+            "choices": [choice],
+            "usage": usage,
+            "system_fingerprint": self._version(req.adapter),
+        }
 
     async def _sse(self, req, events, meta, chat: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -299,8 +340,17 @@ class LoraServer:
                     version = await asyncio.to_thread(self.sources.registry_version, src)
                 except Exception:  # noqa: BLE001 - the registry being down must not break the listing
                     version = "unresolved"
-            data.append({"id": f"{base}:{name}", "object": "model", "owned_by": "raypeft", "parent": base,
-                         "source": src, "version": version or "local", "created": int(self.started)})
+            data.append(
+                {
+                    "id": f"{base}:{name}",
+                    "object": "model",
+                    "owned_by": "raypeft",
+                    "parent": base,
+                    "source": src,
+                    "version": version or "local",
+                    "created": int(self.started),
+                }
+            )
         return {"object": "list", "data": data}
 
     @api.get("/health")

@@ -6,11 +6,13 @@
   each adapter in use sits in one. A slot is pinned while requests that use it are
   running, and only unpinned slots are evicted.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any, Hashable
+from typing import Any
 
 
 @dataclass
@@ -75,7 +77,7 @@ class SlotTable:
     """Which adapter sits in which model slot (1..n-1), with pins and LRU order."""
 
     n: int
-    slot_of: "OrderedDict[str, int]" = field(default_factory=OrderedDict)
+    slot_of: OrderedDict[str, int] = field(default_factory=OrderedDict)
     pins: dict[str, int] = field(default_factory=dict)
     stats: Counters = field(default_factory=Counters)
 

@@ -15,14 +15,15 @@ Requests carry a thread-safe event queue (``events``) that the HTTP layer reads:
 ``("delta", text)``, then ``("done", finish_reason)`` or ``("error", message)``.
 No Ray here; ``serving.app`` runs the loop in a Ray Serve replica.
 """
+
 from __future__ import annotations
 
 import itertools
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -52,7 +53,7 @@ class Request:
     out_ids: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of the completion already sent
     finish_reason: str | None = None
-    events: "queue.Queue[tuple[str, str]]" = field(default_factory=queue.Queue)
+    events: queue.Queue[tuple[str, str]] = field(default_factory=queue.Queue)
     generator: torch.Generator | None = None
     created: float = field(default_factory=time.time)
     sink: Callable[[tuple[str, str]], None] | None = None  # e.g. hand events to an asyncio loop
@@ -68,8 +69,16 @@ class Engine:
     """See the module docstring. ``resolve(name) -> adapter directory`` raises KeyError for an unknown adapter."""
 
     def __init__(
-        self, multi: MultiLoraModel, tokenizer, resolve: Callable[[str], str], *, max_batch: int = 8, max_queue: int = 64,
-        cpu_cache_items: int = 64, cpu_cache_bytes: int = 2 << 30, device: str = "cpu",
+        self,
+        multi: MultiLoraModel,
+        tokenizer,
+        resolve: Callable[[str], str],
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        cpu_cache_items: int = 64,
+        cpu_cache_bytes: int = 2 << 30,
+        device: str = "cpu",
     ):
         self.multi, self.tok, self.resolve = multi, tokenizer, resolve
         self.model = multi.model
@@ -86,7 +95,9 @@ class Engine:
         self.lock = threading.Condition()
         self.cache_lock = threading.Lock()
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        self.eos = {t for t in [tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])] if t is not None}
+        self.eos = {
+            t for t in [tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])] if t is not None
+        }
         self.stats = {"requests": 0, "tokens": 0, "adapter_load_s": [], "steps": 0, "batch_rows": 0}
         self._stop = False
 
@@ -186,13 +197,18 @@ class Engine:
         ids = torch.full((len(reqs), longest), pad, dtype=torch.long)
         mask = torch.zeros((len(reqs), longest), dtype=torch.long)
         for i, r in enumerate(reqs):  # left padding
-            ids[i, longest - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, longest - len(r.prompt_ids):] = 1
+            ids[i, longest - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[i, longest - len(r.prompt_ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         self.multi.rows([r.slot for r in reqs])
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=positions.to(self.device),
-                         past_key_values=cache, use_cache=True)
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+        )
         first = self._sample(out.logits[:, -1, :].float(), reqs)
         self._merge(reqs, out.past_key_values, mask, mask.sum(-1), first)
         self._emit(reqs, first)
@@ -206,7 +222,9 @@ class Engine:
         width = max(t_old, t_new)
         for old_layer, new_layer in zip(self.cache.layers, cache.layers):
             old_layer.keys = torch.cat([_left_pad(old_layer.keys, width), _left_pad(new_layer.keys, width)], dim=0)
-            old_layer.values = torch.cat([_left_pad(old_layer.values, width), _left_pad(new_layer.values, width)], dim=0)
+            old_layer.values = torch.cat(
+                [_left_pad(old_layer.values, width), _left_pad(new_layer.values, width)], dim=0
+            )
         self.mask = torch.cat([_left_pad_mask(self.mask, width), _left_pad_mask(mask, width)], dim=0)
         self.positions = torch.cat([self.positions, positions])
         self.last = torch.cat([self.last, first])
@@ -217,8 +235,11 @@ class Engine:
         self.mask = torch.cat([self.mask, torch.ones((len(self.running), 1), dtype=torch.long)], dim=1)
         self.multi.rows(self.row_slots)
         out = self.model(
-            input_ids=self.last.view(-1, 1).to(self.device), attention_mask=self.mask.to(self.device),
-            position_ids=self.positions.view(-1, 1).to(self.device), past_key_values=self.cache, use_cache=True,
+            input_ids=self.last.view(-1, 1).to(self.device),
+            attention_mask=self.mask.to(self.device),
+            position_ids=self.positions.view(-1, 1).to(self.device),
+            past_key_values=self.cache,
+            use_cache=True,
         )
         self.cache = out.past_key_values
         self.positions = self.positions + 1
@@ -250,7 +271,7 @@ class Engine:
             if text.endswith("\ufffd") and not req.finish_reason:  # an unfinished multi-byte character
                 safe = min(safe, len(text) - 1)
             if safe > req.emitted:
-                req.push(("delta", text[req.emitted:safe]))
+                req.push(("delta", text[req.emitted : safe]))
                 req.emitted = safe
             if req.finish_reason:
                 done.append(req)
@@ -265,7 +286,14 @@ class Engine:
 
     def _select(self, keep: list[int]) -> None:
         if not keep:
-            self.running, self.row_slots, self.cache, self.mask, self.positions, self.last = [], [], None, None, None, None
+            self.running, self.row_slots, self.cache, self.mask, self.positions, self.last = (
+                [],
+                [],
+                None,
+                None,
+                None,
+                None,
+            )
             return
         idx = torch.tensor(keep)
         for layer in self.cache.layers:

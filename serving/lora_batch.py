@@ -18,11 +18,11 @@ layer computes ``W x``; DoRA norms use the dequantized weight).
 
 Pure torch: no Ray, no I/O. ``AdapterWeights.from_dir`` reads a standard PEFT directory.
 """
+
 from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,7 +73,9 @@ class MultiLoraLinear(nn.Module):
             return dequantize_module_weight(self.base_layer).float()
         return w.detach().float()
 
-    def load_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float, magnitude: torch.Tensor | None) -> None:
+    def load_slot(
+        self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float, magnitude: torch.Tensor | None
+    ) -> None:
         """Put one adapter's tensors for this layer into ``slot`` (None: the adapter does not touch this layer)."""
         with torch.no_grad():
             self.A[slot].zero_()
@@ -134,14 +136,16 @@ class AdapterWeights:
     nbytes: int = 0
 
     @classmethod
-    def from_dir(cls, name: str, path: str | Path) -> "AdapterWeights":
+    def from_dir(cls, name: str, path: str | Path) -> AdapterWeights:
         """Read a standard PEFT LoRA / DoRA directory (safetensors only)."""
         from safetensors.torch import load_file
 
         path = Path(path)
         cfg = json.loads((path / "adapter_config.json").read_text())
         if cfg.get("peft_type") != "LORA":
-            raise ValueError(f"adapter {name!r}: only LoRA-family adapters are served in mixed batches (got {cfg.get('peft_type')})")
+            raise ValueError(
+                f"adapter {name!r}: only LoRA-family adapters are served in mixed batches (got {cfg.get('peft_type')})"
+            )
         st = path / "adapter_model.safetensors"
         if not st.is_file():
             raise ValueError(f"adapter {name!r}: no adapter_model.safetensors (pickled .bin adapters are refused)")
@@ -172,7 +176,7 @@ class AdapterWeights:
 
 def _module_name(prefix: str) -> str:
     """``base_model.model.model.layers.0.self_attn.q_proj`` → ``model.layers.0.self_attn.q_proj``."""
-    return prefix[len("base_model.model."):] if prefix.startswith("base_model.model.") else prefix
+    return prefix[len("base_model.model.") :] if prefix.startswith("base_model.model.") else prefix
 
 
 # --------------------------------------------------------------------------- the model

@@ -5,6 +5,7 @@ digits, ``_ . -`` (no ``/``, no ``..``), and a root's match must stay inside tha
 Registry versions (``models:/name@alias``) are resolved to a version number and downloaded
 once per version into a local cache.
 """
+
 from __future__ import annotations
 
 import os
@@ -69,7 +70,7 @@ class AdapterSources:
 
         from pipelines.tracking import tracking_uri
 
-        name, _, rest = uri[len("models:/"):].partition("@")
+        name, _, rest = uri[len("models:/") :].partition("@")
         if not rest:
             return uri.rsplit("/", 1)[-1]
         t = self.spec.tracking_uri or tracking_uri()
@@ -104,7 +105,7 @@ class AdapterSources:
         src = self.source(name)
         if src.startswith("models:/"):
             version = pinned or self.registry_version(src)
-            registered = src[len("models:/"):].split("@")[0].split("/")[0]
+            registered = src[len("models:/") :].split("@")[0].split("/")[0]
             dst = self.cache_dir / "registry" / registered / version
             if not (dst / "adapter_config.json").is_file():
                 from pipelines.adapters import resolve as download

@@ -5,6 +5,7 @@ listed at once naming the field and quoting the value, exit code 2, before Ray s
 
     raypeft serve serving/configs/demo.yaml [section.field=value ...]
 """
+
 from __future__ import annotations
 
 import os
@@ -20,24 +21,45 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class ServeModel(Section):
-    base: str = Field("smollm2-135m", description="Base model: `smollm2-135m` (offline), a local HF directory, or a hub id.")
-    name: str | None = Field(None, description="Name clients use for the base (`model` = NAME or NAME:adapter). Default: `base`.")
-    quantization: Literal["none", "nf4", "int8"] = Field("none", description="bitsandbytes quantization of the served base.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the base weights (bfloat16 on GPUs).")
-    target_modules: str | list[str] = Field("all-linear", description="Layers that carry adapters (the union of what the adapters target).")
+    base: str = Field(
+        "smollm2-135m", description="Base model: `smollm2-135m` (offline), a local HF directory, or a hub id."
+    )
+    name: str | None = Field(
+        None, description="Name clients use for the base (`model` = NAME or NAME:adapter). Default: `base`."
+    )
+    quantization: Literal["none", "nf4", "int8"] = Field(
+        "none", description="bitsandbytes quantization of the served base."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the base weights (bfloat16 on GPUs)."
+    )
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Layers that carry adapters (the union of what the adapters target)."
+    )
 
 
 class ServeCache(Section):
-    active_slots: int = Field(8, gt=0, le=512, description="Adapters resident in the model at once (the active tier); a batch mixes any of them.")
+    active_slots: int = Field(
+        8,
+        gt=0,
+        le=512,
+        description="Adapters resident in the model at once (the active tier); a batch mixes any of them.",
+    )
     max_rank: int = Field(64, gt=0, le=1024, description="Largest adapter rank served (the slots are sized for it).")
-    cpu_adapters: int = Field(64, gt=0, description="Adapters kept in CPU memory (the CPU tier), least recently used out first.")
+    cpu_adapters: int = Field(
+        64, gt=0, description="Adapters kept in CPU memory (the CPU tier), least recently used out first."
+    )
     cpu_bytes: int = Field(2 << 30, gt=0, description="Byte budget of the CPU tier.")
-    prefetch: list[str] = Field(default_factory=list, description="Adapters read into the CPU tier when the replica starts.")
+    prefetch: list[str] = Field(
+        default_factory=list, description="Adapters read into the CPU tier when the replica starts."
+    )
 
 
 class ServeLimits(Section):
     max_batch_size: int = Field(8, gt=0, le=1024, description="Rows decoded together per step.")
-    max_queue: int = Field(64, gt=0, description="Requests waiting per replica; beyond it requests get 503 with Retry-After.")
+    max_queue: int = Field(
+        64, gt=0, description="Requests waiting per replica; beyond it requests get 503 with Retry-After."
+    )
     max_new_tokens: int = Field(256, gt=0, description="Largest `max_tokens` a request may ask for (also its default).")
     max_prompt_tokens: int = Field(2048, gt=0, description="Longest prompt accepted (400 beyond it).")
     request_timeout_s: float = Field(120.0, gt=0, description="A request still unfinished after this gets 504.")
@@ -45,7 +67,9 @@ class ServeLimits(Section):
 
 class ServeDeployment(Section):
     replicas: int = Field(1, gt=0, description="Replicas, each holding the base once (ignored with autoscaling).")
-    autoscaling: dict[str, Any] | None = Field(None, description="Ray Serve `autoscaling_config` (min_replicas, max_replicas, target_ongoing_requests).")
+    autoscaling: dict[str, Any] | None = Field(
+        None, description="Ray Serve `autoscaling_config` (min_replicas, max_replicas, target_ongoing_requests)."
+    )
     cpus_per_replica: float = Field(1, gt=0, description="CPUs reserved per replica.")
     gpus_per_replica: float = Field(0, ge=0, description="GPUs per replica (1 to serve on a GPU).")
     host: str = Field("127.0.0.1", description="HTTP host of the Serve proxy.")
@@ -67,10 +91,16 @@ class ServeSpec(Section):
     cache: ServeCache = Field(default_factory=ServeCache, description="Adapter cache tiers.")
     limits: ServeLimits = Field(default_factory=ServeLimits, description="Batching and request limits.")
     deployment: ServeDeployment = Field(default_factory=ServeDeployment, description="Ray Serve deployment.")
-    api_key_env: str | None = Field(None, description="Name of an environment variable holding the bearer token clients must send (unset: no auth).")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI for `models:/` sources (default: $MLFLOW_TRACKING_URI or the local SQLite).")
+    api_key_env: str | None = Field(
+        None, description="Name of an environment variable holding the bearer token clients must send (unset: no auth)."
+    )
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI for `models:/` sources (default: $MLFLOW_TRACKING_URI or the local SQLite).",
+    )
     alias_poll_s: float = Field(
-        30.0, gt=0,
+        30.0,
+        gt=0,
         description="How often `models:/name@alias` sources are re-resolved. When an alias moves, the new version is "
         "loaded in the background and new requests switch to it; running requests finish on the old one.",
     )
@@ -86,11 +116,15 @@ def semantic_problems(spec: ServeSpec) -> list[Problem]:
             out.append((f"adapters.{name}", f"adapter names are letters, digits, '_', '.', '-' (got {quote(name)})"))
         elif src.startswith("models:/"):
             if not re.match(r"^models:/[^/@]+(@[^/]+|/\d+)$", src) and not re.match(r"^models:/m-[0-9a-f]+$", src):
-                out.append((f"adapters.{name}", f"expected models:/name@alias or models:/name/version (got {quote(src)})"))
+                out.append(
+                    (f"adapters.{name}", f"expected models:/name@alias or models:/name/version (got {quote(src)})")
+                )
         elif "://" not in src:
             p = Path(os.path.expanduser(src))
             if not (p / "adapter_config.json").is_file():
-                out.append((f"adapters.{name}", f"not a PEFT adapter directory (no adapter_config.json) (got {quote(src)})"))
+                out.append(
+                    (f"adapters.{name}", f"not a PEFT adapter directory (no adapter_config.json) (got {quote(src)})")
+                )
     for i, root in enumerate(spec.adapter_roots):
         if not Path(os.path.expanduser(root)).is_dir():
             out.append((f"adapter_roots.{i}", f"directory not found (got {quote(root)})"))

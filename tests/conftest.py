@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random-init models, specs, and an isolated RAYPEFT_HOME."""
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,17 @@ def write_chat_data(path: Path, n: int = 64, seed: int = 0) -> Path:
     with open(path, "w") as f:
         for _ in range(n):
             a, b = r.randint(1, 9), r.randint(1, 9)
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"{a}+{b}="}, {"role": "assistant", "content": str(a + b)}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"{a}+{b}="},
+                            {"role": "assistant", "content": str(a + b)},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -52,7 +63,14 @@ def tiny_spec(model_dir: Path, data: Path, **sections):
         "model": {"base": str(model_dir)},
         "method": {"name": "lora", "r": 4},
         "data": {"train": str(data), "format": "chat", "max_length": 64, "eval_fraction": 0.2},
-        "train": {"max_steps": 6, "micro_batch_size": 4, "lr": 0.01, "warmup_steps": 1, "eval_every": 0, "eval_base": False},
+        "train": {
+            "max_steps": 6,
+            "micro_batch_size": 4,
+            "lr": 0.01,
+            "warmup_steps": 1,
+            "eval_every": 0,
+            "eval_base": False,
+        },
     }
     for k, v in sections.items():
         raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v

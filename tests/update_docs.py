@@ -4,6 +4,7 @@ Writes, whole-file, ``docs/reference/spec.md`` (the job spec schema), ``docs/ref
 (the serving spec schema) and ``docs/reference/cli.md`` (every ``raypeft`` subcommand's ``--help``).
 ``tests/unit/test_docs.py`` fails when a page on disk differs from what ``pages()`` returns.
 """
+
 from __future__ import annotations
 
 import contextlib

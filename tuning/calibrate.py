@@ -6,9 +6,11 @@
 * importance[i]: the squared gradient norm of the loss w.r.t. layer ``i``'s target linears (a Fisher
   estimate of how much adapting that layer can move the loss), normalized to sum to 1.
 """
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
@@ -27,8 +29,9 @@ def fake_quant(w, bits: int):
     return (torch.round(w.float() / scale).clamp(-127, 127) * scale).to(w.dtype)
 
 
-def calibrate(spec: "JobSpec", bits: Sequence[int], targets: Sequence[str], samples: int = 16, threads: int | None = None,
-              log=print) -> dict[str, Any]:
+def calibrate(
+    spec: JobSpec, bits: Sequence[int], targets: Sequence[str], samples: int = 16, threads: int | None = None, log=print
+) -> dict[str, Any]:
     """Sensitivity and importance per decoder layer of the spec's base (loaded unquantized), on ``threads``
     torch threads (default: torch's own choice)."""
     import time
@@ -42,7 +45,9 @@ def calibrate(spec: "JobSpec", bits: Sequence[int], targets: Sequence[str], samp
     from pipelines.models import load_base
 
     t0 = time.perf_counter()
-    plain = spec.model_copy(update={"model": spec.model.model_copy(update={"quantization": "none", "quantization_plan": {}})})
+    plain = spec.model_copy(
+        update={"model": spec.model.model_copy(update={"quantization": "none", "quantization_plan": {}})}
+    )
     model, tok, _ = load_base(plain, log=lambda *_: None)
     model.eval()
     records, _ = D.train_eval_records(spec.data, spec.train.seed)
@@ -58,7 +63,7 @@ def calibrate(spec: "JobSpec", bits: Sequence[int], targets: Sequence[str], samp
     ref = logprobs()
     layers = model.model.layers
     sens: dict[int, list[float]] = {b: [] for b in bits if b != 16}
-    for i, layer in enumerate(layers):
+    for _i, layer in enumerate(layers):
         linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
         for b in sens:
             saved = [m.weight.data.clone() for m in linears]
@@ -71,8 +76,10 @@ def calibrate(spec: "JobSpec", bits: Sequence[int], targets: Sequence[str], samp
     # importance: squared gradient norms of the target linears, one backward over the calibration set
     for p in model.parameters():
         p.requires_grad_(False)
-    tracked = [[m.weight for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in targets]
-               for layer in layers]
+    tracked = [
+        [m.weight for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in targets]
+        for layer in layers
+    ]
     for ws in tracked:
         for w in ws:
             w.requires_grad_(True)
@@ -80,5 +87,7 @@ def calibrate(spec: "JobSpec", bits: Sequence[int], targets: Sequence[str], samp
     out.loss.backward()
     raw = [sum(float(w.grad.pow(2).sum()) for w in ws) for ws in tracked]
     total = sum(raw) or 1.0
-    log(f"[raypeft] calibration on {len(ex)} examples, {torch.get_num_threads()} thread(s): {len(layers)} layers in {time.perf_counter() - t0:.1f}s")
+    log(
+        f"[raypeft] calibration on {len(ex)} examples, {torch.get_num_threads()} thread(s): {len(layers)} layers in {time.perf_counter() - t0:.1f}s"
+    )
     return {"sensitivity": sens, "importance": [r / total for r in raw], "loss": out.loss.item(), "samples": len(ex)}

@@ -7,10 +7,11 @@ layers out, so ``raypeft train`` trains it unchanged.
 
 Pure: no torch, no Ray, no I/O.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from cluster.memory import Layers, Shape, layerwise_estimate
 
@@ -61,11 +62,25 @@ class Memory:
     checkpointing: bool = False
 
     def __call__(self, layers: Layers) -> float:
-        return layerwise_estimate(self.shape, layers, tuple(self.targets), param_bytes=self.param_bytes, double_quant=self.double_quant,
-                                  tokens=self.tokens, checkpointing=self.checkpointing).total
+        return layerwise_estimate(
+            self.shape,
+            layers,
+            tuple(self.targets),
+            param_bytes=self.param_bytes,
+            double_quant=self.double_quant,
+            tokens=self.tokens,
+            checkpointing=self.checkpointing,
+        ).total
 
 
-def memory(shape: Shape, layers: Layers, targets: Sequence[str], param_bytes: int = 4, double_quant: bool = True, tokens: int = 0) -> float:
+def memory(
+    shape: Shape,
+    layers: Layers,
+    targets: Sequence[str],
+    param_bytes: int = 4,
+    double_quant: bool = True,
+    tokens: int = 0,
+) -> float:
     """Bytes of the plan (``Memory``): weights + adapter + its states, + activations of ``tokens`` if > 0."""
     return Memory(shape, tuple(targets), param_bytes, double_quant, tokens)(layers)
 
@@ -75,7 +90,10 @@ def uniform(shape: Shape, bits: int, rank: int) -> Layers:
 
 
 def seed_plans(
-    sensitivity: dict[int, list[float]], importance: list[float], bits: Sequence[int], ranks: Sequence[int],
+    sensitivity: dict[int, list[float]],
+    importance: list[float],
+    bits: Sequence[int],
+    ranks: Sequence[int],
     fits: Callable[[Layers], bool],
 ) -> list[Layers]:
     """Warm starts for the multi-objective search, from the calibration.
@@ -117,13 +135,13 @@ def seed_plans(
         plan = list(plan)
         while True:
             gains = []
-            for i, (b, r) in enumerate(plan):
+            for i, (b, _r) in enumerate(plan):
                 if b != bits[-1]:
                     nxt = bits[bits.index(b) + 1]
                     gain = sensitivity.get(b, [0.0] * n)[i] - sensitivity.get(nxt, [0.0] * n)[i]
                     gains.append((gain, i, nxt))
-            for gain, i, nxt in sorted(gains, reverse=True):
-                trial = plan[:i] + [(nxt, plan[i][1])] + plan[i + 1:]
+            for _gain, i, nxt in sorted(gains, reverse=True):
+                trial = plan[:i] + [(nxt, plan[i][1])] + plan[i + 1 :]
                 if fits(trial):
                     plan = trial
                     break
@@ -135,7 +153,7 @@ def seed_plans(
         for i in order:  # most important first, one step each, while the plan fits
             b, r = plan[i]
             if 0 < r < nz[-1]:
-                trial = plan[:i] + [(b, nz[nz.index(r) + 1])] + plan[i + 1:]
+                trial = plan[:i] + [(b, nz[nz.index(r) + 1])] + plan[i + 1 :]
                 if fits(trial):
                     plan = trial
         return plan
@@ -161,8 +179,13 @@ def seed_plans(
 
 
 def repair(
-    layers: Layers, sensitivity: dict[int, list[float]], importance: list[float], bits: Sequence[int], ranks: Sequence[int],
-    fits: Callable[[Layers], bool], memory: Callable[[Layers], float] | None = None,
+    layers: Layers,
+    sensitivity: dict[int, list[float]],
+    importance: list[float],
+    bits: Sequence[int],
+    ranks: Sequence[int],
+    fits: Callable[[Layers], bool],
+    memory: Callable[[Layers], float] | None = None,
 ) -> Layers | None:
     """An over-budget plan made to fit by the cheapest downgrades, or None if none does (e.g. no adapter).
 
@@ -175,17 +198,24 @@ def repair(
     plan, bits, ranks = list(layers), sorted(bits), sorted(ranks)
 
     def freed(i: int, new: tuple[int, int]) -> float:
-        return max(memory(plan) - memory(plan[:i] + [new] + plan[i + 1:]), 1.0) if memory else 1.0
+        return max(memory(plan) - memory(plan[:i] + [new] + plan[i + 1 :]), 1.0) if memory else 1.0
 
     def sens(b: int, i: int) -> float:
         return 0.0 if b == 16 else sensitivity.get(b, [0.0] * len(plan))[i]
 
     while not fits(plan):
-        cands = [(sens(bits[bits.index(b) - 1], i) - sens(b, i), i, (bits[bits.index(b) - 1], r))
-                 for i, (b, r) in enumerate(plan) if b != bits[0]]
+        cands = [
+            (sens(bits[bits.index(b) - 1], i) - sens(b, i), i, (bits[bits.index(b) - 1], r))
+            for i, (b, r) in enumerate(plan)
+            if b != bits[0]
+        ]
         if not cands:
-            cands = [(importance[i] * (r - lower) / freed(i, (b, lower)), i, (b, lower))
-                     for i, (b, r) in enumerate(plan) if r != ranks[0] for lower in [ranks[ranks.index(r) - 1]]]
+            cands = [
+                (importance[i] * (r - lower) / freed(i, (b, lower)), i, (b, lower))
+                for i, (b, r) in enumerate(plan)
+                if r != ranks[0]
+                for lower in [ranks[ranks.index(r) - 1]]
+            ]
         if not cands:
             return None
         _, i, new = min(cands)

@@ -7,6 +7,7 @@ are recorded as infeasible without training. The best few Pareto plans are retra
 ``train.max_steps``. Phase 3 logs the Pareto front (table + PNG) to MLflow and writes the chosen plan as a
 job spec that ``raypeft train`` consumes unchanged.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,10 +20,9 @@ import yaml
 from ray import tune
 
 from cluster.memory import Plan
-from tuning.spec import TunedJobSpec
 from pipelines.spec import JobSpec, SpecError, validate
 from tuning import layerwise as L
-from tuning.spec import trial_raw
+from tuning.spec import TunedJobSpec, trial_raw
 from tuning.sweep import PENALTY, metric_batch, run_trials
 
 ALL_TARGETS = Plan.targets  # every linear of a decoder layer
@@ -43,8 +43,14 @@ def plan_memory(spec: TunedJobSpec) -> L.Memory:
     lw = spec.tune.layerwise
     # a plan with 4/8-bit layers trains its unquantized parameters and activations in fp32 (``plan.param_bytes``)
     pbytes = 4 if min(lw.bits) < 16 else DTYPE_BYTES[spec.model.dtype]
-    return L.Memory(shape_of(spec), _targets(spec), pbytes, spec.model.double_quant,
-                    spec.train.micro_batch_size * spec.data.max_length if lw.memory == "peak" else 0, spec.model.gradient_checkpointing)
+    return L.Memory(
+        shape_of(spec),
+        _targets(spec),
+        pbytes,
+        spec.model.double_quant,
+        spec.train.micro_batch_size * spec.data.max_length if lw.memory == "peak" else 0,
+        spec.model.gradient_checkpointing,
+    )
 
 
 def _with(spec: JobSpec, fields: dict[str, Any]) -> JobSpec:
@@ -64,15 +70,22 @@ class PlanSpace:
         return self.memory(layers) <= self.budget and any(r for _, r in layers)
 
     def __call__(self, trial) -> dict[str, Any]:
-        layers = [(trial.suggest_categorical(f"bits_{i}", self.bits), trial.suggest_categorical(f"rank_{i}", self.ranks))
-                  for i in range(self.memory.shape.layers)]
+        layers = [
+            (trial.suggest_categorical(f"bits_{i}", self.bits), trial.suggest_categorical(f"rank_{i}", self.ranks))
+            for i in range(self.memory.shape.layers)
+        ]
         fixed = L.repair(layers, self.sensitivity, self.importance, self.bits, self.ranks, self.fits, self.memory)
         plan = fixed or layers
         m, adapted = self.memory(plan), any(r for _, r in plan)
         trial.set_user_attr("constraint", [m - self.budget, 0.0 if adapted else 1.0])
         ok = m <= self.budget and adapted
-        return {**(L.plan_fields(plan, self.memory.targets) if ok else {}), **L.to_point(plan), "memory_bytes": m, "over_budget": not ok,
-                "repaired": fixed is not None and fixed != layers}
+        return {
+            **(L.plan_fields(plan, self.memory.targets) if ok else {}),
+            **L.to_point(plan),
+            "memory_bytes": m,
+            "over_budget": not ok,
+            "repaired": fixed is not None and fixed != layers,
+        }
 
 
 def _constraints(trial) -> list[float]:
@@ -84,31 +97,44 @@ def search(spec: TunedJobSpec, budget: int, out: str | None = None, log=print) -
     from optuna.samplers import NSGAIISampler
     from ray.tune.search.optuna import OptunaSearch
 
-    from pipelines import tracking
     from cluster.connect import init_ray
+    from pipelines import tracking
     from pipelines.train import job_lineage
     from tuning.calibrate import calibrate
 
     lw = spec.tune.layerwise
     mem = plan_memory(spec)
     shape, targets = mem.shape, mem.targets
-    what = f"peak memory ({spec.train.micro_batch_size} × {spec.data.max_length} tokens)" if mem.tokens else "weights + adapter memory"
+    what = (
+        f"peak memory ({spec.train.micro_batch_size} × {spec.data.max_length} tokens)"
+        if mem.tokens
+        else "weights + adapter memory"
+    )
 
     def fits(layers: L.Layers) -> bool:
         return mem(layers) <= budget and any(r for _, r in layers)
 
     smallest = mem(L.uniform(shape, min(lw.bits), min([r for r in lw.ranks if r] or [1])))
     if smallest > budget:
-        raise SpecError([("tune.layerwise.budget", f"even the smallest plan ({min(lw.bits)}-bit, rank {min(r for r in lw.ranks if r)}) "
-                                                   f"needs {smallest / 1e6:.1f} MB of {what} (got {budget / 1e6:.1f} MB)")])
+        raise SpecError(
+            [
+                (
+                    "tune.layerwise.budget",
+                    f"even the smallest plan ({min(lw.bits)}-bit, rank {min(r for r in lw.ranks if r)}) "
+                    f"needs {smallest / 1e6:.1f} MB of {what} (got {budget / 1e6:.1f} MB)",
+                )
+            ]
+        )
 
     name = f"{spec.name}-layerwise-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = tracking.tracking_uri(spec)
     parent = tracking.start_run(spec, uri, name, {**job_lineage(spec), "raypeft.layerwise": name})
     c = tracking.client(uri)
     c.log_batch(parent, metrics=metric_batch({"budget_bytes": budget}))
-    log(f"[raypeft] layerwise search {name}: {shape.layers} layers × bits {lw.bits} × ranks {lw.ranks}, "
-        f"budget {budget / 1e6:.1f} MB of {what}; MLflow parent run {parent}")
+    log(
+        f"[raypeft] layerwise search {name}: {shape.layers} layers × bits {lw.bits} × ranks {lw.ranks}, "
+        f"budget {budget / 1e6:.1f} MB of {what}; MLflow parent run {parent}"
+    )
     t0 = time.time()
 
     # ---- phase 1: calibration (a Ray task, so it runs on the cluster like the trials)
@@ -117,32 +143,72 @@ def search(spec: TunedJobSpec, budget: int, out: str | None = None, log=print) -
     init_ray()
     node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
     threads = max(1, int(min(node, ray.available_resources().get("CPU", 0))))
-    cal = ray.get(ray.remote(calibrate).options(num_cpus=1).remote(spec, lw.bits, targets, lw.calibration_samples, threads=threads))
+    cal = ray.get(
+        ray.remote(calibrate)
+        .options(num_cpus=1)
+        .remote(spec, lw.bits, targets, lw.calibration_samples, threads=threads)
+    )
     c.log_text(parent, json.dumps(cal, indent=1), "calibration.json")
-    order = sorted(range(shape.layers), key=lambda i: -max(cal["sensitivity"].get(min(lw.bits), [0] * shape.layers)[i], 0))
-    log(f"[raypeft] most quantization-sensitive layers: {order[:5]}; most rank-important: "
-        f"{sorted(range(shape.layers), key=lambda i: -cal['importance'][i])[:5]}")
+    order = sorted(
+        range(shape.layers), key=lambda i: -max(cal["sensitivity"].get(min(lw.bits), [0] * shape.layers)[i], 0)
+    )
+    log(
+        f"[raypeft] most quantization-sensitive layers: {order[:5]}; most rank-important: "
+        f"{sorted(range(shape.layers), key=lambda i: -cal['importance'][i])[:5]}"
+    )
     seeds = L.seed_plans(cal["sensitivity"], cal["importance"], lw.bits, lw.ranks, fits)
     log(f"[raypeft] {len(seeds)} seed plan(s) from the calibration: " + "; ".join(L.describe(s) for s in seeds[:4]))
 
     # ---- phase 2: NSGA-II over (eval loss, memory), short trials
     # short trials rank plans by eval loss only: no generation-based task metric
-    short = _with(spec, {"train.max_steps": lw.short_steps, "train.eval_every": lw.short_steps, "data.task": "none",
-                         "train.warmup_steps": min(spec.train.warmup_steps, lw.short_steps - 1), "checkpoint.every_steps": 0})
+    short = _with(
+        spec,
+        {
+            "train.max_steps": lw.short_steps,
+            "train.eval_every": lw.short_steps,
+            "data.task": "none",
+            "train.warmup_steps": min(spec.train.warmup_steps, lw.short_steps - 1),
+            "checkpoint.every_steps": 0,
+        },
+    )
 
     space = PlanSpace(mem, lw.bits, lw.ranks, budget, cal["sensitivity"], cal["importance"])
     sampler = NSGAIISampler(population_size=lw.population, seed=lw.seed, constraints_func=_constraints)
-    searcher = OptunaSearch(space=space, metric=["eval_loss", "memory_bytes"], mode=["min", "min"], sampler=sampler,
-                            points_to_evaluate=[L.to_point(s) for s in seeds[: max(1, 2 * lw.trials // 3)]])  # a third left to NSGA-II
-    grid, logger = run_trials(short, f"{name}-short", {}, metric=None, mode=None, num_samples=lw.trials, searcher=searcher,
-                              parent_run_id=parent, uri=uri, max_steps=lw.short_steps, verbose=0, log=log)
+    searcher = OptunaSearch(
+        space=space,
+        metric=["eval_loss", "memory_bytes"],
+        mode=["min", "min"],
+        sampler=sampler,
+        points_to_evaluate=[L.to_point(s) for s in seeds[: max(1, 2 * lw.trials // 3)]],
+    )  # a third left to NSGA-II
+    grid, logger = run_trials(
+        short,
+        f"{name}-short",
+        {},
+        metric=None,
+        mode=None,
+        num_samples=lw.trials,
+        searcher=searcher,
+        parent_run_id=parent,
+        uri=uri,
+        max_steps=lw.short_steps,
+        verbose=0,
+        log=log,
+    )
     rows = []
     for r in grid:
         cfg, last = r.config, (r.metrics or {})
         if r.error or last.get("over_budget") or not isinstance(last.get("eval_loss"), (int, float)):
             continue
         layers = L.from_point(cfg)
-        rows.append({"trial": last.get("trial_id"), "layers": layers, "memory_bytes": cfg["memory_bytes"], "short_eval_loss": last["eval_loss"]})
+        rows.append(
+            {
+                "trial": last.get("trial_id"),
+                "layers": layers,
+                "memory_bytes": cfg["memory_bytes"],
+                "short_eval_loss": last["eval_loss"],
+            }
+        )
     if not rows:
         tracking.fail_run(uri, parent, "no plan within budget trained")
         return {"name": name, "parent_run_id": parent, "front": [], "plan_spec": None}
@@ -156,10 +222,27 @@ def search(spec: TunedJobSpec, budget: int, out: str | None = None, log=print) -
     reference = max(uniform, key=lambda r: (r["memory_bytes"], -r["short_eval_loss"])) if uniform else None
     if reference is not None and all(p["layers"] != reference["layers"] for p in promoted):
         promoted.append(reference)
-    long_space = {"plan": tune.grid_search([{**L.plan_fields(p["layers"], targets), **L.to_point(p["layers"]), "memory_bytes": p["memory_bytes"]}
-                                            for p in promoted])}
-    grid2, logger2 = run_trials(spec, f"{name}-long", long_space, metric=None, mode=None, num_samples=1,
-                                parent_run_id=parent, uri=uri, max_steps=spec.train.max_steps, verbose=0, log=log)
+    long_space = {
+        "plan": tune.grid_search(
+            [
+                {**L.plan_fields(p["layers"], targets), **L.to_point(p["layers"]), "memory_bytes": p["memory_bytes"]}
+                for p in promoted
+            ]
+        )
+    }
+    grid2, logger2 = run_trials(
+        spec,
+        f"{name}-long",
+        long_space,
+        metric=None,
+        mode=None,
+        num_samples=1,
+        parent_run_id=parent,
+        uri=uri,
+        max_steps=spec.train.max_steps,
+        verbose=0,
+        log=log,
+    )
     for r in grid2:
         layers = L.from_point(r.config["plan"])
         for p in promoted:
@@ -171,43 +254,72 @@ def search(spec: TunedJobSpec, budget: int, out: str | None = None, log=print) -
     if reference is not None:
         reference = next(p for p in promoted if p["layers"] == reference["layers"])
         if chosen["layers"] == reference["layers"]:
-            log(f"[raypeft] no searched plan beat the uniform reference ({L.describe(reference['layers'])}) after "
-                f"{spec.train.max_steps} steps: choosing it")
+            log(
+                f"[raypeft] no searched plan beat the uniform reference ({L.describe(reference['layers'])}) after "
+                f"{spec.train.max_steps} steps: choosing it"
+            )
 
     # ---- phase 3: outputs
     table = front_table(front + [p for p in promoted if p not in front], chosen, budget, reference)
     print(table, flush=True)
     plan_spec = _with(spec, L.plan_fields(chosen["layers"], targets))
     out_path = Path(out or f"{spec.name}-layerwise.yaml")
-    header = (f"# written by `raypeft layerwise` ({name}): {L.describe(chosen['layers'])}\n"
-              f"# memory {chosen['memory_bytes'] / 1e6:.2f} MB of a {budget / 1e6:.2f} MB budget; "
-              f"eval_loss {chosen.get('eval_loss', chosen['short_eval_loss']):.4f}\n")
+    header = (
+        f"# written by `raypeft layerwise` ({name}): {L.describe(chosen['layers'])}\n"
+        f"# memory {chosen['memory_bytes'] / 1e6:.2f} MB of a {budget / 1e6:.2f} MB budget; "
+        f"eval_loss {chosen.get('eval_loss', chosen['short_eval_loss']):.4f}\n"
+    )
     out_path.write_text(header + yaml.safe_dump(plan_spec.model_dump(mode="json", exclude={"tune"}), sort_keys=False))
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "pareto_front.md").write_text(table + "\n")
         c.log_artifact(parent, str(Path(tmp) / "pareto_front.md"))
         c.log_artifact(parent, str(front_png(rows, front, chosen, budget, Path(tmp) / "pareto_front.png")))
         c.log_artifact(parent, str(out_path))
-    c.log_batch(parent, metrics=metric_batch({"chosen_memory_bytes": chosen["memory_bytes"], "chosen_eval_loss": chosen.get("eval_loss", PENALTY),
-                                          "chosen_short_eval_loss": chosen["short_eval_loss"], "plans_trained": len(rows),
-                                          "pareto_size": len(front)}))
+    c.log_batch(
+        parent,
+        metrics=metric_batch(
+            {
+                "chosen_memory_bytes": chosen["memory_bytes"],
+                "chosen_eval_loss": chosen.get("eval_loss", PENALTY),
+                "chosen_short_eval_loss": chosen["short_eval_loss"],
+                "plans_trained": len(rows),
+                "pareto_size": len(front),
+            }
+        ),
+    )
     c.set_tag(parent, "raypeft.plan", L.describe(chosen["layers"]))
     c.set_terminated(parent, "FINISHED")
-    log(f"[raypeft] chosen plan: {L.describe(chosen['layers'])}, {chosen['memory_bytes'] / 1e6:.2f} MB, "
-        f"eval_loss {chosen.get('eval_loss', chosen['short_eval_loss']):.4f} → {out_path}  (train it: raypeft train {out_path})")
-    return {"name": name, "parent_run_id": parent, "tracking_uri": uri, "budget_bytes": budget, "wall_s": round(time.time() - t0, 1),
-            "plan_spec": str(out_path), "chosen": {**chosen, "describe": L.describe(chosen["layers"])}, "front": front,
-            "reference": reference, "promoted": promoted, "plans_trained": len(rows)}
+    log(
+        f"[raypeft] chosen plan: {L.describe(chosen['layers'])}, {chosen['memory_bytes'] / 1e6:.2f} MB, "
+        f"eval_loss {chosen.get('eval_loss', chosen['short_eval_loss']):.4f} → {out_path}  (train it: raypeft train {out_path})"
+    )
+    return {
+        "name": name,
+        "parent_run_id": parent,
+        "tracking_uri": uri,
+        "budget_bytes": budget,
+        "wall_s": round(time.time() - t0, 1),
+        "plan_spec": str(out_path),
+        "chosen": {**chosen, "describe": L.describe(chosen["layers"])},
+        "front": front,
+        "reference": reference,
+        "promoted": promoted,
+        "plans_trained": len(rows),
+    }
 
 
-def front_table(front: list[dict[str, Any]], chosen: dict[str, Any], budget: int, reference: dict[str, Any] | None = None) -> str:
+def front_table(
+    front: list[dict[str, Any]], chosen: dict[str, Any], budget: int, reference: dict[str, Any] | None = None
+) -> str:
     """The Pareto front (and any promoted plan off it, such as the uniform reference) as a markdown table."""
     lines = ["| plan | memory (MB) | % of budget | short eval_loss | full eval_loss |", "|---|---|---|---|---|"]
     for r in sorted(front, key=lambda r: r["memory_bytes"]):
         mark = (" **(chosen)**" if r is chosen else "") + (" (uniform reference)" if r is reference else "")
         full = f"{r['eval_loss']:.4f}" if "eval_loss" in r else "—"
-        lines.append(f"| {L.describe(r['layers'])}{mark} | {r['memory_bytes'] / 1e6:.2f} | {100 * r['memory_bytes'] / budget:.0f}% "
-                     f"| {r['short_eval_loss']:.4f} | {full} |")
+        lines.append(
+            f"| {L.describe(r['layers'])}{mark} | {r['memory_bytes'] / 1e6:.2f} | {100 * r['memory_bytes'] / budget:.0f}% "
+            f"| {r['short_eval_loss']:.4f} | {full} |"
+        )
     return "\n".join(lines)
 
 
@@ -218,10 +330,23 @@ def front_png(rows, front, chosen, budget: int, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([r["memory_bytes"] / 1e6 for r in rows], [r["short_eval_loss"] for r in rows], c="lightgray", label="plans within budget")
+    ax.scatter(
+        [r["memory_bytes"] / 1e6 for r in rows],
+        [r["short_eval_loss"] for r in rows],
+        c="lightgray",
+        label="plans within budget",
+    )
     f = sorted(front, key=lambda r: r["memory_bytes"])
     ax.plot([r["memory_bytes"] / 1e6 for r in f], [r["short_eval_loss"] for r in f], "o-", label="Pareto front")
-    ax.scatter([chosen["memory_bytes"] / 1e6], [chosen["short_eval_loss"]], marker="*", s=200, c="red", label="chosen", zorder=3)
+    ax.scatter(
+        [chosen["memory_bytes"] / 1e6],
+        [chosen["short_eval_loss"]],
+        marker="*",
+        s=200,
+        c="red",
+        label="chosen",
+        zorder=3,
+    )
     ax.axvline(budget / 1e6, ls="--", c="k", lw=1, label="budget")
     ax.set_xlabel("memory (MB), as the budget counts it (tune.layerwise.memory)")
     ax.set_ylabel("eval loss after the short trial")

@@ -13,6 +13,7 @@ Pure: no Ray, no torch. The sweep's search space names spec fields by their dott
 Every value the space can produce is checked against the job spec before anything starts (choices and
 grid values one by one, ranges at both ends), so a bad space fails with the field and the value.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -33,6 +34,7 @@ DOMAINS = {
     "randint": "[low, high], an integer in low..high-1",
 }
 
+
 class LayerwiseSpec(Section):
     budget: int | str | None = Field(
         None,
@@ -46,15 +48,28 @@ class LayerwiseSpec(Section):
         "tokens, which depend on the plan (a layer below every adapter keeps none). `weights`: weights + adapter + "
         "its gradients and AdamW states only (QR-Adaptor's measure).",
     )
-    bits: list[Literal[4, 8, 16]] = Field([4, 8, 16], min_length=1, description="Bit-widths a decoder layer may take: 4 (bnb NF4), 8 (bnb int8), 16 (unquantized).")
-    ranks: list[Rank] = Field([0, 4, 8, 16], min_length=1, description="LoRA ranks a decoder layer may take (0: no adapter; at least one > 0); alpha = 2·rank.")
+    bits: list[Literal[4, 8, 16]] = Field(
+        [4, 8, 16],
+        min_length=1,
+        description="Bit-widths a decoder layer may take: 4 (bnb NF4), 8 (bnb int8), 16 (unquantized).",
+    )
+    ranks: list[Rank] = Field(
+        [0, 4, 8, 16],
+        min_length=1,
+        description="LoRA ranks a decoder layer may take (0: no adapter; at least one > 0); alpha = 2·rank.",
+    )
     calibration_samples: int = Field(16, gt=0, description="Training examples the sensitivity calibration runs on.")
-    trials: int = Field(24, gt=0, description="Plans NSGA-II proposes. One over budget is repaired to fit (bit-widths down first, then rank) and trained; one no repair fits is not trained.")
+    trials: int = Field(
+        24,
+        gt=0,
+        description="Plans NSGA-II proposes. One over budget is repaired to fit (bit-widths down first, then rank) and trained; one no repair fits is not trained.",
+    )
     population: int = Field(8, ge=2, description="NSGA-II population size (generations = trials / population).")
     short_steps: int = Field(10, gt=0, description="Training steps of each cheap trial.")
-    promote: int = Field(2, gt=0, description="Best Pareto plans (by short-trial eval loss) retrained for `train.max_steps` steps.")
+    promote: int = Field(
+        2, gt=0, description="Best Pareto plans (by short-trial eval loss) retrained for `train.max_steps` steps."
+    )
     seed: int = Field(0, description="Sampler seed.")
-
 
     @field_validator("ranks")
     @classmethod
@@ -70,20 +85,31 @@ class TuneSpec(Section):
         description="Search space: dotted spec field → `{choice: [...]}`, `{grid: [...]}`, `{uniform: [lo, hi]}`, "
         "`{loguniform: [lo, hi]}` or `{randint: [lo, hi]}`.",
     )
-    searcher: Literal["random", "optuna"] = Field("random", description="`random` (Tune's variant generator, grids included) or `optuna` (TPE).")
+    searcher: Literal["random", "optuna"] = Field(
+        "random", description="`random` (Tune's variant generator, grids included) or `optuna` (TPE)."
+    )
     scheduler: Literal["asha", "hyperband", "median", "fifo"] = Field(
-        "asha", description="Trial scheduler: ASHA, HyperBand, median stopping, or `fifo` (no early stopping). Time is optimizer steps."
+        "asha",
+        description="Trial scheduler: ASHA, HyperBand, median stopping, or `fifo` (no early stopping). Time is optimizer steps.",
     )
     num_samples: int = Field(8, gt=0, description="Trials to sample (with grids: samples per grid point).")
-    metric: str = Field("eval_loss", min_length=1, description="Metric the scheduler and searcher optimize (reported at every eval).")
+    metric: str = Field(
+        "eval_loss", min_length=1, description="Metric the scheduler and searcher optimize (reported at every eval)."
+    )
     mode: Literal["min", "max"] = Field("min", description="Minimize or maximize `metric`.")
-    grace_period: int | None = Field(None, gt=0, description="Steps before a trial may be stopped (default: `train.eval_every`).")
+    grace_period: int | None = Field(
+        None, gt=0, description="Steps before a trial may be stopped (default: `train.eval_every`)."
+    )
     reduction_factor: float = Field(2.0, gt=1, description="ASHA / HyperBand reduction factor.")
     max_concurrent_trials: int | None = Field(
-        None, gt=0, description="Trials run at once (default and cap: as many as the cluster's CPUs/GPUs hold, so placement never deadlocks)."
+        None,
+        gt=0,
+        description="Trials run at once (default and cap: as many as the cluster's CPUs/GPUs hold, so placement never deadlocks).",
     )
     seed: int | None = Field(None, description="Searcher seed.")
-    layerwise: LayerwiseSpec = Field(default_factory=LayerwiseSpec, description="The layerwise bit-width × rank search (`raypeft layerwise`).")
+    layerwise: LayerwiseSpec = Field(
+        default_factory=LayerwiseSpec, description="The layerwise bit-width × rank search (`raypeft layerwise`)."
+    )
 
 
 def _domain_values(field: str, dom: Any) -> tuple[list[tuple[str, str]], list[Any]]:
@@ -96,7 +122,11 @@ def _domain_values(field: str, dom: Any) -> tuple[list[tuple[str, str]], list[An
         if not isinstance(arg, list) or not arg:
             return [(f"{where}.{kind}", f"expected a non-empty list (got {arg!r})")], []
         return [], list(arg)
-    ok_num = isinstance(arg, list) and len(arg) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in arg)
+    ok_num = (
+        isinstance(arg, list)
+        and len(arg) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in arg)
+    )
     if not ok_num or not arg[0] < arg[1]:
         return [(f"{where}.{kind}", f"expected [low, high] with low < high (got {arg!r})")], []
     if kind == "loguniform" and arg[0] <= 0:
@@ -119,6 +149,7 @@ def trial_raw(raw: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
 def space_problems(raw: dict[str, Any], tune: TuneSpec, base_dir=None) -> list[Problem]:
     """Problems with the sweep: malformed domains, and values the job spec would refuse."""
     from pipelines.spec import validate as validate_job
+
     out: list[tuple[str, str]] = []
     values: dict[str, list[Any]] = {}
     for field, dom in tune.space.items():
@@ -130,7 +161,9 @@ def space_problems(raw: dict[str, Any], tune: TuneSpec, base_dir=None) -> list[P
         if vals:
             values[field] = vals
     if tune.searcher == "optuna" and any("grid" in d for d in tune.space.values() if isinstance(d, dict)):
-        out.append(("tune.searcher", "optuna samples its own points; use choice instead of grid (got 'optuna' with a grid)"))
+        out.append(
+            ("tune.searcher", "optuna samples its own points; use choice instead of grid (got 'optuna' with a grid)")
+        )
     combos = list(itertools.islice(itertools.product(*values.values()), 257))
     if len(combos) <= 256:  # small spaces: every combination of the checked values
         checks = [dict(zip(values, c)) for c in combos]
@@ -172,10 +205,17 @@ def tune_problems(spec: TunedJobSpec, base_dir=None) -> list[Problem]:
     if tune.space:
         out += space_problems(spec.model_dump(mode="json", exclude={"tune"}), tune, base_dir)
         if tune.scheduler != "fifo" and not spec.train.eval_every:
-            out.append(("train.eval_every", f"scheduler {tune.scheduler!r} stops trials on eval results; set eval_every > 0 "
-                        "or tune.scheduler fifo (got 0)"))
+            out.append(
+                (
+                    "train.eval_every",
+                    f"scheduler {tune.scheduler!r} stops trials on eval results; set eval_every > 0 "
+                    "or tune.scheduler fifo (got 0)",
+                )
+            )
         if tune.grace_period is not None and tune.grace_period > spec.train.max_steps:
-            out.append(("tune.grace_period", f"must be <= train.max_steps ({spec.train.max_steps}) (got {tune.grace_period})"))
+            out.append(
+                ("tune.grace_period", f"must be <= train.max_steps ({spec.train.max_steps}) (got {tune.grace_period})")
+            )
     if tune.layerwise.budget is not None:
         try:
             parse_bytes(tune.layerwise.budget)
@@ -212,7 +252,7 @@ def concurrency(cluster: dict[str, float], per_trial: dict[str, float], requeste
     needs = {k: v for k, v in per_trial.items() if v > 0}
     fits = min(int(cluster.get(k, 0) // v) for k, v in needs.items()) if needs else (requested or 1)
     if fits < 1:
-        raise ValueError(f"one trial needs {needs}, but the cluster has {({k: cluster.get(k, 0) for k in needs})}")
+        raise ValueError(f"one trial needs {needs}, but the cluster has { ({k: cluster.get(k, 0) for k in needs}) }")
     return min(fits, requested) if requested else fits
 
 
@@ -226,7 +266,12 @@ def absolute_paths(raw: dict[str, Any], base_dir: str | None = None) -> dict[str
     base = base_dir or os.getcwd()
     for section, key in (("data", "train"), ("data", "eval"), ("model", "base")):
         value = out.get(section, {}).get(key)
-        if isinstance(value, str) and "://" not in value and not value.startswith("builtin:") and not os.path.isabs(value):
+        if (
+            isinstance(value, str)
+            and "://" not in value
+            and not value.startswith("builtin:")
+            and not os.path.isabs(value)
+        ):
             candidate = os.path.join(base, os.path.expanduser(value))
             if os.path.exists(candidate):
                 out[section][key] = os.path.abspath(candidate)

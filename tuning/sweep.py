@@ -10,6 +10,7 @@ Tune callback on the driver), so the SQLite default never sees concurrent writer
 adapter is logged on its child run and registered; a results table and a PNG of the metric against
 each searched field go to the parent run.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,13 +22,20 @@ from typing import Any
 
 from ray import tune
 
-from tuning.spec import TunedJobSpec
 from pipelines.spec import JobSpec, validate
-from tuning.spec import absolute_paths, concurrency, trial_raw
+from tuning.spec import TunedJobSpec, absolute_paths, concurrency, trial_raw
 
 DRIVER_CPU = 0.01  # the Tune trial process only waits on its TorchTrainer; Train's workers hold the real resources
 PENALTY = 1e3  # the metric reported by a trial that was not trained (plan over budget)
-LOGGED = ("eval_loss", "eval_perplexity", "train_loss", "exact_match", "base_eval_loss", "base_exact_match", "memory_bytes")
+LOGGED = (
+    "eval_loss",
+    "eval_perplexity",
+    "train_loss",
+    "exact_match",
+    "base_eval_loss",
+    "base_exact_match",
+    "memory_bytes",
+)
 
 
 # --------------------------------------------------------------------------- the trial
@@ -71,7 +79,13 @@ class MlflowSweepLogger(tune.Callback):
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, sweep: str, max_steps: int):
         # no callables kept here: Tune pickles its callbacks with the experiment state
-        self.uri, self.experiment_id, self.parent, self.sweep, self.max_steps = uri, experiment_id, parent_run_id, sweep, max_steps
+        self.uri, self.experiment_id, self.parent, self.sweep, self.max_steps = (
+            uri,
+            experiment_id,
+            parent_run_id,
+            sweep,
+            max_steps,
+        )
         self.runs: dict[str, str] = {}
         self.last: dict[str, dict[str, Any]] = {}
 
@@ -86,8 +100,11 @@ class MlflowSweepLogger(tune.Callback):
         from pipelines.tracking import str_params
 
         c = self._client()
-        run = c.create_run(self.experiment_id, run_name=f"{self.sweep}/{trial.trial_id}",
-                           tags={"mlflow.parentRunId": self.parent, "raypeft.sweep": self.sweep, "raypeft.trial_id": trial.trial_id})
+        run = c.create_run(
+            self.experiment_id,
+            run_name=f"{self.sweep}/{trial.trial_id}",
+            tags={"mlflow.parentRunId": self.parent, "raypeft.sweep": self.sweep, "raypeft.trial_id": trial.trial_id},
+        )
         config = trial.config.get("plan") or trial.config
         params = {k: v for k, v in config.items() if not isinstance(v, dict)}  # the plan's dicts: as bits_i / rank_i
         batch = [Param(k, v) for k, v in str_params(params).items()]
@@ -99,7 +116,13 @@ class MlflowSweepLogger(tune.Callback):
             from tuning.layerwise import from_point
 
             plan = describe(from_point(config))
-            note = " (infeasible: not trained)" if config.get("over_budget") else " (repaired to fit the budget)" if config.get("repaired") else ""
+            note = (
+                " (infeasible: not trained)"
+                if config.get("over_budget")
+                else " (repaired to fit the budget)"
+                if config.get("repaired")
+                else ""
+            )
             print(f"[raypeft] trial {trial.trial_id}: {plan}{note}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -123,8 +146,12 @@ class MlflowSweepLogger(tune.Callback):
         if last.get("over_budget") and status == "FINISHED":
             return  # announced as infeasible when it started
         what = f"stopped early at step {step}" if early else f"finished {step} steps"
-        metric = ", ".join(f"{k} {last[k]:.4f}" for k in ("eval_loss", "exact_match") if isinstance(last.get(k), (int, float)))
-        print(f"[raypeft] trial {trial.trial_id}: {what if status == 'FINISHED' else 'failed'}{', ' + metric if metric else ''}")
+        metric = ", ".join(
+            f"{k} {last[k]:.4f}" for k in ("eval_loss", "exact_match") if isinstance(last.get(k), (int, float))
+        )
+        print(
+            f"[raypeft] trial {trial.trial_id}: {what if status == 'FINISHED' else 'failed'}{', ' + metric if metric else ''}"
+        )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end(trial, "FINISHED")
@@ -138,8 +165,13 @@ class MlflowSweepLogger(tune.Callback):
 
 def search_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The spec's ``tune.space`` as Tune domains."""
-    make = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda a: tune.uniform(*a),
-            "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(*a)}
+    make = {
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+        "uniform": lambda a: tune.uniform(*a),
+        "loguniform": lambda a: tune.loguniform(*a),
+        "randint": lambda a: tune.randint(*a),
+    }
     return {field: make[kind](arg) for field, dom in space.items() for kind, arg in dom.items()}
 
 
@@ -149,7 +181,9 @@ def make_scheduler(spec: TunedJobSpec):
     t = spec.tune
     grace = t.grace_period or spec.train.eval_every or max(1, spec.train.max_steps // 4)
     if t.scheduler == "asha":
-        return ASHAScheduler(time_attr="step", max_t=spec.train.max_steps, grace_period=grace, reduction_factor=t.reduction_factor)
+        return ASHAScheduler(
+            time_attr="step", max_t=spec.train.max_steps, grace_period=grace, reduction_factor=t.reduction_factor
+        )
     if t.scheduler == "hyperband":
         return HyperBandScheduler(time_attr="step", max_t=spec.train.max_steps, reduction_factor=t.reduction_factor)
     if t.scheduler == "median":
@@ -168,14 +202,28 @@ def make_searcher(spec: TunedJobSpec):
 # --------------------------------------------------------------------------- running trials
 
 
-def run_trials(spec: TunedJobSpec, name: str, param_space: dict[str, Any], *, metric, mode, num_samples: int,
-               scheduler=None, searcher=None, parent_run_id: str, uri: str, max_steps: int, verbose: int = 1, log=print):
+def run_trials(
+    spec: TunedJobSpec,
+    name: str,
+    param_space: dict[str, Any],
+    *,
+    metric,
+    mode,
+    num_samples: int,
+    scheduler=None,
+    searcher=None,
+    parent_run_id: str,
+    uri: str,
+    max_steps: int,
+    verbose: int = 1,
+    log=print,
+):
     """Run Tune trials of ``spec`` (each a Train run) and log them under ``parent_run_id``. Returns the ResultGrid.
     ``verbose``: Tune's console output (0: only raypeft's one line per trial start and end)."""
     import ray
 
-    from pipelines.tracking import client
     from cluster.connect import init_ray
+    from pipelines.tracking import client
     from pipelines.train import storage_dir
 
     init_ray()
@@ -187,12 +235,20 @@ def run_trials(spec: TunedJobSpec, name: str, param_space: dict[str, Any], *, me
     raw = absolute_paths(spec.model_dump(mode="json", exclude={"tune"}))
     exp_id = client(uri).get_run(parent_run_id).info.experiment_id
     logger = MlflowSweepLogger(uri, exp_id, parent_run_id, name, max_steps)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, raw=raw, storage=f"{storage}/{name}/train"), {"CPU": DRIVER_CPU})
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, raw=raw, storage=f"{storage}/{name}/train"), {"CPU": DRIVER_CPU}
+    )
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples, scheduler=scheduler,
-                                    search_alg=searcher, max_concurrent_trials=n),
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode=mode,
+            num_samples=num_samples,
+            scheduler=scheduler,
+            search_alg=searcher,
+            max_concurrent_trials=n,
+        ),
         run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[logger], verbose=verbose),
     )
     grid = tuner.fit()
@@ -206,12 +262,19 @@ def trial_rows(grid, logger: MlflowSweepLogger, fields: list[str], metric: str) 
         tid = r.metrics.get("trial_id") if r.metrics else None
         tid = tid or Path(r.path).name
         last = logger.last.get(tid, r.metrics or {})
-        rows.append({
-            "trial": tid, **{f: r.config.get(f) for f in fields},
-            "steps": int(last.get("step", 0)), metric: last.get(metric), "error": r.error is not None,
-            "over_budget": bool(last.get("over_budget")), "checkpoint": last.get("checkpoint_path"),
-            "run_id": logger.runs.get(tid), "memory_bytes": r.config.get("memory_bytes"),
-        })
+        rows.append(
+            {
+                "trial": tid,
+                **{f: r.config.get(f) for f in fields},
+                "steps": int(last.get("step", 0)),
+                metric: last.get(metric),
+                "error": r.error is not None,
+                "over_budget": bool(last.get("over_budget")),
+                "checkpoint": last.get("checkpoint_path"),
+                "run_id": logger.runs.get(tid),
+                "memory_bytes": r.config.get("memory_bytes"),
+            }
+        )
     return rows
 
 
@@ -228,12 +291,26 @@ def results_table(rows: list[dict[str, Any]], fields: list[str], metric: str, ma
     head = ["trial", *fields, "steps", metric, "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=key):
-        status = "error" if r["error"] else "over budget" if r["over_budget"] else "stopped early" if r["steps"] < max_steps else "finished"
-        lines.append("| " + " | ".join([r["trial"], *(_fmt(r[f]) for f in fields), str(r["steps"]), _fmt(r[metric]), status]) + " |")
+        status = (
+            "error"
+            if r["error"]
+            else "over budget"
+            if r["over_budget"]
+            else "stopped early"
+            if r["steps"] < max_steps
+            else "finished"
+        )
+        lines.append(
+            "| "
+            + " | ".join([r["trial"], *(_fmt(r[f]) for f in fields), str(r["steps"]), _fmt(r[metric]), status])
+            + " |"
+        )
     return "\n".join(lines)
 
 
-def metric_png(rows: list[dict[str, Any]], fields: list[str], metric: str, max_steps: int, out: Path, log_fields=()) -> Path:
+def metric_png(
+    rows: list[dict[str, Any]], fields: list[str], metric: str, max_steps: int, out: Path, log_fields=()
+) -> Path:
     """The final metric against each searched field; early-stopped trials as crosses."""
     import matplotlib
 
@@ -246,7 +323,7 @@ def metric_png(rows: list[dict[str, Any]], fields: list[str], metric: str, max_s
         xs = [r[f] for r in ok]
         numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
         cats = sorted({str(x) for x in xs})
-        pos = (lambda x: x) if numeric else (lambda x: cats.index(str(x)))
+        pos = (lambda x: x) if numeric else (lambda x, cats=cats: cats.index(str(x)))
         for done, marker, label in ((True, "o", f"{max_steps} steps"), (False, "x", "stopped early")):
             pts = [(pos(r[f]), r[metric]) for r in ok if (r["steps"] >= max_steps) == done]
             if pts:
@@ -294,9 +371,20 @@ def sweep(spec: TunedJobSpec, log=print) -> dict[str, Any]:
     log(f"[raypeft] sweep {name}: MLflow parent run {parent} at {uri}")
     t0 = time.time()
     try:
-        grid, logger = run_trials(spec, name, search_space(t.space), metric=t.metric, mode=t.mode, num_samples=t.num_samples,
-                                  scheduler=make_scheduler(spec), searcher=make_searcher(spec), parent_run_id=parent, uri=uri,
-                                  max_steps=spec.train.max_steps, log=log)
+        grid, logger = run_trials(
+            spec,
+            name,
+            search_space(t.space),
+            metric=t.metric,
+            mode=t.mode,
+            num_samples=t.num_samples,
+            scheduler=make_scheduler(spec),
+            searcher=make_searcher(spec),
+            parent_run_id=parent,
+            uri=uri,
+            max_steps=spec.train.max_steps,
+            log=log,
+        )
     except Exception as e:
         tracking.fail_run(uri, parent, f"{type(e).__name__}: {e}")
         raise
@@ -312,12 +400,26 @@ def sweep(spec: TunedJobSpec, log=print) -> dict[str, Any]:
         c.log_artifact(parent, str(Path(tmp) / "sweep_results.md"))
         c.log_artifact(parent, str(metric_png(rows, fields, t.metric, max_steps, Path(tmp) / "sweep.png", logs)))
 
-    finished = [r for r in rows if r["checkpoint"] and r["steps"] >= max_steps and isinstance(r[t.metric], (int, float))]
+    finished = [
+        r for r in rows if r["checkpoint"] and r["steps"] >= max_steps and isinstance(r[t.metric], (int, float))
+    ]
     total = sum(r["steps"] for r in rows)
-    summary = {"trials": len(rows), "stopped_early": sum(1 for r in rows if not r["error"] and r["steps"] < max_steps),
-               "failed": sum(1 for r in rows if r["error"]), "total_steps": total, "full_grid_steps": len(rows) * max_steps}
-    result: dict[str, Any] = {"sweep": name, "parent_run_id": parent, "tracking_uri": uri, "wall_s": round(time.time() - t0, 1),
-                              **summary, "rows": rows, "best": None}
+    summary = {
+        "trials": len(rows),
+        "stopped_early": sum(1 for r in rows if not r["error"] and r["steps"] < max_steps),
+        "failed": sum(1 for r in rows if r["error"]),
+        "total_steps": total,
+        "full_grid_steps": len(rows) * max_steps,
+    }
+    result: dict[str, Any] = {
+        "sweep": name,
+        "parent_run_id": parent,
+        "tracking_uri": uri,
+        "wall_s": round(time.time() - t0, 1),
+        **summary,
+        "rows": rows,
+        "best": None,
+    }
     if not finished:
         tracking.fail_run(uri, parent, "no trial finished")
         return result
@@ -328,11 +430,18 @@ def sweep(spec: TunedJobSpec, log=print) -> dict[str, Any]:
     c.set_tag(parent, "raypeft.best_trial", best["trial"])
     c.set_tag(parent, "raypeft.best_model", f"models:/{reg['registered_model']}/{reg['version']}")
     c.set_terminated(parent, "FINISHED")
-    result["best"] = {"trial": best["trial"], "config": {f: best[f] for f in fields}, t.metric: best[t.metric],
-                      "adapter_dir": str(Path(storage_dir(spec)) / name / "best_adapter"), **reg}
-    log(f"[raypeft] best trial {best['trial']}: {t.metric} {best[t.metric]:.4f} with "
+    result["best"] = {
+        "trial": best["trial"],
+        "config": {f: best[f] for f in fields},
+        t.metric: best[t.metric],
+        "adapter_dir": str(Path(storage_dir(spec)) / name / "best_adapter"),
+        **reg,
+    }
+    log(
+        f"[raypeft] best trial {best['trial']}: {t.metric} {best[t.metric]:.4f} with "
         + ", ".join(f"{f}={_fmt(best[f])}" for f in fields)
-        + f"; {summary['stopped_early']} of {len(rows)} trials stopped early, {total} of {summary['full_grid_steps']} steps trained")
+        + f"; {summary['stopped_early']} of {len(rows)} trials stopped early, {total} of {summary['full_grid_steps']} steps trained"
+    )
     return result
 
 

@@ -3,6 +3,7 @@
 Each builtin is a folder holding ``train.jsonl`` and ``eval.jsonl``. This module
 imports only the standard library so that spec validation stays cheap.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

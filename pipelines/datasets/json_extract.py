@@ -15,12 +15,14 @@ order, serialized with :func:`dump_target`.
 
 Regenerate the shipped files with ``python -m pipelines.datasets.json_extract``.
 """
+
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 KEYS = ("name", "age", "city", "job")
 INSTRUCTION = "Extract name, age, city and job from the text as JSON with keys name, age, city, job."
@@ -31,28 +33,147 @@ DEFAULT_N_EVAL = 200
 SHIPPED_DIR = Path(__file__).parent / "json_extract"
 
 FIRST_NAMES = (
-    "Maria", "James", "Aisha", "Liam", "Sofia", "Noah", "Yuki", "Omar", "Elena", "Lucas",
-    "Priya", "Mateo", "Chloe", "Ivan", "Fatima", "Daniel", "Mei", "Samuel", "Hannah", "Diego",
-    "Amara", "Jonas", "Lea", "Kenji", "Nadia", "Oscar", "Zara", "Felix", "Grace", "Ravi",
-    "Ingrid", "Pablo", "Leila", "Tomas", "Emma", "Hugo", "Anya", "Marcus", "Julia", "Kwame",
+    "Maria",
+    "James",
+    "Aisha",
+    "Liam",
+    "Sofia",
+    "Noah",
+    "Yuki",
+    "Omar",
+    "Elena",
+    "Lucas",
+    "Priya",
+    "Mateo",
+    "Chloe",
+    "Ivan",
+    "Fatima",
+    "Daniel",
+    "Mei",
+    "Samuel",
+    "Hannah",
+    "Diego",
+    "Amara",
+    "Jonas",
+    "Lea",
+    "Kenji",
+    "Nadia",
+    "Oscar",
+    "Zara",
+    "Felix",
+    "Grace",
+    "Ravi",
+    "Ingrid",
+    "Pablo",
+    "Leila",
+    "Tomas",
+    "Emma",
+    "Hugo",
+    "Anya",
+    "Marcus",
+    "Julia",
+    "Kwame",
 )
 LAST_NAMES = (
-    "Lopez", "Smith", "Khan", "Muller", "Rossi", "Tanaka", "Dubois", "Silva", "Novak", "Cohen",
-    "Garcia", "Brown", "Patel", "Kim", "Jensen", "Costa", "Ivanova", "Nakamura", "Okafor", "Berg",
-    "Martin", "Wilson", "Haddad", "Schmidt", "Moreau", "Santos", "Kowalski", "Chen", "Larsen", "Reyes",
-    "Fischer", "Taylor", "Ahmed", "Romano", "Lindqvist", "Mensah", "Park", "Weber", "Russo", "Clarke",
+    "Lopez",
+    "Smith",
+    "Khan",
+    "Muller",
+    "Rossi",
+    "Tanaka",
+    "Dubois",
+    "Silva",
+    "Novak",
+    "Cohen",
+    "Garcia",
+    "Brown",
+    "Patel",
+    "Kim",
+    "Jensen",
+    "Costa",
+    "Ivanova",
+    "Nakamura",
+    "Okafor",
+    "Berg",
+    "Martin",
+    "Wilson",
+    "Haddad",
+    "Schmidt",
+    "Moreau",
+    "Santos",
+    "Kowalski",
+    "Chen",
+    "Larsen",
+    "Reyes",
+    "Fischer",
+    "Taylor",
+    "Ahmed",
+    "Romano",
+    "Lindqvist",
+    "Mensah",
+    "Park",
+    "Weber",
+    "Russo",
+    "Clarke",
 )
 CITIES = (
-    "Lyon", "Berlin", "Madrid", "Tokyo", "Toronto", "Nairobi", "Lisbon", "Oslo", "Prague", "Dublin",
-    "Seoul", "Chicago", "Denver", "Milan", "Vienna", "Warsaw", "Cairo", "Lima", "Sydney", "Boston",
-    "Austin", "Hamburg", "Porto", "Athens", "Helsinki", "New York", "San Diego", "Cape Town",
-    "Buenos Aires", "Hong Kong",
+    "Lyon",
+    "Berlin",
+    "Madrid",
+    "Tokyo",
+    "Toronto",
+    "Nairobi",
+    "Lisbon",
+    "Oslo",
+    "Prague",
+    "Dublin",
+    "Seoul",
+    "Chicago",
+    "Denver",
+    "Milan",
+    "Vienna",
+    "Warsaw",
+    "Cairo",
+    "Lima",
+    "Sydney",
+    "Boston",
+    "Austin",
+    "Hamburg",
+    "Porto",
+    "Athens",
+    "Helsinki",
+    "New York",
+    "San Diego",
+    "Cape Town",
+    "Buenos Aires",
+    "Hong Kong",
 )
 JOBS = (
-    "nurse", "teacher", "software engineer", "chef", "pilot", "architect", "plumber", "accountant",
-    "journalist", "pharmacist", "electrician", "lawyer", "baker", "dentist", "librarian", "mechanic",
-    "photographer", "data analyst", "firefighter", "graphic designer", "veterinarian", "bus driver",
-    "carpenter", "translator", "economist",
+    "nurse",
+    "teacher",
+    "software engineer",
+    "chef",
+    "pilot",
+    "architect",
+    "plumber",
+    "accountant",
+    "journalist",
+    "pharmacist",
+    "electrician",
+    "lawyer",
+    "baker",
+    "dentist",
+    "librarian",
+    "mechanic",
+    "photographer",
+    "data analyst",
+    "firefighter",
+    "graphic designer",
+    "veterinarian",
+    "bus driver",
+    "carpenter",
+    "translator",
+    "economist",
 )
 # Every template mentions all four fields; {a_job} is the job with its article ("a nurse",
 # "an architect"), {an_age} the age with its article ("a 34-year-old" / "an 18-year-old").
@@ -141,7 +262,9 @@ def eval_seed(seed: int) -> int:
     return seed + 1_000_003
 
 
-def splits(n_train: int = DEFAULT_N_TRAIN, n_eval: int = DEFAULT_N_EVAL, seed: int = DEFAULT_SEED) -> tuple[list[dict], list[dict]]:
+def splits(
+    n_train: int = DEFAULT_N_TRAIN, n_eval: int = DEFAULT_N_EVAL, seed: int = DEFAULT_SEED
+) -> tuple[list[dict], list[dict]]:
     """(train, eval); no eval sentence appears in train."""
     train = generate(n_train, seed)
     eval_ = generate(n_eval, eval_seed(seed), exclude=(r["input"] for r in train))
@@ -152,7 +275,9 @@ def dumps_jsonl(records: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def write(out_dir: str | Path, n_train: int = DEFAULT_N_TRAIN, n_eval: int = DEFAULT_N_EVAL, seed: int = DEFAULT_SEED) -> tuple[Path, Path]:
+def write(
+    out_dir: str | Path, n_train: int = DEFAULT_N_TRAIN, n_eval: int = DEFAULT_N_EVAL, seed: int = DEFAULT_SEED
+) -> tuple[Path, Path]:
     """Write ``train.jsonl`` and ``eval.jsonl`` into ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

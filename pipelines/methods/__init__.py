@@ -9,13 +9,16 @@ Named methods live in ``lora.py`` (the LoRA family: lora, rslora, lora_plus,
 dora, qlora, qdora), ``adalora.py`` and ``galore.py``. Any other PEFT method is
 built by ``generic.py`` from its PEFT type name and ``method.args``.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
     from pipelines.spec import JobSpec
 
 
@@ -24,7 +27,7 @@ class Prepared:
     """What a method builder hands the training loop."""
 
     model: Any
-    optimizer: "torch.optim.Optimizer"
+    optimizer: torch.optim.Optimizer
     after_step: Callable[[int], None] | None = None  # called after optimizer.step(), before zero_grad()
     steps_in_backward: bool = False  # layerwise optimizers step inside backward hooks
     is_peft: bool = True  # False: full-parameter method (save the whole model)
@@ -34,8 +37,8 @@ class Prepared:
 class Method:
     name: str
     summary: str
-    build: Callable[["JobSpec", Any], Prepared]
-    problems: Callable[["JobSpec"], list[tuple[str, str]]] = field(default=lambda spec: [])
+    build: Callable[[JobSpec, Any], Prepared]
+    problems: Callable[[JobSpec], list[tuple[str, str]]] = field(default=lambda spec: [])
     needs_quantization: str | None = None  # "4bit" for qlora/qdora
 
 
@@ -70,7 +73,7 @@ def method_names() -> list[str]:
     return sorted(REGISTRY)
 
 
-def method_problems(spec: "JobSpec") -> list[tuple[str, str]]:
+def method_problems(spec: JobSpec) -> list[tuple[str, str]]:
     """Validate the method section (driver side, before anything starts)."""
     try:
         method = get_method(spec.method.name)
@@ -79,16 +82,18 @@ def method_problems(spec: "JobSpec") -> list[tuple[str, str]]:
     problems = list(method.problems(spec))
     q = spec.quantization()
     if method.needs_quantization == "4bit" and q != "nf4":
-        problems.append(("model.quantization", f"method {spec.method.name!r} trains on a 4-bit base: use nf4 or auto (got {q!r})"))
+        problems.append(
+            ("model.quantization", f"method {spec.method.name!r} trains on a 4-bit base: use nf4 or auto (got {q!r})")
+        )
     return problems
 
 
-def build(spec: "JobSpec", model: Any) -> Prepared:
+def build(spec: JobSpec, model: Any) -> Prepared:
     """Build the trainable model + optimizer for ``spec.method`` on ``model``."""
     return get_method(spec.method.name).build(spec, model)
 
 
-def adamw(params, spec: "JobSpec"):
+def adamw(params, spec: JobSpec):
     import torch
 
     return torch.optim.AdamW(params, lr=spec.train.lr, weight_decay=spec.train.weight_decay)

@@ -3,6 +3,7 @@
 ``update_and_allocate(step)`` must run after every optimizer step; the builder
 returns it as the ``after_step`` hook so the loop really calls it.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -13,7 +14,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
 
 
-def adalora_config(spec: "JobSpec"):
+def adalora_config(spec: JobSpec):
     from peft import AdaLoraConfig
 
     m, steps = spec.method, spec.train.max_steps
@@ -34,7 +35,7 @@ def adalora_config(spec: "JobSpec"):
     return AdaLoraConfig(**kwargs)
 
 
-def _build(spec: "JobSpec", model) -> Prepared:
+def _build(spec: JobSpec, model) -> Prepared:
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, adalora_config(spec))
@@ -46,20 +47,29 @@ def _build(spec: "JobSpec", model) -> Prepared:
     return Prepared(peft_model, adamw(trainable(peft_model), spec), after_step=after_step)
 
 
-def _problems(spec: "JobSpec") -> list[tuple[str, str]]:
+def _problems(spec: JobSpec) -> list[tuple[str, str]]:
     from dataclasses import fields
 
     from peft import AdaLoraConfig
 
     known = {f.name for f in fields(AdaLoraConfig)}
-    out = [(f"method.args.{k}", f"not an AdaLoraConfig field (got {v!r})") for k, v in spec.method.args.items() if k not in known]
+    out = [
+        (f"method.args.{k}", f"not an AdaLoraConfig field (got {v!r})")
+        for k, v in spec.method.args.items()
+        if k not in known
+    ]
     if not out:
         try:
             adalora_config(spec)
         except (ValueError, TypeError) as e:
             out.append(("method.args", f"{e} (got {spec.method.args!r})"))
     if spec.scaling.num_workers > 1:
-        out.append(("scaling.num_workers", f"adalora reallocates ranks per rank-local importance; use 1 worker (got {spec.scaling.num_workers})"))
+        out.append(
+            (
+                "scaling.num_workers",
+                f"adalora reallocates ranks per rank-local importance; use 1 worker (got {spec.scaling.num_workers})",
+            )
+        )
     return out
 
 

@@ -6,6 +6,7 @@ Each method is built by its registered builder (exactly what training would buil
 fresh copy of the base, and counted. Writes ``methods.md``, ``methods.csv`` and a bar
 chart ``methods.png``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,7 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DEFAULT_METHODS = ("lora", "rslora", "dora", "adalora", "loha", "lokr", "hra", "ia3", "vera", "vblora", "waveft", "fourierft")
+DEFAULT_METHODS = (
+    "lora",
+    "rslora",
+    "dora",
+    "adalora",
+    "loha",
+    "lokr",
+    "hra",
+    "ia3",
+    "vera",
+    "vblora",
+    "waveft",
+    "fourierft",
+)
 
 
 @dataclass
@@ -35,7 +49,14 @@ def count(model) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def compare(base: str, methods: list[str], target: Any = "all-linear", r: int = 16, args: dict[str, dict] | None = None, log=print) -> list[Row]:
+def compare(
+    base: str,
+    methods: list[str],
+    target: Any = "all-linear",
+    r: int = 16,
+    args: dict[str, dict] | None = None,
+    log=print,
+) -> list[Row]:
     """Build each method on ``base`` and count its parameters. A method that cannot be built gets its error."""
     from pipelines import methods as registry
     from pipelines.models import load_base
@@ -47,10 +68,12 @@ def compare(base: str, methods: list[str], target: Any = "all-linear", r: int = 
     rows = []
     for name in methods:
         try:
-            spec = validate({
-                "model": {"base": base, "quantization": "none"},
-                "method": {"name": name, "r": r, "target_modules": target, "args": args.get(name, {})},
-            })
+            spec = validate(
+                {
+                    "model": {"base": base, "quantization": "none"},
+                    "method": {"name": name, "r": r, "target_modules": target, "args": args.get(name, {})},
+                }
+            )
             prepared = registry.build(spec, copy.deepcopy(model))
             rows.append(Row(name, *count(prepared.model)))
         except SpecError as e:
@@ -61,7 +84,12 @@ def compare(base: str, methods: list[str], target: Any = "all-linear", r: int = 
 
 
 def markdown(rows: list[Row], base: str) -> str:
-    lines = [f"Parameter budgets on `{base}`", "", "| method | trainable | total | % trainable |", "| --- | ---: | ---: | ---: |"]
+    lines = [
+        f"Parameter budgets on `{base}`",
+        "",
+        "| method | trainable | total | % trainable |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for r in rows:
         if r.error:
             lines.append(f"| {r.method} | – | – | {r.error.replace('|', '/')} |")
@@ -84,7 +112,9 @@ def write(rows: list[Row], base: str, out: Path) -> dict[str, Path]:
         w = csv.writer(f)
         w.writerow(["method", "trainable", "total", "percent_trainable", "error"])
         for r in rows:
-            w.writerow([r.method, r.trainable, r.total, f"{r.percent:.6f}" if r.percent is not None else "", r.error or ""])
+            w.writerow(
+                [r.method, r.trainable, r.total, f"{r.percent:.6f}" if r.percent is not None else "", r.error or ""]
+            )
     ok = [r for r in rows if not r.error]
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(ok) + 2), 4))
     bars = ax.bar([r.method for r in ok], [r.trainable for r in ok], color="#4C72B0")
@@ -92,7 +122,9 @@ def write(rows: list[Row], base: str, out: Path) -> dict[str, Path]:
     ax.set_ylabel("trainable parameters (log)")
     ax.set_title(f"Trainable parameters per method on {base}")
     for b, r in zip(bars, ok):
-        ax.annotate(f"{r.percent:.3g}%", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+        ax.annotate(
+            f"{r.percent:.3g}%", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8
+        )
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     fig.tight_layout()
     fig.savefig(paths["png"], dpi=100)

@@ -5,6 +5,7 @@ Variants: ``galore`` (GaLoreAdamW), ``galore_8bit`` (GaLoreAdamW8bit, bitsandbyt
 post-accumulate-grad hook, so full gradients never coexist in memory).
 The projected parameters are the 2-D weights of the target linear modules.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -15,7 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
 
 
-def galore_param_groups(spec: "JobSpec", model) -> list[dict]:
+def galore_param_groups(spec: JobSpec, model) -> list[dict]:
     import torch
 
     from pipelines.targets import is_target
@@ -30,7 +31,13 @@ def galore_param_groups(spec: "JobSpec", model) -> list[dict]:
         if not p.requires_grad:
             continue
         (galore_params if id(p) in targeted and p.dim() == 2 else regular).append(p)
-    galore_group = {"params": galore_params, "rank": g.rank, "update_proj_gap": g.update_proj_gap, "scale": g.scale, "proj_type": g.proj_type}
+    galore_group = {
+        "params": galore_params,
+        "rank": g.rank,
+        "update_proj_gap": g.update_proj_gap,
+        "scale": g.scale,
+        "proj_type": g.proj_type,
+    }
     return [{"params": regular}, galore_group]
 
 
@@ -62,7 +69,7 @@ class LayerwiseOptimizer:
 
 
 def _builder(variant: str):
-    def build(spec: "JobSpec", model) -> Prepared:
+    def build(spec: JobSpec, model) -> Prepared:
         from galore_torch import GaLoreAdamW, GaLoreAdamW8bit
 
         if spec.model.gradient_checkpointing:
@@ -92,20 +99,40 @@ def _builder(variant: str):
 
 
 def _problems(variant: str):
-    def problems(spec: "JobSpec") -> list[tuple[str, str]]:
+    def problems(spec: JobSpec) -> list[tuple[str, str]]:
         out = []
         if spec.quantization() != "none":
-            out.append(("model.quantization", f"{variant} trains full-precision weights; use none (got {spec.quantization()!r})"))
+            out.append(
+                (
+                    "model.quantization",
+                    f"{variant} trains full-precision weights; use none (got {spec.quantization()!r})",
+                )
+            )
         if spec.method.args:
             out.append(("method.args", f"{variant} takes its settings from method.galore (got {spec.method.args!r})"))
         if variant == "galore_layerwise":
             if spec.grad_accum() != 1:
                 field = "train.global_batch_size" if spec.train.global_batch_size else "train.grad_accum"
-                out.append((field, f"galore_layerwise steps inside backward, so it cannot accumulate; use 1 micro-batch per step (got {spec.grad_accum()} micro-batches)"))
+                out.append(
+                    (
+                        field,
+                        f"galore_layerwise steps inside backward, so it cannot accumulate; use 1 micro-batch per step (got {spec.grad_accum()} micro-batches)",
+                    )
+                )
             if spec.scaling.num_workers != 1:
-                out.append(("scaling.num_workers", f"galore_layerwise is single-worker (per-parameter hooks bypass DDP's reducer); use 1 (got {spec.scaling.num_workers})"))
+                out.append(
+                    (
+                        "scaling.num_workers",
+                        f"galore_layerwise is single-worker (per-parameter hooks bypass DDP's reducer); use 1 (got {spec.scaling.num_workers})",
+                    )
+                )
         if variant == "galore_8bit" and not spec.scaling.use_gpu:
-            out.append(("method.name", "galore_8bit needs bitsandbytes' CUDA 8-bit optimizer kernels; on CPU use galore or galore_layerwise (got 'galore_8bit')"))
+            out.append(
+                (
+                    "method.name",
+                    "galore_8bit needs bitsandbytes' CUDA 8-bit optimizer kernels; on CPU use galore or galore_layerwise (got 'galore_8bit')",
+                )
+            )
         return out
 
     return problems

@@ -4,6 +4,7 @@ The config class comes from PEFT's own registry. ``method.r`` / ``alpha`` /
 ``dropout`` / ``target_modules`` are passed where the class has a matching field;
 everything else comes from ``method.args``, checked against the class's fields.
 """
+
 from __future__ import annotations
 
 from dataclasses import fields
@@ -42,10 +43,16 @@ def linear_suffixes(model) -> list[str]:
     """Distinct last names of the model's nn.Linear modules, lm_head excluded."""
     import torch
 
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n})
+    return sorted(
+        {
+            n.rsplit(".", 1)[-1]
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+        }
+    )
 
 
-def peft_config(spec: "JobSpec", model=None):
+def peft_config(spec: JobSpec, model=None):
     cls = config_class(spec.method.name)
     names = {f.name for f in fields(cls)}
     m = spec.method
@@ -75,7 +82,7 @@ def peft_config(spec: "JobSpec", model=None):
     return cls(**kwargs)
 
 
-def _build(spec: "JobSpec", model) -> Prepared:
+def _build(spec: JobSpec, model) -> Prepared:
     from peft import get_peft_model
 
     if spec.model.gradient_checkpointing:
@@ -85,19 +92,23 @@ def _build(spec: "JobSpec", model) -> Prepared:
     return Prepared(peft_model, adamw(trainable(peft_model), spec))
 
 
-def _problems(spec: "JobSpec") -> list[tuple[str, str]]:
+def _problems(spec: JobSpec) -> list[tuple[str, str]]:
     try:
         cls = config_class(spec.method.name)
     except KeyError as e:
         return [("method.name", e.args[0])]
     names = {f.name for f in fields(cls)}
     out = [
-        (f"method.args.{k}", f"not a {cls.__name__} field (got {v!r})") for k, v in spec.method.args.items() if k not in names
+        (f"method.args.{k}", f"not a {cls.__name__} field (got {v!r})")
+        for k, v in spec.method.args.items()
+        if k not in names
     ]
     if "dropout" in spec.method.model_fields_set and dropout_field(cls) is None:
         out.append(("method.dropout", f"{spec.method.name} has no dropout (got {spec.method.dropout!r})"))
     if spec.method.rank_pattern and "rank_pattern" not in names:
-        out.append(("method.rank_pattern", f"{spec.method.name} has no rank_pattern (got {spec.method.rank_pattern!r})"))
+        out.append(
+            ("method.rank_pattern", f"{spec.method.name} has no rank_pattern (got {spec.method.rank_pattern!r})")
+        )
     if not out:
         try:
             peft_config(spec)

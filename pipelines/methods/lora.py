@@ -3,6 +3,7 @@
 They differ only in a few ``LoraConfig`` switches, the optimizer (LoRA+), and
 whether the base is k-bit (QLoRA/QDoRA: ``prepare_model_for_kbit_training``).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
 
 
-def lora_config(spec: "JobSpec", **switches: Any):
+def lora_config(spec: JobSpec, **switches: Any):
     from peft import LoraConfig
 
     m = spec.method
@@ -30,13 +31,11 @@ def lora_config(spec: "JobSpec", **switches: Any):
     )
 
 
-def _peft_wrap(spec: "JobSpec", model, **switches):
+def _peft_wrap(spec: JobSpec, model, **switches):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=spec.model.gradient_checkpointing
-        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.model.gradient_checkpointing)
     elif spec.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -44,32 +43,45 @@ def _peft_wrap(spec: "JobSpec", model, **switches):
 
 
 def _builder(**switches):
-    def build(spec: "JobSpec", model) -> Prepared:
+    def build(spec: JobSpec, model) -> Prepared:
         peft_model = _peft_wrap(spec, model, **switches)
         return Prepared(peft_model, adamw(trainable(peft_model), spec))
 
     return build
 
 
-def _build_lora_plus(spec: "JobSpec", model) -> Prepared:
+def _build_lora_plus(spec: JobSpec, model) -> Prepared:
     import torch
     from peft.optimizers import create_loraplus_optimizer
 
     peft_model = _peft_wrap(spec, model)
     opt = create_loraplus_optimizer(
-        peft_model, torch.optim.AdamW, lr=spec.train.lr, loraplus_lr_ratio=spec.method.loraplus_ratio,
+        peft_model,
+        torch.optim.AdamW,
+        lr=spec.train.lr,
+        loraplus_lr_ratio=spec.method.loraplus_ratio,
         weight_decay=spec.train.weight_decay,
     )
     return Prepared(peft_model, opt)
 
 
-def _args_problems(spec: "JobSpec") -> list[tuple[str, str]]:
+def _args_problems(spec: JobSpec) -> list[tuple[str, str]]:
     from dataclasses import fields
 
     from peft import LoraConfig
 
     known = {f.name for f in fields(LoraConfig)}
-    reserved = {"r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern", "use_dora", "use_rslora", "task_type"}
+    reserved = {
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "rank_pattern",
+        "alpha_pattern",
+        "use_dora",
+        "use_rslora",
+        "task_type",
+    }
     out = []
     for k, v in spec.method.args.items():
         if k in reserved:

@@ -3,6 +3,7 @@
 Everything is real: a local Ray cluster, DeepSpeed, bitsandbytes, MLflow on SQLite; the
 worker is killed with SIGKILL by PID, and the driver is killed the same way.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,7 +55,9 @@ def _losses(result) -> list[float]:
 
 def _two_workers(model_dir, data, name, strategy, method="lora", steps=10, **extra):
     return tiny_spec(
-        model_dir, data, name=name,
+        model_dir,
+        data,
+        name=name,
         method={"name": method, "r": 4, "dropout": 0.0},
         train={"max_steps": steps, "micro_batch_size": 2, "lr": 0.01, "eval_every": 0},
         scaling={"num_workers": 2, "cpus_per_worker": 1, "strategy": strategy},
@@ -206,7 +209,14 @@ def test_rerun_after_driver_crash_resumes_the_same_run(tmp_path, tiny_model_dir,
         "model": {"base": str(tiny_model_dir)},
         "method": {"name": "lora", "r": 4},
         "data": {"train": str(chat_data), "format": "chat", "max_length": 64, "eval_fraction": 0.2},
-        "train": {"max_steps": 400, "micro_batch_size": 2, "lr": 0.01, "warmup_steps": 1, "eval_every": 0, "eval_base": False},
+        "train": {
+            "max_steps": 400,
+            "micro_batch_size": 2,
+            "lr": 0.01,
+            "warmup_steps": 1,
+            "eval_every": 0,
+            "eval_base": False,
+        },
         "checkpoint": {"every_steps": 20},
     }
     path = tmp_path / "spec.yaml"

@@ -1,4 +1,5 @@
 """`ray job submit` of a training spec against a real `ray start --head` on loopback (token auth on)."""
+
 from __future__ import annotations
 
 import json
@@ -32,12 +33,27 @@ def ray_head():
     ray.shutdown()  # this process's own local cluster, if an earlier test started one
     subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True, timeout=120)
     # a fresh machine has no ~/.ray/auth_token yet; `ray start` with token auth refuses to start without one
-    gen = subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=_env(), capture_output=True, text=True, timeout=60)
+    gen = subprocess.run(
+        [str(BIN / "ray"), "get-auth-token", "--generate"], env=_env(), capture_output=True, text=True, timeout=60
+    )
     assert gen.returncode == 0, gen.stderr
     start = subprocess.run(
-        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--port=6390", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--disable-usage-stats"],
-        env=_env(), capture_output=True, text=True, timeout=180,
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            "--port=6390",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            "--dashboard-port=8265",
+            "--disable-usage-stats",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert start.returncode == 0, start.stdout + start.stderr
     import requests
@@ -71,8 +87,15 @@ def test_ray_job_submit_trains_and_registers(ray_head, tmp_path, tiny_model_dir,
         "model": {"base": str(tiny_model_dir)},
         "method": {"name": "lora", "r": 4},
         "data": {"train": str(chat_data), "format": "chat", "max_length": 64, "eval_fraction": 0.2},
-        "train": {"max_steps": 4, "micro_batch_size": 2, "global_batch_size": 4, "lr": 0.01, "warmup_steps": 1,
-                  "eval_every": 0, "eval_base": False},
+        "train": {
+            "max_steps": 4,
+            "micro_batch_size": 2,
+            "global_batch_size": 4,
+            "lr": 0.01,
+            "warmup_steps": 1,
+            "eval_every": 0,
+            "eval_base": False,
+        },
         "scaling": {"num_workers": 2, "cpus_per_worker": 1, "strategy": "zero2"},
         "checkpoint": {"every_steps": 2},
         "tracking": {"registered_model": "submitted-adapter"},
@@ -81,9 +104,27 @@ def test_ray_job_submit_trains_and_registers(ray_head, tmp_path, tiny_model_dir,
     spec_path.write_text(yaml.safe_dump(spec))
     runtime_env = {"env_vars": {"RAYPEFT_HOME": str(home), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     proc = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(REPO),
-         "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "pipelines.train", str(spec_path)],
-        env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO,
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            ray_head,
+            "--working-dir",
+            str(REPO),
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            "python",
+            "-m",
+            "pipelines.train",
+            str(spec_path),
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = _last_json(proc.stdout)
@@ -98,7 +139,9 @@ def test_ray_job_submit_trains_and_registers(ray_head, tmp_path, tiny_model_dir,
     assert run.data.params["scaling.strategy"] == "zero2" and run.data.params["scaling.num_workers"] == "2"
     last = home / "runs" / "submitted" / "step_0000004"
     assert sorted(p.name for p in (last / "deepspeed" / "state").glob("*optim_states.pt")) == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
     assert len(c.get_metric_history(result["run_id"], "train_loss")) == 4
     v = c.get_model_version("submitted-adapter", str(result["version"]))
     assert v.tags["raypeft.run_id"] == result["run_id"]
@@ -110,7 +153,10 @@ def test_submit_without_token_is_refused(ray_head):
     env.pop("RAY_AUTH_MODE")
     proc = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--no-wait", "--", "echo", "hi"],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     assert "token" in (proc.stdout + proc.stderr).lower()
@@ -130,7 +176,14 @@ def test_raypeft_submit_follows_to_success_and_status_lists_it(ray_head, tmp_pat
         "model": {"base": str(tiny_model_dir)},
         "method": {"name": "lora", "r": 4},
         "data": {"train": str(chat_data), "format": "chat", "max_length": 64, "eval_fraction": 0.2},
-        "train": {"max_steps": 3, "micro_batch_size": 2, "lr": 0.01, "warmup_steps": 1, "eval_every": 0, "eval_base": False},
+        "train": {
+            "max_steps": 3,
+            "micro_batch_size": 2,
+            "lr": 0.01,
+            "warmup_steps": 1,
+            "eval_every": 0,
+            "eval_base": False,
+        },
     }
     spec_dir = REPO / ".pytest-specs"  # the spec must travel with the working dir
     spec_dir.mkdir(exist_ok=True)
@@ -139,17 +192,38 @@ def test_raypeft_submit_follows_to_success_and_status_lists_it(ray_head, tmp_pat
     env = _env(RAYPEFT_HOME=str(tmp_path / "home"))
     env.pop("RAY_AUTH_MODE")  # raypeft turns token auth on by itself when a token exists
     try:
-        proc = subprocess.run([str(BIN / "raypeft"), "submit", str(path.relative_to(REPO)), "train.max_steps=4",
-                               "--address", ray_head, "--follow", "--job-id", "raypeft-submit-test"],
-                              env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+        proc = subprocess.run(
+            [
+                str(BIN / "raypeft"),
+                "submit",
+                str(path.relative_to(REPO)),
+                "train.max_steps=4",
+                "--address",
+                ray_head,
+                "--follow",
+                "--job-id",
+                "raypeft-submit-test",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=REPO,
+        )
     finally:
         path.unlink()
         _rmdir_if_empty(spec_dir)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"job_id": "raypeft-submit-test", "status": "SUCCEEDED"}
     assert "step 4/4" in proc.stdout  # the followed logs, with the override applied
-    st = subprocess.run([str(BIN / "raypeft"), "status", "--address", ray_head, "--json"], env=env,
-                        capture_output=True, text=True, timeout=120, cwd=REPO)
+    st = subprocess.run(
+        [str(BIN / "raypeft"), "status", "--address", ray_head, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert st.returncode == 0, st.stderr
     status = json.loads(st.stdout)
     assert any(j["id"] == "raypeft-submit-test" and j["status"] == "SUCCEEDED" for j in status["jobs"])
@@ -161,8 +235,14 @@ def test_raypeft_submit_rejects_a_bad_spec_before_the_cluster(tmp_path):
     bad.parent.mkdir(exist_ok=True)
     bad.write_text("train:\n  lr: fast\n")
     try:
-        proc = subprocess.run([str(BIN / "raypeft"), "submit", str(bad.relative_to(REPO)), "--address", "http://127.0.0.1:9"],
-                              env=_env(), capture_output=True, text=True, timeout=120, cwd=REPO)
+        proc = subprocess.run(
+            [str(BIN / "raypeft"), "submit", str(bad.relative_to(REPO)), "--address", "http://127.0.0.1:9"],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+        )
     finally:
         bad.unlink()
         _rmdir_if_empty(bad.parent)

@@ -1,4 +1,5 @@
 """Promotion behind an evaluation gate on a real SQLite MLflow registry, evaluated on a local Ray cluster."""
+
 from __future__ import annotations
 
 import json
@@ -41,19 +42,36 @@ def setup(tmp_path_factory, tiny_model_dir, chat_data):
         _trained_adapter(tiny_model_dir, chat_data, d / "v3", steps=12),
     ]
     for i, a in enumerate(dirs, 1):
-        tracking.register_directory(uri, str(a), "tiny-promo", f"train-v{i}", {"method": "lora", "dataset_hash": f"sha256:{i}"})
+        tracking.register_directory(
+            uri, str(a), "tiny-promo", f"train-v{i}", {"method": "lora", "dataset_hash": f"sha256:{i}"}
+        )
     gate_path = d / "gate.yaml"
-    gate_raw = {"metric": "eval_loss", "mode": "min", "margin": 0.0, "bound": 50.0,
-                "data": {"train": str(chat_data), "format": "chat", "max_length": 64, "eval_fraction": 0.2}}
+    gate_raw = {
+        "metric": "eval_loss",
+        "mode": "min",
+        "margin": 0.0,
+        "bound": 50.0,
+        "data": {"train": str(chat_data), "format": "chat", "max_length": 64, "eval_fraction": 0.2},
+    }
     gate_path.write_text(yaml.safe_dump(gate_raw))
     gate = registry.load_gate(str(gate_path))
     # the real ordering of the three versions on the gate's eval set decides what the gate must do
-    losses = {v: registry._evaluate(gate, {"x": f"models:/tiny-promo/{v}"}, uri)["x"]["eval_loss"] for v in ("1", "2", "3")}
+    losses = {
+        v: registry._evaluate(gate, {"x": f"models:/tiny-promo/{v}"}, uri)["x"]["eval_loss"] for v in ("1", "2", "3")
+    }
     best, mid, worst = sorted(losses, key=losses.get)
     assert losses[worst] - losses[best] > 0.01, losses
     ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield {"uri": uri, "gate": gate, "gate_path": str(gate_path), "best": best, "mid": mid, "worst": worst, "losses": losses}
+    yield {
+        "uri": uri,
+        "gate": gate,
+        "gate_path": str(gate_path),
+        "best": best,
+        "mid": mid,
+        "worst": worst,
+        "losses": losses,
+    }
     ray.shutdown()
     os.environ.pop("RAYPEFT_HOME")
 
@@ -135,5 +153,15 @@ def test_bad_promotions_exit_2(setup, capsys, tmp_path):
     assert code == 2 and "tiny-promo/99" in err
     bad_gate = tmp_path / "gate.yaml"
     bad_gate.write_text("metric: accuracy\nmode: up\n")
-    code, _, err = _cli("promote", "tiny-promo", "--version", "1", "--gate", str(bad_gate), "--tracking-uri", setup["uri"], capsys=capsys)
+    code, _, err = _cli(
+        "promote",
+        "tiny-promo",
+        "--version",
+        "1",
+        "--gate",
+        str(bad_gate),
+        "--tracking-uri",
+        setup["uri"],
+        capsys=capsys,
+    )
     assert code == 2 and "metric" in err and "'accuracy'" in err and "mode" in err

@@ -1,6 +1,7 @@
 """Ray Serve over real HTTP on 127.0.0.1:8000: per-adapter answers, mixed LoRA/DoRA batches, the adapter
 cache, MLflow registry aliases, the openai client (streaming and not), the error corpus, and a bounded
 load test (200 concurrent requests over 16 adapters with 4 active slots)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -23,7 +24,9 @@ def adapters(tiny_model_dir, tmp_path_factory):
     out = {}
     for i in range(16):  # distinct random adapters, as trained jobs lay them out: ROOT/NAME/adapter
         kw = {"use_dora": True} if i % 4 == 3 else {}
-        out[f"ad{i:02d}"] = _make_adapter(tiny_model_dir, root / f"ad{i:02d}" / "adapter", 100 + i, r=4, lora_alpha=16, **kw)
+        out[f"ad{i:02d}"] = _make_adapter(
+            tiny_model_dir, root / f"ad{i:02d}" / "adapter", 100 + i, r=4, lora_alpha=16, **kw
+        )
     return root, out
 
 
@@ -57,17 +60,19 @@ def server(adapters, registry, tiny_model_dir):
     os.environ["RAYPEFT_TEST_KEY"] = TOKEN
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
-    spec = validate({
-        "name": "tiny-serve",
-        "model": {"base": str(tiny_model_dir), "name": "tiny"},
-        "adapter_roots": [str(root)],
-        "adapters": {"champ": "models:/tiny-chat@champion"},
-        "cache": {"active_slots": 4, "max_rank": 8, "cpu_adapters": 6},
-        "limits": {"max_batch_size": 8, "max_queue": 256, "max_new_tokens": 16, "max_prompt_tokens": 64},
-        "api_key_env": "RAYPEFT_TEST_KEY",
-        "tracking_uri": registry,
-        "alias_poll_s": 0.5,
-    })
+    spec = validate(
+        {
+            "name": "tiny-serve",
+            "model": {"base": str(tiny_model_dir), "name": "tiny"},
+            "adapter_roots": [str(root)],
+            "adapters": {"champ": "models:/tiny-chat@champion"},
+            "cache": {"active_slots": 4, "max_rank": 8, "cpu_adapters": 6},
+            "limits": {"max_batch_size": 8, "max_queue": 256, "max_new_tokens": 16, "max_prompt_tokens": 64},
+            "api_key_env": "RAYPEFT_TEST_KEY",
+            "tracking_uri": registry,
+            "alias_poll_s": 0.5,
+        }
+    )
     serve.run(build_app(spec), name="tiny-serve", route_prefix="/")
     requests.get(f"{URL}/health", timeout=30).raise_for_status()
     yield spec
@@ -80,7 +85,9 @@ def _post(path, body, token=TOKEN, raw=None):
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     if raw is not None:
-        return requests.post(f"{URL}{path}", data=raw, headers={**headers, "content-type": "application/json"}, timeout=60)
+        return requests.post(
+            f"{URL}{path}", data=raw, headers={**headers, "content-type": "application/json"}, timeout=60
+        )
     return requests.post(f"{URL}{path}", json=body, headers=headers, timeout=60)
 
 
@@ -101,8 +108,12 @@ def test_each_adapter_answers_as_it_would_alone(server, adapters, tiny_model_dir
         want = _expected(tiny_model_dir, ads.get(adapter), "hello world", 10)
         assert body["choices"][0]["text"] == want, (model, body)
         assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] <= 10
-    texts = {m: _post("/v1/completions", {"model": m, "prompt": "hello world", "max_tokens": 10}).json()["choices"][0]["text"]
-             for m in ("tiny:ad01", "tiny:ad02", "tiny")}
+    texts = {
+        m: _post("/v1/completions", {"model": m, "prompt": "hello world", "max_tokens": 10}).json()["choices"][0][
+            "text"
+        ]
+        for m in ("tiny:ad01", "tiny:ad02", "tiny")
+    }
     assert len(set(texts.values())) == 3, "adapters do not behave differently: the test proves nothing"
 
 
@@ -110,7 +121,9 @@ def test_registry_alias_source_and_models_listing(server, adapters, tiny_model_d
     _, ads = adapters
     r = _post("/v1/completions", {"model": "tiny:champ", "prompt": "abc", "max_tokens": 8})
     assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["text"] == _expected(tiny_model_dir, ads["ad00"], "abc", 8)  # champion → version 1 = ad00
+    assert r.json()["choices"][0]["text"] == _expected(
+        tiny_model_dir, ads["ad00"], "abc", 8
+    )  # champion → version 1 = ad00
     import requests
 
     listing = requests.get(f"{URL}/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
@@ -148,7 +161,11 @@ def test_error_corpus(server):
         (_post("/v1/completions", {"model": "other:ad01", "prompt": "x"}), 404, "unknown base model 'other'"),
         (_post("/v1/completions", {"model": "tiny:..", "prompt": "x"}), 404, "unknown adapter"),
         (_post("/v1/completions", {"model": "tiny:ad01", "prompt": "x" * 200}), 400, "limit is 64"),
-        (_post("/v1/completions", {"model": "tiny:ad01", "prompt": "x", "max_tokens": 500}), 400, "exceeds the limit 16"),
+        (
+            _post("/v1/completions", {"model": "tiny:ad01", "prompt": "x", "max_tokens": 500}),
+            400,
+            "exceeds the limit 16",
+        ),
         (_post("/v1/completions", {"model": "tiny", "prompt": "x"}, token=None), 401, "missing bearer token"),
         (_post("/v1/completions", {"model": "tiny", "prompt": "x"}, token="wrong"), 401, "wrong bearer token"),
         (requests.get(f"{URL}/v1/models", timeout=30), 401, "bearer"),
@@ -172,8 +189,11 @@ def test_load_200_concurrent_requests_over_16_adapters(server, adapters, tiny_mo
 
     async def one(client, i):
         name = names[i % 16]
-        r = await client.post(f"{URL}/v1/completions", json={"model": f"tiny:{name}", "prompt": "load test", "max_tokens": 6},
-                              headers={"Authorization": f"Bearer {TOKEN}"})
+        r = await client.post(
+            f"{URL}/v1/completions",
+            json={"model": f"tiny:{name}", "prompt": "load test", "max_tokens": 6},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
         return name, r.status_code, r.json()
 
     async def run():
@@ -188,7 +208,9 @@ def test_load_200_concurrent_requests_over_16_adapters(server, adapters, tiny_mo
     assert not wrong, wrong[:3]
     metrics = dict(line.split() for line in requests.get(f"{URL}/metrics", timeout=30).text.strip().splitlines())
     assert float(metrics["raypeft_adapter_slot_evictions_total"]) > 0  # 16 adapters through 4 slots
-    assert float(metrics["raypeft_batch_rows_total"]) > float(metrics["raypeft_engine_steps_total"])  # rows shared steps
+    assert float(metrics["raypeft_batch_rows_total"]) > float(
+        metrics["raypeft_engine_steps_total"]
+    )  # rows shared steps
 
 
 def test_overload_gets_503_with_retry_after(server, tiny_model_dir):
@@ -199,14 +221,23 @@ def test_overload_gets_503_with_retry_after(server, tiny_model_dir):
     from serving.app import build_app
     from serving.spec import validate
 
-    spec = validate({"name": "tiny-small", "model": {"base": str(tiny_model_dir), "name": "tiny"},
-                     "limits": {"max_batch_size": 1, "max_queue": 1, "max_new_tokens": 16}})
+    spec = validate(
+        {
+            "name": "tiny-small",
+            "model": {"base": str(tiny_model_dir), "name": "tiny"},
+            "limits": {"max_batch_size": 1, "max_queue": 1, "max_new_tokens": 16},
+        }
+    )
     serve.run(build_app(spec), name="tiny-small", route_prefix="/small")
 
     async def run():
         async with httpx.AsyncClient(timeout=120) as client:
-            return await asyncio.gather(*(client.post(f"{URL}/small/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 16})
-                                          for _ in range(12)))
+            return await asyncio.gather(
+                *(
+                    client.post(f"{URL}/small/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 16})
+                    for _ in range(12)
+                )
+            )
 
     responses = asyncio.run(run())
     codes = [r.status_code for r in responses]

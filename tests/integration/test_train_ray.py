@@ -1,4 +1,5 @@
 """Training on a real local Ray cluster with a real MLflow (SQLite) backend and registry."""
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,8 @@ def test_one_worker_job_end_to_end(local_ray, raypeft_home, tiny_model_dir, chat
     from pipelines.train import run
 
     spec = tiny_spec(
-        tiny_model_dir, chat_data,
+        tiny_model_dir,
+        chat_data,
         train={"max_steps": 8, "eval_every": 4, "eval_base": True},
         checkpoint={"every_steps": 4},
         tracking={"registered_model": "tiny-adapter"},
@@ -108,7 +110,9 @@ def test_two_worker_ddp(local_ray, raypeft_home, tiny_model_dir, chat_data):
     from pipelines.train import run
 
     spec = tiny_spec(
-        tiny_model_dir, chat_data, name="ddp",
+        tiny_model_dir,
+        chat_data,
+        name="ddp",
         train={"max_steps": 10, "micro_batch_size": 2, "eval_every": 0},
         scaling={"num_workers": 2, "cpus_per_worker": 1},
     )
@@ -125,7 +129,9 @@ def test_lora_plus_and_adalora_run_under_ray(local_ray, raypeft_home, tiny_model
     from pipelines.train import run
 
     for name, extra in (("lora_plus", {}), ("adalora", {"r": 8})):
-        spec = tiny_spec(tiny_model_dir, chat_data, name=f"m-{name}", method={"name": name, **extra}, train={"max_steps": 6})
+        spec = tiny_spec(
+            tiny_model_dir, chat_data, name=f"m-{name}", method={"name": name, **extra}, train={"max_steps": 6}
+        )
         result = run(spec)
         cfg = json.loads((Path(result["adapter_dir"]) / "adapter_config.json").read_text())
         assert cfg["peft_type"] == ("LORA" if name == "lora_plus" else "ADALORA")

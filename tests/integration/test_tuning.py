@@ -1,4 +1,5 @@
 """Ray Tune sweeps and the layerwise search, on a real local Ray cluster (2 CPUs) with SQLite MLflow."""
+
 from __future__ import annotations
 
 import json
@@ -28,15 +29,23 @@ def _client(uri):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def test_asha_sweep_stops_trials_early_registers_the_best_and_loses_no_metrics(local_ray, raypeft_home, tiny_model_dir, chat_data):
+def test_asha_sweep_stops_trials_early_registers_the_best_and_loses_no_metrics(
+    local_ray, raypeft_home, tiny_model_dir, chat_data
+):
     from tuning.sweep import sweep
 
     spec = tiny_spec(
-        tiny_model_dir, chat_data, name="sweep",
+        tiny_model_dir,
+        chat_data,
+        name="sweep",
         train={"max_steps": 12, "eval_every": 3},
         scaling={"cpus_per_worker": 0.9},  # two trials at once on 2 CPUs (each also holds 0.01 for its Tune driver)
         tracking={"registered_model": "sweep-best"},
-        tune={"space": {"train.lr": {"loguniform": [1e-5, 0.3]}, "method.r": {"choice": [4, 8]}}, "num_samples": 8, "seed": 0},
+        tune={
+            "space": {"train.lr": {"loguniform": [1e-5, 0.3]}, "method.r": {"choice": [4, 8]}},
+            "num_samples": 8,
+            "seed": 0,
+        },
     )
     result = sweep(spec)
 
@@ -68,7 +77,9 @@ def test_asha_sweep_stops_trials_early_registers_the_best_and_loses_no_metrics(l
     assert {"sweep.png", "sweep_results.md"} <= artifacts
 
 
-def test_layerwise_search_plans_fit_the_budget_and_the_plan_trains(local_ray, raypeft_home, tiny_model_dir, chat_data, tmp_path):
+def test_layerwise_search_plans_fit_the_budget_and_the_plan_trains(
+    local_ray, raypeft_home, tiny_model_dir, chat_data, tmp_path
+):
     import torch
     import yaml
     from peft import PeftModel
@@ -78,16 +89,20 @@ def test_layerwise_search_plans_fit_the_budget_and_the_plan_trains(local_ray, ra
     from pipelines.preflight import load_checked_spec
     from pipelines.train import run
     from tuning import layerwise as L
-    from tuning.search import ALL_TARGETS, plan_memory, search
+    from tuning.search import plan_memory, search
 
     spec = tiny_spec(
-        tiny_model_dir, chat_data, name="lw",
+        tiny_model_dir,
+        chat_data,
+        name="lw",
         train={"max_steps": 8, "eval_every": 4},
         scaling={"cpus_per_worker": 0.9},
         tune={"layerwise": {"trials": 6, "population": 3, "short_steps": 3, "promote": 2, "calibration_samples": 8}},
     )
     shape = Shape.from_config(json.loads((tiny_model_dir / "config.json").read_text()))
-    budget = int(plan_memory(spec)(L.uniform(shape, 8, 4)))  # the training peak (the default) of uniform int8 rank 4: it just fits
+    budget = int(
+        plan_memory(spec)(L.uniform(shape, 8, 4))
+    )  # the training peak (the default) of uniform int8 rank 4: it just fits
     out = tmp_path / "plan.yaml"
     result = search(spec, budget, out=str(out))
 
@@ -101,7 +116,9 @@ def test_layerwise_search_plans_fit_the_budget_and_the_plan_trains(local_ray, ra
     assert ref["layers"] == L.uniform(shape, 8, 4) and "eval_loss" in ref
     assert chosen["eval_loss"] <= ref["eval_loss"]
     c = _client(result["tracking_uri"])
-    assert {"pareto_front.png", "pareto_front.md", "calibration.json", "plan.yaml"} <= {a.path for a in c.list_artifacts(result["parent_run_id"])}
+    assert {"pareto_front.png", "pareto_front.md", "calibration.json", "plan.yaml"} <= {
+        a.path for a in c.list_artifacts(result["parent_run_id"])
+    }
 
     # the written spec trains unchanged through the training pipeline
     written = yaml.safe_load(out.read_text())
@@ -116,10 +133,10 @@ def test_layerwise_search_plans_fit_the_budget_and_the_plan_trains(local_ray, ra
     base, _, q = load_base_as_trained(Path(trained["adapter_dir"]))
     assert q == "mixed"
     kinds = {bnb.nn.Linear4bit: 4, bnb.nn.Linear8bitLt: 8, torch.nn.Linear: 16}
-    for i, (bits, rank) in enumerate(chosen["layers"]):
+    for i, (bits, _rank) in enumerate(chosen["layers"]):
         layer = base.model.layers[i]
         assert {kinds[type(m)] for m in layer.modules() if type(m) in kinds} == {bits}, (i, bits)
     model = PeftModel.from_pretrained(base, trained["adapter_dir"])
-    for i, (bits, rank) in enumerate(chosen["layers"]):
+    for i, (_bits, rank) in enumerate(chosen["layers"]):
         a = [p for n, p in model.named_parameters() if f"layers.{i}." in n and "lora_A" in n]
         assert {p.shape[0] for p in a} == ({rank} if rank else set()), (i, rank)

@@ -1,4 +1,5 @@
 """Data formats, completion-only labels, packing, sharding, and the LR schedule (no Ray)."""
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ def test_chat_loss_only_on_the_assistant_turn(tok):
     rec = {"messages": [{"role": "user", "content": "2+3="}, {"role": "assistant", "content": "5"}]}
     enc = D.encode(rec, "chat", tok, 128)
     assert len(enc["input_ids"]) == len(enc["labels"])
-    assert _decode_labels(tok, enc)== "5</s>"
+    assert _decode_labels(tok, enc) == "5</s>"
     n_prompt = enc["labels"].index(next(t for t in enc["labels"] if t != D.IGNORE))
     assert tok.decode(enc["input_ids"][:n_prompt]).endswith("<|assistant|>")
 
@@ -33,7 +34,7 @@ def test_chat_loss_only_on_the_assistant_turn(tok):
 def test_instruction_loss_only_on_output(tok):
     rec = {"instruction": "Add", "input": "2 and 3", "output": "5"}
     enc = D.encode(rec, "instruction", tok, 256)
-    assert _decode_labels(tok, enc)== "5</s>"
+    assert _decode_labels(tok, enc) == "5</s>"
     assert "### Response:" in tok.decode(enc["input_ids"])
 
 

@@ -1,4 +1,5 @@
 """The shipped builtin ``json_extract`` dataset and its metric (stdlib only: no torch, no ray)."""
+
 from __future__ import annotations
 
 import json
@@ -52,7 +53,9 @@ def test_import_is_light():
         "heavy = [m for m in ('torch', 'ray', 'transformers', 'datasets', 'numpy') if m in sys.modules];"
         "print(','.join(heavy))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2])
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2]
+    )
     assert out.stdout.strip() == ""
 
 

@@ -1,5 +1,6 @@
 """The docs stay true: the reference pages are the generated ones, the site builds strictly,
 the quickstart commands exist, and the README stays short."""
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,22 @@ def test_mkdocs_builds_strict(tmp_path):
     """A broken link, a page missing from the nav or a bad anchor fails the build.
     (No -q: mkdocs 1.6 with -q drops warnings before --strict counts them, and passes.)"""
     r = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(REPO / "mkdocs.yml"), "-d", str(tmp_path / "site")],
-        capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "-f",
+            str(REPO / "mkdocs.yml"),
+            "-d",
+            str(tmp_path / "site"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     assert r.returncode == 0, f"mkdocs build --strict failed:\n{r.stdout}\n{r.stderr}"
 
@@ -55,8 +70,10 @@ def test_docs_show_a_real_bad_spec_error():
     from pipelines.spec import SpecError, apply_overrides, read_yaml, validate
 
     page = (REPO / "docs" / "training.md").read_text()
-    raw = apply_overrides(read_yaml(REPO / "pipelines/configs/demo.yaml"),
-                          ["method.r=-4", "train.lr=fast", "method.name=qlora", "model.quantization=none"])
+    raw = apply_overrides(
+        read_yaml(REPO / "pipelines/configs/demo.yaml"),
+        ["method.r=-4", "train.lr=fast", "method.name=qlora", "model.quantization=none"],
+    )
     try:
         validate(raw, base_dir=REPO)
     except SpecError as e:

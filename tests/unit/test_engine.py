@@ -1,5 +1,6 @@
 """The batched engine: requests that join mid-batch, each through its own adapter, generate exactly
 what PEFT generates for that adapter alone (greedy, token for token)."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,7 +16,9 @@ def adapters(tiny_model_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("engine-adapters")
     return {
         "a": _make_adapter(tiny_model_dir, d / "a", 11, r=4, lora_alpha=16),
-        "b": _make_adapter(tiny_model_dir, d / "b", 12, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "b": _make_adapter(
+            tiny_model_dir, d / "b", 12, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]
+        ),
         "dora": _make_adapter(tiny_model_dir, d / "d", 13, r=4, lora_alpha=16, use_dora=True),
     }
 
@@ -38,9 +41,15 @@ def _reference(tiny_model_dir, adapter_dir, prompt_ids, n):
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir).eval()
     ids = torch.tensor([prompt_ids])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return [t for t in out[0, len(prompt_ids):].tolist() if t != tok.eos_token_id]
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return [t for t in out[0, len(prompt_ids) :].tolist() if t != tok.eos_token_id]
 
 
 def _drain(engine, reqs, limit=500):
@@ -53,12 +62,22 @@ def _drain(engine, reqs, limit=500):
 
 def test_requests_joining_mid_batch_match_their_adapter_alone(tiny_model_dir, adapters):
     engine, tok = _engine(tiny_model_dir, adapters)
-    prompts = [tok("hello there", add_special_tokens=False)["input_ids"], tok("a+b=", add_special_tokens=False)["input_ids"],
-               tok("the quick brown fox", add_special_tokens=False)["input_ids"], tok("x", add_special_tokens=False)["input_ids"]]
-    first = [engine.submit(Request(prompts[0], "a", max_tokens=12)), engine.submit(Request(prompts[1], None, max_tokens=7))]
+    prompts = [
+        tok("hello there", add_special_tokens=False)["input_ids"],
+        tok("a+b=", add_special_tokens=False)["input_ids"],
+        tok("the quick brown fox", add_special_tokens=False)["input_ids"],
+        tok("x", add_special_tokens=False)["input_ids"],
+    ]
+    first = [
+        engine.submit(Request(prompts[0], "a", max_tokens=12)),
+        engine.submit(Request(prompts[1], None, max_tokens=7)),
+    ]
     for _ in range(3):
         engine.step()
-    later = [engine.submit(Request(prompts[2], "dora", max_tokens=10)), engine.submit(Request(prompts[3], "b", max_tokens=9))]
+    later = [
+        engine.submit(Request(prompts[2], "dora", max_tokens=10)),
+        engine.submit(Request(prompts[3], "b", max_tokens=9)),
+    ]
     reqs = first + later
     _drain(engine, reqs)
     assert engine.stats["batch_rows"] > engine.stats["steps"], "rows were never batched together"

@@ -1,6 +1,7 @@
 """infra/ is validated against the real schemas: KubeRay's CRDs (from ../shared/schemas/kuberay), the
 Kubernetes core kinds (kubernetes-validate), Ray's cluster-launcher schema and Serve's config schema;
 and the entrypoints, import paths and files they name exist."""
+
 from __future__ import annotations
 
 import copy
@@ -16,7 +17,11 @@ from tests.conftest import REPO
 
 INFRA = REPO / "infra"
 CRDS = REPO.parent / "shared" / "schemas" / "kuberay"
-KUBERAY = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.yaml"}
+KUBERAY = {
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayService": "ray.io_rayservices.yaml",
+}
 K8S_VERSION = "1.30"
 
 
@@ -28,7 +33,9 @@ def _crd_validator(kind: str):
     import jsonschema
 
     if not CRDS.is_dir():
-        pytest.skip(f"KubeRay CRD schemas not found at {CRDS} (they live in ../shared/schemas/kuberay, beside the checkout)")
+        pytest.skip(
+            f"KubeRay CRD schemas not found at {CRDS} (they live in ../shared/schemas/kuberay, beside the checkout)"
+        )
     crd = yaml.safe_load((CRDS / KUBERAY[kind]).read_text())
     version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
     return jsonschema.Draft7Validator(version["schema"]["openAPIV3Schema"])
@@ -109,7 +116,7 @@ def test_rayjob_entrypoint_runs_code_and_config_that_exist():
     assert argv[:3] == ["python", "-m", "pipelines.train"]
     assert (REPO / "pipelines" / "train.py").is_file()
     assert argv[3].startswith("/app/"), "the image holds the repo at /app"
-    spec = load_spec(REPO / argv[3][len("/app/"):], argv[4:])  # the job's spec with its overrides validates
+    spec = load_spec(REPO / argv[3][len("/app/") :], argv[4:])  # the job's spec with its overrides validates
     assert spec.scaling.use_gpu and spec.scaling.strategy == "zero3" and spec.model.compute_dtype == "bfloat16"
 
 
@@ -127,7 +134,7 @@ def test_rayservice_import_path_and_serve_config():
 
     assert callable(getattr(importlib.import_module(module), attr))
     assert app["args"]["spec"].startswith("/app/"), "the image holds the repo at /app"
-    spec = load(REPO / app["args"]["spec"][len("/app/"):], app["args"]["overrides"])
+    spec = load(REPO / app["args"]["spec"][len("/app/") :], app["args"]["overrides"])
     assert spec.adapters == {"json-extract": "models:/json-extract@champion"} and spec.deployment.gpus_per_replica == 1
 
 
@@ -147,7 +154,9 @@ def test_cluster_launcher_yaml_matches_rays_schema():
 def test_dockerfile_copies_what_exists_and_pins_what_the_project_pins():
     text = (INFRA / "docker" / "Dockerfile").read_text()
     assert re.search(r"^FROM rayproject/ray:2\.60\.0-py311-cu\d+$", text, re.M)
-    for src in re.findall(r"^COPY (\S+)", text, re.M) + [s for line in re.findall(r"^COPY (.+) \S+$", text, re.M) for s in line.split()]:
+    for src in re.findall(r"^COPY (\S+)", text, re.M) + [
+        s for line in re.findall(r"^COPY (.+) \S+$", text, re.M) for s in line.split()
+    ]:
         assert (REPO / src).exists(), f"Dockerfile copies {src}, which is not in the repo"
     pyproject = (REPO / "pyproject.toml").read_text()
     torch_pin = re.search(r"torch==([\d.]+)", text).group(1)

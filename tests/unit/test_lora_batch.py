@@ -1,4 +1,5 @@
 """Mixed-adapter batches: every row of one forward pass equals its adapter served alone by PEFT."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,7 +30,9 @@ def adapters(tiny_model_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("adapters")
     return {
         "lora-a": _make_adapter(tiny_model_dir, d / "a", 1, r=4, lora_alpha=8),
-        "lora-b": _make_adapter(tiny_model_dir, d / "b", 2, r=8, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "lora-b": _make_adapter(
+            tiny_model_dir, d / "b", 2, r=8, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]
+        ),
         "rslora": _make_adapter(tiny_model_dir, d / "c", 3, r=2, lora_alpha=4, use_rslora=True),
         "dora": _make_adapter(tiny_model_dir, d / "d", 4, r=4, lora_alpha=8, use_dora=True),
     }

@@ -1,4 +1,5 @@
 """The memory model: published figures, exact shapes, ZeRO arithmetic, fixes, and ``raypeft plan``."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from cluster.memory import GiB, KNOWN, Plan, Shape, adapter_params, estimate, fixes
+from cluster.memory import KNOWN, GiB, Plan, Shape, adapter_params, estimate, fixes
 
 # LlamaFactory (Zheng et al., 2024), Table 4: Llama-2-7B on one A100 40GB, rank 128 on all linear
 # layers, 8-bit AdamW, bf16, activation checkpointing. Assumed setup (the paper's benchmark README):
@@ -16,16 +17,29 @@ PUBLISHED_GB = {"qlora": 7.52, "lora": 16.32, "galore": 15.43, "full": 38.72}
 
 @pytest.mark.parametrize("method", list(PUBLISHED_GB))
 def test_llamafactory_table4_within_20_percent(method):
-    plan = Plan(method=method, rank=128, optimizer="adamw8bit", micro_batch=1, seq_len=1024,
-                trainable_bytes=4 if method in ("lora", "qlora") else 2)
+    plan = Plan(
+        method=method,
+        rank=128,
+        optimizer="adamw8bit",
+        micro_batch=1,
+        seq_len=1024,
+        trainable_bytes=4 if method in ("lora", "qlora") else 2,
+    )
     total = estimate(KNOWN["llama-2-7b"], plan).total
     for unit in (1e9, GiB):  # whether the paper's "GB" are 10^9 or 2^30 bytes, the estimate holds
         assert abs(total / unit / PUBLISHED_GB[method] - 1) < 0.20, (method, total / unit)
 
 
 def test_shape_from_a_real_config_counts_smollm2_exactly():
-    cfg = {"num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
-           "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True}
+    cfg = {
+        "num_hidden_layers": 30,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+    }
     shape = Shape.from_config(cfg)
     assert shape == KNOWN["smollm2-135m"]
     assert shape.params() == 134_515_008  # what the loaded model has (see `raypeft methods compare`)
@@ -67,7 +81,9 @@ def test_plan_cli(tmp_path, capsys):
 
     assert main(["plan", "pipelines/configs/demo.yaml", "--gpu-memory", "80GB"]) == 0
     assert "verdict: fits" in capsys.readouterr().out
-    code = main(["plan", "pipelines/configs/demo.yaml", "model.base=meta-llama/Llama-2-7b-hf", "--gpu-memory", "24GB", "--json"])
+    code = main(
+        ["plan", "pipelines/configs/demo.yaml", "model.base=meta-llama/Llama-2-7b-hf", "--gpu-memory", "24GB", "--json"]
+    )
     out = capsys.readouterr().out
     assert code == 1 and "does not fit" in out and "fix: train QLoRA" in out
     assert json.loads(out.strip().splitlines()[-1])["fits"] is False
@@ -79,7 +95,9 @@ def test_plan_cli(tmp_path, capsys):
     assert main(["plan", "pipelines/configs/demo.yaml", "model.base=someone/unknown-model"]) == 2
 
 
-def _saved_bytes(model_dir, layers_cfg: dict, method: str, rank: int, b: int, s: int, targets=None, quantization_plan=None) -> int:
+def _saved_bytes(
+    model_dir, layers_cfg: dict, method: str, rank: int, b: int, s: int, targets=None, quantization_plan=None
+) -> int:
     """Bytes of the tensors autograd keeps for backward after one training forward (weights and buffers
     excluded): the saved tensors, and the inputs bitsandbytes' int8 matmul keeps on its context."""
     import torch
@@ -91,10 +109,17 @@ def _saved_bytes(model_dir, layers_cfg: dict, method: str, rank: int, b: int, s:
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=512, max_position_embeddings=256, **layers_cfg)).save_pretrained(model_dir)
-    spec = validate({"model": {"base": str(model_dir), **({"quantization_plan": quantization_plan} if quantization_plan else {})},
-                     "method": {"name": method, "r": rank, "dropout": 0.0,
-                                                                 **({"target_modules": targets} if targets else {})},
-                     "data": {"max_length": s}, "train": {"micro_batch_size": b}})
+    spec = validate(
+        {
+            "model": {
+                "base": str(model_dir),
+                **({"quantization_plan": quantization_plan} if quantization_plan else {}),
+            },
+            "method": {"name": method, "r": rank, "dropout": 0.0, **({"target_modules": targets} if targets else {})},
+            "data": {"max_length": s},
+            "train": {"micro_batch_size": b},
+        }
+    )
     model, _, _ = load_base(spec, log=lambda *_: None)
     m = methods.build(spec, model).model.train()
     owned = {t.untyped_storage().data_ptr() for t in [*m.parameters(), *m.buffers()]}
@@ -122,10 +147,13 @@ def _saved_bytes(model_dir, layers_cfg: dict, method: str, rank: int, b: int, s:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("cfg", [
-    {"hidden_size": 96, "intermediate_size": 352, "num_attention_heads": 6, "num_key_value_heads": 2},
-    {"hidden_size": 128, "intermediate_size": 200, "num_attention_heads": 4, "num_key_value_heads": 4},
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"hidden_size": 96, "intermediate_size": 352, "num_attention_heads": 6, "num_key_value_heads": 2},
+        {"hidden_size": 128, "intermediate_size": 200, "num_attention_heads": 4, "num_key_value_heads": 4},
+    ],
+)
 @pytest.mark.parametrize("method,rank", [("lora", 4), ("qlora", 8)])
 def test_saved_activations_per_layer_are_what_autograd_saves(tmp_path, tiny_model_dir, cfg, method, rank):
     """The activation term is counted, not fitted: one more decoder layer adds exactly
@@ -140,13 +168,21 @@ def test_saved_activations_per_layer_are_what_autograd_saves(tmp_path, tiny_mode
         d = tmp_path / f"m{layers}"
         shutil.copytree(tiny_model_dir, d)  # its tokenizer; the weights are replaced
         sizes.append(_saved_bytes(d, {**cfg, "num_hidden_layers": layers}, method, rank, b, s))
-    shape = Shape(layers=1, hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"], heads=cfg["num_attention_heads"],
-                  kv_heads=cfg["num_key_value_heads"], vocab=512)
+    shape = Shape(
+        layers=1,
+        hidden=cfg["hidden_size"],
+        intermediate=cfg["intermediate_size"],
+        heads=cfg["num_attention_heads"],
+        kv_heads=cfg["num_key_value_heads"],
+        vocab=512,
+    )
     assert sizes[1] - sizes[0] == saved_per_token(shape, Plan(method=method, rank=rank)) * b * s * 4
 
 
-@pytest.mark.parametrize("adapted,bits", [((1, 2, 3), 16), ((2, 3), 16), ((3,), 16), ((0, 3), 16), ((1, 3), 16),
-                                          ((0, 3), 8), ((2, 3), 8), ((0, 3), 4)])
+@pytest.mark.parametrize(
+    "adapted,bits",
+    [((1, 2, 3), 16), ((2, 3), 16), ((3,), 16), ((0, 3), 16), ((1, 3), 16), ((0, 3), 8), ((2, 3), 8), ((0, 3), 4)],
+)
 def test_layers_without_adapters_save_what_the_layerwise_model_says(tmp_path, tiny_model_dir, adapted, bits):
     """A layer without an adapter below every adapted one saves nothing; one above saves only what its
     input's gradient needs (an int8 one also its linears' inputs). The layerwise plan's activation term
@@ -155,7 +191,13 @@ def test_layers_without_adapters_save_what_the_layerwise_model_says(tmp_path, ti
 
     from cluster.memory import layerwise_estimate
 
-    cfg = {"hidden_size": 96, "intermediate_size": 352, "num_attention_heads": 6, "num_key_value_heads": 2, "num_hidden_layers": 4}
+    cfg = {
+        "hidden_size": 96,
+        "intermediate_size": 352,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 4,
+    }
     shape = Shape(layers=4, hidden=96, intermediate=352, heads=6, kv_heads=2, vocab=512)
     b, s, rank = 2, 48, 4
     linears = "(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -171,7 +213,9 @@ def test_layers_without_adapters_save_what_the_layerwise_model_says(tmp_path, ti
     assert measured[0] - measured[1] == planned[0] - planned[1] > 0
 
 
-@pytest.mark.parametrize("method,quantization,fp32", [("lora", "none", False), ("qlora", "nf4", True), ("lora", "int8", True)])
+@pytest.mark.parametrize(
+    "method,quantization,fp32", [("lora", "none", False), ("qlora", "nf4", True), ("lora", "int8", True)]
+)
 def test_planner_counts_the_dtype_a_bf16_job_really_trains_in(tiny_model_dir, method, quantization, fp32):
     """On a 4/8-bit base, PEFT's prepare_model_for_kbit_training casts every bf16 parameter that is not a 4-bit
     weight to fp32, so the embeddings, norms and activations are fp32: the planner must count 4 bytes there."""
@@ -182,8 +226,12 @@ def test_planner_counts_the_dtype_a_bf16_job_really_trains_in(tiny_model_dir, me
     from pipelines.plan import plan_of
     from pipelines.spec import validate
 
-    spec = validate({"model": {"base": str(tiny_model_dir), "dtype": "bfloat16", "quantization": quantization},
-                     "method": {"name": method, "r": 4}})
+    spec = validate(
+        {
+            "model": {"base": str(tiny_model_dir), "dtype": "bfloat16", "quantization": quantization},
+            "method": {"name": method, "r": 4},
+        }
+    )
     model, _, _ = load_base(spec, log=lambda *_: None)
     m = methods.build(spec, model).model
     embed = m.get_input_embeddings().weight

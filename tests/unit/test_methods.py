@@ -2,6 +2,7 @@
 
 No Ray here: builders are exercised directly with a minimal step loop.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -123,7 +124,9 @@ def test_lora_plus_groups_have_the_ratio(tiny_model_dir, chat_data):
 
 
 def test_adalora_reallocates_rank_during_training(tiny_model_dir, chat_data):
-    spec, base, _, batch = _setup(tiny_model_dir, chat_data, "adalora", {"r": 8, "args": {"target_r": 2}}, 0.01, steps=20)
+    spec, base, _, batch = _setup(
+        tiny_model_dir, chat_data, "adalora", {"r": 8, "args": {"target_r": 2}}, 0.01, steps=20
+    )
     prepared = methods.build(spec, base)
     assert prepared.after_step is not None
     cfg = prepared.model.peft_config["default"]
@@ -182,7 +185,11 @@ def test_merged_equals_unmerged(tiny_model_dir, chat_data, name):
 
 def test_rank_and_alpha_patterns_pass_through(tiny_model_dir, chat_data):
     spec, base, _, _ = _setup(
-        tiny_model_dir, chat_data, "lora", {"r": 4, "rank_pattern": {"q_proj": 8}, "alpha_pattern": {"q_proj": 16}}, 0.01
+        tiny_model_dir,
+        chat_data,
+        "lora",
+        {"r": 4, "rank_pattern": {"q_proj": 8}, "alpha_pattern": {"q_proj": 16}},
+        0.01,
     )
     model = methods.build(spec, base).model
     q = model.base_model.model.model.layers[0].self_attn.q_proj

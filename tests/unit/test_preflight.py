@@ -1,4 +1,5 @@
 """Pre-flight checks on the built model: every method passes; each broken case fails naming the cause."""
+
 from __future__ import annotations
 
 import pytest
@@ -89,8 +90,11 @@ def test_target_matches_rules():
 def _spec_file(tmp_path, tiny_model_dir, chat_data, **method):
     import yaml
 
-    raw = {"model": {"base": str(tiny_model_dir)}, "method": {"name": "lora", "r": 4, **method},
-           "data": {"train": str(chat_data), "format": "chat", "max_length": 64}}
+    raw = {
+        "model": {"base": str(tiny_model_dir)},
+        "method": {"name": "lora", "r": 4, **method},
+        "data": {"train": str(chat_data), "format": "chat", "max_length": 64},
+    }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)
@@ -114,5 +118,7 @@ def test_unmatched_target_exits_2_before_ray_starts(tmp_path, tiny_model_dir, ch
     for cmd in ("check", "train"):
         assert main([cmd, spec]) == 2
         err = capsys.readouterr().err
-        assert "method.target_modules" in err and "query_key_value" in err and "got ['q_proj', 'query_key_value']" in err
+        assert (
+            "method.target_modules" in err and "query_key_value" in err and "got ['q_proj', 'query_key_value']" in err
+        )
     assert not ray.is_initialized()

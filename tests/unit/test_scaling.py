@@ -1,4 +1,5 @@
 """Strategies and batching: the derived DeepSpeed config, overrides, and the global batch. Pure, no Ray."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,7 +20,9 @@ def test_ddp_has_no_deepspeed_config():
     assert _spec().deepspeed_config() is None
 
 
-@pytest.mark.parametrize("strategy,stage", [("zero1", 1), ("zero2", 2), ("zero2_offload", 2), ("zero3", 3), ("zero3_offload", 3)])
+@pytest.mark.parametrize(
+    "strategy,stage", [("zero1", 1), ("zero2", 2), ("zero2_offload", 2), ("zero3", 3), ("zero3_offload", 3)]
+)
 def test_presets_set_the_stage(strategy, stage):
     assert zero_stage(strategy) == stage
     assert ds_config(strategy, 8, 1, 2, 1.0, "float32")["zero_optimization"]["stage"] == stage
@@ -29,14 +32,21 @@ def test_offload_presets():
     assert offloads("zero2") == {"optimizer": False, "params": False}
     assert offloads("zero2_offload") == {"optimizer": True, "params": False}
     assert offloads("zero3_offload") == {"optimizer": True, "params": True}
-    assert offloads("zero3", {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}) == {"optimizer": True, "params": False}
+    assert offloads("zero3", {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}) == {
+        "optimizer": True,
+        "params": False,
+    }
 
 
 def test_config_is_derived_from_the_spec_once():
     spec = _spec(
         model={"dtype": "bfloat16"},
         train={"micro_batch_size": 4, "global_batch_size": 32, "max_grad_norm": 0.5},
-        scaling={"num_workers": 2, "strategy": "zero2", "deepspeed": {"zero_optimization": {"reduce_bucket_size": 1000}}},
+        scaling={
+            "num_workers": 2,
+            "strategy": "zero2",
+            "deepspeed": {"zero_optimization": {"reduce_bucket_size": 1000}},
+        },
     )
     cfg = spec.deepspeed_config()
     assert cfg["train_micro_batch_size_per_gpu"] == 4
@@ -51,7 +61,15 @@ def test_config_is_derived_from_the_spec_once():
 
 
 def test_overrides_cannot_redefine_what_the_spec_defines():
-    problems = dict(override_problems({"gradient_clipping": 2.0, "zero_optimization": {"stage": 1, "overlap_comm": True}, "bf16": {"enabled": True}}))
+    problems = dict(
+        override_problems(
+            {
+                "gradient_clipping": 2.0,
+                "zero_optimization": {"stage": 1, "overlap_comm": True},
+                "bf16": {"enabled": True},
+            }
+        )
+    )
     assert set(problems) == {"gradient_clipping", "zero_optimization.stage", "bf16"}
     assert "train.max_grad_norm" in problems["gradient_clipping"] and "2.0" in problems["gradient_clipping"]
     assert override_problems({"zero_optimization": {"overlap_comm": True}}) == []
@@ -71,7 +89,7 @@ def test_every_strategy_validates_with_lora():
 def test_galore_with_zero_names_the_working_combination():
     with pytest.raises(SpecError) as e:
         _spec(method={"name": "galore"}, scaling={"num_workers": 2, "strategy": "zero3"})
-    (field, msg), = e.value.problems
+    ((field, msg),) = e.value.problems
     assert field == "scaling.strategy" and "'zero3'" in msg and "ddp" in msg
 
 

@@ -3,6 +3,7 @@
 Fast and Ray-free: nothing here starts a cluster or loads a model. (Validating a
 method section imports ``peft`` to check the config class's fields.)
 """
+
 from __future__ import annotations
 
 import copy
@@ -73,7 +74,9 @@ def test_bad_spec_is_rejected_naming_the_field(path: Path):
     for field in expected:
         assert field in fields, f"{path.name}: expected a problem for {field!r}, got {err.problems}"
         messages = [m for f, m in err.problems if f == field]
-        assert any("got " in m for m in messages), f"{path.name}: message for {field!r} does not quote the value: {messages}"
+        assert any("got " in m for m in messages), (
+            f"{path.name}: message for {field!r} does not quote the value: {messages}"
+        )
     # every problem is listed at once, and the error's text lists them all
     text = str(err)
     assert f"{len(err.problems)} problem(s)" in text
@@ -106,7 +109,9 @@ def test_validate_builds_relative_data_paths_against_base_dir(tmp_path):
 def test_load_spec_reads_a_file_and_reports_a_missing_one(tmp_path):
     (tmp_path / "train.jsonl").write_text('{"text": "hi"}\n')
     path = tmp_path / "job.yaml"
-    path.write_text(f"name: from-file\ndata:\n  train: {tmp_path / 'train.jsonl'}\n  format: text\ntrain:\n  lr: 0.001\n")
+    path.write_text(
+        f"name: from-file\ndata:\n  train: {tmp_path / 'train.jsonl'}\n  format: text\ntrain:\n  lr: 0.001\n"
+    )
     spec = load_spec(path, ["train.max_steps=7", "method.r=4"])
     assert (spec.name, spec.train.lr, spec.train.max_steps, spec.method.r) == ("from-file", 0.001, 7, 4)
     assert [f for f, _ in problems_of(load_spec, tmp_path / "nope.yaml")] == ["<file>"]
@@ -129,8 +134,16 @@ def test_overrides_are_parsed_as_yaml():
 
 
 def test_override_value_types():
-    out = apply_overrides({}, ["train.lr=0.0001", "train.eval_base=false", "tracking.registered_model=",
-                               "method.args={num_virtual_tokens: 8}", "name=a=b"])
+    out = apply_overrides(
+        {},
+        [
+            "train.lr=0.0001",
+            "train.eval_base=false",
+            "tracking.registered_model=",
+            "method.args={num_virtual_tokens: 8}",
+            "name=a=b",
+        ],
+    )
     assert out["train"]["lr"] == 0.0001 and type(out["train"]["lr"]) is float
     assert out["train"]["eval_base"] is False
     assert out["tracking"]["registered_model"] == ""
@@ -171,8 +184,14 @@ def test_validated_spec_is_frozen():
     [
         {
             "name": "no-mutation",
-            "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"q_proj": 8},
-                       "args": {"lora_bias": False}, "galore": {"rank": 8}},
+            "method": {
+                "name": "lora",
+                "r": 4,
+                "target_modules": ["q_proj", "v_proj"],
+                "rank_pattern": {"q_proj": 8},
+                "args": {"lora_bias": False},
+                "galore": {"rank": 8},
+            },
             "train": {"lr": "1e-4", "max_steps": 10},
             "scaling": {"num_workers": 1},
         },

@@ -2,6 +2,7 @@
 
 No Ray. Registration uses a real SQLite MLflow backend in a temp RAYPEFT_HOME.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,6 @@ from pipelines.methods.compare import compare
 from pipelines.models import load_base
 from tests.conftest import tiny_spec
 
-
 # --------------------------------------------------------------------------- budgets vs formulas
 
 
@@ -26,8 +26,15 @@ def _dims(cfg) -> dict[str, tuple[int, int]]:
     """(in, out) of every linear in one decoder layer, from the config alone."""
     h, i = cfg.hidden_size, cfg.intermediate_size
     kv = cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads)
-    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    return {
+        "q_proj": (h, h),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (h, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
 
 
 def _expected(cfg, r: int) -> dict[str, int]:
@@ -52,8 +59,14 @@ def test_compare_counts_match_formulas(which, tiny_model_dir):
     cfg = AutoConfig.from_pretrained(resolve_base(validate({"model": {"base": base}}).model))
     r = 8
     rows = {row.method: row for row in compare(base, ["lora", "dora"], "all-linear", r=r, log=lambda *_: None)}
-    ia3 = compare(base, ["ia3"], ["k_proj", "v_proj", "down_proj"], r=r, args={"ia3": {"feedforward_modules": ["down_proj"]}},
-                  log=lambda *_: None)[0]
+    ia3 = compare(
+        base,
+        ["ia3"],
+        ["k_proj", "v_proj", "down_proj"],
+        r=r,
+        args={"ia3": {"feedforward_modules": ["down_proj"]}},
+        log=lambda *_: None,
+    )[0]
     want = _expected(cfg, r)
     assert rows["lora"].trainable == want["lora"]
     assert rows["dora"].trainable == want["dora"]
@@ -71,7 +84,21 @@ def test_compare_reports_a_failing_method_as_a_row(tiny_model_dir):
 def test_compare_cli_writes_table_csv_and_png(tiny_model_dir, tmp_path, capsys):
     from raypeft.cli import main
 
-    assert main(["methods", "compare", "--model", str(tiny_model_dir), "--methods", "lora,dora,loha", "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "methods",
+                "compare",
+                "--model",
+                str(tiny_model_dir),
+                "--methods",
+                "lora,dora,loha",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "| lora |" in out and "| dora |" in out
     assert (tmp_path / "methods.csv").read_text().count("\n") == 4
@@ -143,7 +170,9 @@ def test_4bit_adapter_merges_into_dequantized_weights(tiny_model_dir, chat_data,
     base4, _, _ = load_base_as_trained(adapter)
     reference = _logits(PeftModel.from_pretrained(base4, adapter).eval(), ids)  # what training saw
     ours = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), ids)
-    naive = _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter).merge_and_unload(), ids)
+    naive = _logits(
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter).merge_and_unload(), ids
+    )
     d_ours, d_naive = (ours - reference).abs().max().item(), (naive - reference).abs().max().item()
     assert d_ours < 1e-3 and d_ours < d_naive / 10, (d_ours, d_naive)
 
@@ -185,7 +214,9 @@ def _deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     t = load_file(adapter_dir / "adapter_model.safetensors")
     scale = cfg["lora_alpha"] / cfg["r"]
-    return {k.replace(".lora_A.weight", ""): scale * t[k.replace("lora_A", "lora_B")] @ t[k] for k in t if "lora_A" in k}
+    return {
+        k.replace(".lora_A.weight", ""): scale * t[k.replace("lora_A", "lora_B")] @ t[k] for k in t if "lora_A" in k
+    }
 
 
 def _factors(adapter_dir: Path):
@@ -229,8 +260,10 @@ def test_incompatible_adapters_are_refused(tiny_model_dir, chat_data, tmp_path):
         combine([str(a), str(b)], [0.5, 0.5], "linear", tmp_path / "c")
     with pytest.raises(AdapterError, match="one weight per adapter"):
         combine([str(a), str(b)], [1.0], "cat", tmp_path / "c")
-    cfgs = [{"peft_type": "LORA", "base_model_name_or_path": "x", "r": 4, "target_modules": ["q_proj"]},
-            {"peft_type": "LORA", "base_model_name_or_path": "y", "r": 4, "target_modules": ["v_proj"]}]
+    cfgs = [
+        {"peft_type": "LORA", "base_model_name_or_path": "x", "r": 4, "target_modules": ["q_proj"]},
+        {"peft_type": "LORA", "base_model_name_or_path": "y", "r": 4, "target_modules": ["v_proj"]},
+    ]
     problems = compatibility_problems(cfgs, [{}, {"quantization": "nf4"}], "ties")
     assert any("different bases" in p for p in problems) and any("differently quantized" in p for p in problems)
     assert any("same target modules" in p for p in problems)
@@ -244,8 +277,24 @@ def test_combine_cli_registers_with_lineage(tiny_model_dir, chat_data, tmp_path,
 
     a = _trained_adapter(tiny_model_dir, chat_data, tmp_path / "a", steps=1)
     b = _trained_adapter(tiny_model_dir, chat_data, tmp_path / "b", steps=2)
-    assert main(["combine", str(a), str(b), "--weights", "0.7,0.3", "--method", "linear", "--name", "mix",
-                 "--out", str(tmp_path / "mix")]) == 0
+    assert (
+        main(
+            [
+                "combine",
+                str(a),
+                str(b),
+                "--weights",
+                "0.7,0.3",
+                "--method",
+                "linear",
+                "--name",
+                "mix",
+                "--out",
+                str(tmp_path / "mix"),
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["registry"]["version"] == 1
     c = MlflowClient(tracking.tracking_uri(), registry_uri=tracking.tracking_uri())

@@ -1,4 +1,5 @@
 """The tune section, the layerwise plan logic, the mixed 4/8/16-bit base and its memory model."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,8 @@ import pytest
 
 from cluster.memory import Shape, layerwise_estimate, linear_bytes
 from pipelines.spec import SpecError, pattern_bits
-from tuning.spec import validate
 from tuning import layerwise as L
-from tuning.spec import concurrency, trial_raw
+from tuning.spec import concurrency, trial_raw, validate
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -25,7 +25,17 @@ def _problems(raw) -> dict[str, str]:
 
 
 def test_a_bad_search_space_names_the_field_and_quotes_the_value():
-    p = _problems({"tune": {"space": {"method.r": {"choice": [4, -2]}, "train.lrr": {"grid": [1]}, "train.lr": {"uniform": [1, 0.5]}}}})
+    p = _problems(
+        {
+            "tune": {
+                "space": {
+                    "method.r": {"choice": [4, -2]},
+                    "train.lrr": {"grid": [1]},
+                    "train.lr": {"uniform": [1, 0.5]},
+                }
+            }
+        }
+    )
     assert "-2" in p["tune.space.method.r"] and "greater than 0" in p["tune.space.method.r"]
     assert "unknown field" in p["tune.space.train.lrr"]
     assert "[1, 0.5]" in p["tune.space.train.lr.uniform"]
@@ -52,7 +62,14 @@ def test_search_space_becomes_tune_domains():
 
     from tuning.sweep import search_space
 
-    s = search_space({"a.b": {"loguniform": [1e-4, 1e-2]}, "c.d": {"grid": [1, 2]}, "e.f": {"choice": ["x", "y"]}, "g.h": {"randint": [1, 5]}})
+    s = search_space(
+        {
+            "a.b": {"loguniform": [1e-4, 1e-2]},
+            "c.d": {"grid": [1, 2]},
+            "e.f": {"choice": ["x", "y"]},
+            "g.h": {"randint": [1, 5]},
+        }
+    )
     assert isinstance(s["a.b"], tune.search.sample.Float) and s["a.b"].lower == 1e-4
     assert s["c.d"] == {"grid_search": [1, 2]}
     assert s["e.f"].categories == ["x", "y"]
@@ -71,8 +88,10 @@ def test_concurrency_is_bounded_by_what_the_cluster_holds():
 def test_results_table_orders_best_first_and_marks_status():
     from tuning.sweep import results_table
 
-    rows = [{"trial": "a", "lr": 0.1, "steps": 3, "eval_loss": 2.0, "error": False, "over_budget": False},
-            {"trial": "b", "lr": 0.01, "steps": 12, "eval_loss": 1.0, "error": False, "over_budget": False}]
+    rows = [
+        {"trial": "a", "lr": 0.1, "steps": 3, "eval_loss": 2.0, "error": False, "over_budget": False},
+        {"trial": "b", "lr": 0.01, "steps": 12, "eval_loss": 1.0, "error": False, "over_budget": False},
+    ]
     lines = results_table(rows, ["lr"], "eval_loss", 12).splitlines()
     assert lines[2].startswith("| b |") and lines[2].endswith("finished |")
     assert lines[3].endswith("stopped early |")
@@ -107,7 +126,9 @@ def test_seed_plans_fit_the_budget_and_favour_sensitive_layers():
     shape = Shape(layers=4, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=100)
     budget = L.memory(shape, L.uniform(shape, 4, 8), TARGETS) * 1.25
     sens = {4: [0.9, 0.1, 0.1, 0.1], 8: [0.05, 0.01, 0.01, 0.01]}
-    seeds = L.seed_plans(sens, [0.1, 0.2, 0.3, 0.4], [4, 8, 16], [0, 4, 8], lambda p: L.memory(shape, p, TARGETS) <= budget)
+    seeds = L.seed_plans(
+        sens, [0.1, 0.2, 0.3, 0.4], [4, 8, 16], [0, 4, 8], lambda p: L.memory(shape, p, TARGETS) <= budget
+    )
     assert seeds and all(L.memory(shape, s, TARGETS) <= budget for s in seeds)
     greedy = [s for s in seeds if len({b for b, _ in s}) > 1]
     assert greedy and all(s[0][0] >= max(b for b, _ in s[1:]) for s in greedy)  # layer 0 minds quantization most
@@ -156,7 +177,9 @@ def test_under_a_peak_budget_repair_drops_the_adapter_that_frees_most_memory_per
     assert L.repair(plan, sens, imp, [4, 8], [0, 4, 8], fits, peak) == [(4, 0), (4, 8), (4, 8), (4, 8)]
     # the activations depend on where the adapters are, not only on how many there are
     assert peak([(4, 0), (4, 8), (4, 8), (4, 8)]) < peak([(4, 8), (4, 0), (4, 8), (4, 8)]) < peak([(4, 8)] * 4)
-    assert L.Memory(shape, TARGETS)([(4, 0), (4, 8), (4, 8), (4, 8)]) == L.Memory(shape, TARGETS)([(4, 8), (4, 0), (4, 8), (4, 8)])
+    assert L.Memory(shape, TARGETS)([(4, 0), (4, 8), (4, 8), (4, 8)]) == L.Memory(shape, TARGETS)(
+        [(4, 8), (4, 0), (4, 8), (4, 8)]
+    )
 
 
 def test_memory_falls_with_bits_and_rises_with_rank():
@@ -173,8 +196,15 @@ def test_memory_falls_with_bits_and_rises_with_rank():
 def _plan_spec(model_dir: Path, data: Path, layers):
     from tests.conftest import tiny_spec
 
-    return tiny_spec(model_dir, data, method={"name": "lora", **{k.split(".")[1]: v for k, v in L.plan_fields(layers, TARGETS).items() if k.startswith("method.")}},
-                     model={"base": str(model_dir), "quantization_plan": L.plan_fields(layers, TARGETS)["model.quantization_plan"]})
+    return tiny_spec(
+        model_dir,
+        data,
+        method={
+            "name": "lora",
+            **{k.split(".")[1]: v for k, v in L.plan_fields(layers, TARGETS).items() if k.startswith("method.")},
+        },
+        model={"base": str(model_dir), "quantization_plan": L.plan_fields(layers, TARGETS)["model.quantization_plan"]},
+    )
 
 
 @pytest.mark.parametrize("layers", [[(4, 8), (8, 4)], [(16, 0), (4, 16)], [(8, 8), (8, 8)]])
@@ -269,15 +299,25 @@ def test_is_uniform_and_the_point_round_trip():
     assert L.from_point({**L.to_point(layers), "memory_bytes": 1.0}) == layers
 
 
-def test_layerwise_cli_refuses_a_budget_no_plan_fits_with_exit_2_before_ray_starts(tiny_model_dir, chat_data, tmp_path, capsys):
+def test_layerwise_cli_refuses_a_budget_no_plan_fits_with_exit_2_before_ray_starts(
+    tiny_model_dir, chat_data, tmp_path, capsys
+):
     import ray
     import yaml
 
     from raypeft.cli import main
 
     spec = tmp_path / "lw.yaml"
-    spec.write_text(yaml.safe_dump({"name": "lw", "model": {"base": str(tiny_model_dir)}, "method": {"name": "lora", "r": 4},
-                                    "data": {"train": str(chat_data), "format": "chat", "max_length": 64}}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "lw",
+                "model": {"base": str(tiny_model_dir)},
+                "method": {"name": "lora", "r": 4},
+                "data": {"train": str(chat_data), "format": "chat", "max_length": 64},
+            }
+        )
+    )
     assert main(["layerwise", str(spec), "--budget", "1MB"]) == 2
     err = capsys.readouterr().err
     assert "tune.layerwise.budget" in err and "smallest plan" in err and "peak memory" in err and "(got 1.0 MB)" in err
@@ -287,7 +327,9 @@ def test_layerwise_cli_refuses_a_budget_no_plan_fits_with_exit_2_before_ray_star
     assert not ray.is_initialized()
 
 
-def test_raypeft_plan_on_a_written_layerwise_spec_counts_what_the_search_counted(tiny_model_dir, chat_data, tmp_path, capsys):
+def test_raypeft_plan_on_a_written_layerwise_spec_counts_what_the_search_counted(
+    tiny_model_dir, chat_data, tmp_path, capsys
+):
     """`raypeft plan` on the spec the search writes reads the per-layer plan back and gives the search's own peak."""
     import yaml
 
@@ -322,7 +364,12 @@ def test_layers_of_reads_targets_as_peft_does(tiny_model_dir, chat_data):
     spec = tiny_spec(tiny_model_dir, chat_data)
     shape = shape_of(spec)
     plan = {L.layer_key(i): 8 for i in range(shape.layers)}
-    every = validate({**spec.model_dump(mode="json", exclude={"tune"}), "model": {"base": str(tiny_model_dir), "quantization_plan": plan}})
+    every = validate(
+        {
+            **spec.model_dump(mode="json", exclude={"tune"}),
+            "model": {"base": str(tiny_model_dir), "quantization_plan": plan},
+        }
+    )
     assert every.method.target_modules == "all-linear"
     assert layers_of(every, shape) == ([(8, 4)] * shape.layers, TARGETS)  # all-linear: every layer at method.r
     raw = every.model_dump(mode="json", exclude={"tune"})

@@ -1,0 +1,59 @@
+"""The shared toolkit: method.dropout reaches every PEFT method, and an adapter's raypeft.json rebuilds
+the model spec training loaded its base with."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines.methods.generic import peft_config
+from pipelines.models import trained_base_spec
+from pipelines.spec import SpecError, validate
+from pipelines.specbase import apply_overrides
+
+
+@pytest.mark.parametrize(
+    ("method", "field"), [("vera", "vera_dropout"), ("boft", "boft_dropout"), ("loha", "module_dropout")]
+)
+def test_method_dropout_reaches_the_peft_config(method, field):
+    spec = validate({"method": {"name": method, "dropout": 0.2, "target_modules": ["q_proj", "v_proj"]}})
+    assert getattr(peft_config(spec), field) == 0.2
+    default = validate({"method": {"name": method, "target_modules": ["q_proj", "v_proj"]}})
+    assert getattr(peft_config(default), field) != 0.2  # unset: PEFT's own default
+
+
+def test_method_dropout_on_a_method_without_one_names_the_field():
+    with pytest.raises(SpecError) as e:
+        validate({"method": {"name": "ia3", "dropout": 0.2}})
+    assert ("method.dropout", "ia3 has no dropout (got 0.2)") in e.value.problems
+
+
+def test_trained_base_spec_reads_raypeft_json(tmp_path):
+    plan = {r"model\.layers\.0\..*": 8, r"model\.layers\.1\..*": 4}
+    meta = {
+        "base": "smollm2-135m",
+        "revision": None,
+        "quantization": "nf4",
+        "double_quant": False,
+        "dtype": "float32",
+        "compute_dtype": "bfloat16",
+        "quantization_plan": plan,
+        "method": "qlora",
+        "job": "j",
+    }
+    (tmp_path / "raypeft.json").write_text(json.dumps(meta))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/cache/smollm2"}))
+    spec = trained_base_spec(tmp_path)
+    m = spec.model
+    assert (m.base, m.quantization, m.double_quant, m.compute_dtype) == ("smollm2-135m", "nf4", False, "bfloat16")
+    assert dict(m.quantization_plan) == plan
+    assert spec.module_bits("model.layers.0.mlp.up_proj") == 8 and spec.module_bits("model.layers.2.mlp.up_proj") == 4
+    plain = trained_base_spec(tmp_path, quantized=False)
+    assert plain.quantization() == "none" and not plain.model.quantization_plan
+
+
+def test_overrides_walk_one_path_and_leave_the_input_alone():
+    raw = {"train": {"lr": 1.0}}
+    out = apply_overrides(raw, ["train.lr=1e-4", "method.galore.rank=8"])
+    assert out == {"train": {"lr": 1e-4}, "method": {"galore": {"rank": 8}}} and raw == {"train": {"lr": 1.0}}
