@@ -78,12 +78,34 @@ def dataset_fingerprint(data: DataSpec) -> str:
     for src, split in ((data.train, "train"), (data.eval, "eval")):
         if src is None:
             continue
+        if "://" in src:
+            h.update(url_fingerprint(src).encode())
+            continue
         p = Path(resolve_source(src, split))
         files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
         for f in files:
             h.update(f.name.encode())
             h.update(f.read_bytes())
     return "sha256:" + h.hexdigest()
+
+
+SMALL_URL_BYTES = 64 << 20
+
+
+def url_fingerprint(url: str) -> str:
+    """A remote source's identity through fsspec: the content hash of a small file (≤ 64 MiB); for a large
+    one its size plus the ETag and modification time the store reports, so no large download happens."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    info = fs.info(path)
+    if info.get("size") is not None and info["size"] <= SMALL_URL_BYTES:
+        with fs.open(path, "rb") as f:
+            return f"{url} sha256:{hashlib.sha256(f.read()).hexdigest()}"
+    stamp = {
+        k: str(info.get(k)) for k in ("size", "ETag", "etag", "mtime", "LastModified", "last_modified") if info.get(k)
+    }
+    return f"{url} {json.dumps(stamp, sort_keys=True)}"
 
 
 def train_eval_records(data: DataSpec, seed: int) -> tuple[list[dict], list[dict]]:

@@ -18,6 +18,7 @@ This module imports neither Ray nor torch, so validation is instant.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -328,9 +329,33 @@ def validate(raw: dict[str, Any], base_dir: str | os.PathLike | None = None) -> 
 
 
 def load_spec(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
-    """Read, override and validate a job spec file. See ``validate``."""
-    raw = apply_overrides(read_yaml(path), list(overrides))
-    return validate(raw)
+    """Read, override, resolve local paths (``resolve_paths``) and validate a job spec file. See ``validate``."""
+    return validate(resolve_paths(apply_overrides(read_yaml(path), list(overrides))))
+
+
+PATH_FIELDS = (("data", "train"), ("data", "eval"), ("model", "base"), ("checkpoint", "storage"))
+
+
+def resolve_paths(raw: dict[str, Any], base_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """A copy of ``raw`` whose relative local paths are absolute, resolved against ``base_dir`` (default:
+    the directory the user ran from), so Ray Train workers and Tune trials, which run elsewhere, read the
+    same files. Done once, on the driver; the spec file is unchanged. Covers ``data.train``, ``data.eval``,
+    ``model.base`` (only when that directory exists: otherwise it is a hub id) and ``checkpoint.storage``.
+    URLs (``scheme://``) and ``builtin:`` datasets are left as they are."""
+    out = copy.deepcopy(raw)
+    base = Path(base_dir or os.getcwd())
+    for section, key in PATH_FIELDS:
+        node = out.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(value, str) or not value or "://" in value or value.startswith("builtin:"):
+            continue
+        local = Path(os.path.expanduser(value))
+        if local.is_absolute():
+            continue
+        candidate = base / local
+        if key == "storage" or candidate.exists():
+            node[key] = str(candidate.resolve())
+    return out
 
 
 # --------------------------------------------------------------------------- semantic checks
@@ -344,7 +369,7 @@ def _data_source_problem(field: str, value: str, base_dir: Path) -> tuple[str, s
             return field, f"unknown builtin dataset (got {quote(value)}; known: {sorted(BUILTIN)})"
         return None
     if "://" in value:
-        return None  # remote (fsspec) paths are checked by the worker that reads them
+        return _url_problem(field, value)
     value = os.path.expanduser(value)
     p = Path(value) if os.path.isabs(value) else base_dir / value
     if not p.exists():
@@ -352,6 +377,21 @@ def _data_source_problem(field: str, value: str, base_dir: Path) -> tuple[str, s
     if p.is_file() and p.suffix not in (".jsonl", ".json", ".parquet"):
         return field, f"unsupported data file type {p.suffix!r}; use .jsonl, .json or .parquet (got {quote(value)})"
     return None
+
+
+def _url_problem(field: str, url: str) -> Problem | None:
+    """A data URL must exist where the driver can see it (through fsspec), with a supported suffix."""
+    suffix = Path(url.split("?", 1)[0]).suffix
+    if suffix and suffix not in (".jsonl", ".json", ".parquet"):
+        return field, f"unsupported data file type {suffix!r}; use .jsonl, .json or .parquet (got {quote(url)})"
+    try:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url)
+        found = fs.exists(path)
+    except Exception as e:  # noqa: BLE001 - an unknown scheme, a missing filesystem package, no access
+        return field, f"cannot reach the data source through fsspec: {type(e).__name__}: {e} (got {quote(url)})"
+    return None if found else (field, f"no file at this URL (got {quote(url)})")
 
 
 def semantic_problems(spec: JobSpec, base_dir: str | os.PathLike | None = None) -> list[tuple[str, str]]:

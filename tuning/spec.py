@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from pipelines.spec import JobSpec, Problem, SpecError, semantic_problems
+from pipelines.spec import JobSpec, Problem, SpecError, resolve_paths, semantic_problems
 from pipelines.specbase import Section, apply_overrides, read_yaml, set_path, validate_spec
 
 Rank = Annotated[int, Field(ge=0)]
@@ -234,7 +234,7 @@ def load(path, overrides=()) -> TunedJobSpec:
     checkable before Ray starts."""
     from pipelines.preflight import architecture_problems
 
-    spec = validate(apply_overrides(read_yaml(path), overrides))
+    spec = validate(resolve_paths(apply_overrides(read_yaml(path), overrides)))
     problems = architecture_problems(spec)
     if problems:
         raise SpecError(problems)
@@ -254,25 +254,3 @@ def concurrency(cluster: dict[str, float], per_trial: dict[str, float], requeste
     if fits < 1:
         raise ValueError(f"one trial needs {needs}, but the cluster has { ({k: cluster.get(k, 0) for k in needs}) }")
     return min(fits, requested) if requested else fits
-
-
-def absolute_paths(raw: dict[str, Any], base_dir: str | None = None) -> dict[str, Any]:
-    """A copy of ``raw`` whose relative local paths (data, base model) are absolute, so trials running in
-    other directories (Tune moves each trial into its own) read the same files."""
-    import copy
-    import os
-
-    out = copy.deepcopy(raw)
-    base = base_dir or os.getcwd()
-    for section, key in (("data", "train"), ("data", "eval"), ("model", "base")):
-        value = out.get(section, {}).get(key)
-        if (
-            isinstance(value, str)
-            and "://" not in value
-            and not value.startswith("builtin:")
-            and not os.path.isabs(value)
-        ):
-            candidate = os.path.join(base, os.path.expanduser(value))
-            if os.path.exists(candidate):
-                out[section][key] = os.path.abspath(candidate)
-    return out

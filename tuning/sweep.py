@@ -22,8 +22,8 @@ from typing import Any
 
 from ray import tune
 
-from pipelines.spec import JobSpec, validate
-from tuning.spec import TunedJobSpec, absolute_paths, concurrency, trial_raw
+from pipelines.spec import JobSpec, resolve_paths, validate
+from tuning.spec import TunedJobSpec, concurrency, trial_raw
 
 DRIVER_CPU = 0.01  # the Tune trial process only waits on its TorchTrainer; Train's workers hold the real resources
 PENALTY = 1e3  # the metric reported by a trial that was not trained (plan over budget)
@@ -232,7 +232,7 @@ def run_trials(
     n = concurrency(ray.cluster_resources(), per_trial, spec.tune.max_concurrent_trials)
     log(f"[raypeft] {name}: up to {n} trial(s) at once ({per_trial['CPU']:g} CPU each)")
     storage = storage_dir(spec)
-    raw = absolute_paths(spec.model_dump(mode="json", exclude={"tune"}))
+    raw = resolve_paths(spec.model_dump(mode="json", exclude={"tune"}))
     exp_id = client(uri).get_run(parent_run_id).info.experiment_id
     logger = MlflowSweepLogger(uri, exp_id, parent_run_id, name, max_steps)
     trainable = tune.with_resources(

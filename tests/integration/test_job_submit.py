@@ -147,6 +147,38 @@ def test_ray_job_submit_trains_and_registers(ray_head, tmp_path, tiny_model_dir,
     assert v.tags["raypeft.run_id"] == result["run_id"]
 
 
+def test_ray_job_submit_from_a_project_working_dir_resolves_its_relative_paths(ray_head, tmp_path, tiny_model_dir):
+    """`ray job submit --working-dir PROJECT` with paths relative to the project: they resolve inside the
+    shipped copy, on the driver, and the workers read them from there."""
+    from tests.conftest import write_chat_data
+
+    root = tmp_path / "project"
+    (root / "data").mkdir(parents=True)
+    write_chat_data(root / "data" / "chat.jsonl", n=32)
+    spec = {
+        "name": "workdir",
+        "model": {"base": str(tiny_model_dir)},
+        "method": {"name": "lora", "r": 4},
+        "data": {"train": "data/chat.jsonl", "max_length": 64},
+        "train": {"max_steps": 2, "micro_batch_size": 4, "warmup_steps": 1, "eval_every": 0, "eval_base": False},
+    }
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    home = tmp_path / "home"
+    runtime_env = {"env_vars": {"RAYPEFT_HOME": str(home), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+    proc = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(root),
+         "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "pipelines.train", "spec.yaml"],
+        env=_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = _last_json(proc.stdout)
+    assert (Path(result["adapter_dir"]) / "adapter_model.safetensors").is_file()
+    from mlflow import MlflowClient
+
+    train = MlflowClient(result["tracking_uri"]).get_run(result["run_id"]).data.params["data.train"]
+    assert os.path.isabs(train) and train.endswith("data/chat.jsonl") and not train.startswith(str(root))
+
+
 def test_submit_without_token_is_refused(ray_head):
     """Token auth stays on: a client without RAY_AUTH_MODE=token cannot submit."""
     env = _env()
