@@ -88,6 +88,39 @@ def override_problems(overrides: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+_ZERO_CHECK = """
+import json, sys
+from pydantic import ValidationError
+from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+try:
+    DeepSpeedZeroConfig(**json.loads(sys.stdin.read()))
+    print("[]")
+except ValidationError as e:
+    print(json.dumps([[".".join(map(str, x["loc"])), x["msg"], repr(x.get("input"))[:80]] for x in e.errors()]))
+"""
+
+
+def zero_problems(zero: dict[str, Any]) -> list[tuple[str, str]]:
+    """``zero_optimization`` overrides checked by DeepSpeed's own parser (``DeepSpeedZeroConfig``): unknown
+    keys, wrong types, out-of-range values. It runs in a short subprocess, so the driver never imports
+    DeepSpeed (~4 s, only when there are such overrides)."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _ZERO_CHECK],
+        input=json.dumps(zero, default=str),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return [("zero_optimization", f"DeepSpeed could not check these overrides: {proc.stderr.strip()[-300:]}")]
+    return [(f"zero_optimization.{loc}", f"{msg} (got {got})") for loc, msg, got in json.loads(lines[-1])]
+
+
 def ds_config(
     strategy: str,
     micro_batch_size: int,

@@ -227,15 +227,19 @@ def disable_bnb_cpu_repacking(model) -> None:
             mod.support_avx512bf16_for_cpu = False
 
 
-def meta_module_names(model: ModelSpec) -> list[str]:
-    """Module names of the base architecture, instantiated on the meta device (reads only its config)."""
+def meta_model(model: ModelSpec):
+    """The base architecture instantiated on the meta device: no weights are read, only its config."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(resolve_base(model, log=lambda *_: None), revision=model.revision)
     with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(cfg)
-    return [n for n, _ in m.named_modules()]
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+def meta_module_names(model: ModelSpec) -> list[str]:
+    """Module names of the base architecture (``meta_model``)."""
+    return [n for n, _ in meta_model(model).named_modules()]
 
 
 def load_tokenizer(path: str, revision: str | None = None):

@@ -17,6 +17,8 @@ training worker before step 0 and in ``raypeft check``.
 
 from __future__ import annotations
 
+import re
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -200,28 +202,58 @@ def module_names(model: Any) -> list[str]:
     return [n for n, _ in model.named_modules()]
 
 
-def _missing_targets_message(missing: list[str], names: list[str]) -> str:
+def _missing_targets_message(missing: list[str], names: list[str], what: str = "module") -> str:
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names if n})
-    return f"{missing!r} matched no module of the base; its modules end in: {', '.join(suffixes[:40])}"
+    return f"{missing!r} matched no {what} of the base; its {what}s end in: {', '.join(suffixes[:40])}"
 
 
 def architecture_problems(spec: JobSpec) -> list[tuple[str, str]]:
-    """Driver-side, before Ray starts: ``target_modules`` against the base's architecture, built on
-    the meta device (no weights are read). A base whose config cannot be read here (a hub id
-    without network) is left to the worker's full pre-flight."""
-    target = spec.method.target_modules
-    if target == "all-linear":
-        return []
-    try:
-        from pipelines.models import meta_module_names
+    """Driver-side, before Ray starts, on the base architecture built on the meta device (no weights are
+    read): every ``target_modules`` entry must match a linear layer, and PEFT must accept the method's
+    config on this model (``get_peft_model`` on meta), so a worker never meets a complaint the driver could
+    have raised. A base whose config cannot be read here (a hub id without network) is left to the worker."""
+    import torch
 
-        names = meta_module_names(spec.model)
+    try:
+        from pipelines.models import meta_model
+
+        model = meta_model(spec.model)
     except Exception:  # noqa: BLE001 - the worker's pre-flight checks it with the real model
         return []
-    missing = [t for t, n in target_matches(target, names).items() if n == 0]
-    if not missing:
+    names = [n for n, _ in model.named_modules()]
+    linears = [n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
+    target = spec.method.target_modules
+    missing = [t for t, n in target_matches(target, linears).items() if n == 0]
+    if missing:
+        others = [t for t, n in target_matches(target, names).items() if n and t in missing]
+        why = f"; {others!r} match only non-linear modules" if others else ""
+        message = _missing_targets_message(missing, linears, "linear layer")
+        return [("method.target_modules", f"{message}{why} (got {target!r})")]
+    return _peft_problems(spec, model)
+
+
+def _peft_problems(spec: JobSpec, model) -> list[tuple[str, str]]:
+    """What PEFT says when it wraps the meta model with the spec's config, as spec problems naming the field."""
+    from pipelines.methods import get_method
+
+    method = get_method(spec.method.name)
+    if method.peft_config is None:
         return []
-    return [("method.target_modules", f"{_missing_targets_message(missing, names)} (got {target!r})")]
+    from peft import get_peft_model
+
+    try:
+        get_peft_model(model, method.peft_config(spec, model))
+    except (ValueError, TypeError, KeyError, IndexError, re.error) as e:
+        from pipelines.methods import config_problem
+
+        field, message = config_problem(spec, e, f"PEFT ({spec.method.name} on this base)")
+        if field == "method.args" and not spec.method.args:
+            field = "method.name"
+            message = message.replace("(got {})", f"(got {spec.method.name!r})")
+        return [(field, message)]
+    except Exception:  # noqa: BLE001 - a limit of the meta device, not of the spec: the worker builds it for real
+        return []
+    return []
 
 
 def load_checked_spec(path, overrides=()) -> JobSpec:
@@ -236,7 +268,29 @@ def load_checked_spec(path, overrides=()) -> JobSpec:
     problems = architecture_problems(spec)
     if problems:
         raise SpecError(problems)
+    for warning in data_warnings(spec):
+        print(f"[raypeft] warning: {warning}", file=sys.stderr)
     return spec
+
+
+def data_warnings(spec: JobSpec, max_bytes: int = 256 << 20) -> list[str]:
+    """Cheap checks of the spec against its data (a local JSONL file up to ``max_bytes``): warnings, not
+    errors, because a small dataset still trains (its examples repeat)."""
+    from pathlib import Path
+
+    train = Path(spec.data.train)
+    if "://" in spec.data.train or train.suffix != ".jsonl" or not train.is_file() or train.stat().st_size > max_bytes:
+        return []
+    with open(train, "rb") as f:
+        n = sum(1 for line in f if line.strip())
+    held_out = 0 if spec.data.eval is not None else int(n * spec.data.eval_fraction)
+    per_step = spec.global_batch_size()
+    if n - held_out < per_step:
+        return [
+            f"data.train has {n - held_out} training examples, fewer than one global batch "
+            f"(train.micro_batch_size × grad accumulation × scaling.num_workers = {per_step}); examples repeat within a step"
+        ]
+    return []
 
 
 def _plan_problems(spec: JobSpec, model) -> list[str]:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pipelines.spec import DataSpec
-from pipelines.specbase import Section, read_yaml, validate_spec
+from pipelines.specbase import SEED_MAX, Float, Int, Section, read_yaml, validate_spec
 
 PROMOTIONS_EXPERIMENT = "raypeft-promotions"
 
@@ -35,12 +35,14 @@ class Gate(Section):
     mode: Literal["min", "max"] = Field(
         "min", description="`min`: lower is better (eval_loss); `max`: higher is better."
     )
-    margin: float = Field(0.0, ge=0, description="The candidate must beat the current holder by at least this much.")
-    bound: float | None = Field(None, description="Absolute bound: a ceiling for `min`, a floor for `max`.")
+    margin: Float = Field(
+        0.0, ge=0, le=1e6, description="The candidate must beat the current holder by at least this much."
+    )
+    bound: Float | None = Field(None, description="Absolute bound: a ceiling for `min`, a floor for `max`.")
     data: DataSpec = Field(
         default_factory=DataSpec, description="Eval data (the `data` section of a job spec; its eval split is used)."
     )
-    seed: int = Field(42, description="Seed of the held-out split (as in the job spec).")
+    seed: Int = Field(42, ge=0, le=SEED_MAX, description="Seed of the held-out split (as in the job spec).")
 
 
 def load_gate(path: str | None) -> Gate:

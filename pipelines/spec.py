@@ -28,11 +28,16 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field
 
 from pipelines.specbase import (  # noqa: F401 - re-exported: the job spec's public toolkit
+    SEED_MAX,
+    STEPS_MAX,
+    Float,
+    Int,
     Problem,
     Section,
     SpecError,
     UserError,
     apply_overrides,
+    load_file,
     parse_override,
     quote,
     read_yaml,
@@ -75,9 +80,9 @@ class ModelSpec(Section):
 
 
 class GaloreSpec(Section):
-    rank: int = Field(128, gt=0, description="GaLore projection rank.")
-    update_proj_gap: int = Field(200, gt=0, description="Steps between projection (SVD) updates.")
-    scale: float = Field(0.25, gt=0, description="GaLore update scale.")
+    rank: Int = Field(128, gt=0, le=65536, description="GaLore projection rank.")
+    update_proj_gap: Int = Field(200, gt=0, le=STEPS_MAX, description="Steps between projection (SVD) updates.")
+    scale: Float = Field(0.25, gt=0, le=1000, description="GaLore update scale.")
     proj_type: Literal["std", "reverse_std", "right", "left", "full"] = Field("std", description="Projection side.")
 
 
@@ -89,13 +94,13 @@ class MethodSpec(Section):
         "galore_layerwise, adalora, or any PEFT method by its PEFT type name (loha, lokr, ia3, vera, vblora, "
         "hra, waveft, boft, oft, fourierft, prompt_tuning, prefix_tuning, ...).",
     )
-    r: int | None = Field(
-        None, gt=0, description="Rank (LoRA family default 16; passed to any PEFT config with an `r`)."
+    r: Int | None = Field(
+        None, gt=0, le=65536, description="Rank (LoRA family default 16; passed to any PEFT config with an `r`)."
     )
-    alpha: float | None = Field(
-        None, gt=0, description="LoRA alpha (default 2·r). Scale is alpha/r, or alpha/sqrt(r) for rslora."
+    alpha: Float | None = Field(
+        None, gt=0, le=1e6, description="LoRA alpha (default 2·r). Scale is alpha/r, or alpha/sqrt(r) for rslora."
     )
-    dropout: float = Field(
+    dropout: Float = Field(
         0.05,
         ge=0,
         lt=1,
@@ -105,13 +110,15 @@ class MethodSpec(Section):
     target_modules: str | list[str] = Field(
         "all-linear", description="Modules to adapt: `all-linear`, a list of module-name suffixes, or a regex."
     )
-    rank_pattern: dict[str, Annotated[int, Field(gt=0)]] = Field(
+    rank_pattern: dict[str, Annotated[Int, Field(gt=0, le=65536)]] = Field(
         default_factory=dict, description="Per-module rank overrides (PEFT `rank_pattern`)."
     )
-    alpha_pattern: dict[str, Annotated[float, Field(gt=0)]] = Field(
+    alpha_pattern: dict[str, Annotated[Float, Field(gt=0, le=1e6)]] = Field(
         default_factory=dict, description="Per-module alpha overrides (PEFT `alpha_pattern`)."
     )
-    loraplus_ratio: float = Field(16.0, gt=0, description="lora_plus: learning rate of B = ratio × learning rate of A.")
+    loraplus_ratio: Float = Field(
+        16.0, gt=0, le=1e4, description="lora_plus: learning rate of B = ratio × learning rate of A."
+    )
     galore: GaloreSpec = Field(default_factory=GaloreSpec, description="GaLore projection settings (galore* methods).")
     args: dict[str, Any] = Field(
         default_factory=dict,
@@ -129,7 +136,7 @@ class DataSpec(Section):
     eval: str | None = Field(
         None, description="Eval data (same kinds as `train`); when unset, `eval_fraction` is held out."
     )
-    eval_fraction: float = Field(
+    eval_fraction: Float = Field(
         0.1, ge=0, lt=1, description="Fraction of `train` held out for eval when `eval` is unset."
     )
     format: Literal["text", "instruction", "chat"] = Field(
@@ -141,25 +148,29 @@ class DataSpec(Section):
     task: Literal["none", "json_extract"] = Field(
         "none", description="Task metric computed by greedy generation at eval: `json_extract` = exact JSON match."
     )
-    max_length: int = Field(256, gt=8, le=131072, description="Maximum tokens per example (longer ones are truncated).")
+    max_length: Int = Field(256, gt=8, le=131072, description="Maximum tokens per example (longer ones are truncated).")
     packing: bool = Field(
         False, description="Pack several examples into each max_length row (no cross-example attention masking)."
     )
-    eval_task_samples: int = Field(64, ge=0, description="Eval examples scored with the task metric (0 = all).")
+    eval_task_samples: Int = Field(
+        64, ge=0, le=1_000_000, description="Eval examples scored with the task metric (0 = all)."
+    )
 
 
 class TrainSpec(Section):
-    lr: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
-    max_steps: int = Field(60, gt=0, description="Optimizer steps to run.")
-    micro_batch_size: int = Field(8, gt=0, description="Examples per worker per forward pass.")
-    grad_accum: int = Field(
+    lr: Float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    max_steps: Int = Field(60, gt=0, le=STEPS_MAX, description="Optimizer steps to run.")
+    micro_batch_size: Int = Field(8, gt=0, le=65536, description="Examples per worker per forward pass.")
+    grad_accum: Int = Field(
         1,
         gt=0,
+        le=65536,
         description="Micro-batches accumulated per optimizer step (leave at 1 when `global_batch_size` is set).",
     )
-    global_batch_size: int | None = Field(
+    global_batch_size: Int | None = Field(
         None,
         gt=0,
+        le=2**24,
         description="Examples per optimizer step across all workers. When set, accumulation is derived: "
         "global_batch_size / (micro_batch_size × num_workers), which must be whole, so the global batch stays "
         "the same whatever the worker count. Unset: micro_batch_size × grad_accum × num_workers.",
@@ -167,19 +178,19 @@ class TrainSpec(Section):
     scheduler: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
     )
-    warmup_steps: int = Field(5, ge=0, description="Linear warmup steps.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
-    seed: int = Field(42, description="Seed for weights init, data order and dropout.")
-    eval_every: int = Field(20, ge=0, description="Evaluate every N steps (0: only at the end).")
-    log_every: int = Field(1, gt=0, description="Log metrics every N steps.")
+    warmup_steps: Int = Field(5, ge=0, le=STEPS_MAX, description="Linear warmup steps.")
+    weight_decay: Float = Field(0.0, ge=0, le=10, description="AdamW weight decay.")
+    max_grad_norm: Float = Field(1.0, ge=0, le=1e6, description="Gradient clipping norm (0 disables).")
+    seed: Int = Field(42, ge=0, le=SEED_MAX, description="Seed for weights init, data order and dropout.")
+    eval_every: Int = Field(20, ge=0, le=STEPS_MAX, description="Evaluate every N steps (0: only at the end).")
+    log_every: Int = Field(1, gt=0, le=STEPS_MAX, description="Log metrics every N steps.")
     eval_base: bool = Field(
         True, description="Evaluate the base model (adapter disabled) before training, for comparison."
     )
 
 
 class ScalingSpec(Section):
-    num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks).")
+    num_workers: Int = Field(1, gt=0, le=4096, description="Ray Train workers (data-parallel ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker; NCCL backend. CPU workers use gloo.")
     strategy: Literal["ddp", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"] = Field(
         "ddp",
@@ -193,20 +204,22 @@ class ScalingSpec(Section):
         "{reduce_bucket_size: 5e7}}`). Batch size, accumulation, clipping, precision, optimizer and stage "
         "come from the spec and are refused here.",
     )
-    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads per worker (0 = cpus_per_worker).")
+    cpus_per_worker: Float = Field(1, gt=0, le=1024, description="CPUs reserved per worker.")
+    torch_threads: Int = Field(0, ge=0, le=1024, description="torch intra-op threads per worker (0 = cpus_per_worker).")
 
 
 class CheckpointSpec(Section):
-    every_steps: int = Field(0, ge=0, description="Save and report a checkpoint every N steps (0: only at the end).")
-    keep: int = Field(2, gt=0, description="Checkpoints kept (Ray Train `num_to_keep`).")
+    every_steps: Int = Field(
+        0, ge=0, le=STEPS_MAX, description="Save and report a checkpoint every N steps (0: only at the end)."
+    )
+    keep: Int = Field(2, gt=0, le=1000, description="Checkpoints kept (Ray Train `num_to_keep`).")
     storage: str | None = Field(
         None,
         description="Ray Train storage path (local dir or cloud URI) for checkpoints and the final adapter. "
         "Unset: $RAYPEFT_HOME/runs ($RAYPEFT_HOME defaults to ~/.raypeft).",
     )
-    max_failures: int = Field(
-        0, ge=-1, description="Worker-group restarts allowed from the latest checkpoint (-1: unlimited)."
+    max_failures: Int = Field(
+        0, ge=-1, le=10_000, description="Worker-group restarts allowed from the latest checkpoint (-1: unlimited)."
     )
 
 
@@ -330,7 +343,7 @@ def validate(raw: dict[str, Any], base_dir: str | os.PathLike | None = None) -> 
 
 def load_spec(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
     """Read, override, resolve local paths (``resolve_paths``) and validate a job spec file. See ``validate``."""
-    return validate(resolve_paths(apply_overrides(read_yaml(path), list(overrides))))
+    return load_file(path, overrides, lambda raw: validate(resolve_paths(raw)))
 
 
 PATH_FIELDS = (("data", "train"), ("data", "eval"), ("model", "base"), ("checkpoint", "storage"))
@@ -411,7 +424,10 @@ def semantic_problems(spec: JobSpec, base_dir: str | os.PathLike | None = None) 
         if not (path / "config.json").is_file():
             problems.append(("model.base", f"local model directory has no config.json (got {quote(m.base)})"))
 
-    problems += method_problems(spec)
+    targets = _target_problems(spec)
+    problems += targets
+    if not targets:  # PEFT's config classes would raise on a bad regex
+        problems += method_problems(spec)
     problems += _plan_problems(spec)
 
     for field, value in (("data.train", spec.data.train), ("data.eval", spec.data.eval)):
@@ -476,14 +492,45 @@ def semantic_problems(spec: JobSpec, base_dir: str | os.PathLike | None = None) 
     return problems
 
 
+def _regex_problem(field: str, pattern: str) -> Problem | None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return field, f"not a valid regex: {e} (got {quote(pattern)})"
+    return None
+
+
+def _target_problems(spec: JobSpec) -> list[Problem]:
+    """Target modules and rank/alpha pattern keys: non-empty, and every regex compiles."""
+    m, out = spec.method, []
+    target = m.target_modules
+    if isinstance(target, str):
+        if not target.strip():
+            out.append(
+                ("method.target_modules", f"must name modules: all-linear, a regex or a list (got {quote(target)})")
+            )
+        elif target != "all-linear" and (p := _regex_problem("method.target_modules", target)):
+            out.append(p)
+    elif not target or any(not isinstance(t, str) or not t.strip() for t in target):
+        out.append(("method.target_modules", f"a list needs non-empty module-name suffixes (got {quote(target)})"))
+    for section, patterns in (("rank_pattern", m.rank_pattern), ("alpha_pattern", m.alpha_pattern)):
+        for key in patterns:
+            if p := _regex_problem(f"method.{section}.{key}", key):
+                out.append(p)
+    return out
+
+
 def _plan_problems(spec: JobSpec) -> list[tuple[str, str]]:
-    out = []
-    for key in spec.model.quantization_plan:
-        try:
-            re.compile(key)
-        except re.error as e:
-            out.append((f"model.quantization_plan.{key}", f"not a valid regex: {e} (got {quote(key)})"))
+    out = [p for key in spec.model.quantization_plan if (p := _regex_problem(f"model.quantization_plan.{key}", key))]
     plan_bits = set(spec.model.quantization_plan.values())
+    if spec.model.quantization_plan and plan_bits == {16} and spec.method.name in ("qlora", "qdora"):
+        out.append(
+            (
+                "model.quantization_plan",
+                f"{spec.method.name} trains on a 4-bit base, but this plan quantizes nothing; give layers 4 (or 8) "
+                f"bits, or use method lora (got {dict(spec.model.quantization_plan)!r})",
+            )
+        )
     if plan_bits - {16} and spec.scaling.strategy.startswith("zero3"):
         out.append(
             (
@@ -504,7 +551,7 @@ def _plan_problems(spec: JobSpec) -> list[tuple[str, str]]:
 
 def _scaling_problems(spec: JobSpec) -> list[tuple[str, str]]:
     """Strategy × method × quantization combinations that cannot work, caught before anything starts."""
-    from cluster.deepspeed import override_problems, zero_stage
+    from cluster.deepspeed import override_problems, zero_problems, zero_stage
 
     sc, out = spec.scaling, []
     stage = zero_stage(sc.strategy)
@@ -518,6 +565,11 @@ def _scaling_problems(spec: JobSpec) -> list[tuple[str, str]]:
             )
         return out
     out += [(f"scaling.deepspeed.{k}", msg) for k, msg in override_problems(sc.deepspeed)]
+    zero = sc.deepspeed.get("zero_optimization")
+    if zero is not None and not isinstance(zero, dict):
+        out.append(("scaling.deepspeed.zero_optimization", f"must be a mapping (got {quote(zero)})"))
+    elif zero:
+        out += [(f"scaling.deepspeed.{k}", msg) for k, msg in zero_problems({"stage": stage, **zero})]
     name = spec.method.name
     if name.startswith("galore"):
         out.append(

@@ -18,10 +18,10 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 Problem = tuple[str, str]  # (dotted field, message)
 S = TypeVar("S", bound=BaseModel)
@@ -46,9 +46,21 @@ class SpecError(UserError):
 
 
 class Section(BaseModel):
-    """A spec section: frozen, unknown keys refused."""
+    """A spec section: frozen, unknown keys refused, floats finite (no ``.inf`` / ``.nan``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic would read True as 1
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]  # an int field that refuses true/false
+Float = Annotated[float, BeforeValidator(_not_bool)]  # a float field that refuses true/false
+SEED_MAX = 2**32 - 1  # numpy and CUDA seeds are 32-bit
+STEPS_MAX = 100_000_000
 
 
 def quote(value: Any) -> str:
@@ -114,20 +126,106 @@ def validate_spec(
 # --------------------------------------------------------------------------- YAML and overrides
 
 
-def read_yaml(path: str | os.PathLike, source: str = "spec") -> dict[str, Any]:
-    """The mapping in a YAML file, or ``SpecError`` naming what is wrong with the file."""
+class _StrictLoader(yaml.SafeLoader):
+    """A safe loader that refuses duplicate keys (PyYAML keeps the last one silently)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} on lines {seen[key]} and {line}", key_node.start_mark
+            )
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _lines(node: yaml.Node, prefix: str = "", out: dict[str, int] | None = None) -> dict[str, int]:
+    """Dotted field → line number (1-based) of every key in a composed YAML document."""
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            field = f"{prefix}{key_node.value}"
+            out[field] = key_node.start_mark.line + 1
+            _lines(value_node, field + ".", out)
+    return out
+
+
+def read_yaml_lines(path: str | os.PathLike, source: str = "spec") -> tuple[dict[str, Any], dict[str, int]]:
+    """The mapping in a YAML file and the line of each dotted field, or ``SpecError`` naming what is wrong
+    with the file: missing, not UTF-8 text, not YAML, a duplicate key, empty, or not a mapping."""
     p = Path(path)
     if not p.is_file():
         raise SpecError([("<file>", f"spec file not found (got {quote(str(path))})")], source)
+    data = p.read_bytes()
     try:
-        raw = yaml.safe_load(p.read_text())
+        text = data.decode("utf-8")
+        if "\x00" in text:
+            raise UnicodeDecodeError("utf-8", data, text.index("\x00"), text.index("\x00") + 1, "NUL byte")
+    except UnicodeDecodeError as e:
+        raise SpecError(
+            [("<file>", f"not a UTF-8 text file: {e.reason} at byte {e.start} (got {quote(str(path))})")], source
+        ) from None
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        lines = _lines(yaml.compose(text, Loader=yaml.SafeLoader)) if isinstance(raw, dict) else {}
     except yaml.YAMLError as e:
-        raise SpecError([("<file>", f"not valid YAML in {str(path)!r}: {e}")], source) from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError([("<file>", f"not valid YAML{where}: {problem} (got {quote(str(path))})")], source) from None
     if raw is None:
-        raw = {}
+        raise SpecError([("<file>", f"the file is empty: write at least one field (got {quote(str(path))})")], source)
     if not isinstance(raw, dict):
-        raise SpecError([("<root>", f"spec must be a mapping (got {quote(raw)})")], source)
-    return raw
+        raise SpecError([("<root>", f"spec must be a mapping of sections (got {quote(raw)})")], source)
+    return raw, lines
+
+
+def read_yaml(path: str | os.PathLike, source: str = "spec") -> dict[str, Any]:
+    """The mapping in a YAML file (``read_yaml_lines`` without the lines)."""
+    return read_yaml_lines(path, source)[0]
+
+
+def load_file(
+    path: str | os.PathLike,
+    overrides: Iterable[str],
+    validate: Callable[[dict[str, Any]], S],
+    source: str = "spec",
+) -> S:
+    """Read a spec file strictly, apply ``section.field=value`` overrides, and ``validate`` the result.
+    Each problem in a field the file set (and no override replaced) names its line in the file."""
+    overrides = list(overrides)
+    raw, lines = read_yaml_lines(path, source)
+    raw = apply_overrides(raw, overrides)
+    overridden = [parse_override(o)[0] for o in overrides]
+    try:
+        return validate(raw)
+    except SpecError as e:
+        problems = []
+        for field, msg in e.problems:
+            line = _line_of(field, lines)
+            if line and not any(
+                field == o or field.startswith(o + ".") or o.startswith(field + ".") for o in overridden
+            ):
+                msg = f"{msg} [{Path(path).name} line {line}]"
+            problems.append((field, msg))
+        raise SpecError(problems, e.source) from None
+
+
+def _line_of(field: str, lines: dict[str, int]) -> int | None:
+    """The line of ``field``, or of its nearest parent the file names (a missing key's section)."""
+    parts = field.split(".")
+    for n in range(len(parts), 0, -1):
+        line = lines.get(".".join(parts[:n]))
+        if line:
+            return line
+    return None
 
 
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -186,9 +284,23 @@ def field_reference(model: type[BaseModel], prefix: str = "") -> list[tuple[str,
     return rows
 
 
+def bounds(model: type[BaseModel], field: str) -> str:
+    """The numeric bounds a field enforces, e.g. ``> 0, ≤ 65536`` (empty if none)."""
+    *parents, leaf = field.split(".")
+    for p in parents:
+        model = model.model_fields[p].annotation
+    out = []
+    for c in model.model_fields[leaf].metadata:
+        for attr, sign in (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤")):
+            value = getattr(c, attr, None)
+            if value is not None:
+                out.append(f"{sign} {value:,}" if isinstance(value, int) else f"{sign} {value:g}")
+    return ", ".join(out)
+
+
 def reference_markdown(model: type[BaseModel]) -> str:
     """The fields of ``model`` as a markdown table (the docs' spec references)."""
-    lines = ["| field | default | meaning |", "| --- | --- | --- |"]
+    lines = ["| field | default | allowed | meaning |", "| --- | --- | --- | --- |"]
     for field, default, desc in field_reference(model):
-        lines.append(f"| `{field}` | `{default}` | {desc.replace('|', '/')} |")
+        lines.append(f"| `{field}` | `{default}` | {bounds(model, field)} | {desc.replace('|', '/')} |")
     return "\n".join(lines)

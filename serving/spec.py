@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pipelines.specbase import Problem, Section, apply_overrides, quote, read_yaml, validate_spec
+from pipelines.specbase import Float, Int, Problem, Section, load_file, quote, validate_spec
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -39,41 +39,41 @@ class ServeModel(Section):
 
 
 class ServeCache(Section):
-    active_slots: int = Field(
+    active_slots: Int = Field(
         8,
         gt=0,
         le=512,
         description="Adapters resident in the model at once (the active tier); a batch mixes any of them.",
     )
-    max_rank: int = Field(64, gt=0, le=1024, description="Largest adapter rank served (the slots are sized for it).")
-    cpu_adapters: int = Field(
+    max_rank: Int = Field(64, gt=0, le=1024, description="Largest adapter rank served (the slots are sized for it).")
+    cpu_adapters: Int = Field(
         64, gt=0, description="Adapters kept in CPU memory (the CPU tier), least recently used out first."
     )
-    cpu_bytes: int = Field(2 << 30, gt=0, description="Byte budget of the CPU tier.")
+    cpu_bytes: Int = Field(2 << 30, gt=0, description="Byte budget of the CPU tier.")
     prefetch: list[str] = Field(
         default_factory=list, description="Adapters read into the CPU tier when the replica starts."
     )
 
 
 class ServeLimits(Section):
-    max_batch_size: int = Field(8, gt=0, le=1024, description="Rows decoded together per step.")
-    max_queue: int = Field(
+    max_batch_size: Int = Field(8, gt=0, le=1024, description="Rows decoded together per step.")
+    max_queue: Int = Field(
         64, gt=0, description="Requests waiting per replica; beyond it requests get 503 with Retry-After."
     )
-    max_new_tokens: int = Field(256, gt=0, description="Largest `max_tokens` a request may ask for (also its default).")
-    max_prompt_tokens: int = Field(2048, gt=0, description="Longest prompt accepted (400 beyond it).")
-    request_timeout_s: float = Field(120.0, gt=0, description="A request still unfinished after this gets 504.")
+    max_new_tokens: Int = Field(256, gt=0, description="Largest `max_tokens` a request may ask for (also its default).")
+    max_prompt_tokens: Int = Field(2048, gt=0, description="Longest prompt accepted (400 beyond it).")
+    request_timeout_s: Float = Field(120.0, gt=0, description="A request still unfinished after this gets 504.")
 
 
 class ServeDeployment(Section):
-    replicas: int = Field(1, gt=0, description="Replicas, each holding the base once (ignored with autoscaling).")
+    replicas: Int = Field(1, gt=0, description="Replicas, each holding the base once (ignored with autoscaling).")
     autoscaling: dict[str, Any] | None = Field(
         None, description="Ray Serve `autoscaling_config` (min_replicas, max_replicas, target_ongoing_requests)."
     )
-    cpus_per_replica: float = Field(1, gt=0, description="CPUs reserved per replica.")
-    gpus_per_replica: float = Field(0, ge=0, description="GPUs per replica (1 to serve on a GPU).")
+    cpus_per_replica: Float = Field(1, gt=0, description="CPUs reserved per replica.")
+    gpus_per_replica: Float = Field(0, ge=0, description="GPUs per replica (1 to serve on a GPU).")
     host: str = Field("127.0.0.1", description="HTTP host of the Serve proxy.")
-    port: int = Field(8000, gt=0, lt=65536, description="HTTP port of the Serve proxy.")
+    port: Int = Field(8000, gt=0, lt=65536, description="HTTP port of the Serve proxy.")
 
 
 class ServeSpec(Section):
@@ -98,7 +98,7 @@ class ServeSpec(Section):
         None,
         description="MLflow tracking URI for `models:/` sources (default: $MLFLOW_TRACKING_URI or the local SQLite).",
     )
-    alias_poll_s: float = Field(
+    alias_poll_s: Float = Field(
         30.0,
         gt=0,
         description="How often `models:/name@alias` sources are re-resolved. When an alias moves, the new version is "
@@ -145,4 +145,4 @@ def validate(raw: dict[str, Any]) -> ServeSpec:
 
 def load(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> ServeSpec:
     """Read, override and validate a serving spec file."""
-    return validate(apply_overrides(read_yaml(path, "serving spec"), overrides))
+    return load_file(path, overrides, validate, "serving spec")

@@ -27,6 +27,26 @@ Every field of a job spec, its default and its meaning, generated from the schem
 `tuning/spec.py`), and a test keeps it in sync. `raypeft spec --markdown` and the end of
 `raypeft train --help` print the same descriptions. Override any field on the command line as
 `section.field=value` (see [Training](../training.md)).
+
+**The validation contract.** A spec is checked on the driver, before any Ray session, MLflow run
+or run directory exists. Any malformed spec or override exits with code 2 within seconds and lists
+every problem at once, each naming its dotted field, quoting the value and, for a field the file
+set, its line (`[spec.yaml line 12]`). No traceback reaches you. In detail:
+
+* **The file**: it must be UTF-8 text holding a YAML mapping of sections. An empty file, a binary
+  file, invalid YAML (with its line and column), and a key given twice (with both lines) are errors.
+* **Types**: unknown keys are refused. Numbers must be numbers: `true`/`false` is not read as 1/0,
+  and `.inf`/`.nan` (or a literal that overflows to infinity) is refused. Every size has an upper
+  bound (the *allowed* column), so nothing overflows a C type or exhausts memory before step 0.
+  Seeds are 32-bit.
+* **What a worker would reject**: the method's PEFT config is built on the driver, and the PEFT
+  model is built on the base's architecture on the `meta` device, so PEFT's own complaints name
+  `method.*`. Every regex (`target_modules`, `rank_pattern`, `alpha_pattern`,
+  `quantization_plan`) must compile. Every `target_modules` entry must match at least one linear
+  layer. `scaling.deepspeed.zero_optimization` overrides go through DeepSpeed's own parser. A
+  per-layer plan must make sense for the method: a QLoRA plan that quantizes nothing is refused.
+* **Data**: local files and `file://`/`s3://` URLs must exist. A training set smaller than one
+  global batch is a warning, not an error.
 """
 
 SERVING_HEADER = """# Serving spec reference

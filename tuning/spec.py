@@ -22,9 +22,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 
 from pipelines.spec import JobSpec, Problem, SpecError, resolve_paths, semantic_problems
-from pipelines.specbase import Section, apply_overrides, read_yaml, set_path, validate_spec
+from pipelines.specbase import SEED_MAX, STEPS_MAX, Float, Int, Section, load_file, set_path, validate_spec
 
-Rank = Annotated[int, Field(ge=0)]
+Rank = Annotated[Int, Field(ge=0)]
 
 DOMAINS = {
     "choice": "a list of values, sampled uniformly",
@@ -36,7 +36,7 @@ DOMAINS = {
 
 
 class LayerwiseSpec(Section):
-    budget: int | str | None = Field(
+    budget: Int | str | None = Field(
         None,
         description="Memory budget per worker, in bytes or with a unit (`60MB`, `1.2GiB`): what `memory` counts. "
         "Required by `raypeft layerwise` (or pass `--budget`).",
@@ -58,18 +58,26 @@ class LayerwiseSpec(Section):
         min_length=1,
         description="LoRA ranks a decoder layer may take (0: no adapter; at least one > 0); alpha = 2·rank.",
     )
-    calibration_samples: int = Field(16, gt=0, description="Training examples the sensitivity calibration runs on.")
-    trials: int = Field(
+    calibration_samples: Int = Field(
+        16, gt=0, le=100_000, description="Training examples the sensitivity calibration runs on."
+    )
+    trials: Int = Field(
         24,
         gt=0,
+        le=100_000,
         description="Plans NSGA-II proposes. One over budget is repaired to fit (bit-widths down first, then rank) and trained; one no repair fits is not trained.",
     )
-    population: int = Field(8, ge=2, description="NSGA-II population size (generations = trials / population).")
-    short_steps: int = Field(10, gt=0, description="Training steps of each cheap trial.")
-    promote: int = Field(
-        2, gt=0, description="Best Pareto plans (by short-trial eval loss) retrained for `train.max_steps` steps."
+    population: Int = Field(
+        8, ge=2, le=10_000, description="NSGA-II population size (generations = trials / population)."
     )
-    seed: int = Field(0, description="Sampler seed.")
+    short_steps: Int = Field(10, gt=0, le=STEPS_MAX, description="Training steps of each cheap trial.")
+    promote: Int = Field(
+        2,
+        gt=0,
+        le=1000,
+        description="Best Pareto plans (by short-trial eval loss) retrained for `train.max_steps` steps.",
+    )
+    seed: Int = Field(0, ge=0, le=SEED_MAX, description="Sampler seed.")
 
     @field_validator("ranks")
     @classmethod
@@ -92,21 +100,22 @@ class TuneSpec(Section):
         "asha",
         description="Trial scheduler: ASHA, HyperBand, median stopping, or `fifo` (no early stopping). Time is optimizer steps.",
     )
-    num_samples: int = Field(8, gt=0, description="Trials to sample (with grids: samples per grid point).")
+    num_samples: Int = Field(8, gt=0, le=100_000, description="Trials to sample (with grids: samples per grid point).")
     metric: str = Field(
         "eval_loss", min_length=1, description="Metric the scheduler and searcher optimize (reported at every eval)."
     )
     mode: Literal["min", "max"] = Field("min", description="Minimize or maximize `metric`.")
-    grace_period: int | None = Field(
-        None, gt=0, description="Steps before a trial may be stopped (default: `train.eval_every`)."
+    grace_period: Int | None = Field(
+        None, gt=0, le=STEPS_MAX, description="Steps before a trial may be stopped (default: `train.eval_every`)."
     )
-    reduction_factor: float = Field(2.0, gt=1, description="ASHA / HyperBand reduction factor.")
-    max_concurrent_trials: int | None = Field(
+    reduction_factor: Float = Field(2.0, gt=1, le=100, description="ASHA / HyperBand reduction factor.")
+    max_concurrent_trials: Int | None = Field(
         None,
         gt=0,
+        le=10_000,
         description="Trials run at once (default and cap: as many as the cluster's CPUs/GPUs hold, so placement never deadlocks).",
     )
-    seed: int | None = Field(None, description="Searcher seed.")
+    seed: Int | None = Field(None, ge=0, le=SEED_MAX, description="Searcher seed.")
     layerwise: LayerwiseSpec = Field(
         default_factory=LayerwiseSpec, description="The layerwise bit-width × rank search (`raypeft layerwise`)."
     )
@@ -234,7 +243,7 @@ def load(path, overrides=()) -> TunedJobSpec:
     checkable before Ray starts."""
     from pipelines.preflight import architecture_problems
 
-    spec = validate(resolve_paths(apply_overrides(read_yaml(path), overrides)))
+    spec = load_file(path, overrides, lambda raw: validate(resolve_paths(raw)))
     problems = architecture_problems(spec)
     if problems:
         raise SpecError(problems)

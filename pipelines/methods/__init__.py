@@ -40,6 +40,8 @@ class Method:
     build: Callable[[JobSpec, Any], Prepared]
     problems: Callable[[JobSpec], list[tuple[str, str]]] = field(default=lambda spec: [])
     needs_quantization: str | None = None  # "4bit" for qlora/qdora
+    # the PEFT config a spec builds (None: not a PEFT method); the driver builds it on a meta model first
+    peft_config: Callable[[JobSpec, Any], Any] | None = None
 
 
 REGISTRY: dict[str, Method] = {}
@@ -86,6 +88,15 @@ def method_problems(spec: JobSpec) -> list[tuple[str, str]]:
             ("model.quantization", f"method {spec.method.name!r} trains on a 4-bit base: use nf4 or auto (got {q!r})")
         )
     return problems
+
+
+def config_problem(spec: JobSpec, error: Exception, who: str) -> tuple[str, str]:
+    """A PEFT config class's complaint about ``method.args`` as a spec problem naming the argument it is about."""
+    message = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+    key = next((k for k in spec.method.args if k in message), None)
+    field = f"method.args.{key}" if key else "method.args"
+    value = spec.method.args[key] if key else dict(spec.method.args)
+    return field, f"{who} rejected it: {message} (got {value!r})"
 
 
 def build(spec: JobSpec, model: Any) -> Prepared:

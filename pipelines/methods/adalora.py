@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipelines.methods import Method, Prepared, adamw, register, trainable
+from pipelines.methods import Method, Prepared, adamw, config_problem, register, trainable
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
@@ -62,7 +62,7 @@ def _problems(spec: JobSpec) -> list[tuple[str, str]]:
         try:
             adalora_config(spec)
         except (ValueError, TypeError) as e:
-            out.append(("method.args", f"{e} (got {spec.method.args!r})"))
+            out.append(config_problem(spec, e, "AdaLoraConfig"))
     if spec.scaling.num_workers > 1:
         out.append(
             (
@@ -73,4 +73,12 @@ def _problems(spec: JobSpec) -> list[tuple[str, str]]:
     return out
 
 
-register(Method("adalora", "AdaLoRA: adaptive rank allocation (update_and_allocate every step)", _build, _problems))
+register(
+    Method(
+        "adalora",
+        "AdaLoRA: adaptive rank allocation (update_and_allocate every step)",
+        _build,
+        _problems,
+        peft_config=lambda spec, model: adalora_config(spec),
+    )
+)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
-from pipelines.methods import Method, Prepared, adamw, trainable
+from pipelines.methods import Method, Prepared, adamw, config_problem, trainable
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
@@ -113,10 +113,10 @@ def _problems(spec: JobSpec) -> list[tuple[str, str]]:
         try:
             peft_config(spec)
         except (ValueError, TypeError) as e:
-            out.append(("method.args", f"{cls.__name__} rejected the arguments: {e} (got {spec.method.args!r})"))
+            out.append(config_problem(spec, e, cls.__name__))
     return out
 
 
 def generic_method(name: str) -> Method:
     config_class(name)  # raises KeyError naming the known methods
-    return Method(name, f"PEFT {name}", _build, _problems)
+    return Method(name, f"PEFT {name}", _build, _problems, peft_config=peft_config)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pipelines.methods import Method, Prepared, adamw, register, trainable
+from pipelines.methods import Method, Prepared, adamw, config_problem, register, trainable
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
@@ -92,16 +92,22 @@ def _args_problems(spec: JobSpec) -> list[tuple[str, str]]:
         try:
             lora_config(spec)
         except (ValueError, TypeError) as e:
-            out.append(("method.args", f"LoraConfig rejected the arguments: {e} (got {spec.method.args!r})"))
+            out.append(config_problem(spec, e, "LoraConfig"))
     return out
 
 
-for _name, _summary, _build, _q in (
-    ("lora", "LoRA: low-rank update B·A, scale alpha/r", _builder(), None),
-    ("rslora", "rank-stabilized LoRA: scale alpha/sqrt(r)", _builder(use_rslora=True), None),
-    ("lora_plus", "LoRA+: B learns at loraplus_ratio × A's learning rate", _build_lora_plus, None),
-    ("dora", "DoRA: weight-decomposed LoRA (magnitude + direction)", _builder(use_dora=True), None),
-    ("qlora", "QLoRA: LoRA on a bitsandbytes NF4 (double-quant) base", _builder(), "4bit"),
-    ("qdora", "QDoRA: DoRA on a bitsandbytes NF4 base", _builder(use_dora=True), "4bit"),
+def _config_of(**switches):
+    return lambda spec, model: lora_config(spec, **switches)
+
+
+for _name, _summary, _build, _q, _switches in (
+    ("lora", "LoRA: low-rank update B·A, scale alpha/r", _builder(), None, {}),
+    ("rslora", "rank-stabilized LoRA: scale alpha/sqrt(r)", _builder(use_rslora=True), None, {"use_rslora": True}),
+    ("lora_plus", "LoRA+: B learns at loraplus_ratio × A's learning rate", _build_lora_plus, None, {}),
+    ("dora", "DoRA: weight-decomposed LoRA (magnitude + direction)", _builder(use_dora=True), None, {"use_dora": True}),
+    ("qlora", "QLoRA: LoRA on a bitsandbytes NF4 (double-quant) base", _builder(), "4bit", {}),
+    ("qdora", "QDoRA: DoRA on a bitsandbytes NF4 base", _builder(use_dora=True), "4bit", {"use_dora": True}),
 ):
-    register(Method(_name, _summary, _build, _args_problems, needs_quantization=_q))
+    register(
+        Method(_name, _summary, _build, _args_problems, needs_quantization=_q, peft_config=_config_of(**_switches))
+    )

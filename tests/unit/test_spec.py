@@ -35,7 +35,7 @@ def _repo_cwd(monkeypatch):
 
 def expected_fields(path: Path) -> list[str]:
     """The ``# expect: <field>`` lines at the top of a bad spec (the first line must be one)."""
-    lines = path.read_text().splitlines()
+    lines = path.read_bytes().decode("utf-8", "replace").splitlines()
     out = []
     for line in lines:
         if not line.startswith("#"):
@@ -55,9 +55,9 @@ def problems_of(fn, *args, **kwargs) -> list[tuple[str, str]]:
 
 
 def test_corpus_is_large_and_well_formed():
-    assert len(BAD_SPECS) >= 20, f"only {len(BAD_SPECS)} bad specs in tests/bad_specs"
+    assert len(BAD_SPECS) >= 100, f"only {len(BAD_SPECS)} bad specs in tests/bad_specs"
     for path in BAD_SPECS:
-        first = path.read_text().splitlines()[0]
+        first = path.read_bytes().decode("utf-8", "replace").splitlines()[0]
         assert first.startswith("# expect: "), f"{path.name}: first line must be '# expect: <field>' (got {first!r})"
         assert all(expected_fields(path)), f"{path.name}: empty '# expect:' line"
     multi = [p.name for p in BAD_SPECS if len(expected_fields(p)) >= 2]
@@ -66,9 +66,11 @@ def test_corpus_is_large_and_well_formed():
 
 @pytest.mark.parametrize("path", BAD_SPECS, ids=[p.stem for p in BAD_SPECS])
 def test_bad_spec_is_rejected_naming_the_field(path: Path):
+    from pipelines.preflight import load_checked_spec
+
     expected = expected_fields(path)
     with pytest.raises(SpecError) as info:
-        load_spec(path.relative_to(REPO))
+        load_checked_spec(path.relative_to(REPO))
     err = info.value
     fields = [f for f, _ in err.problems]
     for field in expected:
@@ -82,6 +84,24 @@ def test_bad_spec_is_rejected_naming_the_field(path: Path):
     assert f"{len(err.problems)} problem(s)" in text
     for field, msg in err.problems:
         assert f"{field}: {msg}" in text
+
+
+@pytest.mark.parametrize("path", BAD_SPECS, ids=[p.stem for p in BAD_SPECS])
+def test_raypeft_train_refuses_the_bad_spec_with_exit_2_and_starts_nothing(path: Path, tmp_path, monkeypatch, capsys):
+    """The CLI contract, in-process: exit 2, every expected field named, no traceback, no Ray, nothing written."""
+    import ray
+
+    from raypeft.cli import main
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("RAYPEFT_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["train", str(path.relative_to(REPO))]) == 2
+    err = capsys.readouterr().err
+    for field in expected_fields(path):
+        assert f"- {field}: " in err, f"{path.name}: {field!r} not named in:\n{err}"
+    assert "Traceback" not in err
+    assert not ray.is_initialized() and not home.exists()
 
 
 # --------------------------------------------------------------------------- shipped configs
