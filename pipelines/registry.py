@@ -14,9 +14,13 @@
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
+import os
+import random
+import socket
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -134,15 +138,45 @@ def history(uri: str, name: str, alias: str) -> list[dict[str, Any]]:
     return json.loads(tags.get(_history_tag(alias), "[]"))
 
 
-def _lock(uri: str, name: str, alias: str):
-    from filelock import FileLock
+def _lease_tag(alias: str) -> str:
+    return f"raypeft.lease.{alias}"
 
-    from pipelines.tracking import raypeft_home
 
-    d = raypeft_home() / "locks"
-    d.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(f"{uri}|{name}|{alias}".encode()).hexdigest()[:24]
-    return FileLock(str(d / f"alias-{key}.lock"), timeout=120)
+class AliasBusy(RuntimeError):
+    """Another promotion or rollback of the same alias held its lease for the whole wait."""
+
+
+@contextlib.contextmanager
+def alias_lease(uri: str, name: str, alias: str, ttl_s: float = 120.0, wait_s: float = 300.0, settle_s: float = 1.0):
+    """Hold ``name@alias`` exclusively across processes and machines, through the tracking server itself.
+
+    The lease is a registered-model tag ``raypeft.lease.ALIAS`` holding an owner id and an expiry. To take
+    it: wait until it is absent or expired, write ours, wait ``settle_s``, and re-read: whoever wrote last
+    owns it, and a writer that reads another owner backs off and waits again. An expired lease (a holder
+    that died) is taken over. No local file is involved, so promotions from several machines against one
+    tracking server are serialized.
+    """
+    c = _client(uri)
+    tag = _lease_tag(alias)
+    me = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.time() + wait_s
+    while True:
+        held = json.loads(c.get_registered_model(name).tags.get(tag, "null") or "null")
+        if held is None or held.get("expires", 0) < time.time():
+            c.set_registered_model_tag(name, tag, json.dumps({"owner": me, "expires": time.time() + ttl_s}))
+            time.sleep(settle_s)
+            held = json.loads(c.get_registered_model(name).tags.get(tag, "null") or "null")
+            if held and held.get("owner") == me:
+                break
+        if time.time() > deadline:
+            raise AliasBusy(f"{name}@{alias} stayed leased by {held.get('owner') if held else '?'} for {wait_s:.0f} s")
+        time.sleep(0.2 + random.random() * 0.3)
+    try:
+        yield me
+    finally:
+        now = json.loads(c.get_registered_model(name).tags.get(tag, "null") or "null")
+        if now and now.get("owner") == me:
+            c.delete_registered_model_tag(name, tag)
 
 
 def holder(uri: str, name: str, alias: str) -> str | None:
@@ -152,32 +186,69 @@ def holder(uri: str, name: str, alias: str) -> str | None:
         return None
 
 
-def _move(uri: str, name: str, alias: str, version: str, entry: dict[str, Any]) -> list[dict[str, Any]]:
-    """Set the alias and append to its history, under the alias lock. Returns the new history."""
+def _move(uri: str, name: str, alias: str, version: str, entry: dict[str, Any], expected: str | None = None,
+          check: bool = False) -> bool:  # fmt: skip
+    """Compare-and-set: under the alias lease, move the alias to ``version`` and append to its history, but
+    only if (with ``check``) the holder is still ``expected``, the one the candidate was evaluated against.
+    Returns whether it moved."""
     c = _client(uri)
-    with _lock(uri, name, alias):
-        hist = history(uri, name, alias)
+    with alias_lease(uri, name, alias):
         prev = holder(uri, name, alias)
+        if check and prev != expected:
+            return False
+        hist = history(uri, name, alias)
         if prev is not None and (not hist or hist[-1]["version"] != prev):  # an alias set outside raypeft
             hist.append({"version": prev, "at": time.time(), "by": "external"})
         hist.append({"version": str(version), "at": time.time(), **entry})
         c.set_registered_model_alias(name, alias, str(version))
         c.set_registered_model_tag(name, _history_tag(alias), json.dumps(hist[-100:]))
-    return hist
+    return True
 
 
 def promote(
-    uri: str, name: str, version: str, alias: str, gate: Gate, force: bool = False, log=print
+    uri: str,
+    name: str,
+    version: str,
+    alias: str,
+    gate: Gate,
+    force: bool = False,
+    log=print,
+    evaluate=None,
+    max_rounds: int = 3,
 ) -> dict[str, Any]:
-    """Evaluate, record, and move ``alias`` to ``version`` if the gate passes (or ``force``)."""
+    """Evaluate ``version`` against the alias's holder, record it, and move ``alias`` to it if the gate passes
+    (or ``force``).
+
+    The move is a compare-and-set: if another promotion moved the alias while this one was evaluating, the
+    candidate is evaluated again against the new holder, up to ``max_rounds`` times, so the alias can never
+    end on a candidate that lost to the version it displaced. ``evaluate(gate, uris, uri)`` scores
+    ``label → models:/`` URIs (default: ``evaluate_versions`` on a Ray task)."""
     c = _client(uri)
     c.get_model_version(name, str(version))  # raises for a missing version
-    current = holder(uri, name, alias)
+    evaluate = evaluate or evaluate_versions
+    for round_ in range(1, max_rounds + 1):
+        current = holder(uri, name, alias)
+        result = _evaluate_and_record(c, uri, name, str(version), alias, gate, current, force, log, evaluate)
+        if not result["moved"]:
+            return result
+        entry = {"by": "promote", "forced": result["status"] == "forced", "run_id": result["run_id"]}
+        if _move(uri, name, alias, str(version), entry, expected=current, check=not force):
+            return result
+        log(f"[raypeft] {name}@{alias} moved from {current or 'nothing'} to {holder(uri, name, alias)} while "
+            f"version {version} was evaluated; evaluating again against the new holder (round {round_ + 1})")  # fmt: skip
+    result.update(moved=False, status="failed", reasons=[f"{name}@{alias} kept moving during {max_rounds} evaluations"])
+    c.set_model_version_tag(name, str(version), "validation_status", "failed")
+    return result
+
+
+def _evaluate_and_record(c, uri, name, version, alias, gate, current, force, log, evaluate) -> dict[str, Any]:
+    """One evaluation of ``version`` against ``current``: scores, the gate's decision, a promotion run in
+    MLflow and the validation tags on the version. Moves nothing."""
     uris = {"candidate": f"models:/{name}/{version}"}
-    if current is not None and current != str(version):
+    if current is not None and current != version:
         uris["baseline"] = f"models:/{name}/{current}"
     log(f"[raypeft] evaluating {', '.join(f'{k} {v}' for k, v in uris.items())} on the gate's eval set")
-    scores = evaluate_versions(gate, uris, uri)
+    scores = evaluate(gate, uris, uri)
     cand = scores["candidate"][gate.metric]
     base = scores.get("baseline", {}).get(gate.metric)
     passed, reasons = gate_decision(gate, cand, base)
@@ -190,7 +261,7 @@ def promote(
         run_name=f"promote-{name}-v{version}-{alias}",
         tags={
             "raypeft.model": name,
-            "raypeft.version": str(version),
+            "raypeft.version": version,
             "raypeft.alias": alias,
             "raypeft.baseline_version": current or "none",
             "validation_status": status,
@@ -207,10 +278,10 @@ def promote(
         "validation.baseline_version": current or "none",
         "validation.run_id": run.info.run_id,
     }.items():
-        c.set_model_version_tag(name, str(version), k, v)
-    result = {
+        c.set_model_version_tag(name, version, k, v)
+    return {
         "model": name,
-        "version": str(version),
+        "version": version,
         "alias": alias,
         "previous": current,
         "status": status,
@@ -220,17 +291,12 @@ def promote(
         "run_id": run.info.run_id,
         "moved": passed or force,
     }
-    if passed or force:
-        _move(
-            uri, name, alias, str(version), {"by": "promote", "forced": force and not passed, "run_id": run.info.run_id}
-        )
-    return result
 
 
 def rollback(uri: str, name: str, alias: str) -> dict[str, Any]:
     """Move ``alias`` back to the previous holder in its history (and drop the undone entry)."""
     c = _client(uri)
-    with _lock(uri, name, alias):
+    with alias_lease(uri, name, alias):
         hist = history(uri, name, alias)
         current = holder(uri, name, alias)
         if len(hist) < 2:

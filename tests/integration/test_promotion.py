@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 import yaml
@@ -165,3 +166,59 @@ def test_bad_promotions_exit_2(setup, capsys, tmp_path):
         capsys=capsys,
     )
     assert code == 2 and "metric" in err and "'accuracy'" in err and "mode" in err
+
+
+@pytest.mark.parametrize("first", ["2", "3"])
+def test_two_gated_promotions_racing_leave_the_alias_on_the_better_candidate(tmp_path, first):
+    """Two gated promotions evaluated against the same holder at once: the alias move is a compare-and-set
+    under a lease on the registry, so the one that moves second is evaluated again against the new holder.
+    The alias ends on the better candidate whichever finishes first, and the tags tell the truth."""
+    from mlflow import MlflowClient
+
+    from pipelines import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "adapter_config.json").write_text("{}")
+    for v in ("1", "2", "3"):
+        tracking.register_directory(uri, str(files), "racer", f"v{v}", {"v": v})
+    c = MlflowClient(uri, registry_uri=uri)
+    c.set_registered_model_alias("racer", "champion", "1")
+    loss = {"1": 0.9, "2": 0.5, "3": 0.4}  # 3 is the better candidate
+    delay = {first: 0.2, ({"2", "3"} - {first}).pop(): 2.5}
+    start = threading.Barrier(2)
+
+    def evaluate(gate, uris, _uri):
+        version = uris["candidate"].rsplit("/", 1)[1]
+        if "baseline" in uris and uris["baseline"].endswith("/1"):  # the first round: both against v1
+            start.wait(timeout=30)
+            time.sleep(delay[version])
+        return {k: {"eval_loss": loss[u.rsplit("/", 1)[1]]} for k, u in uris.items()}
+
+    results: dict[str, dict] = {}
+    gate = registry.Gate()
+    threads = [
+        threading.Thread(
+            target=lambda v=v: results.setdefault(
+                v, registry.promote(uri, "racer", v, "champion", gate, log=lambda *_: None, evaluate=evaluate)
+            )
+        )
+        for v in ("2", "3")
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert registry.holder(uri, "racer", "champion") == "3"
+    tags = {v: c.get_model_version("racer", v).tags for v in ("2", "3")}
+    assert tags["3"]["validation_status"] == "passed"
+    hist = [h["version"] for h in registry.history(uri, "racer", "champion")]
+    if first == "2":  # 2 moved first, 3 was evaluated again against 2 and displaced it
+        assert results["2"]["moved"] and results["3"]["moved"] and results["3"]["previous"] == "2"
+        assert tags["3"]["validation.baseline_version"] == "2" and hist[-2:] == ["2", "3"]
+    else:  # 3 moved first; 2 was evaluated again against 3 and refused
+        assert not results["2"]["moved"] and results["2"]["previous"] == "3"
+        assert tags["2"]["validation_status"] == "failed" and tags["2"]["validation.baseline_version"] == "3"
+        assert hist[-1] == "3" and "2" not in hist
+    assert "raypeft.lease.champion" not in c.get_registered_model("racer").tags  # the lease is released
