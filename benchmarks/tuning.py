@@ -38,7 +38,7 @@ def _tiny_setup(home: str) -> tuple[str, str]:
 
 
 def asha(args) -> dict:
-    from pipelines.spec import validate
+    from tuning.spec import validate
     from tuning.sweep import sweep
 
     home = tempfile.mkdtemp(prefix="bench-tune-")
@@ -165,9 +165,10 @@ def _mean(runs: list[dict], key: str) -> float | None:
 
 
 def layerwise(args) -> dict:
-    from pipelines.spec import validate
+    from cluster.memory import describe
     from tuning import layerwise as L
     from tuning.search import ALL_TARGETS, plan_memory, search
+    from tuning.spec import validate
 
     home = tempfile.mkdtemp(prefix="bench-layerwise-")
     os.environ["RAYPEFT_HOME"] = home
@@ -198,17 +199,17 @@ def layerwise(args) -> dict:
         mark = " (chosen)" if p["layers"] == chosen["layers"] else ""
         em = p.get("exact_match")
         print(
-            f"| {L.describe(p['layers'])}{mark} | {p['memory_bytes'] / 1e6:.2f} | {weights(p['layers']) / 1e6:.2f} | "
+            f"| {describe(p['layers'])}{mark} | {p['memory_bytes'] / 1e6:.2f} | {weights(p['layers']) / 1e6:.2f} | "
             f"{p.get('eval_loss', float('nan')):.4f} | {'—' if em is None else f'{em:.3f}'} |"
         )
     out = {
         "budget": budget,
         "memory": args.memory,
         "search_s": search_s,
-        "chosen": L.describe(chosen["layers"]),
+        "chosen": describe(chosen["layers"]),
         "chosen_layers": chosen["layers"],
         "promoted": [
-            {k: v for k, v in p.items() if k != "layers"} | {"plan": L.describe(p["layers"])} for p in found["promoted"]
+            {k: v for k, v in p.items() if k != "layers"} | {"plan": describe(p["layers"])} for p in found["promoted"]
         ],
     }
     if chosen["layers"] == uniform:
@@ -230,7 +231,7 @@ def layerwise(args) -> dict:
     )
     for key, label, layers in (
         ("uniform", "uniform NF4, rank 8 (QLoRA)", uniform),
-        ("chosen", f"searched: {L.describe(chosen['layers'])}", chosen["layers"]),
+        ("chosen", f"searched: {describe(chosen['layers'])}", chosen["layers"]),
     ):
         per = ", ".join(f"{r['eval_loss']:.4f}" for r in runs[key])
         print(
@@ -250,6 +251,7 @@ def layerwise(args) -> dict:
 
 def plan(args) -> dict:
     """One full-length run of the benchmark job: uniform NF4 rank 8 changed by ``--layers`` / ``--set``."""
+    from cluster.memory import describe
     from pipelines.plan import shape_of
     from pipelines.spec import validate
     from tuning import layerwise as L
@@ -272,10 +274,10 @@ def plan(args) -> dict:
     mem = L.memory(shape, layers, ALL_TARGETS) if known else None
     peak = L.memory(shape, layers, ALL_TARGETS, tokens=tokens) if known else None
     print(
-        f"\n{L.describe(layers)} {' '.join(args.set)}: peak {'—' if peak is None else f'{peak / 1e6:.2f} MB'}, weights + adapter + states "
+        f"\n{describe(layers)} {' '.join(args.set)}: peak {'—' if peak is None else f'{peak / 1e6:.2f} MB'}, weights + adapter + states "
         f"{'—' if mem is None else f'{mem / 1e6:.2f} MB'}, eval_loss {metrics['eval_loss']:.4f}, exact_match {metrics.get('exact_match')}"
     )
-    return {"plan": L.describe(layers), "set": fields, "memory_bytes": mem, "peak_bytes": peak, **metrics}
+    return {"plan": describe(layers), "set": fields, "memory_bytes": mem, "peak_bytes": peak, **metrics}
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,7 @@ refused (``override_problems``), so the spec stays the single source of truth.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 #: ZeRO section of each named preset (``ddp`` runs without DeepSpeed).
@@ -101,6 +102,14 @@ except ValidationError as e:
 
 
 def zero_problems(zero: dict[str, Any]) -> list[tuple[str, str]]:
+    """See ``_zero_problems``; asked once per distinct ``zero`` per process (a sweep validates many trials)."""
+    import json
+
+    return list(_zero_problems(json.dumps(zero, sort_keys=True, default=str)))
+
+
+@functools.lru_cache(maxsize=64)
+def _zero_problems(zero_json: str) -> tuple[tuple[str, str], ...]:
     """``zero_optimization`` overrides checked by DeepSpeed's own parser (``DeepSpeedZeroConfig``): unknown
     keys, wrong types, out-of-range values. It runs in a short subprocess, so the driver never imports
     DeepSpeed (~4 s, only when there are such overrides)."""
@@ -108,17 +117,16 @@ def zero_problems(zero: dict[str, Any]) -> list[tuple[str, str]]:
     import subprocess
     import sys
 
-    proc = subprocess.run(
-        [sys.executable, "-c", _ZERO_CHECK],
-        input=json.dumps(zero, default=str),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _ZERO_CHECK], input=zero_json, capture_output=True, text=True, timeout=300
+        )
+    except subprocess.TimeoutExpired:
+        return (("zero_optimization", "DeepSpeed's config parser did not answer in 300 s (got a timeout)"),)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
-        return [("zero_optimization", f"DeepSpeed could not check these overrides: {proc.stderr.strip()[-300:]}")]
-    return [(f"zero_optimization.{loc}", f"{msg} (got {got})") for loc, msg, got in json.loads(lines[-1])]
+        return (("zero_optimization", f"DeepSpeed could not check these overrides: {proc.stderr.strip()[-300:]}"),)
+    return tuple((f"zero_optimization.{loc}", f"{msg} (got {got})") for loc, msg, got in json.loads(lines[-1]))
 
 
 def ds_config(

@@ -189,7 +189,8 @@ def rollback(args) -> int:
     from pipelines import registry
 
     try:
-        result = registry.rollback(_uri(args), args.name, args.alias)
+        with _missing_is_user_error(args.name):
+            result = registry.rollback(_uri(args), args.name, args.alias)
     except ValueError as e:  # nothing to roll back to: a state of the registry, not bad input
         _log(f"error: {e}")
         return 1
@@ -202,7 +203,9 @@ def submit(args) -> int:
     from cluster import jobs
     from pipelines.preflight import load_checked_spec
 
-    spec = load_checked_spec(args.spec, args.overrides)  # the same validation as a local run, before Ray
+    # the same validation as a local run, before anything reaches the cluster; data URLs are checked by the
+    # job's own driver, which runs where the cluster's credentials are
+    spec = load_checked_spec(args.spec, args.overrides, check_urls=False)
     try:
         entry = jobs.entrypoint(args.spec, args.overrides, args.working_dir)
     except ValueError as e:

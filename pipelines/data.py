@@ -50,6 +50,11 @@ def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
     if "://" in path:
         import fsspec
 
+        if path.split("?", 1)[0].endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            with fsspec.open(path, "rb") as f:
+                return pq.read_table(f).to_pylist()
         with fsspec.open(path, "rt") as f:
             return [json.loads(line) for line in f if line.strip()] if path.endswith(".jsonl") else json.load(f)
     p = Path(path)

@@ -256,15 +256,16 @@ def _peft_problems(spec: JobSpec, model) -> list[tuple[str, str]]:
     return []
 
 
-def load_checked_spec(path, overrides=()) -> JobSpec:
-    """``load_spec`` plus ``architecture_problems``: everything checkable before Ray starts.
+def load_checked_spec(path, overrides=(), check_urls: bool = True) -> JobSpec:
+    """``load_spec`` plus ``architecture_problems``: everything checkable before Ray starts. ``check_urls=False``
+    leaves URL data sources to the job's own driver (``raypeft submit`` runs where the cluster can see them).
 
     Raises:
         SpecError: listing every problem (the CLI exits 2).
     """
     from pipelines.spec import SpecError, load_spec
 
-    spec = load_spec(path, overrides)
+    spec = load_spec(path, overrides, check_urls=check_urls)
     problems = architecture_problems(spec)
     if problems:
         raise SpecError(problems)

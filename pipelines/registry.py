@@ -8,8 +8,9 @@
   tags on the version) and moves the alias only when the gate passes, or when forced (recorded
   as ``forced``). Each move is appended to the alias's history, a JSON tag on the registered
   model; ``rollback`` moves the alias back to the previous holder in that history.
-* Moves of one alias are serialized by a file lock beside the tracking store, so two racing
-  promotions leave the alias on one of the two versions with the history in the same order.
+* Moves of one alias are serialized by a lease kept on the tracking server (``alias_lease``), and a
+  gated move is a compare-and-set against the holder it was evaluated against, so racing promotions,
+  from one machine or several, never leave the alias on a candidate that lost.
 """
 
 from __future__ import annotations
@@ -179,6 +180,13 @@ def alias_lease(uri: str, name: str, alias: str, ttl_s: float = 120.0, wait_s: f
             c.delete_registered_model_tag(name, tag)
 
 
+def _still_ours(c, name: str, alias: str, me: str) -> None:
+    """Right before a write under the lease: it must still be ours (not expired and taken over)."""
+    held = json.loads(c.get_registered_model(name).tags.get(_lease_tag(alias), "null") or "null")
+    if not held or held.get("owner") != me:
+        raise AliasBusy(f"lost the lease on {name}@{alias} to {held.get('owner') if held else 'nobody'}; nothing moved")
+
+
 def holder(uri: str, name: str, alias: str) -> str | None:
     try:
         return str(_client(uri).get_model_version_by_alias(name, alias).version)
@@ -192,10 +200,11 @@ def _move(uri: str, name: str, alias: str, version: str, entry: dict[str, Any], 
     only if (with ``check``) the holder is still ``expected``, the one the candidate was evaluated against.
     Returns whether it moved."""
     c = _client(uri)
-    with alias_lease(uri, name, alias):
+    with alias_lease(uri, name, alias) as me:
         prev = holder(uri, name, alias)
         if check and prev != expected:
             return False
+        _still_ours(c, name, alias, me)
         hist = history(uri, name, alias)
         if prev is not None and (not hist or hist[-1]["version"] != prev):  # an alias set outside raypeft
             hist.append({"version": prev, "at": time.time(), "by": "external"})
@@ -296,9 +305,10 @@ def _evaluate_and_record(c, uri, name, version, alias, gate, current, force, log
 def rollback(uri: str, name: str, alias: str) -> dict[str, Any]:
     """Move ``alias`` back to the previous holder in its history (and drop the undone entry)."""
     c = _client(uri)
-    with alias_lease(uri, name, alias):
+    with alias_lease(uri, name, alias) as me:
         hist = history(uri, name, alias)
         current = holder(uri, name, alias)
+        _still_ours(c, name, alias, me)
         if len(hist) < 2:
             raise ValueError(
                 f"{name}@{alias} has no previous holder to roll back to (history: {[h['version'] for h in hist]})"

@@ -19,6 +19,7 @@ This module imports neither Ray nor torch, so validation is instant.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
@@ -328,7 +329,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def validate(raw: dict[str, Any], base_dir: str | os.PathLike | None = None) -> JobSpec:
+def validate(raw: dict[str, Any], base_dir: str | os.PathLike | None = None, check_urls: bool = True) -> JobSpec:
     """Validate a raw spec mapping into a frozen ``JobSpec``, or raise ``SpecError`` listing every problem.
 
     Args:
@@ -338,12 +339,12 @@ def validate(raw: dict[str, Any], base_dir: str | os.PathLike | None = None) -> 
     Raises:
         SpecError: with every problem found, each naming the field and quoting the value.
     """
-    return validate_spec(JobSpec, raw, lambda spec: semantic_problems(spec, base_dir))
+    return validate_spec(JobSpec, raw, lambda spec: semantic_problems(spec, base_dir, check_urls))
 
 
-def load_spec(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+def load_spec(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), check_urls: bool = True) -> JobSpec:
     """Read, override, resolve local paths (``resolve_paths``) and validate a job spec file. See ``validate``."""
-    return load_file(path, overrides, lambda raw: validate(resolve_paths(raw)))
+    return load_file(path, overrides, lambda raw: validate(resolve_paths(raw), check_urls=check_urls))
 
 
 PATH_FIELDS = (("data", "train"), ("data", "eval"), ("model", "base"), ("checkpoint", "storage"))
@@ -362,6 +363,8 @@ def resolve_paths(raw: dict[str, Any], base_dir: str | os.PathLike | None = None
         value = node.get(key) if isinstance(node, dict) else None
         if not isinstance(value, str) or not value or "://" in value or value.startswith("builtin:"):
             continue
+        if (section, key) == ("model", "base") and value in BUILTIN_BASES:
+            continue
         local = Path(os.path.expanduser(value))
         if local.is_absolute():
             continue
@@ -374,7 +377,7 @@ def resolve_paths(raw: dict[str, Any], base_dir: str | os.PathLike | None = None
 # --------------------------------------------------------------------------- semantic checks
 
 
-def _data_source_problem(field: str, value: str, base_dir: Path) -> tuple[str, str] | None:
+def _data_source_problem(field: str, value: str, base_dir: Path, check_urls: bool = True) -> tuple[str, str] | None:
     if value.startswith("builtin:"):
         from pipelines.datasets import BUILTIN
 
@@ -382,7 +385,7 @@ def _data_source_problem(field: str, value: str, base_dir: Path) -> tuple[str, s
             return field, f"unknown builtin dataset (got {quote(value)}; known: {sorted(BUILTIN)})"
         return None
     if "://" in value:
-        return _url_problem(field, value)
+        return _url_problem(field, value, check_urls)
     value = os.path.expanduser(value)
     p = Path(value) if os.path.isabs(value) else base_dir / value
     if not p.exists():
@@ -392,22 +395,34 @@ def _data_source_problem(field: str, value: str, base_dir: Path) -> tuple[str, s
     return None
 
 
-def _url_problem(field: str, url: str) -> Problem | None:
-    """A data URL must exist where the driver can see it (through fsspec), with a supported suffix."""
+def _url_problem(field: str, url: str, check_urls: bool = True) -> Problem | None:
+    """A data URL must have a supported suffix and (with ``check_urls``) exist where the driver can see it."""
     suffix = Path(url.split("?", 1)[0]).suffix
     if suffix and suffix not in (".jsonl", ".json", ".parquet"):
         return field, f"unsupported data file type {suffix!r}; use .jsonl, .json or .parquet (got {quote(url)})"
+    if not check_urls:
+        return None
+    found, error = _url_exists(url)
+    if error:
+        return field, f"cannot reach the data source through fsspec: {error} (got {quote(url)})"
+    return None if found else (field, f"no file at this URL (got {quote(url)})")
+
+
+@functools.lru_cache(maxsize=256)
+def _url_exists(url: str) -> tuple[bool, str | None]:
+    """(exists, error) for a URL through fsspec, asked once per process (a sweep validates many trials)."""
     try:
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(url)
-        found = fs.exists(path)
+        return bool(fs.exists(path)), None
     except Exception as e:  # noqa: BLE001 - an unknown scheme, a missing filesystem package, no access
-        return field, f"cannot reach the data source through fsspec: {type(e).__name__}: {e} (got {quote(url)})"
-    return None if found else (field, f"no file at this URL (got {quote(url)})")
+        return False, f"{type(e).__name__}: {e}"
 
 
-def semantic_problems(spec: JobSpec, base_dir: str | os.PathLike | None = None) -> list[tuple[str, str]]:
+def semantic_problems(
+    spec: JobSpec, base_dir: str | os.PathLike | None = None, check_urls: bool = True
+) -> list[tuple[str, str]]:
     """Cross-field checks that a schema cannot express. Pure: reads only the filesystem."""
     from pipelines.methods import method_problems
 
@@ -432,7 +447,7 @@ def semantic_problems(spec: JobSpec, base_dir: str | os.PathLike | None = None) 
 
     for field, value in (("data.train", spec.data.train), ("data.eval", spec.data.eval)):
         if value is not None:
-            p = _data_source_problem(field, value, base)
+            p = _data_source_problem(field, value, base, check_urls)
             if p:
                 problems.append(p)
     if spec.data.task == "json_extract" and spec.data.format == "text":

@@ -133,9 +133,17 @@ class _StrictLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # <<: *defaults: its keys may be overridden here
+            continue
         key = loader.construct_object(key_node, deep=True)
         line = key_node.start_mark.line + 1
-        if key in seen:
+        try:
+            duplicate = key in seen
+        except TypeError:  # a list or mapping as a key
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a plain value (got {quote(key)})", key_node.start_mark
+            ) from None
+        if duplicate:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r} on lines {seen[key]} and {line}", key_node.start_mark
             )

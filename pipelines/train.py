@@ -211,10 +211,5 @@ def command(args) -> int:
     return main([args.spec, *args.overrides])
 
 
-def validate_command(args) -> int:
-    """``raypeft validate``."""
-    return main([args.spec, *args.overrides, "--validate-only"])
-
-
 if __name__ == "__main__":
     sys.exit(main())

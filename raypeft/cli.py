@@ -41,7 +41,7 @@ ADDRESS = ("--address", "dashboard address (default: $RAY_ADDRESS or http://127.
 # fmt: off
 COMMANDS = [
     ("train", "pipelines.train:command", "train an adapter from a job spec (prints one JSON line)", JOB, []),
-    ("validate", "pipelines.train:validate_command", "validate a job spec (exit 2 listing every problem)", JOB, []),
+    ("validate", "tuning.commands:validate", "validate a job spec, tune section included (exit 2 on problems)", JOB, []),
     ("methods", "pipelines.commands:methods", "list the fine-tuning methods, or compare their parameter budgets", None, [
         ("action", "list, or compare", {"nargs": "?", "choices": ["list", "compare"], "default": "list"}),
         ("--model", "compare: base model (built-in name, local dir or hub id)", {"default": "smollm2-135m"}),

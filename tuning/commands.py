@@ -8,6 +8,15 @@ from pipelines.spec import SpecError
 from tuning.spec import load
 
 
+def validate(args) -> int:
+    """``raypeft validate``: every section of a job spec, ``tune`` included, checked as ``raypeft train`` and
+    ``raypeft tune`` check it; the resolved spec printed as YAML."""
+    from pipelines.tracking import spec_yaml
+
+    print(spec_yaml(load(args.spec, args.overrides)), end="")
+    return 0
+
+
 def tune(args) -> int:
     """Run the spec's Ray Tune sweep; exit 1 if no trial finished."""
     spec = load(args.spec, args.overrides)

@@ -19,10 +19,10 @@ from typing import Any
 import yaml
 from ray import tune
 
-from cluster.memory import Plan
+from cluster.memory import Plan, describe
 from pipelines.spec import JobSpec, SpecError, validate
 from tuning import layerwise as L
-from tuning.spec import TunedJobSpec, trial_raw
+from tuning.spec import TunedJobSpec, trial_raw, with_tune
 from tuning.sweep import PENALTY, metric_batch, run_trials
 
 ALL_TARGETS = Plan.targets  # every linear of a decoder layer
@@ -53,8 +53,9 @@ def plan_memory(spec: TunedJobSpec) -> L.Memory:
     )
 
 
-def _with(spec: JobSpec, fields: dict[str, Any]) -> JobSpec:
-    return validate(trial_raw(spec.model_dump(mode="json", exclude={"tune"}), fields))
+def _with(spec: TunedJobSpec, fields: dict[str, Any]) -> TunedJobSpec:
+    """``spec`` with a plan's fields set (the job part validated again), keeping its ``tune`` section."""
+    return with_tune(validate(trial_raw(spec.model_dump(mode="json", exclude={"tune"}), fields)), spec.tune)
 
 
 class PlanSpace:
@@ -157,7 +158,7 @@ def search(spec: TunedJobSpec, budget: int, out: str | None = None, log=print) -
         f"{sorted(range(shape.layers), key=lambda i: -cal['importance'][i])[:5]}"
     )
     seeds = L.seed_plans(cal["sensitivity"], cal["importance"], lw.bits, lw.ranks, fits)
-    log(f"[raypeft] {len(seeds)} seed plan(s) from the calibration: " + "; ".join(L.describe(s) for s in seeds[:4]))
+    log(f"[raypeft] {len(seeds)} seed plan(s) from the calibration: " + "; ".join(describe(s) for s in seeds[:4]))
 
     # ---- phase 2: NSGA-II over (eval loss, memory), short trials
     # short trials rank plans by eval loss only: no generation-based task metric
@@ -255,7 +256,7 @@ def search(spec: TunedJobSpec, budget: int, out: str | None = None, log=print) -
         reference = next(p for p in promoted if p["layers"] == reference["layers"])
         if chosen["layers"] == reference["layers"]:
             log(
-                f"[raypeft] no searched plan beat the uniform reference ({L.describe(reference['layers'])}) after "
+                f"[raypeft] no searched plan beat the uniform reference ({describe(reference['layers'])}) after "
                 f"{spec.train.max_steps} steps: choosing it"
             )
 
@@ -265,7 +266,7 @@ def search(spec: TunedJobSpec, budget: int, out: str | None = None, log=print) -
     plan_spec = _with(spec, L.plan_fields(chosen["layers"], targets))
     out_path = Path(out or f"{spec.name}-layerwise.yaml")
     header = (
-        f"# written by `raypeft layerwise` ({name}): {L.describe(chosen['layers'])}\n"
+        f"# written by `raypeft layerwise` ({name}): {describe(chosen['layers'])}\n"
         f"# memory {chosen['memory_bytes'] / 1e6:.2f} MB of a {budget / 1e6:.2f} MB budget; "
         f"eval_loss {chosen.get('eval_loss', chosen['short_eval_loss']):.4f}\n"
     )
@@ -287,10 +288,10 @@ def search(spec: TunedJobSpec, budget: int, out: str | None = None, log=print) -
             }
         ),
     )
-    c.set_tag(parent, "raypeft.plan", L.describe(chosen["layers"]))
+    c.set_tag(parent, "raypeft.plan", describe(chosen["layers"]))
     c.set_terminated(parent, "FINISHED")
     log(
-        f"[raypeft] chosen plan: {L.describe(chosen['layers'])}, {chosen['memory_bytes'] / 1e6:.2f} MB, "
+        f"[raypeft] chosen plan: {describe(chosen['layers'])}, {chosen['memory_bytes'] / 1e6:.2f} MB, "
         f"eval_loss {chosen.get('eval_loss', chosen['short_eval_loss']):.4f} → {out_path}  (train it: raypeft train {out_path})"
     )
     return {
@@ -300,7 +301,7 @@ def search(spec: TunedJobSpec, budget: int, out: str | None = None, log=print) -
         "budget_bytes": budget,
         "wall_s": round(time.time() - t0, 1),
         "plan_spec": str(out_path),
-        "chosen": {**chosen, "describe": L.describe(chosen["layers"])},
+        "chosen": {**chosen, "describe": describe(chosen["layers"])},
         "front": front,
         "reference": reference,
         "promoted": promoted,
@@ -317,7 +318,7 @@ def front_table(
         mark = (" **(chosen)**" if r is chosen else "") + (" (uniform reference)" if r is reference else "")
         full = f"{r['eval_loss']:.4f}" if "eval_loss" in r else "—"
         lines.append(
-            f"| {L.describe(r['layers'])}{mark} | {r['memory_bytes'] / 1e6:.2f} | {100 * r['memory_bytes'] / budget:.0f}% "
+            f"| {describe(r['layers'])}{mark} | {r['memory_bytes'] / 1e6:.2f} | {100 * r['memory_bytes'] / budget:.0f}% "
             f"| {r['short_eval_loss']:.4f} | {full} |"
         )
     return "\n".join(lines)

@@ -250,6 +250,13 @@ def load(path, overrides=()) -> TunedJobSpec:
     return spec
 
 
+def with_tune(job: JobSpec, tune: TuneSpec) -> TunedJobSpec:
+    """A validated job spec with a validated ``tune`` section attached (no re-validation)."""
+    return TunedJobSpec.model_validate(
+        {**job.model_dump(mode="json", exclude={"tune"}), "tune": tune.model_dump(mode="json")}
+    )
+
+
 def job_of(spec: TunedJobSpec) -> JobSpec:
     """The plain job spec of a tuned one (its ``tune`` section dropped): what a trial trains."""
     return JobSpec.model_validate(spec.model_dump(exclude={"tune"}))

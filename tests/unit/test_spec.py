@@ -284,5 +284,5 @@ def test_reference_markdown_has_a_row_for_every_field():
     documented = [line.split("`")[1] for line in rows]
     assert documented == fields
     for line in rows:
-        assert line.count("|") == 4, f"a description's '|' would break the table: {line}"
+        assert line.count("|") == 5, f"a description's '|' would break the table: {line}"
         assert not line.endswith("|  |"), f"field without a description: {line}"
