@@ -14,6 +14,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (tests never bind fixed ports next to a user's own servers)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home(tmp_path_factory):
+    """No test writes to the user's ~/.raypeft: the default RAYPEFT_HOME is a temporary folder."""
+    old = os.environ.get("RAYPEFT_HOME")
+    os.environ["RAYPEFT_HOME"] = str(tmp_path_factory.mktemp("raypeft-home"))
+    yield
+    if old is None:
+        os.environ.pop("RAYPEFT_HOME", None)
+    else:
+        os.environ["RAYPEFT_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from pipelines.models import tiny_llama
@@ -55,8 +76,12 @@ def raypeft_home(tmp_path, monkeypatch) -> Path:
 
 
 def tiny_spec(model_dir: Path, data: Path, **sections):
-    """A validated JobSpec for the tiny model; ``sections`` override whole-section dicts."""
-    from pipelines.spec import validate
+    """A validated JobSpec for the tiny model; ``sections`` override whole-section dicts. With a ``tune``
+    section it is a ``TunedJobSpec`` (what ``raypeft tune`` / ``raypeft layerwise`` run)."""
+    if "tune" in sections:
+        from tuning.spec import validate
+    else:
+        from pipelines.spec import validate
 
     raw = {
         "name": "tiny",

@@ -129,13 +129,17 @@ def test_qlora_zero3_adapter_reproduces_the_trained_model(local_ray, raypeft_hom
 
 
 def _train_worker_pids() -> list[int]:
+    """Ray Train workers of this test's own local cluster: descendants of this process (its raylet's
+    workers), never a process found by name elsewhere on the machine."""
     import psutil
 
     pids = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith("ray::RayTrainWorker"):
-            pids.append(p.pid)
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if " ".join(p.cmdline()).startswith("ray::RayTrainWorker"):
+                pids.append(p.pid)
+        except psutil.NoSuchProcess:
+            continue
     return pids
 
 

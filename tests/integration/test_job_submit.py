@@ -2,71 +2,78 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
-DASHBOARD = "http://127.0.0.1:8265"
+TOKEN = secrets.token_hex(32)  # this cluster's own token: nothing is written to ~/.ray
 
 
 def _env(**extra) -> dict[str, str]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token", **extra}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": TOKEN,
+        **extra,
+    }
     env.pop("RAY_ADDRESS", None)
     return env
 
 
 @pytest.fixture(scope="module")
 def ray_head():
+    """Its own `ray start --head --block` on free ports with its own temp dir, in its own process group,
+    stopped by signalling that group: no other Ray cluster on the machine is touched."""
     import ray
-
-    ray.shutdown()  # this process's own local cluster, if an earlier test started one
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True, timeout=120)
-    # a fresh machine has no ~/.ray/auth_token yet; `ray start` with token auth refuses to start without one
-    gen = subprocess.run(
-        [str(BIN / "ray"), "get-auth-token", "--generate"], env=_env(), capture_output=True, text=True, timeout=60
-    )
-    assert gen.returncode == 0, gen.stderr
-    start = subprocess.run(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--node-ip-address=127.0.0.1",
-            "--port=6390",
-            "--num-cpus=2",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            "--dashboard-port=8265",
-            "--disable-usage-stats",
-        ],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert start.returncode == 0, start.stdout + start.stderr
     import requests
 
-    for _ in range(60):  # the job server comes up a little after `ray start` returns
+    ray.shutdown()  # this process's own local cluster, if an earlier test started one
+    temp = tempfile.mkdtemp(prefix="rpt-", dir="/tmp")  # short: Ray's socket paths live under it
+    dashboard = free_port()
+    cmd = [
+        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+        "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+        f"--temp-dir={temp}", "--disable-usage-stats",
+    ]  # fmt: skip
+    log = open(Path(temp) / "ray-start.log", "wb")  # noqa: SIM115 - open for the fixture's lifetime
+    head = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard}"
+    for _ in range(120):  # the job server comes up a little after the head
         try:
-            if requests.get(f"{DASHBOARD}/api/version", timeout=2).status_code in (200, 401, 403):
+            if requests.get(f"{url}/api/version", timeout=2).status_code in (200, 401, 403):
                 break
         except requests.RequestException:
             pass
+        assert head.poll() is None, (Path(temp) / "ray-start.log").read_text()[-3000:]
         time.sleep(1)
-    yield DASHBOARD
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True, timeout=120)
+    yield url
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):  # anything of the group still alive
+        os.killpg(head.pid, signal.SIGKILL)
+    log.close()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def _last_json(text: str) -> dict:
@@ -183,6 +190,7 @@ def test_submit_without_token_is_refused(ray_head):
     """Token auth stays on: a client without RAY_AUTH_MODE=token cannot submit."""
     env = _env()
     env.pop("RAY_AUTH_MODE")
+    env.pop("RAY_AUTH_TOKEN")
     proc = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--no-wait", "--", "echo", "hi"],
         env=env,

@@ -1,4 +1,4 @@
-"""Ray Serve over real HTTP on 127.0.0.1:8000: per-adapter answers, mixed LoRA/DoRA batches, the adapter
+"""Ray Serve over real HTTP on 127.0.0.1 (a free port): per-adapter answers, mixed LoRA/DoRA batches, the adapter
 cache, MLflow registry aliases, the openai client (streaming and not), the error corpus, and a bounded
 load test (200 concurrent requests over 16 adapters with 4 active slots)."""
 
@@ -14,7 +14,10 @@ from tests.unit.test_lora_batch import _make_adapter
 
 pytestmark = pytest.mark.integration
 
-URL = "http://127.0.0.1:8000"
+from tests.conftest import free_port  # noqa: E402
+
+PORT = free_port()
+URL = f"http://127.0.0.1:{PORT}"
 TOKEN = "s3cret-test-token"
 
 
@@ -59,7 +62,7 @@ def server(adapters, registry, tiny_model_dir):
     ray.shutdown()
     os.environ["RAYPEFT_TEST_KEY"] = TOKEN
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     spec = validate(
         {
             "name": "tiny-serve",
