@@ -3,19 +3,50 @@
 from __future__ import annotations
 
 import os
+import socket
+
+# Set by us for the local cluster we started, so that a later connection to another cluster drops it.
+_OURS: dict[str, str] = {}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_ray(**kwargs) -> None:
+    """``ray.init`` for every raypeft command: ``RAY_ADDRESS`` (set by ``ray job submit``) connects to that
+    cluster; otherwise a local one starts ("local", explicitly: with no address Ray would attach to the
+    last ``ray start`` cluster on this machine, even a dead one).
+
+    A local cluster's dashboard gets a free port, published as ``RAY_API_SERVER_ADDRESS`` before Ray's
+    processes start so that every worker inherits it. Ray's state API (which Train V2's placement-group
+    cleaner and Tune's Train integration call with no address) otherwise finds the cluster by listing the
+    machine's GCS processes, and fails with "Found multiple active Ray instances" when a user runs another
+    Ray cluster beside ours; the cleaner's thread then dies and every finished trial's placement group
+    leaks, so a sweep stalls waiting for CPUs nobody holds.
+    """
     import ray
 
-    if not ray.is_initialized():
-        # Train V2 echoes worker prints twice (stdout + its log redirection); a local
-        # cluster inherits this process's environment, so turn the echo off there.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-        # RAY_ADDRESS (set by `ray job submit`) connects to that cluster; otherwise a local one starts.
-        # "local" says so explicitly: with no address, Ray would attach to the last `ray start` cluster
-        # on this machine (/tmp/ray/ray_current_cluster), even a dead one.
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS") or "local",
-            **{"log_to_driver": True, "configure_logging": False, **kwargs},
-        )
+    if ray.is_initialized():
+        return
+    # Train V2 echoes worker prints twice (stdout + its log redirection); a local
+    # cluster inherits this process's environment, so turn the echo off there.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    for key, value in list(_OURS.items()):  # what we set for an earlier local cluster of this process
+        if os.environ.get(key) == value:
+            del os.environ[key]
+        del _OURS[key]
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    kwargs = {"log_to_driver": True, "configure_logging": False, **kwargs}
+    if (
+        address == "local"
+        and kwargs.get("include_dashboard") is not False
+        and "RAY_API_SERVER_ADDRESS" not in os.environ
+    ):
+        host = kwargs.setdefault("dashboard_host", "127.0.0.1")
+        port = kwargs.setdefault("dashboard_port", _free_port())
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        os.environ["RAY_API_SERVER_ADDRESS"] = _OURS["RAY_API_SERVER_ADDRESS"] = url
+    ray.init(address=address, **kwargs)

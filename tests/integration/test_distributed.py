@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from cluster.connect import init_ray
 from tests.conftest import REPO, tiny_spec
 
 pytestmark = pytest.mark.integration
@@ -33,7 +34,7 @@ def local_ray():
     # the tiny model runs dozens of steps in that time, so poll faster to make the kill test exact
     old = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.1"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    init_ray(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
     if old is None:

@@ -2,78 +2,35 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO
+from tests.heads import BIN, head_env, ray_start_head
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-BIN = Path(sys.executable).parent
 TOKEN = secrets.token_hex(32)  # this cluster's own token: nothing is written to ~/.ray
 
 
 def _env(**extra) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": TOKEN,
-        **extra,
-    }
-    env.pop("RAY_ADDRESS", None)
-    return env
+    return head_env(TOKEN, **extra)
 
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """Its own `ray start --head --block` on free ports with its own temp dir, in its own process group,
-    stopped by signalling that group: no other Ray cluster on the machine is touched."""
+    """Its own `ray start --head` (tests/heads.py): no other Ray cluster on the machine is touched."""
     import ray
-    import requests
 
     ray.shutdown()  # this process's own local cluster, if an earlier test started one
-    temp = tempfile.mkdtemp(prefix="rpt-", dir="/tmp")  # short: Ray's socket paths live under it
-    dashboard = free_port()
-    cmd = [
-        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-        "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-        f"--temp-dir={temp}", "--disable-usage-stats",
-    ]  # fmt: skip
-    log = open(Path(temp) / "ray-start.log", "wb")  # noqa: SIM115 - open for the fixture's lifetime
-    head = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dashboard}"
-    for _ in range(120):  # the job server comes up a little after the head
-        try:
-            if requests.get(f"{url}/api/version", timeout=2).status_code in (200, 401, 403):
-                break
-        except requests.RequestException:
-            pass
-        assert head.poll() is None, (Path(temp) / "ray-start.log").read_text()[-3000:]
-        time.sleep(1)
-    yield url
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):  # anything of the group still alive
-        os.killpg(head.pid, signal.SIGKILL)
-    log.close()
-    shutil.rmtree(temp, ignore_errors=True)
+    with ray_start_head(TOKEN, num_cpus=2) as url:
+        yield url
 
 
 def _last_json(text: str) -> dict:

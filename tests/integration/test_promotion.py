@@ -9,6 +9,7 @@ import time
 import pytest
 import yaml
 
+from cluster.connect import init_ray
 from pipelines import registry
 from tests.unit.test_toolbox import _trained_adapter
 
@@ -63,7 +64,7 @@ def setup(tmp_path_factory, tiny_model_dir, chat_data):
     best, mid, worst = sorted(losses, key=losses.get)
     assert losses[worst] - losses[best] > 0.01, losses
     ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    init_ray(num_cpus=2, include_dashboard=False)
     yield {
         "uri": uri,
         "gate": gate,

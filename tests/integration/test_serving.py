@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from cluster.connect import init_ray
 from tests.unit.test_engine import _reference
 from tests.unit.test_lora_batch import _make_adapter
 
@@ -61,7 +62,7 @@ def server(adapters, registry, tiny_model_dir):
     root, _ = adapters
     ray.shutdown()
     os.environ["RAYPEFT_TEST_KEY"] = TOKEN
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    init_ray(num_cpus=2, include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     spec = validate(
         {

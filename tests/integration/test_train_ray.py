@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.connect import init_ray
 from tests.conftest import tiny_spec
 
 pytestmark = pytest.mark.integration
@@ -17,7 +18,7 @@ def local_ray():
     import ray
 
     ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    init_ray(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 

@@ -3,24 +3,43 @@
 from __future__ import annotations
 
 import json
+import secrets
 from pathlib import Path
 
 import pytest
 
+from cluster.connect import init_ray
 from tests.conftest import tiny_spec
+from tests.heads import ray_start_head
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def local_ray():
+    """Our local cluster, started by init_ray while another Ray cluster runs on the same machine (as a user's
+    own would): Tune's Train V2 integration and Train's placement-group cleaner find their controllers
+    through the state API, which must reach our cluster and not fail on "multiple active Ray instances"."""
     import ray
 
     ray.shutdown()
-    # with the dashboard: Tune's Train V2 integration watches its controllers through the state API
-    ray.init(address="local", num_cpus=2, configure_logging=False)
-    yield
-    ray.shutdown()
+    with ray_start_head(secrets.token_hex(32), num_cpus=1, dashboard=False):
+        init_ray(num_cpus=2)
+        yield
+        ray.shutdown()
+
+
+def test_the_state_api_in_our_workers_reaches_our_cluster_beside_another(local_ray):
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def nodes_seen_by_the_state_api():
+        from ray.util.state import list_nodes
+
+        return [n.node_id for n in list_nodes()]
+
+    ours = [n["NodeID"] for n in ray.nodes()]
+    assert ray.get(nodes_seen_by_the_state_api.remote(), timeout=120) == ours
 
 
 def _client(uri):

@@ -1,0 +1,81 @@
+"""A `ray start --head` of a test's own: free ports, its own temp dir and token, its own process group.
+
+Stopped by signalling that group, so no other Ray cluster on the machine (a user's, CI's sentinel) is
+touched, and nothing is written to ~/.ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.conftest import free_port
+
+BIN = Path(sys.executable).parent
+
+
+def head_env(token: str, **extra) -> dict[str, str]:
+    """This process's environment for a client (or the head) of a token-auth cluster; no RAY_ADDRESS."""
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        **extra,
+    }
+    for inherited in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # set for this process's own local cluster
+        env.pop(inherited, None)
+    return env
+
+
+@contextlib.contextmanager
+def ray_start_head(token: str, num_cpus: int, dashboard: bool = True) -> Iterator[str]:
+    """Yields the dashboard URL once the job server answers (or the GCS address without a dashboard)."""
+    import requests
+
+    temp = tempfile.mkdtemp(prefix="rpt-", dir="/tmp")  # short: Ray's socket paths live under it
+    gcs, port = free_port(), free_port()
+    cmd = [
+        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+        f"--num-cpus={num_cpus}", f"--include-dashboard={str(dashboard).lower()}", "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={port}", f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp}", "--disable-usage-stats",
+    ]  # fmt: skip
+    log_path = Path(temp) / "ray-start.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - open for the head's lifetime
+    head = subprocess.Popen(cmd, env=head_env(token), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}" if dashboard else f"127.0.0.1:{gcs}"
+        for _ in range(120):  # the job server comes up a little after the head
+            assert head.poll() is None, log_path.read_text(errors="replace")[-3000:]
+            if not dashboard:
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", gcs), timeout=2):
+                    time.sleep(3)  # the GCS listens first; the raylet registers right after
+                    break
+            else:
+                with contextlib.suppress(requests.RequestException):
+                    if requests.get(f"{url}/api/version", timeout=2).status_code in (200, 401, 403):
+                        break
+            time.sleep(1)
+        else:
+            raise AssertionError(
+                f"ray start --head not up after 120 s:\n{log_path.read_text(errors='replace')[-3000:]}"
+            )
+        yield url
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):  # anything of the group still alive
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
