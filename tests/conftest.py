@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 from pathlib import Path
 
 import pytest
@@ -23,16 +24,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _snapshot(*dirs: Path) -> dict[str, float]:
+    return {str(f): f.stat().st_mtime for d in dirs if d.is_dir() for f in d.rglob("*") if f.is_file()}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_home(tmp_path_factory):
-    """No test writes to the user's ~/.raypeft: the default RAYPEFT_HOME is a temporary folder."""
-    old = os.environ.get("RAYPEFT_HOME")
+    """No test writes to the user's ~/.raypeft or ~/.ray: the default RAYPEFT_HOME is a temporary folder, and
+    the session has a Ray token of its own (a local ``ray.init`` with none would write ~/.ray/auth_token).
+    Both folders are compared before and after the session; a change fails it."""
+    user = [Path.home() / ".raypeft", Path.home() / ".ray"]
+    before = _snapshot(*user)
+    saved = {k: os.environ.get(k) for k in ("RAYPEFT_HOME", "RAY_AUTH_TOKEN")}
     os.environ["RAYPEFT_HOME"] = str(tmp_path_factory.mktemp("raypeft-home"))
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     yield
-    if old is None:
-        os.environ.pop("RAYPEFT_HOME", None)
-    else:
-        os.environ["RAYPEFT_HOME"] = old
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    after = _snapshot(*user)
+    changed = sorted(f for f in before.keys() | after.keys() if before.get(f) != after.get(f))
+    assert not changed, f"the tests wrote to the user's own folders: {changed}"
 
 
 @pytest.fixture(scope="session")
