@@ -207,6 +207,39 @@ class DeepSpeedEngine:
         return int(client["raypeft_step"])
 
 
+STALE_BUILD_S = 600  # a DeepSpeed op builds in about a minute on 2 cores
+
+
+def stale_build_lock(build_dir: Path, now: float, max_age_s: float = STALE_BUILD_S) -> Path | None:
+    """The lock file of a torch C++ extension build that has held it for longer than any build takes.
+
+    torch's ``FileBaton`` creates ``BUILD_DIR/lock`` while one process builds an extension, and every other
+    process waits, with no timeout, until it goes away. A build killed midway (Ctrl-C on a run, a worker
+    lost) leaves the lock behind, and every later run then hangs there silently."""
+    lock = build_dir / "lock"
+    try:
+        age = now - lock.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    return lock if age > max_age_s else None
+
+
+def _clear_stale_build_lock(builder_name: str) -> None:
+    import time
+
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory  # torch's own rule for where an op builds
+
+    builder = get_accelerator().create_op_builder(builder_name)
+    if builder is None:
+        return
+    lock = stale_build_lock(Path(_get_build_directory(builder.NAME, verbose=False)), time.time())
+    if lock is not None:
+        print(f"[raypeft] removing {lock}: a build of {builder.NAME} was killed midway and left it behind", flush=True)
+        with contextlib.suppress(FileNotFoundError):  # another worker removed it first
+            lock.unlink()
+
+
 def deepspeed_setup(config: dict[str, Any] | None, device, quantized: bool = False):
     """Before the base loads: join DeepSpeed to Ray Train's process group, and for ZeRO-3 let
     ``from_pretrained`` partition weights as it loads them. Returns an object to keep alive."""
@@ -214,6 +247,8 @@ def deepspeed_setup(config: dict[str, Any] | None, device, quantized: bool = Fal
         return None
     import deepspeed
 
+    if device.type == "cpu":  # the CPU backend JIT-builds DeepSpeed's shared-memory op on first use
+        _clear_stale_build_lock("ShareMemCommBuilder")
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     if config["zero_optimization"]["stage"] != 3 or quantized:
         return None
