@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import socket
 
-# Set by us for the local cluster we started, so that a later connection to another cluster drops it.
-_OURS: dict[str, str] = {}
+# The RAY_API_SERVER_ADDRESS we set for a local cluster, so that a later connection to another cluster drops it.
+_published: str | None = None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on now (never a fixed port next to a user's own servers)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -29,15 +30,15 @@ def init_ray(**kwargs) -> None:
     """
     import ray
 
+    global _published
     if ray.is_initialized():
         return
     # Train V2 echoes worker prints twice (stdout + its log redirection); a local
     # cluster inherits this process's environment, so turn the echo off there.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    for key, value in list(_OURS.items()):  # what we set for an earlier local cluster of this process
-        if os.environ.get(key) == value:
-            del os.environ[key]
-        del _OURS[key]
+    if _published is not None and os.environ.get("RAY_API_SERVER_ADDRESS") == _published:
+        del os.environ["RAY_API_SERVER_ADDRESS"]  # set for an earlier local cluster of this process
+    _published = None
     address = os.environ.get("RAY_ADDRESS") or "local"
     kwargs = {"log_to_driver": True, "configure_logging": False, **kwargs}
     if (
@@ -46,7 +47,7 @@ def init_ray(**kwargs) -> None:
         and "RAY_API_SERVER_ADDRESS" not in os.environ
     ):
         host = kwargs.setdefault("dashboard_host", "127.0.0.1")
-        port = kwargs.setdefault("dashboard_port", _free_port())
+        port = kwargs.setdefault("dashboard_port", free_port())
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-        os.environ["RAY_API_SERVER_ADDRESS"] = _OURS["RAY_API_SERVER_ADDRESS"] = url
+        os.environ["RAY_API_SERVER_ADDRESS"] = _published = url
     ray.init(address=address, **kwargs)

@@ -15,13 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on now (tests never bind fixed ports next to a user's own servers)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cluster.connect import free_port  # noqa: E402,F401 - the tests' free ports: the same rule as the code's
 
 
 def _snapshot(*dirs: Path) -> dict[str, float]:
