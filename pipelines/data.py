@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines.specbase import UserError
+
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import DataSpec
 
@@ -77,23 +79,6 @@ def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
     return data if isinstance(data, list) else data[split]
 
 
-def dataset_fingerprint(data: DataSpec) -> str:
-    """sha256 over the bytes of the train and eval sources (lineage tag)."""
-    h = hashlib.sha256()
-    for src, split in ((data.train, "train"), (data.eval, "eval")):
-        if src is None:
-            continue
-        if "://" in src:
-            h.update(url_fingerprint(src).encode())
-            continue
-        p = Path(resolve_source(src, split))
-        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
-        for f in files:
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-    return "sha256:" + h.hexdigest()
-
-
 SMALL_URL_BYTES = 64 << 20
 
 
@@ -132,6 +117,10 @@ def train_eval_records(data: DataSpec, seed: int) -> tuple[list[dict], list[dict
 
 class FormatError(ValueError):
     pass
+
+
+class DataError(UserError):
+    """Bad training data (a malformed line, a missing field, nothing usable): exit code 2, before training."""
 
 
 def prompt_and_completion(record: dict[str, Any], fmt: str, tokenizer) -> tuple[str, str]:
@@ -182,19 +171,71 @@ def encode(record: dict[str, Any], fmt: str, tokenizer, max_length: int) -> dict
 
 
 def pack(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
-    """Greedy first-fit-in-order packing of whole examples into rows of at most ``max_length``."""
-    rows: list[dict[str, list[int]]] = []
-    cur_ids: list[int] = []
-    cur_labels: list[int] = []
-    for ex in examples:
-        if cur_ids and len(cur_ids) + len(ex["input_ids"]) > max_length:
-            rows.append({"input_ids": cur_ids, "labels": cur_labels})
-            cur_ids, cur_labels = [], []
-        cur_ids = cur_ids + ex["input_ids"]
-        cur_labels = cur_labels + ex["labels"]
-    if cur_ids:
-        rows.append({"input_ids": cur_ids, "labels": cur_labels})
+    """Whole examples packed into rows of at most ``max_length`` (``pack_bfd``), each row with the lengths
+    of its examples as ``segments`` (what ``collate`` turns into per-example positions)."""
+    rows = []
+    for b in pack_bfd([len(e["input_ids"]) for e in examples], max_length):
+        rows.append(
+            {
+                "input_ids": [t for i in b for t in examples[i]["input_ids"]],
+                "labels": [t for i in b for t in examples[i]["labels"]],
+                "segments": [len(examples[i]["input_ids"]) for i in b],
+            }
+        )
     return rows
+
+
+def encode_batch(records: list[dict[str, Any]], fmt: str, tokenizer, max_length: int) -> list[dict[str, list[int]]]:
+    """``encode`` of many records with one batched tokenizer call per side (the fast tokenizer's batch path).
+    Equal to ``[encode(r, ...) for r in records]``; a record the format cannot read raises ``FormatError``."""
+    pairs = [prompt_and_completion(r, fmt, tokenizer) for r in records]
+    if not pairs:
+        return []
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    out = []
+    for (prompt, _), p_ids, c_ids in zip(pairs, prompts, completions):
+        p_ids = list(p_ids) if prompt else []
+        c_ids = list(c_ids) + ([eos] if fmt != "chat" and eos is not None else [])
+        if fmt == "text" and bos is not None:
+            p_ids = [bos]
+        ids = (p_ids + c_ids)[:max_length]
+        labels = ([IGNORE] * len(p_ids) + c_ids)[:max_length]
+        if fmt == "text" and p_ids:
+            labels[0] = IGNORE
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def pack_bfd(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Best-fit-decreasing packing (TRL's default): indices of ``lengths`` grouped into bins of at most
+    ``max_length`` tokens, each item placed in the fullest bin it fits. Deterministic: ties keep index order.
+    Pure; O(n · max_length / 64) worst case through a bitmap of the free capacities that have open bins."""
+    import numpy as np
+
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    by_free: list[list[int]] = [[] for _ in range(max_length + 1)]  # free capacity -> open bins (LIFO)
+    has = np.zeros(max_length + 1, dtype=bool)
+    for i in order:
+        n = lengths[i]
+        if n > max_length:
+            raise ValueError(f"example {i} has {n} tokens, more than max_length {max_length}")
+        hits = np.flatnonzero(has[n:])
+        if hits.size:  # the bin with the least free space that still fits
+            free = n + int(hits[0])
+            b = by_free[free].pop()
+            has[free] = bool(by_free[free])
+        else:
+            free, b = max_length, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        left = free - n
+        if left > 0:
+            by_free[left].append(b)
+            has[left] = True
+    return bins
 
 
 def encode_all(records: Iterable[dict], data: DataSpec, tokenizer, packing: bool | None = None) -> list[dict]:
@@ -204,6 +245,10 @@ def encode_all(records: Iterable[dict], data: DataSpec, tokenizer, packing: bool
 
 
 def collate(examples: list[dict[str, list[int]]], pad_id: int):
+    """Right-padded tensors for the model. Packed rows (with ``segments``, the lengths of the examples in
+    the row) get ``position_ids`` restarting at 0 for each example and no ``attention_mask``: transformers
+    then builds a block-diagonal causal mask from the position ids (SDPA / eager), or takes its varlen path
+    (flash-attention), so no example attends to another. Padding is a segment of its own, with no labels."""
     import torch
 
     n = max(len(e["input_ids"]) for e in examples)
@@ -215,7 +260,26 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int):
         ids[i, :k] = torch.tensor(e["input_ids"])
         labels[i, :k] = torch.tensor(e["labels"])
         mask[i, :k] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if not any("segments" in e for e in examples):
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    pos = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, e in enumerate(examples):
+        start = 0
+        for length in [*e.get("segments", [len(e["input_ids"])]), n - len(e["input_ids"])]:
+            if length:
+                pos[i, start : start + length] = torch.arange(length)
+                labels[i, start] = IGNORE  # no example learns to predict the next one's first token
+            start += length
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+def model_inputs(batch: dict, device) -> dict:
+    """``collate``'s tensors on ``device``, plus ``use_cache=False`` for packed rows (transformers only reads
+    packed position ids when no cache is built; training never uses one)."""
+    out = {k: v.to(device) for k, v in batch.items()}
+    if "position_ids" in out:
+        out["use_cache"] = False
+    return out
 
 
 # ---------------------------------------------------------------- sharding

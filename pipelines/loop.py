@@ -51,6 +51,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from pipelines.engines import build_engine, deepspeed_setup, probe_logits
     from pipelines.evaluate import eval_loss, task_score
     from pipelines.models import load_base
+    from pipelines.prepare import open_layout
     from pipelines.tracking import StepLogger
 
     spec: JobSpec = config["spec"]
@@ -74,7 +75,9 @@ def train_worker(config: dict[str, Any]) -> None:
     hf_ds = deepspeed_setup(
         ds_config, device, quantized=spec.quantization() != "none"
     )  # keep alive: ZeRO-3 partitions weights while they load
+    t_load = time.perf_counter()
     base, tok, _ = load_base(spec, device=device, log=log)
+    model_load_s = time.perf_counter() - t_load
     base_modules = preflight.module_names(base)
     prepared = methods.build(spec, base)
     model = prepared.model
@@ -90,12 +93,12 @@ def train_worker(config: dict[str, Any]) -> None:
         f"= {spec.train.micro_batch_size} × {spec.grad_accum()} accumulation × {world}"
     )
 
-    train_records, eval_records = D.train_eval_records(spec.data, spec.train.seed)
-    train_ex = D.encode_all(train_records, spec.data, tok)
-    eval_ex = D.encode_all(eval_records, spec.data, tok, packing=False)
-    if not train_ex:
-        raise ValueError(f"data.train: no usable examples in {spec.data.train!r}")
-    log(f"data: {len(train_ex)} train rows, {len(eval_ex)} eval rows, format {spec.data.format}")
+    # tokenized once by the driver (pipelines.prepare); memory-mapped here, read a batch at a time
+    train_ex, eval_ex, eval_records, layout = open_layout(config["data_dir"])
+    log(
+        f"data: {len(train_ex)} train rows{' (packed)' if layout['packed'] else ''}, {len(eval_ex)} eval rows, "
+        f"format {spec.data.format}"
+    )
     sharder = D.Sharder(len(train_ex), spec.train.micro_batch_size, world, rank, spec.train.seed)
     pad_id = tok.pad_token_id
     base_lrs = [g["lr"] for g in engine.param_groups]
@@ -179,14 +182,23 @@ def train_worker(config: dict[str, Any]) -> None:
     for step in range(start_step, spec.train.max_steps):
         for micro in range(accum):
             k = step * accum + micro
-            batch = {
-                key: v.to(device) for key, v in D.collate([train_ex[i] for i in sharder.indices(k)], pad_id).items()
-            }
-            loss = engine.micro_step(batch, last=micro == accum - 1)
+            rows = [train_ex[i] for i in sharder.indices(k)]
+            loss = engine.micro_step(D.model_inputs(D.collate(rows, pad_id), device), last=micro == accum - 1)
             loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
-            tokens_since += int(batch["attention_mask"].sum())
+            tokens_since += sum(len(r["input_ids"]) for r in rows)
         engine.finish_step(step)
         done = step + 1
+        if step == start_step and logger:  # what a worker holds once training runs, and how long it took to start
+            import psutil
+
+            logger.log(
+                {
+                    "worker_rss_mib": psutil.Process().memory_info().rss / 2**20,
+                    "model_load_s": model_load_s,
+                    "first_step_at": time.time(),
+                },
+                done,
+            )
         lr_used = lr
         lr = set_lr(done)
 

@@ -151,7 +151,15 @@ class DataSpec(Section):
     )
     max_length: Int = Field(256, gt=8, le=131072, description="Maximum tokens per example (longer ones are truncated).")
     packing: bool = Field(
-        False, description="Pack several examples into each max_length row (no cross-example attention masking)."
+        False,
+        description="Pack several examples into each max_length row (best-fit decreasing). Each example keeps its "
+        "own positions and attends only to itself (block-diagonal mask; flash-attention's varlen path on GPU).",
+    )
+    skip_invalid: bool = Field(
+        False,
+        description="Skip records that are not valid JSON objects or lack a field the format needs, reporting how "
+        "many (logged, and `data_skipped_records` in MLflow). Off: the first such records stop the job before "
+        "training, named by file and line.",
     )
     eval_task_samples: Int = Field(
         64, ge=0, le=1_000_000, description="Eval examples scored with the task metric (0 = all)."

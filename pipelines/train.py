@@ -64,13 +64,13 @@ def _write_state(storage: str, name: str, state: dict[str, Any]) -> None:
 
 def job_lineage(spec: JobSpec) -> dict[str, str]:
     """Tags that tie a run to its exact base weights, data and method."""
-    from pipelines.data import dataset_fingerprint
     from pipelines.models import base_lineage
+    from pipelines.prepare import dataset_hash
 
     return {
         **base_lineage(spec.model),
         "dataset": spec.data.train,
-        "dataset_hash": dataset_fingerprint(spec.data),
+        "dataset_hash": dataset_hash(spec),
         "method": spec.method.name,
         "quantization": spec.quantization() if not spec.model.quantization_plan else "mixed",
     }
@@ -104,11 +104,15 @@ def make_trainer(spec: JobSpec, loop_config: dict[str, Any], run_name: str, stor
 
 def run(spec: JobSpec, log=print) -> dict[str, Any]:
     """Run a validated job end to end and return the result record (see module docstring)."""
+    from cluster.connect import init_ray
     from pipelines import tracking
+    from pipelines.prepare import prepare
 
     storage = storage_dir(spec)
     run_name, prior = _run_name(spec, storage)
     uri = tracking.tracking_uri(spec)
+    init_ray()
+    data = prepare(spec, log)  # bad data stops here (DataError, exit 2): no MLflow run, no workers
     lineage = job_lineage(spec)
     if prior:
         run_id = prior["mlflow_run_id"]
@@ -117,13 +121,11 @@ def run(spec: JobSpec, log=print) -> dict[str, Any]:
         run_id = tracking.start_run(spec, uri, run_name, {**lineage, "raypeft.job": run_name})
     _write_state(storage, run_name, {"status": "running", "mlflow_run_id": run_id, "tracking_uri": uri})
     log(f"[raypeft] MLflow run {run_id} at {uri}")
-
-    from cluster.connect import init_ray
-
-    init_ray()
+    tracking.StepLogger(uri, run_id).log(data.stats, 0)
     from pipelines.loop import ADAPTER_DIR
 
-    trainer = make_trainer(spec, {"spec": spec, "run_id": run_id, "tracking_uri": uri}, run_name, storage)
+    loop = {"spec": spec, "run_id": run_id, "tracking_uri": uri, "data_dir": data.layout}
+    trainer = make_trainer(spec, loop, run_name, storage)
     t0 = time.time()
     try:
         result = trainer.fit()
@@ -199,7 +201,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(spec_yaml(spec), end="")
         return 0
-    result = run(spec)
+    from pipelines.data import DataError
+
+    try:
+        result = run(spec)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for line in summary_lines(result, spec):
         print(line, flush=True)
     print(json.dumps(result), flush=True)

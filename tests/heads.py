@@ -79,3 +79,40 @@ def ray_start_head(token: str, num_cpus: int, dashboard: bool = True) -> Iterato
             os.killpg(head.pid, signal.SIGKILL)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def ray_start_node(gcs: str, token: str, num_cpus: int) -> Iterator[subprocess.Popen]:
+    """A second Ray node (``ray start --address``) on this machine, on free ports, in its own process group.
+    Yields its ``ray start --block`` process; the node's raylet runs in that group."""
+    temp = tempfile.mkdtemp(prefix="rpn-", dir="/tmp")
+    cmd = [
+        str(BIN / "ray"), "start", f"--address={gcs}", "--block", "--node-ip-address=127.0.0.1",
+        f"--num-cpus={num_cpus}", f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}", "--disable-usage-stats",
+    ]  # fmt: skip
+    log_path = Path(temp) / "ray-start.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - open for the node's lifetime
+    node = subprocess.Popen(cmd, env=head_env(token), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield node
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            node.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def wait_for_nodes(n: int, timeout: float = 120) -> None:
+    """Until this driver's cluster has ``n`` alive nodes."""
+    import ray
+
+    deadline = time.time() + timeout
+    while sum(1 for x in ray.nodes() if x["Alive"]) < n:
+        assert time.time() < deadline, f"{n} Ray nodes not up after {timeout} s: {ray.nodes()}"
+        time.sleep(1)

@@ -54,8 +54,11 @@ def run_trial(config: dict[str, Any], raw: dict[str, Any], storage: str) -> None
     if plan.get("over_budget"):
         tune.report({"eval_loss": PENALTY, "step": 0, "over_budget": True, **extra})
         return
+    from pipelines.prepare import prepare
+
     spec = validate(trial_raw(raw, {k: v for k, v in plan.items() if "." in k}))
-    loop = {"spec": spec, "run_id": None, "tracking_uri": None, "report_evals": True}
+    data = prepare(spec)  # the driver prepared it: a cache hit unless the trial samples a data field
+    loop = {"spec": spec, "run_id": None, "tracking_uri": None, "report_evals": True, "data_dir": data.layout}
     trial_id = tune.get_context().get_trial_id()
     make_trainer(spec, loop, f"trial_{trial_id}", storage, callbacks=[_Report(extra)]).fit()
 
@@ -223,10 +226,13 @@ def run_trials(
     import ray
 
     from cluster.connect import init_ray
-    from pipelines.tracking import client
+    from pipelines.tracking import StepLogger, client
     from pipelines.train import storage_dir
 
     init_ray()
+    from pipelines.prepare import prepare
+
+    data = prepare(spec, log)  # tokenize once here, not in every trial
     sc = spec.scaling
     per_trial = {"CPU": sc.num_workers * sc.cpus_per_worker + DRIVER_CPU, "GPU": sc.num_workers if sc.use_gpu else 0}
     n = concurrency(ray.cluster_resources(), per_trial, spec.tune.max_concurrent_trials)
@@ -235,6 +241,7 @@ def run_trials(
     raw = resolve_paths(spec.model_dump(mode="json", exclude={"tune"}))
     exp_id = client(uri).get_run(parent_run_id).info.experiment_id
     logger = MlflowSweepLogger(uri, exp_id, parent_run_id, name, max_steps)
+    StepLogger(uri, parent_run_id).log(data.stats, 0)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, raw=raw, storage=f"{storage}/{name}/train"), {"CPU": DRIVER_CPU}
     )

@@ -87,7 +87,26 @@ def method_problems(spec: JobSpec) -> list[tuple[str, str]]:
         problems.append(
             ("model.quantization", f"method {spec.method.name!r} trains on a 4-bit base: use nf4 or auto (got {q!r})")
         )
+    if spec.data.packing and _prompt_learning(spec.method.name):
+        problems.append(
+            (
+                "data.packing",
+                f"method {spec.method.name!r} prepends virtual tokens through the KV cache, which one packed row "
+                "would share across its examples: turn packing off (got true)",
+            )
+        )
     return problems
+
+
+def _prompt_learning(name: str) -> bool:
+    from peft import PromptLearningConfig
+
+    from pipelines.methods.generic import config_class
+
+    try:
+        return issubclass(config_class(name), PromptLearningConfig)
+    except KeyError:
+        return False
 
 
 def config_problem(spec: JobSpec, error: Exception, who: str) -> tuple[str, str]:

@@ -56,6 +56,7 @@ def test_packing_keeps_every_token_and_respects_max_length():
     assert all(len(r["input_ids"]) <= 12 for r in rows)
     assert sum(len(r["input_ids"]) for r in rows) == 26
     assert [len(r["input_ids"]) for r in rows] == [12, 12, 2]
+    assert [r["segments"] for r in rows] == [[9, 3], [7, 5], [2]]  # best fit, longest first
 
 
 def test_sharder_covers_each_global_batch_once_across_ranks():

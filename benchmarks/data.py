@@ -1,0 +1,274 @@
+"""Data at scale: raypeft's Ray Data preparation against HF ``datasets.map`` and today's in-worker path,
+worker memory with a large dataset, the first step on a warm cache, and packing efficiency.
+
+    python -m benchmarks.data [--records 1000000] [--repeats 3] [--subset 50000] [--out /tmp/raypeft-bench-data]
+
+1. A deterministic synthetic chat dataset of ``--records`` records (JSONL) is written once.
+2. **Preparation**, each run in a fresh process, sides alternating, ``--repeats`` times:
+   - ``raypeft``: ``pipelines.prepare.prepare`` on a local Ray cluster of all cores, cold cache
+     (Ray's start-up is not timed; hashing the file, tokenizing and writing the shards are);
+   - ``hf_map``: ``datasets.load_dataset("json")`` + ``.map(batched=True, num_proc=<cores>)`` with the
+     same formatting function (``data.encode_batch``) and tokenizer, writing its Arrow cache;
+   - ``in_worker``: the pre-Ray-Data path (``train_eval_records`` + ``encode_all``, one thread) on the
+     first ``--subset`` records, scaled linearly to ``--records``.
+3. **Worker memory**: a 2-step ``raypeft train`` job (1 worker, SmolLM2, batch 8, ``max_length`` 160) on
+   the large dataset and on the 2,000-record demo (``builtin:json_extract``), alternating, each in a fresh
+   process; rank 0's RSS after its first step (``worker_rss_mib`` in MLflow).
+4. **Warm first step**: in the large job's reruns (cache warm) the wall time from calling ``run`` to the
+   end of the first step, minus the worker's model load (``model_load_s``): Ray's start-up, the cache
+   hit, the worker group's start and the first step.
+5. **Packing efficiency** of the demo data at ``max_length`` 512 (real tokens ÷ row slots).
+
+Ends with one JSON line: ``prep_over_hf_map`` (raypeft ÷ HF median wall time), ``worker_rss_ratio``,
+``warm_first_step_s``, ``packing_efficiency``, plus the raw samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORDS = (
+    "the a order customer invoice ship city price item total date account name street number email phone "
+    "product quantity status paid pending returned review rating service delivery warehouse region code"
+).split()
+
+
+def write_dataset(path: Path, n: int, seed: int = 0) -> Path:
+    """``n`` chat records: a user request of 12–80 words, an assistant answer of 6–40 (deterministic)."""
+    if path.is_file() and path.with_suffix(".done").read_text() == str(n):
+        return path
+    r = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            user = " ".join(r.choice(WORDS) for _ in range(r.randint(12, 80)))
+            answer = " ".join(r.choice(WORDS) for _ in range(r.randint(6, 40)))
+            rec = {"messages": [{"role": "user", "content": f"#{i}: {user}"}, {"role": "assistant", "content": answer}]}
+            f.write(json.dumps(rec) + "\n")
+    path.with_suffix(".done").write_text(str(n))
+    return path
+
+
+def job_spec(train: str, storage: str, home: str, steps: int = 2, packing: bool = False, max_length: int = 160):
+    from pipelines.spec import validate
+
+    return validate(
+        {
+            "name": "bench-data",
+            "model": {"base": "smollm2-135m"},
+            "method": {"name": "lora", "r": 16},
+            "data": {
+                "train": train,
+                "format": "chat",
+                "max_length": max_length,
+                "packing": packing,
+                "eval_fraction": 0,
+            },
+            "train": {
+                "max_steps": steps,
+                "micro_batch_size": 8,
+                "warmup_steps": 1,
+                "eval_every": 0,
+                "eval_base": False,
+            },
+            "scaling": {"num_workers": 1, "cpus_per_worker": os.cpu_count() or 1},
+            "checkpoint": {"storage": storage},
+            "tracking": {"experiment": "bench-data", "tracking_uri": f"sqlite:///{home}/mlflow.db"},
+        }
+    )
+
+
+# ---------------------------------------------------------------- the sides (each in a fresh process)
+
+
+def side_raypeft(a: dict) -> dict:
+    import ray
+
+    from cluster.connect import init_ray
+    from pipelines.prepare import prepare
+
+    init_ray(num_cpus=os.cpu_count(), include_dashboard=False)
+    spec = job_spec(a["data"], a["storage"], a["home"])
+    t0 = time.perf_counter()
+    p = prepare(spec, log=lambda *_: None)
+    wall = time.perf_counter() - t0
+    ray.shutdown()
+    return {"wall_s": wall, "records": p.stats["data_records"], "tokens": p.stats["data_tokens"]}
+
+
+def side_hf_map(a: dict) -> dict:
+    import datasets
+
+    from pipelines import data as D
+    from pipelines.models import load_tokenizer, resolve_base
+
+    datasets.disable_progress_bars()
+    tok = load_tokenizer(resolve_base(job_spec(a["data"], a["storage"], a["home"]).model, log=lambda *_: None))
+
+    def fn(batch):
+        records = [{"messages": m} for m in batch["messages"]]
+        enc = D.encode_batch(records, "chat", tok, 160)
+        return {"input_ids": [e["input_ids"] for e in enc], "labels": [e["labels"] for e in enc]}
+
+    t0 = time.perf_counter()
+    ds = datasets.load_dataset("json", data_files=a["data"], split="train", cache_dir=a["storage"])
+    out = ds.map(fn, batched=True, num_proc=os.cpu_count(), remove_columns=ds.column_names)
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "records": len(out)}
+
+
+def side_in_worker(a: dict) -> dict:
+    from pipelines import data as D
+    from pipelines.models import load_tokenizer, resolve_base
+
+    spec = job_spec(a["subset"], a["storage"], a["home"])
+    tok = load_tokenizer(resolve_base(spec.model, log=lambda *_: None))
+    t0 = time.perf_counter()
+    train, _ = D.train_eval_records(spec.data, spec.train.seed)
+    D.encode_all(train, spec.data, tok)
+    return {"wall_s": time.perf_counter() - t0, "records": len(train)}
+
+
+def side_train(a: dict) -> dict:
+    from mlflow import MlflowClient
+
+    from pipelines.train import run
+
+    spec = job_spec(a["data"], a["storage"], a["home"])
+    t0 = time.time()
+    result = run(spec, log=lambda *_: None)
+    c = MlflowClient(spec.tracking.tracking_uri)
+    m = {
+        k: c.get_metric_history(result["run_id"], k)[0].value
+        for k in ("worker_rss_mib", "model_load_s", "first_step_at")
+    }
+    return {
+        "worker_rss_mib": m["worker_rss_mib"],
+        "model_load_s": m["model_load_s"],
+        "first_step_after_load_s": m["first_step_at"] - t0 - m["model_load_s"],
+        "cache_hit": c.get_metric_history(result["run_id"], "data_cache_hit")[0].value,
+    }
+
+
+def side_packing(a: dict) -> dict:
+    import ray
+
+    from cluster.connect import init_ray
+    from pipelines.prepare import prepare
+
+    init_ray(num_cpus=os.cpu_count(), include_dashboard=False)
+    spec = job_spec("builtin:json_extract", a["storage"], a["home"], packing=True, max_length=512)
+    p = prepare(spec, log=lambda *_: None)
+    ray.shutdown()
+    return {"packing_efficiency": p.stats["data_packing_efficiency"]}
+
+
+SIDES = {f.__name__[5:]: f for f in (side_raypeft, side_hf_map, side_in_worker, side_train, side_packing)}
+
+
+def spawn(side: str, args: dict) -> dict:
+    """Run one side in a fresh Python process; its result is the last stdout line."""
+    env = {**os.environ, "RAYPEFT_HOME": args["home"], "TOKENIZERS_PARALLELISM": "true"}
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.data", "--side", side, "--args", json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"side {side} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def spread(xs: list[float]) -> str:
+    return f"median {statistics.median(xs):.2f} (min {min(xs):.2f}, max {max(xs):.2f}, n={len(xs)})"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.data", description=__doc__.split("\n\n")[0])
+    p.add_argument("--records", type=int, default=1_000_000)
+    p.add_argument("--subset", type=int, default=50_000)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "raypeft-bench-data"))
+    p.add_argument("--side", help=argparse.SUPPRESS)
+    p.add_argument("--args", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.side:
+        print(json.dumps(SIDES[a.side](json.loads(a.args))), flush=True)
+        return 0
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    home = str(out / "home")
+    t = time.perf_counter()
+    data = write_dataset(out / f"chat-{a.records}.jsonl", a.records)
+    subset = out / f"chat-{a.records}-first{a.subset}.jsonl"
+    with open(data) as src, open(subset, "w") as dst:
+        for _, line in zip(range(a.subset), src):
+            dst.write(line)
+    print(f"dataset: {a.records:,} records, {data.stat().st_size / 2**20:,.0f} MiB ({time.perf_counter() - t:.0f}s)")
+
+    def fresh(tag: str) -> str:
+        d = tempfile.mkdtemp(prefix=f"{tag}-", dir=out)
+        return d
+
+    base = {"data": str(data), "subset": str(subset), "home": home}
+    spawn("packing", {**base, "storage": fresh("warm")})  # materializes SmolLM2 once, outside any timing
+    prep: dict[str, list[float]] = {"raypeft": [], "hf_map": [], "in_worker": []}
+    for r in range(a.repeats):
+        order = ["raypeft", "hf_map", "in_worker"] if r % 2 == 0 else ["in_worker", "hf_map", "raypeft"]
+        for side in order:
+            res = spawn(side, {**base, "storage": fresh(side)})
+            wall = res["wall_s"] * (a.records / res["records"] if side == "in_worker" else 1)
+            prep[side].append(wall)
+            print(f"prep {side:9s} repeat {r + 1}: {wall:8.1f}s" + (" (scaled)" if side == "in_worker" else ""))
+    for side, xs in prep.items():
+        print(f"prep {side:9s} {spread(xs)} s")
+
+    large_store = fresh("large")
+    cold = spawn("train", {**base, "storage": large_store})  # tokenizes: the cache is warm from here on
+    print(f"train large (cold cache): worker RSS {cold['worker_rss_mib']:.0f} MiB")
+    rss: dict[str, list[float]] = {"large": [], "demo": []}
+    warm: list[float] = []
+    demo_store = fresh("demo")
+    for r in range(a.repeats):
+        for side in ("demo", "large") if r % 2 == 0 else ("large", "demo"):
+            if side == "large":
+                res = spawn("train", {**base, "storage": large_store})
+                assert res["cache_hit"] == 1.0, res
+                warm.append(res["first_step_after_load_s"])
+            else:
+                res = spawn("train", {**base, "data": "builtin:json_extract", "storage": demo_store})
+            rss[side].append(res["worker_rss_mib"])
+            print(
+                f"train {side}: worker RSS {res['worker_rss_mib']:.0f} MiB, first step {res['first_step_after_load_s']:.1f}s after load"
+            )
+    pack = spawn("packing", {**base, "storage": fresh("packing")})
+    for side, xs in rss.items():
+        print(f"worker RSS {side}: {spread(xs)} MiB")
+    print(f"warm first step beyond model load: {spread(warm)} s")
+    result = {
+        "prep_over_hf_map": statistics.median(prep["raypeft"]) / statistics.median(prep["hf_map"]),
+        "worker_rss_ratio": statistics.median(rss["large"]) / statistics.median(rss["demo"]),
+        "warm_first_step_s": statistics.median(warm),
+        "packing_efficiency": pack["packing_efficiency"],
+        "records": a.records,
+        "cores": os.cpu_count(),
+        "prep_s": prep,
+        "worker_rss_mib": rss,
+        "warm_first_step_samples_s": warm,
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Data preparation on a real Ray cluster (Ray Data): bad data named before training, skipped records
+counted, the cache reused, every source kind equal to the in-process path, and both nodes of a
+two-node cluster at work."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.connect import init_ray
+from pipelines import data as D
+from tests.conftest import tiny_spec, write_chat_data
+from tests.heads import ray_start_head, ray_start_node, wait_for_nodes
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.shutdown()
+    init_ray(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _spec(model, data: Path, storage: Path, **data_fields):
+    from pipelines.spec import validate
+
+    raw = tiny_spec(model, data, checkpoint={"storage": str(storage)}).model_dump(mode="json")
+    raw["data"].update(data_fields)
+    return validate(raw)
+
+
+def _spec_file(spec, path: Path) -> str:
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    return str(path)
+
+
+def test_a_malformed_line_stops_the_job_before_training_naming_file_and_line(
+    local_ray, raypeft_home, tiny_model_dir, tmp_path, capsys
+):
+    from pipelines.train import main
+
+    data = write_chat_data(tmp_path / "d.jsonl", n=40)
+    lines = data.read_text().splitlines()
+    lines[16] = '{"messages": [{"role": "user", "content": "1+1="}'  # line 17: cut short
+    data.write_text("\n".join(lines) + "\n")
+    spec = _spec(tiny_model_dir, data, tmp_path / "store")
+    assert main([_spec_file(spec, tmp_path / "job.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"data.train: bad record(s): {data}:17: not valid JSON" in err, err
+    assert "data.skip_invalid" in err
+    # nothing started: no MLflow run, no Ray Train run directory
+    assert not (raypeft_home / "mlflow.db").exists() or not _runs(raypeft_home)
+    assert not (tmp_path / "store" / "tiny").exists()
+
+
+def _runs(home: Path):
+    from mlflow import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    return [r for e in c.search_experiments() for r in c.search_runs([e.experiment_id])]
+
+
+def test_a_missing_field_is_named_and_skip_invalid_counts_what_it_skips(local_ray, tiny_model_dir, tmp_path):
+    from pipelines.prepare import open_layout, prepare
+
+    data = write_chat_data(tmp_path / "d.jsonl", n=40)
+    lines = data.read_text().splitlines()
+    lines[4] = json.dumps({"msgs": []})
+    lines[30] = "[1, 2]"
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(D.DataError) as e:
+        prepare(_spec(tiny_model_dir, data, tmp_path / "store"))
+    msg = str(e.value)
+    assert f"{data}:5: record has no 'messages' field needed by data.format 'chat'" in msg, msg
+    assert f"{data}:31: a record must be a JSON object" in msg, msg
+
+    logs: list[str] = []
+    p = prepare(_spec(tiny_model_dir, data, tmp_path / "store", skip_invalid=True), log=logs.append)
+    assert p.stats["data_skipped_records"] == 2 and p.stats["data_records"] == 40
+    assert any("skipped 2 invalid record(s)" in line for line in logs), logs
+    train, evals, _, _ = open_layout(p.layout)
+    assert len(train) + len(evals) == 38
+
+
+def test_nothing_usable_after_truncation_reports_the_counts(local_ray, tiny_model_dir, tmp_path):
+    from pipelines.prepare import prepare
+
+    data = write_chat_data(tmp_path / "d.jsonl", n=20)
+    with pytest.raises(
+        D.DataError, match=r"no usable examples .* 20 record\(s\) read, 0 invalid, 20 with no completion"
+    ):
+        prepare(_spec(tiny_model_dir, data, tmp_path / "store", max_length=9))
+
+
+def test_the_cache_is_reused_and_a_changed_file_is_tokenized_again(local_ray, tiny_model_dir, tmp_path):
+    from pipelines.prepare import prepare
+
+    data = write_chat_data(tmp_path / "d.jsonl", n=50)
+    spec = _spec(tiny_model_dir, data, tmp_path / "store")
+    first = prepare(spec)
+    logs: list[str] = []
+    again = prepare(spec, log=logs.append)
+    assert not first.cache_hit and again.cache_hit and again.layout == first.layout
+    assert not any("tokenizing" in line for line in logs), logs
+    packed = prepare(_spec(tiny_model_dir, data, tmp_path / "store", packing=True))
+    assert packed.cache_hit and packed.shards == first.shards and packed.layout != first.layout  # same tokens
+    with open(data, "a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "1+2="}, {"role": "assistant", "content": "3"}]}))
+    changed = prepare(spec)
+    assert not changed.cache_hit and changed.shards != first.shards and changed.stats["data_records"] == 51
+
+
+@pytest.mark.parametrize("kind", ["parquet", "save_to_disk", "json"])
+def test_every_source_kind_gives_what_the_in_process_path_gives(local_ray, tiny_model_dir, tmp_path, kind):
+    import datasets
+
+    from pipelines.models import load_tokenizer
+    from pipelines.prepare import open_layout, prepare
+
+    records = [json.loads(x) for x in write_chat_data(tmp_path / "d.jsonl", n=60).read_text().splitlines()]
+    path = tmp_path / {"parquet": "d.parquet", "save_to_disk": "saved", "json": "d.json"}[kind]
+    ds = datasets.Dataset.from_list(records)
+    if kind == "parquet":
+        ds.to_parquet(str(path), batch_size=16)  # several row groups: several chunks
+    elif kind == "save_to_disk":
+        ds.save_to_disk(str(path))
+    else:
+        path.write_text(json.dumps(records))
+    spec = _spec(tiny_model_dir, path, tmp_path / "store")
+    train, evals, _, _ = open_layout(prepare(spec).layout)
+    tok = load_tokenizer(str(tiny_model_dir))
+    old_train, old_eval = D.train_eval_records(spec.data, spec.train.seed)
+    assert [train[i] for i in range(len(train))] == D.encode_all(old_train, spec.data, tok)
+    assert [evals[i] for i in range(len(evals))] == D.encode_all(old_eval, spec.data, tok, packing=False)
+
+
+def test_preparation_runs_on_both_nodes_of_a_two_node_cluster(tiny_model_dir, tmp_path, monkeypatch):
+    """Two raylets on this machine (a head and a `ray start --address` node, 1 CPU each): Ray Data spreads
+    the chunks over both, and the result equals the in-process path's."""
+    import ray
+
+    from pipelines.prepare import open_layout, prepare
+
+    ray.shutdown()
+    token = os.environ["RAY_AUTH_TOKEN"]
+    data = write_chat_data(tmp_path / "d.jsonl", n=4000)  # ≈ 300 KB: four chunks
+    spec = _spec(tiny_model_dir, data, tmp_path / "store")
+    with ray_start_head(token, num_cpus=1, dashboard=False) as gcs, ray_start_node(gcs, token, num_cpus=1):
+        monkeypatch.setenv("RAY_ADDRESS", gcs)
+        init_ray()
+        try:
+            wait_for_nodes(2)
+            p = prepare(spec)
+        finally:
+            ray.shutdown()
+    assert p.stats["data_nodes"] == 2, p.stats
+    meta = json.loads((Path(p.shards) / "meta.json").read_text())
+    assert len(meta["chunks"]) >= 4
+    from pipelines.models import load_tokenizer
+
+    train, _, _, _ = open_layout(p.layout)
+    old_train, _ = D.train_eval_records(spec.data, spec.train.seed)
+    expected = D.encode_all(old_train, spec.data, load_tokenizer(str(tiny_model_dir)))
+    assert len(train) == len(expected) == 3200
+    assert [train[i] for i in range(len(train))] == expected

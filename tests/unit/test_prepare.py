@@ -1,0 +1,133 @@
+"""Preparation's pure parts: chunked reading, batched encoding, best-fit-decreasing packing, packed rows
+that never attend across examples, and the memory-mapped rows workers read (no Ray here)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from pipelines import data as D
+from pipelines import prepare as P
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    from pipelines.models import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
+def _chat(i: int) -> dict:
+    return {
+        "messages": [
+            {"role": "user", "content": f"{i}+{i}=" * (1 + i % 5)},
+            {"role": "assistant", "content": str(2 * i)},
+        ]
+    }
+
+
+def test_jsonl_chunks_read_every_line_once_with_global_line_numbers(tmp_path, monkeypatch):
+    lines = [json.dumps(_chat(i)) if i % 7 else "" for i in range(200)]  # blank lines count, are not records
+    lines[123] = "{not json"
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(P, "MIN_CHUNK_BYTES", 1)
+    chunks = P.plan_chunks(str(path), "train", 9)
+    assert len(chunks) == 9 and chunks[0]["start"] == 0 and chunks[-1]["end"] == path.stat().st_size
+    seen, before, bad = [], 0, []
+    for c in chunks:
+        n = 0
+        for where, rec in P.read_chunk(c):
+            n = int(where.split()[1])
+            if isinstance(rec, D.DataError):
+                bad.append(P._global_where(c, where, before))
+            elif rec is not None:
+                seen.append(rec)
+        before += n
+    assert seen == [json.loads(x) for i, x in enumerate(lines) if x and i != 123]
+    assert bad == [f"{path}:124"]  # 1-based line of the malformed one
+
+
+def test_encode_batch_equals_encode(tok):
+    recs = [_chat(i) for i in range(20)]
+    for fmt, rows in (("chat", recs), ("text", [{"text": f"row {i} " * i} for i in range(9)])):
+        assert D.encode_batch(rows, fmt, tok, 24) == [D.encode(r, fmt, tok, 24) for r in rows]
+
+
+def test_best_fit_decreasing_is_tight_and_loses_nothing():
+    r = random.Random(0)
+    lengths = [r.randint(10, 200) for _ in range(2000)]
+    bins = D.pack_bfd(lengths, 512)
+    flat = sorted(i for b in bins for i in b)
+    assert flat == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 512 for b in bins)
+    efficiency = sum(lengths) / (512 * len(bins))
+    assert efficiency > 0.98, efficiency
+    with pytest.raises(ValueError, match="more than max_length"):
+        D.pack_bfd([513], 512)
+
+
+def test_packed_examples_do_not_see_each_other(tiny_model_dir, tok):
+    """Each example's per-token losses in a packed row equal the example run alone (1e-5)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    exs = [D.encode(_chat(i), "chat", tok, 64) for i in (3, 11, 24)]
+    (row,) = D.pack(exs, 256)
+    (order,) = D.pack_bfd([len(e["input_ids"]) for e in exs], 256)
+    exs = [exs[i] for i in order]  # the row's order: longest first
+    batch = D.model_inputs(D.collate([row, exs[0]], tok.pad_token_id), "cpu")  # with a padded second row
+    assert batch["position_ids"][0].tolist()[: row["segments"][0] + 2] == [*range(row["segments"][0]), 0, 1]
+
+    def token_losses(logits, labels):
+        return torch.nn.functional.cross_entropy(logits[:-1].float(), labels[1:], reduction="none", ignore_index=-100)
+
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        start = 0
+        for e in exs:
+            n = len(e["input_ids"])
+            alone = model(input_ids=torch.tensor([e["input_ids"]])).logits[0]
+            labels = torch.tensor(e["labels"])
+            torch.testing.assert_close(
+                token_losses(packed[start : start + n], labels), token_losses(alone, labels), rtol=1e-5, atol=1e-5
+            )
+            start += n
+        # without the per-example positions the same row does mix examples: the check above can fail
+        mixed = model(input_ids=batch["input_ids"][:1]).logits[0]
+        n0, n1 = row["segments"][:2]
+        lab = torch.tensor(exs[1]["labels"])
+        assert not torch.allclose(
+            token_losses(mixed[n0 : n0 + n1], lab),
+            token_losses(model(input_ids=torch.tensor([exs[1]["input_ids"]])).logits[0], lab),
+            atol=1e-4,
+        )
+
+
+def test_rows_read_back_what_encode_gives(tmp_path, tok):
+    """The memory-mapped rows a worker reads equal ``encode``'s output, packed or not, across shards."""
+    exs = [D.encode(_chat(i), "chat", tok, 96) for i in range(30)]
+    shards = tmp_path / "prep"
+    shards.mkdir()
+    names = []
+    for k, part in enumerate((exs[:13], exs[13:])):
+        names.append(f"train-{k:05d}-ids.npy")
+        np.save(shards / names[-1], np.concatenate([np.asarray(e["input_ids"], np.int32) for e in part]))
+    lens = np.asarray([len(e["input_ids"]) for e in exs], np.int32)
+    masked = np.asarray([e["labels"].index(next(t for t in e["labels"] if t != D.IGNORE)) for e in exs], np.int32)
+    np.save(shards / "train-lens.npy", lens)
+    np.save(shards / "train-masked.npy", masked)
+    np.save(shards / "train-offsets.npy", np.concatenate([[0], np.cumsum(lens)]).astype(np.int64))
+    tokens = [int(lens[:13].sum()), int(lens[13:].sum())]
+    (shards / "meta.json").write_text(json.dumps({"splits": {"train": {"shards": names, "shard_tokens": tokens}}}))
+    rows = P.Rows(shards, "train", np.arange(30))
+    assert [rows[i] for i in range(30)] == exs and rows[-1] == exs[-1] and rows[:2] == exs[:2]
+    bins = D.pack_bfd(lens.tolist(), 256)
+    ptr = np.concatenate([[0], np.cumsum([len(b) for b in bins])])
+    packed = P.Rows(shards, "train", np.concatenate([np.asarray(b) for b in bins]), ptr)
+    assert len(packed) == len(bins)
+    assert [packed[i] for i in range(len(bins))] == D.pack(exs, 256)
