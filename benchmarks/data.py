@@ -12,11 +12,15 @@ worker memory with a large dataset, the first step on a warm cache, and packing 
    - ``in_worker``: the pre-Ray-Data path (``train_eval_records`` + ``encode_all``, one thread) on the
      first ``--subset`` records, scaled linearly to ``--records``.
 3. **Worker memory**: a 2-step ``raypeft train`` job (1 worker, SmolLM2, batch 8, ``max_length`` 160) on
-   the large dataset and on the 2,000-record demo (``builtin:json_extract``), alternating, each in a fresh
-   process; rank 0's RSS after its first step (``worker_rss_mib`` in MLflow).
+   the large dataset and on a demo-sized one (its first 2,000 records), alternating, each in a fresh
+   process; rank 0's RSS after its first step (``worker_rss_mib`` in MLflow). The small side is the same
+   synthetic data rather than ``builtin:json_extract``: that demo's rows are shorter, and activation
+   memory would then differ by row length, not dataset size.
 4. **Warm first step**: in the large job's reruns (cache warm) the wall time from calling ``run`` to the
    end of the first step, minus the worker's model load (``model_load_s``): Ray's start-up, the cache
-   hit, the worker group's start and the first step.
+   hit, MLflow, the Train worker group's start and the first step. Its data share is reported beside it:
+   the driver's ``prepare`` on a cache hit (``data_prepare_s``) plus the worker's ``open_layout``
+   (``data_open_s``).
 5. **Packing efficiency** of the demo data at ``max_length`` 512 (real tokens ÷ row slots).
 
 Ends with one JSON line: ``prep_over_hf_map`` (raypeft ÷ HF median wall time), ``worker_rss_ratio``,
@@ -211,9 +215,11 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     data = write_dataset(out / f"chat-{a.records}.jsonl", a.records)
     subset = out / f"chat-{a.records}-first{a.subset}.jsonl"
-    with open(data) as src, open(subset, "w") as dst:
-        for _, line in zip(range(a.subset), src):
-            dst.write(line)
+    small = out / f"chat-{a.records}-first2000.jsonl"
+    for path, n in ((subset, a.subset), (small, 2000)):
+        with open(data) as src, open(path, "w") as dst:
+            for _, line in zip(range(n), src):
+                dst.write(line)
     print(f"dataset: {a.records:,} records, {data.stat().st_size / 2**20:,.0f} MiB ({time.perf_counter() - t:.0f}s)")
 
     def fresh(tag: str) -> str:
@@ -238,6 +244,7 @@ def main(argv=None) -> int:
     print(f"train large (cold cache): worker RSS {cold['worker_rss_mib']:.0f} MiB")
     rss: dict[str, list[float]] = {"large": [], "demo": []}
     warm: list[float] = []
+    share: list[float] = []
     demo_store = fresh("demo")
     for r in range(a.repeats):
         for side in ("demo", "large") if r % 2 == 0 else ("large", "demo"):
@@ -245,8 +252,9 @@ def main(argv=None) -> int:
                 res = spawn("train", {**base, "storage": large_store})
                 assert res["cache_hit"] == 1.0, res
                 warm.append(res["first_step_after_load_s"])
+                share.append(res["data_share_s"])
             else:
-                res = spawn("train", {**base, "data": "builtin:json_extract", "storage": demo_store})
+                res = spawn("train", {**base, "data": str(small), "storage": demo_store})
             rss[side].append(res["worker_rss_mib"])
             print(
                 f"train {side}: worker RSS {res['worker_rss_mib']:.0f} MiB, first step {res['first_step_after_load_s']:.1f}s after load"
@@ -254,7 +262,7 @@ def main(argv=None) -> int:
     pack = spawn("packing", {**base, "storage": fresh("packing")})
     for side, xs in rss.items():
         print(f"worker RSS {side}: {spread(xs)} MiB")
-    print(f"warm first step beyond model load: {spread(warm)} s")
+    print(f"warm first step beyond model load: {spread(warm)} s, of which data: {spread(share)} s")
     result = {
         "prep_over_hf_map": statistics.median(prep["raypeft"]) / statistics.median(prep["hf_map"]),
         "worker_rss_ratio": statistics.median(rss["large"]) / statistics.median(rss["demo"]),
@@ -265,6 +273,7 @@ def main(argv=None) -> int:
         "prep_s": prep,
         "worker_rss_mib": rss,
         "warm_first_step_samples_s": warm,
+        "warm_first_step_data_share_s": share,
     }
     print(json.dumps(result))
     return 0

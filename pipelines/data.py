@@ -185,14 +185,49 @@ def pack(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str
     return rows
 
 
+def prompts_and_completions(records: list[dict[str, Any]], fmt: str, tokenizer) -> list[tuple[str, str]]:
+    """``prompt_and_completion`` of many records; chat templates are rendered in two batched calls."""
+    if fmt != "chat" or len(records) < 2:
+        return [prompt_and_completion(r, fmt, tokenizer) for r in records]
+    conversations = []
+    for record in records:
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if (
+            not messages
+            or not isinstance(messages, list)
+            or not isinstance(messages[-1], dict)
+            or (messages[-1].get("role") != "assistant")
+        ):
+            return [prompt_and_completion(r, fmt, tokenizer) for r in records]  # names the bad record
+        conversations.append(messages)
+    prompts = tokenizer.apply_chat_template([m[:-1] for m in conversations], add_generation_prompt=True, tokenize=False)
+    fulls = tokenizer.apply_chat_template(conversations, tokenize=False)
+    out = []
+    for messages, prompt, full in zip(conversations, prompts, fulls):
+        if full.startswith(prompt):
+            out.append((prompt, full[len(prompt) :]))
+        else:  # the same fallback as prompt_and_completion
+            out.append((prompt, messages[-1]["content"] + (tokenizer.eos_token or "")))
+    return out
+
+
+def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of ``texts`` without special tokens; a fast tokenizer's Rust batch path, skipping the
+    per-encoding Python conversion ``tokenizer(texts)`` does (half its time on short texts)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "split_special_tokens", False):
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+
+
 def encode_batch(records: list[dict[str, Any]], fmt: str, tokenizer, max_length: int) -> list[dict[str, list[int]]]:
     """``encode`` of many records with one batched tokenizer call per side (the fast tokenizer's batch path).
     Equal to ``[encode(r, ...) for r in records]``; a record the format cannot read raises ``FormatError``."""
-    pairs = [prompt_and_completion(r, fmt, tokenizer) for r in records]
+    pairs = prompts_and_completions(records, fmt, tokenizer)
     if not pairs:
         return []
-    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
-    completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+    prompts = token_ids(tokenizer, [p for p, _ in pairs])
+    completions = token_ids(tokenizer, [c for _, c in pairs])
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     out = []
     for (prompt, _), p_ids, c_ids in zip(pairs, prompts, completions):

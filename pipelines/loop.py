@@ -94,7 +94,9 @@ def train_worker(config: dict[str, Any]) -> None:
     )
 
     # tokenized once by the driver (pipelines.prepare); memory-mapped here, read a batch at a time
+    t_data = time.perf_counter()
     train_ex, eval_ex, eval_records, layout = open_layout(config["data_dir"])
+    data_open_s = time.perf_counter() - t_data
     log(
         f"data: {len(train_ex)} train rows{' (packed)' if layout['packed'] else ''}, {len(eval_ex)} eval rows, "
         f"format {spec.data.format}"
@@ -195,6 +197,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 {
                     "worker_rss_mib": psutil.Process().memory_info().rss / 2**20,
                     "model_load_s": model_load_s,
+                    "data_open_s": data_open_s,
                     "first_step_at": time.time(),
                 },
                 done,
