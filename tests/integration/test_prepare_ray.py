@@ -171,3 +171,28 @@ def test_preparation_runs_on_both_nodes_of_a_two_node_cluster(tiny_model_dir, tm
     expected = D.encode_all(old_train, spec.data, load_tokenizer(str(tiny_model_dir)))
     assert len(train) == len(expected) == 3200
     assert [train[i] for i in range(len(train))] == expected
+
+
+@pytest.mark.parametrize("train", ["builtin:json_extract", "held-out"])
+def test_the_task_metric_scores_the_eval_records_it_scored_before(local_ray, tiny_model_dir, tmp_path, train):
+    """The raw eval records handed to the task metric are the first ``eval_task_samples`` of the same
+    eval split the in-process path makes (a builtin's own eval file, or the held-out fraction)."""
+    from pipelines.prepare import open_layout, prepare
+    from pipelines.spec import validate
+
+    if train == "held-out":
+        records = [
+            json.loads(x)
+            for x in (Path(D.resolve_source("builtin:json_extract", "train"))).read_text().splitlines()[:300]
+        ]
+        (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        train = str(tmp_path / "d.jsonl")
+    raw = tiny_spec(tiny_model_dir, Path(train), checkpoint={"storage": str(tmp_path / "store")}).model_dump(
+        mode="json"
+    )
+    raw["data"].update(train=train, task="json_extract", eval_task_samples=16, max_length=256)
+    spec = validate(raw)
+    _, evals, task_records, _ = open_layout(prepare(spec).layout)
+    _, old_eval = D.train_eval_records(spec.data, spec.train.seed)
+    assert len(task_records) == 16 and task_records == old_eval[:16]
+    assert len(evals) == len(old_eval)

@@ -29,13 +29,15 @@ def _chat(i: int) -> dict:
     }
 
 
-def test_jsonl_chunks_read_every_line_once_with_global_line_numbers(tmp_path, monkeypatch):
+@pytest.mark.parametrize("url", [False, True], ids=["path", "file-url"])
+def test_jsonl_chunks_read_every_line_once_with_global_line_numbers(tmp_path, monkeypatch, url):
     lines = [json.dumps(_chat(i)) if i % 7 else "" for i in range(200)]  # blank lines count, are not records
     lines[123] = "{not json"
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(lines) + "\n")
     monkeypatch.setattr(P, "MIN_CHUNK_BYTES", 1)
-    chunks = P.plan_chunks(str(path), "train", 9)
+    source = f"file://{path}" if url else str(path)  # URLs read their byte ranges through fsspec
+    chunks = P.plan_chunks(source, "train", 9)
     assert len(chunks) == 9 and chunks[0]["start"] == 0 and chunks[-1]["end"] == path.stat().st_size
     seen, before, bad = [], 0, []
     for c in chunks:
@@ -48,7 +50,7 @@ def test_jsonl_chunks_read_every_line_once_with_global_line_numbers(tmp_path, mo
                 seen.append(rec)
         before += n
     assert seen == [json.loads(x) for i, x in enumerate(lines) if x and i != 123]
-    assert bad == [f"{path}:124"]  # 1-based line of the malformed one
+    assert bad == [f"{source}:124"]  # 1-based line of the malformed one
 
 
 def test_encode_batch_equals_encode(tok):
