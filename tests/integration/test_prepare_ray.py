@@ -161,6 +161,8 @@ def test_preparation_runs_on_both_nodes_of_a_two_node_cluster(tiny_model_dir, tm
             p = prepare(spec)
         finally:
             ray.shutdown()
+            monkeypatch.delenv("RAY_ADDRESS")
+            init_ray(num_cpus=2, include_dashboard=False)  # the module's own cluster, for the tests after this one
     assert p.stats["data_nodes"] == 2, p.stats
     meta = json.loads((Path(p.shards) / "meta.json").read_text())
     assert len(meta["chunks"]) >= 4
