@@ -108,3 +108,16 @@ def tiny_spec(model_dir: Path, data: Path, **sections):
     for k, v in sections.items():
         raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
     return validate(raw)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray cluster of 2 CPUs for one test module (modules with other needs define their own)."""
+    import ray
+
+    from cluster.connect import init_ray
+
+    ray.shutdown()
+    init_ray(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()

@@ -19,16 +19,6 @@ from tests.heads import ray_start_head, ray_start_node, wait_for_nodes
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.shutdown()
-    init_ray(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def _spec(model, data: Path, storage: Path, **data_fields):
     from pipelines.spec import validate
 

@@ -7,20 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.connect import init_ray
 from tests.conftest import tiny_spec
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.shutdown()
-    init_ray(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def _mlflow(uri):
