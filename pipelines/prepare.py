@@ -77,7 +77,7 @@ def plan_chunks(source: str, split: str, target_chunks: int) -> list[dict[str, A
     """The chunks one source is read in: ``target_chunks`` or more for a large file, never tiny ones."""
     path = os.path.expanduser(D.resolve_source(source, split))
     kind = _kind(path)
-    base = {"split": split, "kind": kind, "path": path, "source": source}
+    base = {"split": split, "kind": kind, "path": path}
     if kind == "jsonl":
         size = _size(path)
         step = max(MIN_CHUNK_BYTES, min(CHUNK_BYTES, -(-size // max(1, target_chunks))))
@@ -223,7 +223,7 @@ def tokenize_chunk(chunk: dict[str, Any], job: _Job) -> dict[str, Any]:
     masked: list[int] = []
     ids: list[np.ndarray] = []
     errors: list[tuple[str, str]] = []
-    n_invalid = n_empty = n_lines = 0
+    n_empty = n_lines = 0
     batch: list[dict] = []
     where_of: list[str] = []
 

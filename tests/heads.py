@@ -38,6 +38,26 @@ def head_env(token: str, **extra) -> dict[str, str]:
 
 
 @contextlib.contextmanager
+def _own_group(cmd: list[str], token: str, temp: str) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """Run ``cmd`` (a ``ray start --block``) in a process group of its own, logging to ``temp``; on exit
+    signal that group only (TERM, then KILL for anything left) and remove ``temp``."""
+    log_path = Path(temp) / "ray-start.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - open for the process's lifetime
+    proc = subprocess.Popen(cmd, env=head_env(token), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc, log_path
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):  # anything of the group still alive
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def ray_start_head(token: str, num_cpus: int, dashboard: bool = True) -> Iterator[str]:
     """Yields the dashboard URL once the job server answers (or the GCS address without a dashboard)."""
     import requests
@@ -50,10 +70,7 @@ def ray_start_head(token: str, num_cpus: int, dashboard: bool = True) -> Iterato
         f"--dashboard-port={port}", f"--ray-client-server-port={free_port()}",
         f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp}", "--disable-usage-stats",
     ]  # fmt: skip
-    log_path = Path(temp) / "ray-start.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - open for the head's lifetime
-    head = subprocess.Popen(cmd, env=head_env(token), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with _own_group(cmd, token, temp) as (head, log_path):
         url = f"http://127.0.0.1:{port}" if dashboard else f"127.0.0.1:{gcs}"
         for _ in range(120):  # the job server comes up a little after the head
             assert head.poll() is None, log_path.read_text(errors="replace")[-3000:]
@@ -71,14 +88,6 @@ def ray_start_head(token: str, num_cpus: int, dashboard: bool = True) -> Iterato
                 f"ray start --head not up after 120 s:\n{log_path.read_text(errors='replace')[-3000:]}"
             )
         yield url
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            head.wait(timeout=60)
-        with contextlib.suppress(ProcessLookupError):  # anything of the group still alive
-            os.killpg(head.pid, signal.SIGKILL)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -92,20 +101,8 @@ def ray_start_node(gcs: str, token: str, num_cpus: int) -> Iterator[subprocess.P
         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}", "--disable-usage-stats",
     ]  # fmt: skip
-    log_path = Path(temp) / "ray-start.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - open for the node's lifetime
-    node = subprocess.Popen(cmd, env=head_env(token), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with _own_group(cmd, token, temp) as (node, _):
         yield node
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(node.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            node.wait(timeout=60)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(node.pid, signal.SIGKILL)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def wait_for_nodes(n: int, timeout: float = 120) -> None:
