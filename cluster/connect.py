@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 # The RAY_API_SERVER_ADDRESS we set for a local cluster, so that a later connection to another cluster drops it.
 _published: str | None = None
@@ -14,6 +15,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def token_auth_env() -> bool:
+    """Turn token authentication on for this process (and its children) when a Ray token is available
+    (``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``/``~/.ray/auth_token``) and ``RAY_AUTH_MODE`` is unset,
+    as ``ray start`` does for a new cluster. Returns whether it changed the environment."""
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if "RAY_AUTH_MODE" in os.environ or not (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
+        return False
+    os.environ["RAY_AUTH_MODE"] = "token"
+    return True
 
 
 def init_ray(**kwargs) -> None:
@@ -40,6 +52,12 @@ def init_ray(**kwargs) -> None:
         del os.environ["RAY_API_SERVER_ADDRESS"]  # set for an earlier local cluster of this process
     _published = None
     address = os.environ.get("RAY_ADDRESS") or "local"
+    if address != "local" and token_auth_env():
+        # A client of a token-auth cluster (``RAY_ADDRESS=... raypeft train`` from a laptop) with a token
+        # at hand; Ray's config cached the mode when ray was imported, so refresh it as Ray itself does.
+        from ray._raylet import Config
+
+        Config.initialize("")
     kwargs = {"log_to_driver": True, "configure_logging": False, **kwargs}
     if (
         address == "local"

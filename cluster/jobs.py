@@ -17,6 +17,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from cluster.connect import token_auth_env
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 
@@ -28,14 +30,8 @@ def address(explicit: str | None = None) -> str:
     return addr
 
 
-def _auth_env() -> None:
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
-        os.environ["RAY_AUTH_MODE"] = "token"
-
-
 def client(addr: str | None = None):
-    _auth_env()  # before ray is imported: it reads RAY_AUTH_MODE once
+    token_auth_env()  # before ray is imported: it reads RAY_AUTH_MODE once
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address(addr))

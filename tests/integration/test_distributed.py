@@ -70,11 +70,9 @@ def _two_workers(model_dir, data, name, strategy, method="lora", steps=10, **ext
 def ddp_losses(local_ray, tmp_path_factory, tiny_model_dir, chat_data):
     from pipelines.train import run
 
-    os.environ["RAYPEFT_HOME"] = str(tmp_path_factory.mktemp("ddp-home"))
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # restores the session's own isolated home afterwards
+        mp.setenv("RAYPEFT_HOME", str(tmp_path_factory.mktemp("ddp-home")))
         return _losses(run(_two_workers(tiny_model_dir, chat_data, "ref-ddp", "ddp")))
-    finally:
-        os.environ.pop("RAYPEFT_HOME")
 
 
 @pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero2_offload", "zero3"])

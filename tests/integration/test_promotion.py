@@ -28,14 +28,14 @@ def test_gate_decision_is_pure_and_explains_itself():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model_dir, chat_data):
-    import os
 
     import ray
 
     from pipelines import tracking
 
     home = tmp_path_factory.mktemp("promo-home")
-    os.environ["RAYPEFT_HOME"] = str(home)
+    mp = pytest.MonkeyPatch()  # undone at teardown: the session's own isolated home comes back
+    mp.setenv("RAYPEFT_HOME", str(home))
     uri = f"sqlite:///{home / 'mlflow.db'}"
     d = tmp_path_factory.mktemp("promo-adapters")
     dirs = [
@@ -75,7 +75,7 @@ def setup(tmp_path_factory, tiny_model_dir, chat_data):
         "losses": losses,
     }
     ray.shutdown()
-    os.environ.pop("RAYPEFT_HOME")
+    mp.undo()
 
 
 def _cli(*args, capsys):

@@ -4,6 +4,7 @@ the model spec training loaded its base with."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -57,3 +58,27 @@ def test_overrides_walk_one_path_and_leave_the_input_alone():
     raw = {"train": {"lr": 1.0}}
     out = apply_overrides(raw, ["train.lr=1e-4", "method.galore.rank=8"])
     assert out == {"train": {"lr": 1e-4}, "method": {"galore": {"rank": 8}}} and raw == {"train": {"lr": 1.0}}
+
+
+@pytest.mark.parametrize(
+    ("env", "token_file", "mode"),
+    [
+        ({}, False, None),  # no token anywhere: Ray's own default stays
+        ({"RAY_AUTH_TOKEN": "t"}, False, "token"),
+        ({}, True, "token"),  # the token file `ray start` wrote
+        ({"RAY_AUTH_TOKEN": "t", "RAY_AUTH_MODE": "disabled"}, False, "disabled"),  # the user's choice stands
+    ],
+)
+def test_a_client_with_a_ray_token_turns_token_auth_on(monkeypatch, tmp_path, env, token_file, mode):
+    from cluster.connect import token_auth_env
+
+    for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(k, raising=False)
+    path = tmp_path / "auth_token"
+    if token_file:
+        path.write_text("t")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    token_auth_env()
+    assert os.environ.get("RAY_AUTH_MODE") == mode
