@@ -32,7 +32,7 @@ def _isolated_home(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("RAYPEFT_HOME", "RAY_AUTH_TOKEN")}
     os.environ["RAYPEFT_HOME"] = str(tmp_path_factory.mktemp("raypeft-home"))
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    yield
+    yield os.environ["RAYPEFT_HOME"]
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
@@ -41,6 +41,14 @@ def _isolated_home(tmp_path_factory):
     after = _snapshot(*user)
     changed = sorted(f for f in before.keys() | after.keys() if before.get(f) != after.get(f))
     assert not changed, f"the tests wrote to the user's own folders: {changed}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _home_kept(_isolated_home):
+    """Names the module whose fixtures dropped or replaced the session's isolated home (every later test
+    would then write to the user's ~/.raypeft)."""
+    yield
+    assert os.environ.get("RAYPEFT_HOME") == _isolated_home, "this module's fixtures did not restore RAYPEFT_HOME"
 
 
 @pytest.fixture(scope="session")
