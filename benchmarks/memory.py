@@ -5,7 +5,8 @@
 
 Each case runs in a fresh process: import the libraries, note the resident set (the baseline), load
 the base and build the method, reset the kernel's peak-RSS counter (``/proc/self/clear_refs``), run a
-few training steps on full-length batches (the AdamW states exist after the first), and read the peak
+few training steps on full-length batches (the AdamW states exist after the first; the loss is the
+engines' own, ``train.loss_chunk_tokens`` included), and read the peak
 (``VmHWM``). Measured = weights + adapter + training peak = (RSS after load − baseline) + (peak −
 RSS after load). The planner's figure is ``raypeft plan`` for the same spec (fp32 on CPU).
 
@@ -50,6 +51,7 @@ def child(raw: dict) -> dict:
     import transformers  # noqa: F401
 
     from pipelines import methods
+    from pipelines.loss import token_loss_sum
     from pipelines.models import load_base
     from pipelines.spec import validate
 
@@ -68,8 +70,9 @@ def child(raw: dict) -> dict:
     ids = torch.randint(10, min(tok.vocab_size, 5000), (b, s), generator=g)
     model = prepared.model
     model.train()
-    for _ in range(3):
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    for _ in range(3):  # the loss raypeft's engines compute (train.loss_chunk_tokens)
+        loss = token_loss_sum(model, model, batch, spec.train.loss_chunk_tokens) / ids.numel()
         loss.backward()
         prepared.optimizer.step()
         prepared.optimizer.zero_grad(set_to_none=True)

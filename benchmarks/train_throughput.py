@@ -1,13 +1,25 @@
-"""Training throughput: raypeft (1 Ray Train worker) vs a bare PEFT + torch loop, side by side.
+"""Training step: raypeft's worker path against a bare PEFT + torch loop, side by side. Not a timed test.
 
-    python -m benchmarks.train_throughput [--steps 20] [--base smollm2-135m] [--seq 128] [--batch 8]
+    python -m benchmarks.train_throughput [--steps 12] [--warmup 2] [--repeats 3] [--batch 8] [--seq 160]
+                                          [--set train.loss_chunk_tokens=0 ...]
 
-Both sides train the same LoRA (r=16, all-linear) on the same base, batches of the
-same token ids (the shipped json_extract data, packed to ``--seq`` tokens), fp32,
-with the same number of torch threads. Steady-state tokens/s excludes the first
-``--warmup`` steps (and, for raypeft, Ray and model start-up, which are reported
-separately). Order is bare → raypeft → bare, and the bare figure is the mean of
-its two runs, so drift on a noisy machine hits both sides. Not a timed test.
+The demo task (``builtin:json_extract``, chat, SmolLM2-135M-Instruct, fp32, LoRA r16 all-linear, batch 8,
+``max_length`` 160), one optimizer step per batch, constant LR, clipping at 1.0, no dropout.
+
+* **bare**: ``AutoModelForCausalLM`` + ``get_peft_model``, ``model(**batch).loss`` (the logits of every token,
+  prompt and padding included), ``backward``, ``clip_grad_norm_``, ``AdamW.step``.
+* **raypeft**: what a Ray Train worker runs per step, in-process: ``load_base``, ``methods.build``, the
+  ``TorchEngine`` and ``loop.accumulate`` (the loss only on completion tokens, in chunks, normalized over
+  the global batch), with the job spec's settings (``--set`` changes them, e.g. gradient checkpointing).
+  Ray's start-up and the worker's Ray runtime are not in it: this compares the training step.
+
+Both sides see the same batches (the same tokenized rows, the same sampler), start from the same adapter
+weights (the seed is set just before the adapter is made) and are timed over the same span: wall time of
+``--steps`` steps after ``--warmup``, from fetching the batch's rows and collating them to the optimizer step.
+Tokens/s counts the batches' real tokens. Memory is the process's peak resident set (``VmHWM``) above the
+resident set after the imports and the tokenized data, read the same way on both sides (weights, adapter,
+optimizer states, activations and the loss; the weights are memory-mapped, so they count once touched). Each run is a fresh process; the sides alternate, ``--repeats``
+times each. The loss curves must agree step by step (within 1e-3). Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -16,116 +28,181 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
-import tempfile
 import time
 
 
-def make_spec(args, home: str):
+def _status_kb(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def bench_spec(args, overrides: list[str]):
     from pipelines.spec import validate
+    from pipelines.specbase import apply_overrides
 
-    return validate(
-        {
-            "name": "bench-throughput",
-            "model": {"base": args.base},
-            "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
-            "data": {"train": "builtin:json_extract", "format": "chat", "max_length": args.seq, "packing": True},
-            "train": {
-                "max_steps": args.steps,
-                "micro_batch_size": args.batch,
-                "lr": 1e-4,
-                "warmup_steps": 1,
-                "eval_every": 0,
-                "eval_base": False,
-                "max_grad_norm": 1.0,
-            },
-            "scaling": {"num_workers": 1, "cpus_per_worker": args.threads},
-            "checkpoint": {"storage": os.path.join(home, "runs")},
-            "tracking": {"experiment": "bench", "tracking_uri": f"sqlite:///{home}/mlflow.db"},
-        }
-    )
+    raw = {
+        "name": "bench-throughput",
+        "model": {"base": args.base, "dtype": "float32"},
+        "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"train": "builtin:json_extract", "format": "chat", "max_length": args.seq},
+        "train": {
+            "max_steps": args.warmup + args.steps,
+            "micro_batch_size": args.batch,
+            "lr": 5e-4,
+            "scheduler": "constant",
+            "warmup_steps": 0,
+            "max_grad_norm": 1.0,
+            "eval_base": False,
+        },
+        "scaling": {"num_workers": 1, "cpus_per_worker": args.threads},
+    }
+    return validate(apply_overrides(raw, overrides))
 
 
-def bare_loop(spec, args) -> float:
-    """A plain PEFT + torch training loop over the same batches; returns steady-state tokens/s."""
+def child(side: str, args, overrides: list[str]) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     from pipelines import data as D
-    from pipelines.models import load_tokenizer, resolve_base
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    spec = bench_spec(args, overrides)
+    from pipelines.models import load_tokenizer, resolve_base
+
     path = resolve_base(spec.model)
     tok = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model = get_peft_model(
-        model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
-    )
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     train, _ = D.train_eval_records(spec.data, spec.train.seed)
-    ex = D.encode_all(train, spec.data, tok)
-    sharder = D.Sharder(len(ex), args.batch, 1, 0, spec.train.seed)
-    model.train()
-    rates = []
-    for step in range(args.steps):
-        batch = D.collate([ex[i] for i in sharder.indices(step)], tok.pad_token_id)
-        t0 = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        rates.append(int(batch["attention_mask"].sum()) / (time.perf_counter() - t0))
-    return statistics.mean(rates[args.warmup :])
+    rows = D.encode_all(train, spec.data, tok)
+    sharder = D.Sharder(len(rows), spec.train.micro_batch_size, 1, 0, spec.train.seed)
+    with open("/proc/self/clear_refs", "w") as f:  # VmHWM restarts from the resident set after the imports
+        f.write("5")
+    baseline = _status_kb("VmRSS") * 1024
+    cpu = torch.device("cpu")
 
+    if side == "bare":
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
 
-def raypeft_run(spec, args) -> tuple[float, float]:
-    """Run the real pipeline; steady-state tokens/s from its per-step metric, plus wall seconds."""
-    from mlflow import MlflowClient
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        torch.manual_seed(spec.train.seed)
+        config = LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+        model = get_peft_model(model, config)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=spec.train.lr, weight_decay=spec.train.weight_decay)
+        model.train()
 
-    from pipelines.train import run
+        def step(k: int) -> tuple[float, int]:
+            examples = [rows[i] for i in sharder.indices(k)]
+            batch = D.collate(examples, tok.pad_token_id)
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, spec.train.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item(), sum(len(e["input_ids"]) for e in examples)
+    else:
+        from pipelines import methods
+        from pipelines.engines import build_engine
+        from pipelines.loop import accumulate
+        from pipelines.models import load_base
 
+        base, _, _ = load_base(spec, device=cpu, log=lambda *_: None)
+        torch.manual_seed(spec.train.seed)
+        prepared = methods.build(spec, base)
+        prepared.model.train()
+        engine = build_engine(spec, prepared, 0, 1, cpu, None)
+
+        def step(k: int) -> tuple[float, int]:
+            examples = [rows[i] for i in sharder.indices(k)]
+            total, tokens = accumulate(engine, [D.collate(examples, tok.pad_token_id)], 1, cpu)
+            engine.finish_step(k)
+            return total / tokens, sum(len(e["input_ids"]) for e in examples)
+
+    losses, tokens = [], 0
+    for k in range(args.warmup):
+        losses.append(step(k)[0])
     t0 = time.perf_counter()
-    result = run(spec, log=lambda *_: None)
+    for k in range(args.warmup, args.warmup + args.steps):
+        loss, n = step(k)
+        losses.append(loss)
+        tokens += n
     wall = time.perf_counter() - t0
-    hist = MlflowClient(result["tracking_uri"]).get_metric_history(result["run_id"], "tokens_per_s")
-    rates = [h.value for h in sorted(hist, key=lambda h: h.step)]
-    return statistics.mean(rates[args.warmup :]), wall
+    peak = _status_kb("VmHWM") * 1024
+    return {
+        "side": side,
+        "tokens_per_s": tokens / wall,
+        "peak_mib": (peak - baseline) / 2**20,
+        "losses": losses,
+    }
+
+
+def _run(side: str, argv: list[str]) -> dict:
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--child", side, *argv]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"{side} run failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _spread(xs: list[float]) -> str:
+    return f"median {statistics.median(xs):,.1f} (min {min(xs):,.1f}, max {max(xs):,.1f})"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_throughput", description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=12, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=3, help="runs per side (fresh processes, alternating)")
     p.add_argument("--base", default="smollm2-135m")
-    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--seq", type=int, default=160, help="data.max_length")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="raypeft spec override")
+    p.add_argument("--child", choices=["bare", "raypeft"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    with tempfile.TemporaryDirectory() as home:
-        spec = make_spec(args, home)
+    if args.child:
+        print(json.dumps(child(args.child, args, args.set if args.child == "raypeft" else [])))
+        return 0
+    passed = [a for a in (argv if argv is not None else sys.argv[1:])]
+    print(
+        f"{args.base}, LoRA r16 all-linear, fp32, batch {args.batch}, max_length {args.seq}, {args.steps} timed "
+        f"steps after {args.warmup}, {args.threads} threads, {args.repeats} runs per side"
+        + (f"; raypeft with {' '.join(args.set)}" if args.set else ""),
+        flush=True,
+    )
+    runs: dict[str, list[dict]] = {"bare": [], "raypeft": []}
+    for i in range(args.repeats):
+        for side in ("bare", "raypeft") if i % 2 == 0 else ("raypeft", "bare"):
+            r = _run(side, passed)
+            runs[side].append(r)
+            print(
+                f"  run {i + 1} {side:8s} {r['tokens_per_s']:8,.1f} tok/s  peak {r['peak_mib']:7,.0f} MiB",
+                flush=True,
+            )
+    med = {s: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "peak_mib")} for s, rs in runs.items()}
+    for side, rs in runs.items():
         print(
-            f"model {args.base}, LoRA r=16 all-linear, fp32, batch {args.batch} × {args.seq} tokens (packed), "
-            f"{args.steps} steps ({args.warmup} warmup), {args.threads} threads",
-            flush=True,
+            f"{side:8s} tok/s {_spread([r['tokens_per_s'] for r in rs])}; peak MiB {_spread([r['peak_mib'] for r in rs])}"
         )
-        bare1 = bare_loop(spec, args)
-        print(f"bare PEFT+torch (1st): {bare1:8.0f} tok/s", flush=True)
-        ray_rate, wall = raypeft_run(spec, args)
-        print(
-            f"raypeft 1 worker:      {ray_rate:8.0f} tok/s  (end-to-end wall {wall:.0f}s incl. Ray + model start)",
-            flush=True,
-        )
-        bare2 = bare_loop(spec, args)
-        print(f"bare PEFT+torch (2nd): {bare2:8.0f} tok/s", flush=True)
-    bare = (bare1 + bare2) / 2
-    ratio = ray_rate / bare
-    print(f"ratio raypeft / bare = {ratio:.3f}  (goal >= 0.95)")
-    print(json.dumps({"bare_tok_s": round(bare, 1), "raypeft_tok_s": round(ray_rate, 1), "ratio": round(ratio, 3)}))
-    return 0
+    gap = max(abs(a - b) for a, b in zip(runs["bare"][0]["losses"], runs["raypeft"][0]["losses"], strict=True))
+    print(f"loss curves: largest step-by-step difference {gap:.2e} (bound 1e-3)")
+    result = {
+        "speed_ratio": round(med["raypeft"]["tokens_per_s"] / med["bare"]["tokens_per_s"], 3),
+        "memory_ratio": round(med["raypeft"]["peak_mib"] / med["bare"]["peak_mib"], 3),
+        "bare_tok_s": round(med["bare"]["tokens_per_s"], 1),
+        "raypeft_tok_s": round(med["raypeft"]["tokens_per_s"], 1),
+        "bare_peak_mib": round(med["bare"]["peak_mib"], 1),
+        "raypeft_peak_mib": round(med["raypeft"]["peak_mib"], 1),
+        "loss_max_abs_diff": float(f"{gap:.3g}"),
+        "repeats": args.repeats,
+        "overrides": args.set,
+    }
+    print(json.dumps(result))
+    return 0 if gap <= 1e-3 else 1
 
 
 if __name__ == "__main__":

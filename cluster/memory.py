@@ -22,7 +22,9 @@ Components (``Breakdown``):
   logsumexp per head, the two RMSNorm scales and each LoRA's r-sized A output. With gradient
   checkpointing, each layer's input plus one layer being recomputed. Then the loss's peak: the
   fp32 log-softmax it saves, the gradient flowing into it and the one flowing out (three
-  vocab-sized fp32 tensors per token), plus the logits themselves in a 16-bit compute dtype;
+  vocab-sized fp32 tensors per token), plus the logits themselves in a 16-bit compute dtype; with
+  the chunked loss (``train.loss_chunk_tokens``), those for one chunk of rows only, plus the copy
+  of the counted tokens' hidden states it keeps;
 * ZeRO divides optimizer states (stage ≥ 1), gradients (≥ 2) and parameters (3) by the GPU count;
   offload moves optimizer states (and, for stage 3, parameters) to CPU memory.
 """
@@ -130,6 +132,7 @@ class Plan:
     seq_len: int = 1024
     gradient_checkpointing: bool = True
     logits_bytes: int = 4  # the loss upcasts logits to fp32
+    loss_chunk: int = 0  # the chunked loss's rows per chunk (0: the full logits)
     gpus: int = 1
     zero_stage: int = 0
     offload_optimizer: bool = False
@@ -204,15 +207,26 @@ def frozen_per_token(shape: Shape, int8: bool = False) -> int:
 
 
 def activation_bytes(
-    shape: Shape, saved: list[int], tokens: int, act: int, logits_bytes: int = 4, checkpointing: bool = False
+    shape: Shape,
+    saved: list[int],
+    tokens: int,
+    act: int,
+    logits_bytes: int = 4,
+    checkpointing: bool = False,
+    loss_chunk: int = 0,
 ) -> float:
     """Peak bytes of activations: ``saved[i]`` elements per token kept by layer ``i`` (or, checkpointed,
-    each layer's input plus the largest layer being recomputed), then the loss's vocab-sized peak."""
+    each layer's input plus the largest layer being recomputed), then the loss's vocab-sized peak: over
+    every token, or (``loss_chunk`` > 0, the chunked loss) over one chunk of rows, plus the copy of the
+    counted tokens' hidden states it keeps (at most every token's)."""
     if checkpointing:
         out = shape.layers * tokens * shape.hidden * act + max(saved, default=0) * tokens * act
     else:
         out = sum(saved) * tokens * act
-    return out + tokens * shape.vocab * (3 * logits_bytes + (act if act != logits_bytes else 0))
+    rows = min(tokens, loss_chunk) if loss_chunk else tokens
+    if loss_chunk:
+        out += tokens * shape.hidden * act
+    return out + rows * shape.vocab * (3 * logits_bytes + (act if act != logits_bytes else 0))
 
 
 def _opt_bytes_per_param(plan: Plan) -> float:
@@ -264,6 +278,7 @@ def estimate(shape: Shape, plan: Plan) -> Breakdown:
         plan.param_bytes,
         plan.logits_bytes,
         plan.gradient_checkpointing,
+        plan.loss_chunk,
     )
 
     shard(b, plan)
@@ -389,6 +404,7 @@ def layerwise_estimate(
     optimizer_bytes: float = 8.0,
     tokens: int = 0,
     checkpointing: bool = False,
+    loss_chunk: int = 0,
 ) -> Breakdown:
     """Bytes of a base whose decoder layer ``i`` is quantized to ``layers[i][0]`` bits (4, 8, 16) and carries
     LoRA rank ``layers[i][1]`` (0: no adapter) on ``targets``: weights, adapter, its gradients and its AdamW
@@ -419,7 +435,9 @@ def layerwise_estimate(
             else frozen_per_token(shape, bits == 8)
             for k, (bits, r) in enumerate(layers)
         ]
-        b.activations = activation_bytes(shape, saved, tokens, param_bytes, checkpointing=checkpointing)
+        b.activations = activation_bytes(
+            shape, saved, tokens, param_bytes, checkpointing=checkpointing, loss_chunk=loss_chunk
+        )
     return b
 
 

@@ -1,7 +1,7 @@
 """How a worker turns micro-batches into optimizer steps: plain torch (single / DDP) or DeepSpeed ZeRO.
 
 The loop calls the same five things whichever strategy runs:
-``micro_step(batch, last)`` → loss, ``finish_step(step)``, ``param_groups`` (the
+``micro_step(batch, last, tokens)`` → the micro-batch's summed token loss, ``finish_step(step)``, ``param_groups`` (the
 loop's LR schedule writes them), ``save(dir, step)`` and ``load(dir)`` → step.
 
 Checkpoint layout (one directory per reported step; every rank writes its own files
@@ -68,6 +68,13 @@ def load_rng(path: Path, rank: int) -> None:
     random.setstate(state["python"])
 
 
+def _regularizer(prepared: Prepared, accum: int):
+    """The method's per-step loss term (AdaLoRA's orthogonality), 1/accum of it per micro-step; 0 without one."""
+    if prepared.regularizer is None:
+        return 0.0
+    return prepared.regularizer() / accum
+
+
 class TorchEngine:
     """One process, or DDP over gloo / NCCL. Gradient accumulation with ``no_sync``."""
 
@@ -81,7 +88,7 @@ class TorchEngine:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
-        self.accum = spec.grad_accum()
+        self.chunk = spec.train.loss_chunk_tokens
 
     @property
     def param_groups(self) -> list[dict]:
@@ -90,12 +97,19 @@ class TorchEngine:
     def gather(self):
         return contextlib.nullcontext()
 
-    def micro_step(self, batch: dict, last: bool):
+    def micro_step(self, batch: dict, last: bool, tokens: int):
+        """Forward and backward of one micro-batch; ``tokens``: the label tokens of the whole global batch,
+        so the step's gradient is that of the global batch's mean token loss (DDP averages over ranks)."""
+        from pipelines.loss import token_loss_sum
+
         sync = self.ddp is None or last
         with self.ddp.no_sync() if not sync else contextlib.nullcontext():
-            loss = (self.ddp or self.model)(**batch).loss
-            (loss / self.accum).backward()
-        return loss
+            total = token_loss_sum(self.ddp or self.model, self.model, batch, self.chunk)
+            (
+                total * (self.world if self.ddp else 1) / max(tokens, 1)
+                + _regularizer(self.prepared, self.spec.grad_accum())
+            ).backward()
+        return total.detach()
 
     def finish_step(self, step: int) -> None:
         import torch
@@ -178,11 +192,22 @@ class DeepSpeedEngine:
             [p for p in self.model.parameters() if p.requires_grad], modifier_rank=None
         )
 
-    def micro_step(self, batch: dict, last: bool):
-        loss = self.engine(**batch).loss
-        self.engine.backward(loss)  # scales by 1/grad_accum itself
+    def micro_step(self, batch: dict, last: bool, tokens: int):
+        """As ``TorchEngine.micro_step``; DeepSpeed averages gradients over ranks, and its own 1/accumulation
+        scaling is off (the global token count already normalizes). Under ZeRO-3 every rank calls the LM head
+        the same number of times (the most a micro-batch can need), as each call gathers its weights."""
+        from pipelines.loss import token_loss_sum
+
+        chunk, chunks = self.spec.train.loss_chunk_tokens, None
+        if self.stage == 3 and chunk > 0:
+            chunks = -(-self.spec.train.micro_batch_size * self.spec.data.max_length // chunk)
+        total = token_loss_sum(self.engine, self.model, batch, chunk, chunks)
+        self.engine.backward(
+            total * self.world / max(tokens, 1) + _regularizer(self.prepared, self.spec.grad_accum()),
+            scale_wrt_gas=False,
+        )
         self.engine.step()  # steps the optimizer (with clipping) only at the accumulation boundary
-        return loss
+        return total.detach()
 
     def finish_step(self, step: int) -> None:
         if self.prepared.after_step:

@@ -39,6 +39,27 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def accumulate(engine, batches: list[dict], world: int, device) -> tuple[float, float]:
+    """Forward and backward of one optimizer step's micro-batches (``collate``'s) on this worker, the loss
+    normalized by the label tokens of the whole global batch: every micro-step of every worker, counted
+    up front and summed across workers. A step's gradient is then the global batch's mean token loss
+    whatever its split into workers and micro-steps. Returns this worker's (summed token loss, tokens)."""
+    import torch
+    import torch.distributed as dist
+
+    from pipelines.data import model_inputs
+    from pipelines.loss import label_tokens
+
+    local = [label_tokens(b["labels"]) for b in batches]
+    counted = torch.tensor([float(sum(local))], dtype=torch.float64, device=device)  # NCCL: a device tensor
+    if world > 1:
+        dist.all_reduce(counted)
+    total = 0.0
+    for m, batch in enumerate(batches):
+        total += engine.micro_step(model_inputs(batch, device), m == len(batches) - 1, int(counted.item())).item()
+    return total, float(sum(local))
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train ``train_loop_per_worker``. ``config``: spec (validated JobSpec), run_id, tracking_uri
     (run_id None: no MLflow logging here), report_evals (report every eval to Ray Train, for Tune)."""
@@ -182,12 +203,11 @@ def train_worker(config: dict[str, Any]) -> None:
     lr = set_lr(start_step)
     metrics: dict[str, float] = dict(final_metrics)
     for step in range(start_step, spec.train.max_steps):
-        for micro in range(accum):
-            k = step * accum + micro
-            rows = [train_ex[i] for i in sharder.indices(k)]
-            loss = engine.micro_step(D.model_inputs(D.collate(rows, pad_id), device), last=micro == accum - 1)
-            loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
-            tokens_since += sum(len(r["input_ids"]) for r in rows)
+        rows = [[train_ex[i] for i in sharder.indices(step * accum + m)] for m in range(accum)]
+        loss_sum += torch.tensor(
+            accumulate(engine, [D.collate(r, pad_id) for r in rows], world, device), dtype=torch.float64
+        )
+        tokens_since += sum(len(r["input_ids"]) for micro in rows for r in micro)
         engine.finish_step(step)
         done = step + 1
         if step == start_step and logger:  # what a worker holds once training runs, and how long it took to start
@@ -206,7 +226,9 @@ def train_worker(config: dict[str, Any]) -> None:
         lr = set_lr(done)
 
         if done % spec.train.log_every == 0 or done == spec.train.max_steps:
-            stats = torch.tensor([loss_sum[0].item(), loss_sum[1].item(), float(tokens_since)], dtype=torch.float64)
+            stats = torch.tensor(  # on the worker's device: NCCL reduces GPU tensors only
+                [loss_sum[0].item(), loss_sum[1].item(), float(tokens_since)], dtype=torch.float64, device=device
+            )
             if world > 1:
                 dist.all_reduce(stats)
             now = time.perf_counter()

@@ -78,6 +78,7 @@ def plan_of(spec: JobSpec, gpus: int | None = None) -> Plan:
         micro_batch=spec.train.micro_batch_size,
         seq_len=spec.data.max_length,
         gradient_checkpointing=spec.model.gradient_checkpointing,
+        loss_chunk=spec.train.loss_chunk_tokens,
         gpus=gpus or spec.scaling.num_workers,
         zero_stage=stage,
         offload_optimizer=off["optimizer"],
@@ -137,6 +138,7 @@ def breakdown_of(spec: JobSpec, shape: Shape, plan: Plan) -> Breakdown:
         double_quant=spec.model.double_quant,
         tokens=plan.micro_batch * plan.seq_len,
         checkpointing=plan.gradient_checkpointing,
+        loss_chunk=plan.loss_chunk,
     )
     shard(b, plan)
     b.overhead = plan.overhead_bytes

@@ -196,6 +196,14 @@ class TrainSpec(Section):
     eval_base: bool = Field(
         True, description="Evaluate the base model (adapter disabled) before training, for comparison."
     )
+    loss_chunk_tokens: Int = Field(
+        1024,
+        ge=0,
+        le=2**20,
+        description="The LM head and cross-entropy run only on the positions whose label counts (completion "
+        "tokens), this many at a time, each chunk's logits recomputed in backward: no `[tokens, vocab]` fp32 "
+        "tensor exists. Same loss and gradients as the full logits. 0: the full logits, as the model's own loss.",
+    )
 
 
 class ScalingSpec(Section):

@@ -60,6 +60,7 @@ class Memory:
     double_quant: bool = True
     tokens: int = 0
     checkpointing: bool = False
+    loss_chunk: int = 0
 
     def __call__(self, layers: Layers) -> float:
         return layerwise_estimate(
@@ -70,6 +71,7 @@ class Memory:
             double_quant=self.double_quant,
             tokens=self.tokens,
             checkpointing=self.checkpointing,
+            loss_chunk=self.loss_chunk,
         ).total
 
 

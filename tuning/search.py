@@ -50,6 +50,7 @@ def plan_memory(spec: TunedJobSpec) -> L.Memory:
         spec.model.double_quant,
         spec.train.micro_batch_size * spec.data.max_length if lw.memory == "peak" else 0,
         spec.model.gradient_checkpointing,
+        spec.train.loss_chunk_tokens,
     )
 
 

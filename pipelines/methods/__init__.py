@@ -31,6 +31,9 @@ class Prepared:
     after_step: Callable[[int], None] | None = None  # called after optimizer.step(), before zero_grad()
     steps_in_backward: bool = False  # layerwise optimizers step inside backward hooks
     is_peft: bool = True  # False: full-parameter method (save the whole model)
+    # a term added to each optimizer step's loss (once per step: the engines add 1/accumulation of it per
+    # micro-step), for a method whose model adds it to ``outputs.loss`` only when given labels (AdaLoRA)
+    regularizer: Callable[[], Any] | None = None
 
 
 @dataclass(frozen=True)

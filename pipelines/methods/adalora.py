@@ -6,6 +6,7 @@ returns it as the ``after_step`` hook so the loop really calls it.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 from pipelines.methods import Method, Prepared, adamw, config_problem, register, trainable
@@ -44,7 +45,32 @@ def _build(spec: JobSpec, model) -> Prepared:
     def after_step(step: int) -> None:
         inner.update_and_allocate(step)
 
-    return Prepared(peft_model, adamw(trainable(peft_model), spec), after_step=after_step)
+    return Prepared(
+        peft_model, adamw(trainable(peft_model), spec), after_step=after_step, regularizer=orth_regularizer(inner)
+    )
+
+
+def orth_regularizer(inner):
+    """AdaLoRA's orthogonal regularization of P and Q (``orth_reg_weight`` × the mean Frobenius distance of
+    PᵀP and QQᵀ from I), exactly as ``AdaLoraModel.forward`` adds it to ``outputs.loss``: it does so only
+    when the forward computes a loss from labels, and raypeft's engines compute the loss themselves."""
+
+    def regularizer():
+        import torch
+        from peft.utils.integrations import gather_params_ctx
+
+        name = inner.trainable_adapter_name
+        terms = []
+        for n, p in inner.model.named_parameters():
+            if ("lora_A" in n or "lora_B" in n) and name in n:
+                with gather_params_ctx(p, fwd_module=inner) if p.shape == torch.Size([0]) else nullcontext():
+                    cov = p @ p.T if "lora_A" in n else p.T @ p
+                eye = torch.eye(*cov.size(), dtype=cov.dtype, device=cov.device)
+                terms.append(torch.norm(cov - eye, p="fro"))
+        weight = inner.peft_config[name].orth_reg_weight
+        return weight * (torch.stack(terms).mean() if terms else torch.zeros(()))
+
+    return regularizer
 
 
 def _problems(spec: JobSpec) -> list[tuple[str, str]]:

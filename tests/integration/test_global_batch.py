@@ -1,0 +1,103 @@
+"""The loss is normalized over the whole global batch: one optimizer step over the same 8 examples moves the
+adapter the same way, to 1e-5, whether it runs as 1 worker × 4 micro-steps, 2 workers × 2 or 4 workers × 1,
+under torch DDP and DeepSpeed ZeRO. Real process groups (gloo), real engines; SGD with lr 1 and no clipping,
+so the weights' change is the gradient itself. No Ray: the worker processes are this test's own."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import free_port, tiny_spec
+
+pytestmark = pytest.mark.integration
+
+MICRO = 2  # examples per micro-batch; the global batch is 8
+
+
+def _data(path: Path) -> Path:
+    """Completions of 1 to 12 characters: micro-batches with very different label-token counts."""
+    r = random.Random(1)
+    with open(path, "w") as f:
+        for _ in range(32):
+            a, b = r.randint(1, 9), r.randint(1, 9)
+            answer = str(a + b) * r.randint(1, 6)
+            messages = [{"role": "user", "content": f"{a}+{b}="}, {"role": "assistant", "content": answer}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def _worker(rank: int, world: int, accum: int, strategy: str, port: int, model_dir: str, data: str, out: str):
+    import torch.distributed as dist
+
+    from pipelines import data as D
+    from pipelines import methods
+    from pipelines.engines import build_engine, deepspeed_setup
+    from pipelines.loop import accumulate
+    from pipelines.loss import label_tokens
+    from pipelines.models import load_base
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    os.environ.update(LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    spec = tiny_spec(
+        Path(model_dir),
+        Path(data),
+        method={"name": "lora", "r": 4, "dropout": 0.0, "args": {"init_lora_weights": False}},
+        train={"micro_batch_size": MICRO, "grad_accum": accum, "max_grad_norm": 0.0},
+        scaling={"num_workers": world, "strategy": strategy},
+    )
+    cpu = torch.device("cpu")
+    ds = spec.deepspeed_config()
+    if ds is None:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    else:
+        deepspeed_setup(ds, cpu)
+    torch.manual_seed(0)
+    base, tok, _ = load_base(spec)
+    prepared = methods.build(spec, base)
+    trainable = {n: p for n, p in prepared.model.named_parameters() if p.requires_grad}
+    prepared = replace(prepared, optimizer=torch.optim.SGD(list(trainable.values()), lr=1.0))
+    engine = build_engine(spec, prepared, rank, world, cpu, ds)
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    examples = D.encode_all(D.load_records(data), spec.data, tok)
+    sharder = D.Sharder(len(examples), MICRO, world, rank, spec.train.seed)
+    batches = [D.collate([examples[i] for i in sharder.indices(m)], tok.pad_token_id) for m in range(accum)]
+    loss, tokens = accumulate(engine, batches, world, cpu)
+    engine.finish_step(0)
+    if rank == 0:
+        delta = {n: (p.detach() - before[n]) for n, p in trainable.items()}
+        counts = [label_tokens(b["labels"]) for b in batches]
+        torch.save({"delta": delta, "counts": counts, "loss": loss, "tokens": tokens}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _step(tmp_path, tiny_model_dir, data, world: int, accum: int, strategy: str) -> dict:
+    import torch.multiprocessing as mp
+
+    out = tmp_path / f"{strategy}-{world}x{accum}.pt"
+    args = (world, accum, strategy, free_port(), str(tiny_model_dir), str(data), str(out))
+    mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method="spawn")
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.slow
+def test_one_step_is_the_same_for_every_split_of_the_global_batch(tiny_model_dir, tmp_path):
+    data = _data(tmp_path / "d.jsonl")
+    ref = _step(tmp_path, tiny_model_dir, data, 1, 4, "ddp")
+    assert len(set(ref["counts"])) > 1, ref["counts"]  # the micro-batches differ: a per-micro mean would not match
+    assert any(float(d.abs().max()) > 1e-4 for d in ref["delta"].values())
+    for world, accum, strategy in [(2, 2, "ddp"), (4, 1, "ddp"), (2, 2, "zero2")]:
+        got = _step(tmp_path, tiny_model_dir, data, world, accum, strategy)
+        assert got["delta"].keys() == ref["delta"].keys()
+        for k, d in ref["delta"].items():
+            torch.testing.assert_close(got["delta"][k], d, rtol=1e-5, atol=1e-7, msg=f"{strategy} {world}×{accum}: {k}")
