@@ -18,7 +18,8 @@ weights (the seed is set just before the adapter is made) and are timed over the
 ``--steps`` steps after ``--warmup``, from fetching the batch's rows and collating them to the optimizer step.
 Tokens/s counts the batches' real tokens. Memory is the process's peak resident set (``VmHWM``) above the
 resident set after the imports and the tokenized data, read the same way on both sides (weights, adapter,
-optimizer states, activations and the loss; the weights are memory-mapped, so they count once touched). Each run is a fresh process; the sides alternate, ``--repeats``
+optimizer states, activations and the loss; the weights are memory-mapped, so they count once touched). With ``--gpu`` both sides run on
+``cuda:0`` in bf16 and memory is ``torch.cuda.max_memory_allocated``. Each run is a fresh process; the sides alternate, ``--repeats``
 times each. The loss curves must agree step by step (within 1e-3). Ends with one JSON line.
 """
 
@@ -46,7 +47,7 @@ def bench_spec(args, overrides: list[str]):
 
     raw = {
         "name": "bench-throughput",
-        "model": {"base": args.base, "dtype": "float32"},
+        "model": {"base": args.base, "dtype": "bfloat16" if args.gpu else "float32"},
         "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {"train": "builtin:json_extract", "format": "chat", "max_length": args.seq},
         "train": {
@@ -58,7 +59,7 @@ def bench_spec(args, overrides: list[str]):
             "max_grad_norm": 1.0,
             "eval_base": False,
         },
-        "scaling": {"num_workers": 1, "cpus_per_worker": args.threads},
+        "scaling": {"num_workers": 1, "cpus_per_worker": args.threads, "use_gpu": args.gpu},
     }
     return validate(apply_overrides(raw, overrides))
 
@@ -80,13 +81,17 @@ def child(side: str, args, overrides: list[str]) -> dict:
     with open("/proc/self/clear_refs", "w") as f:  # VmHWM restarts from the resident set after the imports
         f.write("5")
     baseline = _status_kb("VmRSS") * 1024
-    cpu = torch.device("cpu")
+    device = torch.device("cuda:0" if args.gpu else "cpu")
+    dtype = torch.bfloat16 if args.gpu else torch.float32
+    if args.gpu:
+        torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)
 
     if side == "bare":
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
         torch.manual_seed(spec.train.seed)
         config = LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
         model = get_peft_model(model, config)
@@ -96,7 +101,7 @@ def child(side: str, args, overrides: list[str]) -> dict:
 
         def step(k: int) -> tuple[float, int]:
             examples = [rows[i] for i in sharder.indices(k)]
-            batch = D.collate(examples, tok.pad_token_id)
+            batch = {k: v.to(device) for k, v in D.collate(examples, tok.pad_token_id).items()}
             loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, spec.train.max_grad_norm)
@@ -109,15 +114,16 @@ def child(side: str, args, overrides: list[str]) -> dict:
         from pipelines.loop import accumulate
         from pipelines.models import load_base
 
-        base, _, _ = load_base(spec, device=cpu, log=lambda *_: None)
+        base, _, _ = load_base(spec, device=device, log=lambda *_: None)
         torch.manual_seed(spec.train.seed)
         prepared = methods.build(spec, base)
+        prepared.model.to(device)  # as the worker does for an unquantized base
         prepared.model.train()
-        engine = build_engine(spec, prepared, 0, 1, cpu, None)
+        engine = build_engine(spec, prepared, 0, 1, device, None)
 
         def step(k: int) -> tuple[float, int]:
             examples = [rows[i] for i in sharder.indices(k)]
-            total, tokens = accumulate(engine, [D.collate(examples, tok.pad_token_id)], 1, cpu)
+            total, tokens = accumulate(engine, [D.collate(examples, tok.pad_token_id)], 1, device)
             engine.finish_step(k)
             return total / tokens, sum(len(e["input_ids"]) for e in examples)
 
@@ -129,12 +135,15 @@ def child(side: str, args, overrides: list[str]) -> dict:
         loss, n = step(k)
         losses.append(loss)
         tokens += n
-    wall = time.perf_counter() - t0
-    peak = _status_kb("VmHWM") * 1024
+    wall = time.perf_counter() - t0  # every step ends in loss.item(): the device is synchronized
+    if args.gpu:  # GPU memory: the allocator's peak of live tensors
+        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mib = (_status_kb("VmHWM") * 1024 - baseline) / 2**20
     return {
         "side": side,
         "tokens_per_s": tokens / wall,
-        "peak_mib": (peak - baseline) / 2**20,
+        "peak_mib": peak_mib,
         "losses": losses,
     }
 
@@ -161,6 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=160, help="data.max_length")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--gpu", action="store_true", help="both sides on cuda:0 in bf16; memory = max_memory_allocated")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="raypeft spec override")
     p.add_argument("--child", choices=["bare", "raypeft"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -169,7 +179,7 @@ def main(argv=None) -> int:
         return 0
     passed = [a for a in (argv if argv is not None else sys.argv[1:])]
     print(
-        f"{args.base}, LoRA r16 all-linear, fp32, batch {args.batch}, max_length {args.seq}, {args.steps} timed "
+        f"{args.base}, LoRA r16 all-linear, {'bf16 on cuda:0' if args.gpu else 'fp32'}, batch {args.batch}, max_length {args.seq}, {args.steps} timed "
         f"steps after {args.warmup}, {args.threads} threads, {args.repeats} runs per side"
         + (f"; raypeft with {' '.join(args.set)}" if args.set else ""),
         flush=True,

@@ -9,12 +9,14 @@ HTTP handlers validate, resolve ``model`` (``base:adapter``, a bare adapter name
 base), submit to the engine, and stream its tokens back (SSE) or collect them.
 
 Errors: malformed JSON 400, bad fields 422, unknown model/adapter 404, prompt too long
-400, missing/wrong bearer token 401, full queue 503 with Retry-After, timeout 504.
+400, missing/wrong bearer token 401, a model the caller's tenant may not use 403 (``serving.tenants``),
+full queue 503 with Retry-After, timeout 504.
 Adapters are also registered with Serve's model multiplexing: a client that sends the
 ``serve_multiplexed_model_id`` header is routed to a replica that already holds it.
 """
 
 import asyncio
+import hmac
 import json
 import os
 import tempfile
@@ -29,6 +31,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
+
+from serving.tenants import Tenant, identify, may_use, read_key, tenant
 
 api = FastAPI(title="raypeft serve", description="OpenAI-compatible multi-adapter serving")
 
@@ -138,6 +142,9 @@ class LoraServer:
         for name in s.cache.prefetch:
             self.engine.load_adapter(name)
         self.token = os.environ.get(s.api_key_env) if s.api_key_env else None
+        self.tenants = [
+            tenant(name, read_key(t.key_env, t.key_file), t.adapters, t.base) for name, t in s.tenants.items()
+        ]
         self.started = time.time()
         self.thread = threading.Thread(target=self.engine.run_forever, name="raypeft-engine", daemon=True)
         self.thread.start()
@@ -161,26 +168,41 @@ class LoraServer:
 
     # ------------------------------------------------------------------ helpers
 
-    def _auth(self, request: HttpRequest) -> None:
-        if self.token is None:
-            return
+    def _auth(self, request: HttpRequest) -> Tenant | None:
+        """The caller's tenant (None when the spec has no ``tenants``); 401 for a missing or unknown key.
+        Keys are compared in constant time and never logged."""
         got = request.headers.get("authorization", "")
-        if got != f"Bearer {self.token}":
+        if self.tenants:
+            found = identify(self.tenants, got)
+            if found is None:
+                raise HttpError(
+                    401, "missing or unknown API key" if got else "missing bearer token", "authentication_error"
+                )
+            return found
+        if self.token is None:
+            return None
+        if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
             raise HttpError(
                 401, "missing or wrong bearer token" if got else "missing bearer token", "authentication_error"
             )
+        return None
 
-    def _adapter_of(self, model: str) -> str | None:
-        """``base:adapter`` / ``adapter`` / ``base`` → the adapter name (None for the bare base)."""
+    def _adapter_of(self, model: str, caller: Tenant | None = None) -> str | None:
+        """``base:adapter`` / ``adapter`` / ``base`` → the adapter name (None for the bare base). A tenant's
+        permission is checked before the adapter is looked up: 403 says nothing of whether it exists."""
         base = self.spec.base_name()
         if ":" in model:
             b, _, adapter = model.partition(":")
             if b != base:
                 raise HttpError(404, f"unknown base model {b!r}; this server serves {base!r}", "not_found_error")
         elif model == base:
-            return None
+            adapter = None
         else:
             adapter = model
+        if caller is not None and not may_use(caller, adapter):
+            raise HttpError(403, f"model {model!r} is not available to this API key", "permission_error")
+        if adapter is None:
+            return None
         if not self.sources.exists(adapter):
             raise HttpError(404, f"unknown adapter {adapter!r}", "not_found_error")
         return adapter
@@ -194,8 +216,7 @@ class LoraServer:
     async def _run(self, body: _Body, prompt: str, chat: bool, request: HttpRequest):
         from serving.engine import Overloaded, Request
 
-        self._auth(request)
-        name = self._adapter_of(body.model)
+        name = self._adapter_of(body.model, self._auth(request))
         adapter = None
         if name is not None:
             try:
@@ -329,10 +350,14 @@ class LoraServer:
 
     @api.get("/v1/models")
     async def models(self, request: HttpRequest):
-        self._auth(request)
+        caller = self._auth(request)
         base = self.spec.base_name()
-        data = [{"id": base, "object": "model", "owned_by": "raypeft", "created": int(self.started)}]
+        data = []
+        if caller is None or may_use(caller, None):
+            data.append({"id": base, "object": "model", "owned_by": "raypeft", "created": int(self.started)})
         for name in self.sources.names():
+            if caller is not None and not may_use(caller, name):
+                continue
             src = self.sources.source(name)
             version = self.sources.current.get(name) or self.sources.versions.get(name)
             if version is None and src.startswith("models:/"):

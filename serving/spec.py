@@ -76,6 +76,18 @@ class ServeDeployment(Section):
     port: Int = Field(8000, gt=0, lt=65536, description="HTTP port of the Serve proxy.")
 
 
+class ServeTenant(Section):
+    key_env: str | None = Field(None, description="Environment variable holding this tenant's API key.")
+    key_file: str | None = Field(
+        None, description="File holding this tenant's API key (its whole content, surrounding whitespace stripped)."
+    )
+    adapters: list[str] = Field(
+        default_factory=list,
+        description="Adapter names or `fnmatch` globs (`acme-*`) this tenant may use.",
+    )
+    base: bool = Field(False, description="Whether this tenant may call the bare base model.")
+
+
 class ServeSpec(Section):
     name: str = Field("raypeft-serve", pattern=NAME.pattern, description="Serve application name.")
     model: ServeModel = Field(default_factory=ServeModel, description="The shared base.")
@@ -93,6 +105,13 @@ class ServeSpec(Section):
     deployment: ServeDeployment = Field(default_factory=ServeDeployment, description="Ray Serve deployment.")
     api_key_env: str | None = Field(
         None, description="Name of an environment variable holding the bearer token clients must send (unset: no auth)."
+    )
+    tenants: dict[str, ServeTenant] = Field(
+        default_factory=dict,
+        description="Tenant name → its API key's source (`key_env` or `key_file`; keys never sit in the spec) and "
+        "the adapters it may use. An unknown key gets 401; a model the key may not use gets 403, whether or not it "
+        "exists; `/v1/models` lists only what the caller may use. Unset: `api_key_env` (one key for everything) "
+        "or no authentication.",
     )
     tracking_uri: str | None = Field(
         None,
@@ -135,6 +154,37 @@ def semantic_problems(spec: ServeSpec) -> list[Problem]:
         out.append(("model.dtype", "float16 is not supported on CPU; use float32 or bfloat16 (got 'float16')"))
     if spec.api_key_env and not os.environ.get(spec.api_key_env):
         out.append(("api_key_env", f"environment variable is not set (got {quote(spec.api_key_env)})"))
+    return out + tenant_problems(spec)
+
+
+def tenant_problems(spec: ServeSpec) -> list[Problem]:
+    """Each tenant has one readable, non-empty key of its own; ``tenants`` and ``api_key_env`` exclude each
+    other. Problems name the tenant and where its key comes from, never the key."""
+    from serving.tenants import read_key
+
+    out: list[Problem] = []
+    if spec.tenants and spec.api_key_env:
+        out.append(("api_key_env", f"set either api_key_env or tenants, not both (got {quote(spec.api_key_env)})"))
+    owner: dict[str, str] = {}
+    for name, t in spec.tenants.items():
+        field = f"tenants.{name}"
+        if not NAME.match(name):
+            out.append((field, f"tenant names are letters, digits, '_', '.', '-' (got {quote(name)})"))
+        if (t.key_env is None) == (t.key_file is None):
+            out.append((field, "needs exactly one of key_env or key_file"))
+            continue
+        key = read_key(t.key_env, t.key_file)
+        if not key:
+            where = ("key_env", "environment variable is not set or empty", t.key_env)
+            if t.key_file is not None:
+                where = ("key_file", "file not found, unreadable or empty", t.key_file)
+            out.append((f"{field}.{where[0]}", f"{where[1]} (got {quote(where[2])})"))
+        elif key in owner:
+            out.append((field, f"has the same key as tenant {quote(owner[key])}: every tenant needs its own"))
+        else:
+            owner[key] = name
+        if not t.adapters and not t.base:
+            out.append((field, "may use nothing: give it adapters, base: true, or both"))
     return out
 
 

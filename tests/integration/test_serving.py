@@ -20,6 +20,7 @@ from tests.conftest import free_port  # noqa: E402
 PORT = free_port()
 URL = f"http://127.0.0.1:{PORT}"
 TOKEN = "s3cret-test-token"
+ACME_KEY, GLOBEX_KEY = "acme-key-0123", "globex-key-4567"
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,7 @@ def server(adapters, registry, tiny_model_dir):
     root, _ = adapters
     ray.shutdown()
     os.environ["RAYPEFT_TEST_KEY"] = TOKEN
+    os.environ["RPT_ACME_KEY"] = ACME_KEY  # before Ray starts: the replicas inherit it
     init_ray(num_cpus=2, include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     spec = validate(
@@ -248,6 +250,75 @@ def test_overload_gets_503_with_retry_after(server, tiny_model_dir):
     assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
     assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
     serve.delete("tiny-small")
+
+
+def test_two_tenants_are_isolated(server, adapters, tiny_model_dir, tmp_path):
+    """acme (key from the environment) may use ad00–ad09 and not the base; globex (key from a file) ad10–ad15 and
+    the base. Each gets its own adapters' answers, 403 for the other's (and for a name that does not exist: the
+    reply is the same), 401 for an unknown key, and a /v1/models listing of its own."""
+    import requests
+    from openai import OpenAI, PermissionDeniedError
+    from ray import serve
+
+    from serving.app import build_app
+    from serving.spec import validate
+
+    root, ads = adapters
+    (tmp_path / "globex.key").write_text(GLOBEX_KEY + "\n")
+    spec = validate(
+        {
+            "name": "tiny-tenants",
+            "model": {"base": str(tiny_model_dir), "name": "tiny"},
+            "adapter_roots": [str(root)],
+            "cache": {"active_slots": 4, "max_rank": 8},
+            "limits": {"max_new_tokens": 16},
+            "tenants": {
+                "acme": {"key_env": "RPT_ACME_KEY", "adapters": ["ad0*"]},
+                "globex": {"key_file": str(tmp_path / "globex.key"), "adapters": ["ad1*"], "base": True},
+            },
+        }
+    )
+    serve.run(build_app(spec), name="tiny-tenants", route_prefix="/tenants")
+    url = f"{URL}/tenants"
+
+    def post(model, key):
+        body = {"model": model, "prompt": "hello world", "max_tokens": 8}
+        return requests.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+    try:
+        for model, key, adapter in (
+            ("tiny:ad03", ACME_KEY, "ad03"),
+            ("tiny:ad12", GLOBEX_KEY, "ad12"),
+            ("tiny", GLOBEX_KEY, None),
+        ):
+            r = post(model, key)
+            assert r.status_code == 200, (model, r.text)
+            assert r.json()["choices"][0]["text"] == _expected(tiny_model_dir, ads.get(adapter), "hello world", 8)
+        denied = {m: post(m, ACME_KEY) for m in ("tiny:ad12", "tiny:no-such-adapter", "tiny")}
+        for m, r in denied.items():
+            assert r.status_code == 403, (m, r.text)
+            assert r.json()["error"] == {
+                "message": f"model {m!r} is not available to this API key",
+                "type": "permission_error",
+                "code": 403,
+            }
+        assert post("tiny:ad03", GLOBEX_KEY).status_code == 403
+        for key in ("not-a-key", TOKEN, ""):
+            r = post("tiny:ad03", key)
+            assert r.status_code == 401 and ACME_KEY not in r.text, r.text
+
+        def listing(key):
+            r = requests.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+            return {m["id"] for m in r.json()["data"]}
+
+        assert listing(ACME_KEY) == {f"tiny:ad{i:02d}" for i in range(10)}
+        assert listing(GLOBEX_KEY) == {"tiny"} | {f"tiny:ad{i:02d}" for i in range(10, 16)}
+        client = OpenAI(base_url=f"{url}/v1", api_key=ACME_KEY)  # the unmodified client, with a tenant's key
+        assert client.completions.create(model="tiny:ad05", prompt="hi", max_tokens=4).choices[0].text is not None
+        with pytest.raises(PermissionDeniedError):
+            client.completions.create(model="tiny:ad15", prompt="hi", max_tokens=4)
+    finally:
+        serve.delete("tiny-tenants")
 
 
 def test_serving_follows_the_alias_without_failed_requests(server, adapters, registry, tiny_model_dir):
