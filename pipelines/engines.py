@@ -195,13 +195,14 @@ class DeepSpeedEngine:
     def micro_step(self, batch: dict, last: bool, tokens: int):
         """As ``TorchEngine.micro_step``; DeepSpeed averages gradients over ranks, and its own 1/accumulation
         scaling is off (the global token count already normalizes). Under ZeRO-3 every rank calls the LM head
-        the same number of times (the most a micro-batch can need), as each call gathers its weights."""
+        the same number of times (the most a micro-batch can need), as each call gathers its weights, and the
+        chunks' logits are kept for backward rather than recomputed (the weights are partitioned again by then)."""
         from pipelines.loss import token_loss_sum
 
         chunk, chunks = self.spec.train.loss_chunk_tokens, None
         if self.stage == 3 and chunk > 0:
             chunks = -(-self.spec.train.micro_batch_size * self.spec.data.max_length // chunk)
-        total = token_loss_sum(self.engine, self.model, batch, chunk, chunks)
+        total = token_loss_sum(self.engine, self.model, batch, chunk, chunks, recompute=self.stage < 3)
         self.engine.backward(
             total * self.world / max(tokens, 1) + _regularizer(self.prepared, self.spec.grad_accum()),
             scale_wrt_gas=False,

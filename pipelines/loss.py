@@ -7,7 +7,8 @@ a step's gradient is the same however the global batch is split (transformers' `
 With ``chunk_tokens`` > 0 the LM head runs only on the positions whose label isn't ignored (on chat data,
 most tokens are prompt), ``chunk_tokens`` rows at a time, each chunk's logits recomputed in backward
 (``torch.utils.checkpoint``), so no ``[tokens, vocab]`` fp32 tensor ever exists: the loss's peak is one
-chunk's. The model's own forward still runs (PEFT, DDP and DeepSpeed hooks see the usual call), asked for
+chunk's (under ZeRO-3 the chunks' logits are kept for backward instead: see ``recompute``). The model's own
+forward still runs (PEFT, DDP and DeepSpeed hooks see the usual call), asked for
 the last position's logits only; the decoder's final hidden states are taken from a forward hook on it.
 
 Pure torch: no Ray, no I/O.
@@ -59,13 +60,17 @@ def _chunk_sum(logits_of: Callable, h, y):
     return F.cross_entropy(logits_of(h), y, reduction="sum")
 
 
-def token_loss_sum(call: Callable, model, batch: dict, chunk_tokens: int, chunks: int | None = None):
+def token_loss_sum(
+    call: Callable, model, batch: dict, chunk_tokens: int, chunks: int | None = None, recompute: bool = True
+):
     """Sum of the cross-entropy over ``batch["labels"]``'s counted tokens (a 0-dim fp32 tensor with grad).
 
     ``call`` runs the forward (the model itself, DDP around it, or a DeepSpeed engine); ``model`` is the
     unwrapped model, to find its decoder and head. ``chunk_tokens`` 0 computes the full logits, as the
     model's own loss does. ``chunks`` fixes the number of head calls (ZeRO-3: every rank gathers the head's
-    weights the same number of times, so a rank with fewer label tokens runs empty chunks)."""
+    weights the same number of times, so a rank with fewer label tokens runs empty chunks). ``recompute``
+    False keeps each chunk's logits for backward instead of recomputing them: ZeRO-3 partitions the head's
+    weights again after the forward, and a recomputation in backward would see them empty."""
     import torch
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
@@ -103,5 +108,8 @@ def token_loss_sum(call: Callable, model, batch: dict, chunk_tokens: int, chunks
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for i in range(k):
         s = slice(i * chunk_tokens, (i + 1) * chunk_tokens)
-        total = total + checkpoint(_chunk_sum, logits_of, h[s], y[s], use_reentrant=False)
+        if recompute:
+            total = total + checkpoint(_chunk_sum, logits_of, h[s], y[s], use_reentrant=False)
+        else:
+            total = total + _chunk_sum(logits_of, h[s], y[s])
     return total

@@ -23,13 +23,14 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from ray import serve
 
 from serving.tenants import Tenant, identify, may_use, read_key, tenant
@@ -53,27 +54,95 @@ async def _http_error(_, exc: HttpError):
     return _error(exc.status, exc.message, exc.kind, exc.headers)
 
 
+def _loc(error: dict) -> str:
+    """``messages.0.content.1.text``: the field's path, without pydantic's union and validator tags."""
+    return ".".join(str(p) for p in error.get("loc", ()) if p != "body" and "[" not in str(p))
+
+
 @api.exception_handler(RequestValidationError)
 async def _validation_error(_, exc: RequestValidationError):
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return _error(400, "request body is not valid JSON", "invalid_request_error")
+    refused = [e for e in errors if e.get("type") in ("extra_forbidden", "unsupported_field")]
+    if refused:  # as OpenAI answers an argument it does not know: 400, naming it
+        parts = [
+            f"unrecognized request argument: {_loc(e)}" if e["type"] == "extra_forbidden" else e["msg"] for e in refused
+        ]
+        return _error(400, "; ".join(parts), "invalid_request_error")
     parts = []
     for e in errors:
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        loc = _loc(e)
         parts.append(f"{loc or 'body'}: {e.get('msg')} (got {e.get('input')!r})"[:300])
     return _error(422, "; ".join(parts), "invalid_request_error")
 
 
+def _log():
+    import logging
+
+    return logging.getLogger("ray.serve")
+
+
+def _unsupported(field: str, value: Any, why: str = "not supported by this server") -> PydanticCustomError:
+    """A 400 naming an OpenAI request field this server does not implement (never silently ignored)."""
+    return PydanticCustomError(
+        "unsupported_field", "{field}: {why} (got {value})", {"field": field, "why": why, "value": repr(value)[:100]}
+    )
+
+
+# OpenAI request fields this server does not implement, and the values that mean "not used" (accepted).
+_REFUSED_COMMON = {
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+}
+_REFUSED_COMPLETION = {"best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "logprobs": (None, 0)}
+_REFUSED_CHAT = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None, True),
+    "response_format": (None, {"type": "text"}),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "service_tier": (None, "auto", "default"),
+    "store": (None, False),
+    "metadata": (None, {}),
+    "web_search_options": (None,),
+    "verbosity": (None,),
+    "prompt_cache_key": (None,),
+}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """The OpenAI request fields: each is implemented, or refused with a 400 naming it when set to anything
+    but its "not used" value; an argument OpenAI does not define is refused too."""
+
+    model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, gt=0)
-    temperature: float = Field(0.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, gt=0)
     stop: str | list[str] | None = None
     seed: int | None = None
-    stream: bool = False
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256)
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    _refused: ClassVar[dict[str, tuple]] = _REFUSED_COMMON
 
     @field_validator("stop")
     @classmethod
@@ -82,22 +151,88 @@ class _Body(BaseModel):
             raise ValueError("at most 4 non-empty strings")
         return v
 
+    @model_validator(mode="after")
+    def _refuse(self):
+        for name, unused in self._refused.items():
+            value = getattr(self, name)
+            if value not in unused:
+                raise _unsupported(name, value)
+        if self.stream_options is not None and not self.stream:
+            raise _unsupported("stream_options", self.stream_options.model_dump(), "only allowed when stream is true")
+        return self
+
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 class CompletionBody(_Body):
     prompt: str
+    best_of: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    logprobs: int | None = None
+    _refused: ClassVar[dict[str, tuple]] = {**_REFUSED_COMMON, **_REFUSED_COMPLETION}
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")  # an image part's other keys: refused below, by its type
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self):
+        if self.type != "text":
+            raise _unsupported("content part type", self.type, "only text content parts are supported")
+        if self.text is None:
+            raise ValueError("a text part needs 'text'")
+        if self.model_extra:
+            raise _unsupported("text content part", sorted(self.model_extra), "only 'type' and 'text' are supported")
+        return self
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str = Field(pattern="^(system|user|assistant|tool)$")
-    content: str
+    model_config = ConfigDict(extra="forbid")
+    role: str = Field(pattern="^(system|developer|user|assistant|tool)$")
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def chat_template_message(self) -> dict[str, str]:
+        """``developer`` is the newer name of ``system``; text parts are joined as the API joins them."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text or "" for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 class ChatBody(_Body):
     messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, gt=0)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    service_tier: str | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    web_search_options: Any = None
+    verbosity: Any = None
+    prompt_cache_key: Any = None
+    safety_identifier: str | None = Field(None, max_length=256)
+    _refused: ClassVar[dict[str, tuple]] = {**_REFUSED_COMMON, **_REFUSED_CHAT}
+
+    @model_validator(mode="after")
+    def _one_max(self):
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise ValueError("max_tokens and max_completion_tokens differ; send one")
+            self.max_tokens = self.max_completion_tokens
+        return self
 
 
 @serve.deployment
@@ -234,99 +369,128 @@ class LoraServer:
         max_tokens = body.max_tokens or lim.max_new_tokens
         if max_tokens > lim.max_new_tokens:
             raise HttpError(400, f"max_tokens {max_tokens} exceeds the limit {lim.max_new_tokens}")
+        n = body.n or 1
+        if n > lim.max_n:
+            raise HttpError(400, f"n {n} exceeds the limit {lim.max_n} (limits.max_n)")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        req = Request(
-            ids,
-            adapter,
-            max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            stop=body.stops(),
-            seed=body.seed,
-            sink=lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
-        )
+        reqs = [
+            Request(
+                ids,
+                adapter,
+                max_tokens=max_tokens,
+                temperature=0.0 if body.temperature is None else body.temperature,  # unset: greedy
+                top_p=1.0 if body.top_p is None else body.top_p,
+                stop=body.stops(),
+                seed=None if body.seed is None else body.seed + i,  # n seeded choices differ, each reproducible
+                sink=lambda e, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, *e)),
+            )
+            for i in range(n)
+        ]
         try:
-            self.engine.submit(req)
+            for req in reqs:
+                self.engine.submit(req)
         except Overloaded as e:
+            for req in reqs:
+                self.engine.cancel(req)
             raise HttpError(503, f"server busy: {e}", "overloaded_error", {"Retry-After": "1"}) from None
         meta = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
             "created": int(time.time()),
             "model": body.model,
         }
-        return req, events, meta, len(ids)
+        if body.user or getattr(body, "safety_identifier", None):
+            _log().info(
+                "raypeft: request %s model=%s user=%r safety_identifier=%r",
+                meta["id"],
+                body.model,
+                body.user,
+                getattr(body, "safety_identifier", None),
+            )
+        return reqs, events, meta, len(ids)
 
-    async def _events(self, req, events: asyncio.Queue):
+    async def _events(self, reqs: list, events: asyncio.Queue):
+        """(choice index, kind, value) of every request until all are done, errored or past the timeout."""
         deadline = time.time() + self.spec.limits.request_timeout_s
+        open_ = set(range(len(reqs)))
         try:
-            while True:
+            while open_:
                 try:
-                    kind, value = await asyncio.wait_for(events.get(), timeout=max(0.01, deadline - time.time()))
+                    i, kind, value = await asyncio.wait_for(events.get(), timeout=max(0.01, deadline - time.time()))
                 except asyncio.TimeoutError:
-                    yield "timeout", "request timed out"
+                    yield min(open_), "timeout", "request timed out"
                     return
-                yield kind, value
+                yield i, kind, value
                 if kind in ("done", "error"):
-                    return
+                    open_.discard(i)
         finally:
-            self.engine.cancel(req)  # no-op when finished; frees the row when the client left
+            for req in reqs:
+                self.engine.cancel(req)  # no-op when finished; frees the row when the client left
+
+    @staticmethod
+    def _usage(reqs: list, n_prompt: int) -> dict[str, int]:
+        out = sum(len(r.out_ids) for r in reqs)
+        return {"prompt_tokens": n_prompt, "completion_tokens": out, "total_tokens": n_prompt + out}
 
     async def _respond(self, body: _Body, prompt: str, chat: bool, request: HttpRequest):
-        req, events, meta, n_prompt = await self._run(body, prompt, chat, request)
+        reqs, events, meta, n_prompt = await self._run(body, prompt, chat, request)
         if body.stream:
-            return StreamingResponse(self._sse(req, events, meta, chat), media_type="text/event-stream")
-        text, reason = [], None
-        async for kind, value in self._events(req, events):
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(
+                self._sse(reqs, events, meta, chat, n_prompt, include_usage), media_type="text/event-stream"
+            )
+        text: list[list[str]] = [[] for _ in reqs]
+        reason: list[str | None] = [None for _ in reqs]
+        async for i, kind, value in self._events(reqs, events):
             if kind == "delta":
-                text.append(value)
+                text[i].append(value)
             elif kind == "done":
-                reason = value
+                reason[i] = value
             elif kind == "error":
                 raise HttpError(500 if "could not be loaded" not in value else 424, value, "adapter_error")
             elif kind == "timeout":
                 raise HttpError(
                     504, f"request did not finish within {self.spec.limits.request_timeout_s}s", "timeout_error"
                 )
-        content = "".join(text)
-        choice = (
-            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": reason}
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": "".join(t)}, "finish_reason": reason[i]}
             if chat
-            else {"index": 0, "text": content, "finish_reason": reason, "logprobs": None}
-        )
-        usage = {
-            "prompt_tokens": n_prompt,
-            "completion_tokens": len(req.out_ids),
-            "total_tokens": n_prompt + len(req.out_ids),
-        }
+            else {"index": i, "text": "".join(t), "finish_reason": reason[i], "logprobs": None}
+            for i, t in enumerate(text)
+        ]
         return {
             **meta,
             "object": "chat.completion" if chat else "text_completion",
-            "choices": [choice],
-            "usage": usage,
-            "system_fingerprint": self._version(req.adapter),
+            "choices": choices,
+            "usage": self._usage(reqs, n_prompt),
+            "system_fingerprint": self._version(reqs[0].adapter),
         }
 
-    async def _sse(self, req, events, meta, chat: bool):
+    async def _sse(self, reqs, events, meta, chat: bool, n_prompt: int, include_usage: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"
+        extra = {"usage": None} if include_usage else {}
 
-        def chunk(delta: str | None, reason: str | None, role: bool = False) -> str:
+        def chunk(i: int, delta: str | None, reason: str | None, role: bool = False) -> str:
             if chat:
                 d = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta is not None else {})
-                choice = {"index": 0, "delta": d, "finish_reason": reason}
+                choice = {"index": i, "delta": d, "finish_reason": reason}
             else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": None}
-            return f"data: {json.dumps({**meta, 'object': obj, 'choices': [choice]})}\n\n"
+                choice = {"index": i, "text": delta or "", "finish_reason": reason, "logprobs": None}
+            return f"data: {json.dumps({**meta, 'object': obj, 'choices': [choice], **extra})}\n\n"
 
         if chat:
-            yield chunk(None, None, role=True)
-        async for kind, value in self._events(req, events):
+            for i in range(len(reqs)):
+                yield chunk(i, None, None, role=True)
+        async for i, kind, value in self._events(reqs, events):
             if kind == "delta":
-                yield chunk(value, None)
+                yield chunk(i, value, None)
             elif kind == "done":
-                yield chunk(None, value)
+                yield chunk(i, None, value)
             else:
                 yield f"data: {json.dumps({'error': {'message': value, 'type': kind}})}\n\n"
+        if include_usage:  # the final chunk OpenAI sends with stream_options.include_usage: no choices
+            final = {**meta, "object": obj, "choices": [], "usage": self._usage(reqs, n_prompt)}
+            yield f"data: {json.dumps(final)}\n\n"
         yield "data: [DONE]\n\n"
 
     def _version(self, adapter: str | None) -> str:
@@ -344,7 +508,7 @@ class LoraServer:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatBody, request: HttpRequest):
-        msgs = [m.model_dump() for m in body.messages]
+        msgs = [m.chat_template_message() for m in body.messages]
         prompt = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return await self._respond(body, prompt, chat=True, request=request)
 

@@ -62,6 +62,7 @@ class ServeLimits(Section):
     )
     max_new_tokens: Int = Field(256, gt=0, description="Largest `max_tokens` a request may ask for (also its default).")
     max_prompt_tokens: Int = Field(2048, gt=0, description="Longest prompt accepted (400 beyond it).")
+    max_n: Int = Field(4, gt=0, le=64, description="Largest `n` (choices per request) a request may ask for.")
     request_timeout_s: Float = Field(120.0, gt=0, description="A request still unfinished after this gets 504.")
 
 

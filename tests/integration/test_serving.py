@@ -155,6 +155,81 @@ def test_openai_client_chat_streaming_and_not(server, adapters, tiny_model_dir):
     assert s1.choices[0].text == s2.choices[0].text
 
 
+def test_openai_request_fields_are_implemented_or_refused(server, adapters, tiny_model_dir):
+    """Through the unmodified openai client: content parts, n, max_completion_tokens, stream_options usage, user
+    and the developer role work; every other OpenAI field set to a value that means something is refused with
+    a 400 naming it, as is an argument OpenAI does not define. Seeded sampling is sampling."""
+    import openai
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{URL}/v1", api_key=TOKEN)
+    text = [{"role": "user", "content": "1+2="}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "1+"}, {"type": "text", "text": "2="}]}]
+    a = client.chat.completions.create(model="tiny:ad04", messages=text, max_tokens=9)
+    b = client.chat.completions.create(model="tiny:ad04", messages=parts, max_completion_tokens=9, user="alice")
+    assert a.choices[0].message.content == b.choices[0].message.content and b.usage.completion_tokens <= 9
+    dev = [{"role": "developer", "content": "be brief"}, *text]
+    assert client.chat.completions.create(model="tiny:ad04", messages=dev, max_tokens=4).choices[0].finish_reason
+
+    greedy = client.completions.create(model="tiny:ad05", prompt="hi", max_tokens=8, n=2)
+    assert [c.index for c in greedy.choices] == [0, 1] and greedy.choices[0].text == greedy.choices[1].text
+    assert greedy.usage.completion_tokens > 0 and greedy.usage.completion_tokens % 2 == 0  # both choices counted
+    sampled = client.completions.create(model="tiny:ad05", prompt="hi", max_tokens=8, n=3, temperature=1.0, seed=3)
+    texts = [c.text for c in sampled.choices]
+    assert len(set(texts)) > 1 and texts[0] != greedy.choices[0].text, texts
+    again = client.completions.create(model="tiny:ad05", prompt="hi", max_tokens=8, n=3, temperature=1.0, seed=3)
+    assert [c.text for c in again.choices] == texts  # seeded: reproducible
+    other = client.completions.create(model="tiny:ad05", prompt="hi", max_tokens=8, temperature=1.0, seed=4)
+    assert other.choices[0].text != texts[0]
+
+    chunks = list(
+        client.completions.create(
+            model="tiny:ad05", prompt="hi", max_tokens=8, n=2, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    by_index = {0: "", 1: ""}
+    for c in chunks[:-1]:
+        assert c.usage is None
+        for ch in c.choices:
+            by_index[ch.index] += ch.text
+    assert by_index == {0: greedy.choices[0].text, 1: greedy.choices[1].text}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == greedy.usage.completion_tokens
+
+    accepted = {"n": 1, "frequency_penalty": 0, "logprobs": False, "response_format": {"type": "text"}, "store": False}
+    assert client.chat.completions.create(model="tiny:ad04", messages=text, max_tokens=4, **accepted).choices
+    refused = [
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2, "logprobs": False}, "top_logprobs"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"presence_penalty": 1.0}, "presence_penalty"),
+        ({"logit_bias": {"42": 5}}, "logit_bias"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"n": 5}, "limits.max_n"),
+        ({"stream_options": {"include_usage": True}}, "only allowed when stream is true"),
+        ({"extra_body": {"foo": 1}}, "unrecognized request argument: foo"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "text content parts",
+        ),
+    ]
+    for kwargs, fragment in refused:
+        call = {"model": "tiny:ad04", "messages": text, "max_tokens": 4, **kwargs}
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**call)
+        assert fragment in e.value.response.json()["error"]["message"], (kwargs, e.value.response.text)
+    for kwargs, fragment in [
+        ({"echo": True}, "echo"),
+        ({"best_of": 3}, "best_of"),
+        ({"logprobs": 2}, "logprobs"),
+        ({"suffix": "x"}, "suffix"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="tiny:ad05", prompt="hi", max_tokens=4, **kwargs)
+        assert fragment in e.value.response.json()["error"]["message"], (kwargs, e.value.response.text)
+    assert client.completions.create(model="tiny:ad05", prompt="hi", max_tokens=4).choices  # still serving
+
+
 def test_error_corpus(server):
     import requests
 

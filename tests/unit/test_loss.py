@@ -88,13 +88,20 @@ def test_no_vocab_sized_tensor_outgrows_a_chunk(tiny_model_dir, chat_data):
 
 
 def test_fixed_chunk_count_pads_with_empty_chunks(tiny_model_dir, chat_data):
-    """ZeRO-3's lockstep: more chunks than the rows need changes nothing."""
+    """ZeRO-3's lockstep: more chunks than the rows need, with or without recomputation, changes nothing."""
     spec, base, _, batch = _setup(tiny_model_dir, chat_data, "lora", {}, 0.01)
     model = methods.build(spec, base).model
     model.eval()
     a = token_loss_sum(model, model, batch, 8)
-    b = token_loss_sum(model, model, batch, 8, chunks=label_tokens(batch["labels"]) // 8 + 3)
-    torch.testing.assert_close(a, b)
+    a.backward()
+    ref = _grads(model)
+    chunks = label_tokens(batch["labels"]) // 8 + 3
+    for recompute in (True, False):  # False: ZeRO-3 keeps the chunks' logits instead of recomputing them
+        b = token_loss_sum(model, model, batch, 8, chunks=chunks, recompute=recompute)
+        torch.testing.assert_close(a, b)
+        b.backward()
+        for k, g in _grads(model).items():
+            torch.testing.assert_close(g, ref[k], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.slow
