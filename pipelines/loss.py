@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 IGNORE = -100
 
@@ -34,8 +33,8 @@ def _inner(model):
     return get() if get is not None else model
 
 
-def _head_call(inner) -> tuple[Any, Callable]:
-    """The LM head module and the logits transform the model's own forward applies after it (Gemma's final
+def _logits_fn(inner) -> Callable:
+    """The LM head plus the logits transform the model's own forward applies after it (Gemma's final
     soft-capping, Cohere's logit scale), so the chunked loss computes exactly the model's logits."""
     cfg = inner.config
     cap = getattr(cfg, "final_logit_softcapping", None)
@@ -51,7 +50,7 @@ def _head_call(inner) -> tuple[Any, Callable]:
             out = (out / cap).tanh() * cap
         return out
 
-    return head, logits
+    return logits
 
 
 def _chunk_sum(logits_of: Callable, h, y):
@@ -103,7 +102,7 @@ def token_loss_sum(
     hidden = captured[0][:, -n:][:, :-1]
     counted = target != IGNORE
     h, y = hidden[counted], target[counted]
-    _, logits_of = _head_call(inner)
+    logits_of = _logits_fn(inner)
     k = chunks if chunks is not None else max(1, math.ceil(h.shape[0] / chunk_tokens))
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for i in range(k):

@@ -18,6 +18,7 @@ Adapters are also registered with Serve's model multiplexing: a client that send
 import asyncio
 import hmac
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -77,10 +78,7 @@ async def _validation_error(_, exc: RequestValidationError):
     return _error(422, "; ".join(parts), "invalid_request_error")
 
 
-def _log():
-    import logging
-
-    return logging.getLogger("ray.serve")
+log = logging.getLogger("ray.serve")
 
 
 def _unsupported(field: str, value: Any, why: str = "not supported by this server") -> PydanticCustomError:
@@ -288,9 +286,6 @@ class LoraServer:
 
     def _follow_aliases(self) -> None:
         """Every ``alias_poll_s``: when an alias moved, load the new version, then switch new requests to it."""
-        import logging
-
-        log = logging.getLogger("ray.serve")
         while True:
             time.sleep(self.spec.alias_poll_s)
             try:
@@ -399,14 +394,9 @@ class LoraServer:
             "created": int(time.time()),
             "model": body.model,
         }
-        if body.user or getattr(body, "safety_identifier", None):
-            _log().info(
-                "raypeft: request %s model=%s user=%r safety_identifier=%r",
-                meta["id"],
-                body.model,
-                body.user,
-                getattr(body, "safety_identifier", None),
-            )
+        who = {"user": body.user, "safety_identifier": getattr(body, "safety_identifier", None)}
+        if any(who.values()):
+            log.info("raypeft: request %s model=%s %s", meta["id"], body.model, who)
         return reqs, events, meta, len(ids)
 
     async def _events(self, reqs: list, events: asyncio.Queue):

@@ -52,10 +52,11 @@ def identify(tenants: list[Tenant], authorization: str) -> Tenant | None:
     is compared (``hmac.compare_digest``), so the time taken does not depend on which key matched, or how
     much of one did."""
     scheme, _, key = authorization.partition(" ")
-    got = _digest(key.strip() if scheme.lower() == "bearer" else "")
+    key = key.strip() if scheme.lower() == "bearer" else ""
+    got = _digest(key)
     found = None
-    for t in tenants:
-        if hmac.compare_digest(t.digest, got) and key.strip():
+    for t in tenants:  # no early exit; the spec refuses an empty key, and an empty one here matches nothing
+        if hmac.compare_digest(t.digest, got) and key:
             found = t
     return found
 
