@@ -78,7 +78,7 @@ def run_engine(base_path, dirs, tok, tokens, adapters=True):
     multi = MultiLoraModel(model, slots=len(dirs) + 1, r_max=16)
     engine = Engine(multi, tok, lambda name: str(dirs[int(name)]), max_batch=len(dirs))
     for i in range(len(dirs)):  # warm: adapters resident, as on a serving replica
-        engine.load_adapter(str(i))
+        engine.add_adapter(str(i))
 
     def once():
         reqs = [

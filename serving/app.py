@@ -4,13 +4,15 @@
     curl 127.0.0.1:8000/v1/chat/completions -d '{"model": "smollm2-135m:json-extract", "messages": [...]}'
 
 Each replica loads the base once, wraps its linear layers for mixed-adapter batches
-(``serving.lora_batch``), and runs the batched engine (``serving.engine``) in a thread.
-HTTP handlers validate, resolve ``model`` (``base:adapter``, a bare adapter name, or the
-base), submit to the engine, and stream its tokens back (SSE) or collect them.
+(``serving.lora_batch``), and runs the batched engine (``serving.engine``). The handlers
+reach the engine only through the ``serving.backend.Backend`` seam: they validate, resolve
+``model`` (``base:adapter``, a bare adapter name, or the base), submit, and stream the
+request's events back (SSE) or collect them.
 
 Errors: malformed JSON 400, bad fields 422, unknown model/adapter 404, prompt too long
 400, missing/wrong bearer token 401, a model the caller's tenant may not use 403 (``serving.tenants``),
-full queue 503 with Retry-After, timeout 504.
+an adapter that cannot be loaded 424, a failed generation step 500, full queue 503 with
+Retry-After, timeout 504.
 Adapters are also registered with Serve's model multiplexing: a client that sends the
 ``serve_multiplexed_model_id`` header is routed to a replica that already holds it.
 """
@@ -34,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 from ray import serve
 
+from serving.backend import FINAL, Backend, Overloaded, Request
 from serving.tenants import Tenant, identify, may_use, read_key, tenant
 
 api = FastAPI(title="raypeft serve", description="OpenAI-compatible multi-adapter serving")
@@ -262,7 +265,7 @@ class LoraServer:
             base, slots=s.cache.active_slots + 1, r_max=s.cache.max_rank, target=m.target_modules
         )
         self.sources = AdapterSources(s, tempfile.mkdtemp(prefix="raypeft-serve-"))
-        self.engine = Engine(
+        self.backend: Backend = Engine(
             self.multi,
             self.tok,
             self.sources.resolve,
@@ -270,17 +273,15 @@ class LoraServer:
             max_queue=s.limits.max_queue,
             cpu_cache_items=s.cache.cpu_adapters,
             cpu_cache_bytes=s.cache.cpu_bytes,
-            device=device,
         )
         for name in s.cache.prefetch:
-            self.engine.load_adapter(name)
+            self.backend.add_adapter(name)
         self.token = os.environ.get(s.api_key_env) if s.api_key_env else None
         self.tenants = [
             tenant(name, read_key(t.key_env, t.key_file), t.adapters, t.base) for name, t in s.tenants.items()
         ]
         self.started = time.time()
-        self.thread = threading.Thread(target=self.engine.run_forever, name="raypeft-engine", daemon=True)
-        self.thread.start()
+        self.backend.start()
         if self.sources.alias_sources():
             threading.Thread(target=self._follow_aliases, name="raypeft-aliases", daemon=True).start()
 
@@ -290,7 +291,7 @@ class LoraServer:
             time.sleep(self.spec.alias_poll_s)
             try:
                 for name, (old, new) in self.sources.poll().items():
-                    self.engine.load_adapter(f"{name}#v{new}")  # download + read before the switch
+                    self.backend.add_adapter(f"{name}#v{new}")  # download + read before the switch
                     self.sources.current[name] = new
                     log.info("raypeft: alias of %r moved from version %s to %s", name, old, new)
             except Exception as e:  # noqa: BLE001 - a registry hiccup must not stop the replica
@@ -339,12 +340,14 @@ class LoraServer:
 
     @serve.multiplexed(max_num_models_per_replica=64)
     async def _hold(self, model_id: str) -> str:
-        """Serve's multiplexing bookkeeping: the adapter is read into the CPU tier of this replica."""
-        await asyncio.to_thread(self.engine.load_adapter, model_id)
+        """Serve's multiplexing bookkeeping: the adapter is read into this replica's memory."""
+        try:
+            await asyncio.to_thread(self.backend.add_adapter, model_id)
+        except Exception as e:  # noqa: BLE001 - a corrupt or unservable adapter is the adapter's fault
+            raise HttpError(424, f"adapter {model_id!r} could not be loaded: {e}", "adapter_error") from None
         return model_id
 
     async def _run(self, body: _Body, prompt: str, chat: bool, request: HttpRequest):
-        from serving.engine import Overloaded, Request
 
         name = self._adapter_of(body.model, self._auth(request))
         adapter = None
@@ -384,10 +387,10 @@ class LoraServer:
         ]
         try:
             for req in reqs:
-                self.engine.submit(req)
+                self.backend.submit(req)
         except Overloaded as e:
             for req in reqs:
-                self.engine.cancel(req)
+                self.backend.cancel(req)
             raise HttpError(503, f"server busy: {e}", "overloaded_error", {"Retry-After": "1"}) from None
         meta = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
@@ -411,11 +414,11 @@ class LoraServer:
                     yield min(open_), "timeout", "request timed out"
                     return
                 yield i, kind, value
-                if kind in ("done", "error"):
+                if kind in FINAL:
                     open_.discard(i)
         finally:
             for req in reqs:
-                self.engine.cancel(req)  # no-op when finished; frees the row when the client left
+                self.backend.cancel(req)  # no-op when finished; frees the row when the client left
 
     @staticmethod
     def _usage(reqs: list, n_prompt: int) -> dict[str, int]:
@@ -436,8 +439,10 @@ class LoraServer:
                 text[i].append(value)
             elif kind == "done":
                 reason[i] = value
+            elif kind == "adapter_error":
+                raise HttpError(424, value, "adapter_error")
             elif kind == "error":
-                raise HttpError(500 if "could not be loaded" not in value else 424, value, "adapter_error")
+                raise HttpError(500, value, "server_error")
             elif kind == "timeout":
                 raise HttpError(
                     504, f"request did not finish within {self.spec.limits.request_timeout_s}s", "timeout_error"
@@ -534,29 +539,14 @@ class LoraServer:
 
     @api.get("/health")
     async def health(self):
-        alive = self.thread.is_alive()
+        alive = self.backend.alive()
         return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
 
     @api.get("/metrics")
     async def metrics(self):
-        e, st = self.engine, self.engine.stats
-        loads = sorted(st["adapter_load_s"])
-        p50 = loads[len(loads) // 2] if loads else 0.0
         lines = [
-            f"raypeft_requests_total {st['requests']}",
-            f"raypeft_generated_tokens_total {st['tokens']}",
-            f"raypeft_engine_steps_total {st['steps']}",
-            f"raypeft_batch_rows_total {st['batch_rows']}",
-            f"raypeft_queue_waiting {len(e.waiting)}",
-            f"raypeft_running_rows {len(e.running)}",
-            f"raypeft_adapter_cpu_hits_total {e.cpu.stats.hits}",
-            f"raypeft_adapter_cpu_loads_total {e.cpu.stats.loads}",
-            f"raypeft_adapter_cpu_evictions_total {e.cpu.stats.evictions}",
-            f"raypeft_adapter_cpu_bytes {e.cpu.bytes}",
-            f"raypeft_adapter_slot_hits_total {e.slots.stats.hits}",
-            f"raypeft_adapter_slot_loads_total {e.slots.stats.loads}",
-            f"raypeft_adapter_slot_evictions_total {e.slots.stats.evictions}",
-            f"raypeft_adapter_load_seconds_p50 {p50:.6f}",
+            f"raypeft_{k} {v:.6f}" if isinstance(v, float) else f"raypeft_{k} {v}"
+            for k, v in self.backend.metrics().items()
         ]
         return PlainTextResponse("\n".join(lines) + "\n")
 

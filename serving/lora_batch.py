@@ -12,7 +12,11 @@ the mix of adapters in the batch: no Python loop over adapters (PEFT's
 
 For LoRA g = 1. For DoRA, ``g = m / ||W + s·B·A||`` (row norms) is a constant of the
 adapter and the base, so it is computed once when the adapter is loaded into a slot;
-at inference DoRA costs what LoRA costs. Ranks below ``r_max`` are zero-padded,
+at inference DoRA costs what LoRA costs. The stacked tensors live beside the base
+weights, in the serving dtype (the input embeddings': bf16 on GPUs, the spec's dtype on
+CPU). A batch multiplies only up to the largest rank among its rows' adapters (a batch of
+rank-8 adapters on a server with ``r_max`` 64 does rank-8 work); smaller ranks in the same
+batch are zero-padded,
 which changes nothing. Works over bitsandbytes 4-/8-bit base layers too (the base
 layer computes ``W x``; DoRA norms use the dequantized weight).
 
@@ -33,36 +37,41 @@ from pipelines.targets import is_target, pattern_value
 
 
 class BatchContext:
-    """Shared by every wrapped layer of one model: the slot of each row of the current batch."""
+    """Shared by every wrapped layer of one model: the slot of each row of the current batch, as one
+    index tensor on the model's device (made once per forward pass, not once per layer)."""
 
-    def __init__(self):
-        self.rows: torch.Tensor | None = None  # [batch] long
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.rows: torch.Tensor | None = None  # [batch] long, on ``device``
+        self.rank = 0  # the largest rank among the rows' adapters: the stacks are sliced to it
         self.any_adapter = False
         self.any_dora = False
 
-    def set(self, rows: torch.Tensor | list[int] | None, dora_slots: set[int] = frozenset()) -> None:
+    def set(self, rows: list[int] | None, dora_slots: set[int] = frozenset(), ranks: dict[int, int] | None = None):
         if rows is None:
-            self.rows, self.any_adapter, self.any_dora = None, False, False
+            self.rows, self.rank, self.any_adapter, self.any_dora = None, 0, False, False
             return
-        self.rows = torch.as_tensor(rows, dtype=torch.long)
-        slots = set(self.rows.tolist())
-        self.any_adapter = bool(slots - {0})
+        slots = set(rows)
+        self.rows = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        self.rank = max((ranks or {}).get(s, 0) for s in slots) if ranks is not None else -1
+        self.any_adapter = bool(slots - {0}) and self.rank != 0
         self.any_dora = bool(slots & set(dora_slots))
 
 
 class MultiLoraLinear(nn.Module):
     """A base linear layer plus the stacked adapters of the active tier (see the module docstring)."""
 
-    def __init__(self, base: nn.Module, ctx: BatchContext, slots: int, r_max: int, dtype=torch.float32):
+    def __init__(self, base: nn.Module, ctx: BatchContext, slots: int, r_max: int, dtype: torch.dtype):
         super().__init__()
         self.base_layer = base
         self.ctx = ctx
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r_max = r_max
-        self.register_buffer("A", torch.zeros(slots, r_max, self.in_features, dtype=dtype), persistent=False)
-        self.register_buffer("B", torch.zeros(slots, self.out_features, r_max, dtype=dtype), persistent=False)
-        self.register_buffer("scale", torch.zeros(slots, dtype=dtype), persistent=False)
-        self.register_buffer("g", torch.ones(slots, self.out_features, dtype=dtype), persistent=False)
+        at = {"dtype": dtype, "device": base.weight.device}  # beside the base weight, in the serving dtype
+        self.register_buffer("A", torch.zeros(slots, r_max, self.in_features, **at), persistent=False)
+        self.register_buffer("B", torch.zeros(slots, self.out_features, r_max, **at), persistent=False)
+        self.register_buffer("scale", torch.zeros(slots, **at), persistent=False)
+        self.register_buffer("g", torch.ones(slots, self.out_features, **at), persistent=False)
 
     def base_weight(self) -> torch.Tensor:
         """The base weight in float (dequantized for bitsandbytes layers)."""
@@ -87,12 +96,13 @@ class MultiLoraLinear(nn.Module):
             r = A.shape[0]
             if r > self.r_max:
                 raise ValueError(f"rank {r} exceeds the served maximum rank {self.r_max}")
+            A, B = A.to(self.A.device), B.to(self.B.device)  # from the CPU tier: one copy each
             self.A[slot, :r] = A.to(self.A.dtype)
             self.B[slot, :, :r] = B.to(self.B.dtype)
             self.scale[slot] = scale
-            if magnitude is not None:  # DoRA: g = m / ||W + s·B·A|| per output row
+            if magnitude is not None:  # DoRA: g = m / ||W + s·B·A|| per output row, in float
                 w = self.base_weight() + scale * (B.float() @ A.float())
-                self.g[slot] = (magnitude.float() / w.norm(p=2, dim=1)).to(self.g.dtype)
+                self.g[slot] = (magnitude.to(w.device).float() / w.norm(p=2, dim=1)).to(self.g.dtype)
 
     def clear_slot(self, slot: int) -> None:
         self.load_slot(slot, None, None, 0.0, None)
@@ -102,11 +112,11 @@ class MultiLoraLinear(nn.Module):
         ctx = self.ctx
         if not ctx.any_adapter:
             return y
-        rows = ctx.rows.to(x.device)
+        rows, r = ctx.rows, (ctx.rank if ctx.rank > 0 else self.r_max)
         shape = x.shape
         x3 = x.reshape(shape[0], -1, shape[-1]).to(self.A.dtype)  # [batch, tokens, in]
-        a = self.A.index_select(0, rows)  # [batch, r, in]
-        b = self.B.index_select(0, rows)  # [batch, out, r]
+        a = self.A[:, :r].index_select(0, rows)  # [batch, r, in]: only the ranks this batch's adapters use
+        b = self.B[:, :, :r].index_select(0, rows)  # [batch, out, r]
         delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))  # [batch, tokens, out]
         delta = delta * self.scale.index_select(0, rows).view(-1, 1, 1)
         bias = getattr(self.base_layer, "bias", None)
@@ -187,16 +197,18 @@ class MultiLoraModel:
 
     def __init__(self, model: nn.Module, slots: int, r_max: int, target: str | list[str] = "all-linear"):
         self.model, self.slots, self.r_max = model, slots, r_max
-        self.ctx = BatchContext()
+        # the serving dtype and device: the input embeddings', which stay unquantized under bitsandbytes
+        emb = model.get_input_embeddings().weight
+        self.device, self.dtype = emb.device, emb.dtype
+        self.ctx = BatchContext(self.device)
         self.layers: dict[str, MultiLoraLinear] = {}
         self.slot_of: dict[str, int] = {}  # adapter name → slot
         self.dora_slots: set[int] = set()
-        dtype = next(model.parameters()).dtype
-        dtype = dtype if dtype.is_floating_point and dtype != torch.uint8 else torch.float32
+        self.slot_rank: dict[int, int] = {}  # slot → its adapter's largest rank
         for name, mod in list(model.named_modules()):
             if not _is_linear(mod) or "lm_head" in name or not is_target(target, name):
                 continue
-            wrapped = MultiLoraLinear(mod, self.ctx, slots, r_max, dtype=torch.float32)
+            wrapped = MultiLoraLinear(mod, self.ctx, slots, r_max, dtype=self.dtype)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, wrapped)
             self.layers[name] = wrapped
@@ -217,17 +229,19 @@ class MultiLoraModel:
             if sl == slot:
                 del self.slot_of[old]
         self.slot_of[adapter.name] = slot
+        self.slot_rank[slot] = adapter.rank
         (self.dora_slots.add if adapter.dora else self.dora_slots.discard)(slot)
 
     def evict(self, slot: int) -> None:
         for layer in self.layers.values():
             layer.clear_slot(slot)
         self.slot_of = {k: v for k, v in self.slot_of.items() if v != slot}
+        self.slot_rank.pop(slot, None)
         self.dora_slots.discard(slot)
 
     def rows(self, slots: list[int]) -> None:
         """Set the slot of each row for the next forward passes."""
-        self.ctx.set(slots, self.dora_slots)
+        self.ctx.set(slots, self.dora_slots, self.slot_rank)
 
 
 def _is_linear(mod: nn.Module) -> bool:

@@ -3,6 +3,9 @@ what PEFT generates for that adapter alone (greedy, token for token)."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -56,7 +59,8 @@ def _drain(engine, reqs, limit=500):
     for _ in range(limit):
         if all(r.finish_reason for r in reqs):
             return
-        engine.step()
+        if not engine.step():
+            time.sleep(0.01)  # every waiting request waits for its adapter's read (off this thread)
     raise AssertionError("requests did not finish")
 
 
@@ -106,6 +110,7 @@ def test_lru_slots_evict_and_reload(tiny_model_dir, adapters):
 def test_waiting_requests_wait_for_a_free_slot(tiny_model_dir, adapters):
     engine, tok = _engine(tiny_model_dir, adapters, slots=2)
     p = tok("hi", add_special_tokens=False)["input_ids"]
+    engine.add_adapter("a"), engine.add_adapter("b")  # both in the CPU tier: only the slot is missing
     ra, rb = engine.submit(Request(p, "a", max_tokens=6)), engine.submit(Request(p, "b", max_tokens=3))
     engine.step()
     assert [r.adapter for r in engine.running] == ["a"] and engine.waiting == [rb]  # the only slot is pinned
@@ -145,5 +150,94 @@ def test_corrupt_adapter_fails_only_its_requests(tiny_model_dir, adapters, tmp_p
     bad, good = engine.submit(Request(p, "broken", max_tokens=4)), engine.submit(Request(p, "a", max_tokens=4))
     _drain(engine, [good])
     kind, msg = bad.events.get_nowait()
-    assert kind == "error" and "'broken' could not be loaded" in msg
+    assert kind == "adapter_error" and "'broken' could not be loaded" in msg
     assert good.out_ids == _reference(tiny_model_dir, adapters["a"], p, 4)
+
+
+def _events(req, timeout=60.0):
+    """Every event of ``req`` up to its final one, as the HTTP layer reads them."""
+    import queue
+
+    out = []
+    while not out or out[-1][0] not in ("done", "error", "adapter_error"):
+        try:
+            out.append(req.events.get(timeout=timeout))
+        except queue.Empty:
+            raise AssertionError(f"request {req.id} got no final event: {out}") from None
+    return out
+
+
+def test_a_failing_step_fails_only_its_requests_and_the_loop_goes_on(tiny_model_dir, adapters):
+    engine, tok = _engine(tiny_model_dir, adapters)
+    mlp = engine.model.model.layers[0].mlp
+    forward, broken = mlp.forward, threading.Event()
+
+    def flaky(*args, **kwargs):
+        if broken.is_set():
+            broken.clear()
+            raise RuntimeError("injected fault")
+        return forward(*args, **kwargs)
+
+    mlp.forward = flaky
+    engine.start()
+    try:
+        p = tok("hello", add_special_tokens=False)["input_ids"]
+        victim = engine.submit(Request(p, "a", max_tokens=400, ignore_eos=True))
+        while len(victim.out_ids) < 3:
+            time.sleep(0.005)
+        broken.set()
+        events = _events(victim)
+        assert events[-1] == ("error", "generation failed: RuntimeError: injected fault")
+        assert engine.alive() and engine.stats["failed_steps"] == 1
+        after = engine.submit(Request(p, "a", max_tokens=6))
+        assert _events(after)[-1][0] == "done"
+        assert after.out_ids == _reference(tiny_model_dir, adapters["a"], p, 6)
+        assert not engine.slots.pins.get("a")  # the victim's pin was dropped
+    finally:
+        engine.stop()
+
+
+def test_a_row_waits_only_for_its_own_adapters_read(tiny_model_dir, adapters):
+    gate = threading.Event()
+
+    def resolve(name):
+        if name == "slow":
+            assert gate.wait(60), "the gate never opened"
+        return adapters["b" if name == "slow" else name]
+
+    engine, tok = _engine(tiny_model_dir, adapters)
+    engine.resolve = resolve
+    engine.start()
+    try:
+        p = tok("hi", add_special_tokens=False)["input_ids"]
+        slow = engine.submit(Request(p, "slow", max_tokens=4))
+        fast = engine.submit(Request(p, "a", max_tokens=4))
+        assert _events(fast)[-1][0] == "done"  # while 'slow' is still being read
+        assert slow.finish_reason is None and not slow.out_ids
+        gate.set()
+        assert _events(slow)[-1][0] == "done"
+        assert slow.out_ids == _reference(tiny_model_dir, adapters["b"], p, 4)
+    finally:
+        engine.stop()
+
+
+def test_supports_names_why_an_adapter_cannot_be_served(tiny_model_dir, adapters, tmp_path):
+    import json
+    import shutil
+
+    engine, _ = _engine(tiny_model_dir, adapters)
+    assert engine.supports(adapters["a"]) is None and engine.supports(adapters["dora"]) is None
+    cases = {
+        "ia3": ({"peft_type": "IA3"}, "peft_type 'IA3' is not served"),
+        "big": ({"r": 64}, "rank 64 exceeds the served maximum rank 8"),
+        "pattern": ({"rank_pattern": {"q_proj": 16}}, "rank 16 exceeds"),
+    }
+    for name, (change, reason) in cases.items():
+        d = shutil.copytree(adapters["a"], tmp_path / name)
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        (d / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+        assert reason in engine.supports(d), name
+    pickled = shutil.copytree(adapters["a"], tmp_path / "pickled")
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    assert "pickled .bin adapters are refused" in engine.supports(pickled)
+    assert "no readable adapter_config.json" in engine.supports(tmp_path)
