@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 from ray import serve
 
-from serving.backend import FINAL, Backend, Overloaded, Request
+from serving.backend import FINAL, Backend, Overloaded, Request, TooLarge
 from serving.tenants import Tenant, identify, may_use, read_key, tenant
 
 api = FastAPI(title="raypeft serve", description="OpenAI-compatible multi-adapter serving")
@@ -273,6 +273,9 @@ class LoraServer:
             max_queue=s.limits.max_queue,
             cpu_cache_items=s.cache.cpu_adapters,
             cpu_cache_bytes=s.cache.cpu_bytes,
+            prefill_chunk_tokens=s.limits.prefill_chunk_tokens,
+            max_context=s.limits.max_prompt_tokens + s.limits.max_new_tokens,
+            max_kv_bytes=s.limits.max_kv_bytes,
         )
         for name in s.cache.prefetch:
             self.backend.add_adapter(name)
@@ -392,6 +395,10 @@ class LoraServer:
             for req in reqs:
                 self.backend.cancel(req)
             raise HttpError(503, f"server busy: {e}", "overloaded_error", {"Retry-After": "1"}) from None
+        except TooLarge as e:
+            for req in reqs:
+                self.backend.cancel(req)
+            raise HttpError(400, str(e)) from None
         meta = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
             "created": int(time.time()),

@@ -34,6 +34,10 @@ class Overloaded(RuntimeError):
     """The waiting queue is full (HTTP 503 with Retry-After)."""
 
 
+class TooLarge(ValueError):
+    """The request can never fit this backend (HTTP 400, naming the limit)."""
+
+
 _ids = itertools.count(1)
 
 
@@ -80,7 +84,8 @@ class Backend(Protocol):
         """Resolve ``name`` and read it into the backend's memory ahead of use (blocking; thread-safe)."""
 
     def submit(self, req: Request) -> Request:
-        """Queue ``req``; its events go through ``req.push``. Raises ``Overloaded`` when full."""
+        """Queue ``req``; its events go through ``req.push``. Raises ``Overloaded`` when full and
+        ``TooLarge`` for a request that could never run."""
 
     def cancel(self, req: Request) -> None:
         """Forget ``req`` (its client left or timed out); a no-op once it is finished."""

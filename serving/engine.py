@@ -6,15 +6,20 @@ One ``Engine`` runs one loop (``step``) over a running batch. Every step it
    already in a slot is shared; one in the CPU tier is copied into the least recently used
    unpinned slot; one on disk (or in the registry) is read into the CPU tier by a
    background thread, and only the requests for that adapter wait for it;
-2. prefills the admitted prompts together (left-padded) and merges their KV cache into
-   the running batch's cache, so a new request joins without waiting for others to end;
-3. decodes one token for every running row in one forward pass, each row through its
-   own adapter (``serving.lora_batch``);
+2. feeds the prompts of joining rows, at most ``prefill_chunk_tokens`` in all: a long prompt is
+   prefilled over several steps, and a row whose prompt is done samples its first token and
+   joins the decoding rows;
+3. decodes one token for every decoding row in one forward pass, each row through its own
+   adapter (``serving.lora_batch``), so running rows keep streaming while prompts arrive;
 4. retires rows that hit EOS, a stop string or ``max_tokens``.
+
+Rows live in a preallocated KV cache with per-row lengths (``serving.kv.RowCache``): joining
+takes a free row and leaving hands the row over, copying one row at most, never the whole
+cache. Admission counts the cache's bytes against ``max_kv_bytes``.
 
 Device discipline: every tensor the engine makes for the model (ids, masks, positions,
 slot indices, sampled tokens, RNGs) is made on the model's device, and the step reads
-device values back in one place (``_host``, once per step). A step that raises fails
+device values back in one place (``_host``, once per forward pass). A step that raises fails
 the requests it touched with an ``("error", …)`` event, and the loop carries on.
 
 ``Engine`` is the ``serving.backend.Backend`` the HTTP layer uses. No Ray here.
@@ -33,11 +38,12 @@ from pathlib import Path
 
 import torch
 
-from serving.backend import Overloaded, Request, adapter_support
+from serving.backend import Overloaded, Request, TooLarge, adapter_support
 from serving.cache import LRU, SlotTable
+from serving.kv import RowCache
 from serving.lora_batch import AdapterWeights, MultiLoraModel
 
-__all__ = ["Engine", "Overloaded", "Request"]
+__all__ = ["Engine", "Overloaded", "Request", "TooLarge"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,7 @@ class _Row:
 
     slot: int = 0
     generator: torch.Generator | None = None
+    fed: int = 0  # prompt tokens prefilled so far
 
 
 class Engine:
@@ -64,26 +71,28 @@ class Engine:
         cpu_cache_items: int = 64,
         cpu_cache_bytes: int = 2 << 30,
         load_threads: int = 2,
+        prefill_chunk_tokens: int = 256,
+        max_context: int = 4096,
+        max_kv_bytes: int | None = None,
     ):
         self.multi, self.tok, self.resolve = multi, tokenizer, resolve
         self.model = multi.model
         self.device = multi.device
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.max_kv_bytes = float("inf") if max_kv_bytes is None else max_kv_bytes
+        self.dtype = multi.dtype
+        self.windows = _attention_windows(self.model.config)
+        self.kv = RowCache(max_batch, max_context, self.device, _kv_bytes_per_token(self.model.config, self.dtype))
         self.cpu = LRU(cpu_cache_items, cpu_cache_bytes)
         self.slots = SlotTable(multi.slots)
         self.waiting: list[Request] = []
-        self.running: list[Request] = []
-        self.row_slots: list[int] = []
-        self.lengths: list[int] = []  # real tokens in each running row's cache (host-side)
-        self.cache = None  # the running batch's KV cache (transformers DynamicCache), on the device
-        self.mask: torch.Tensor | None = None  # [rows, cache length] 1 = real token
-        self.positions: torch.Tensor | None = None  # [rows] position of the next token
-        self.last: torch.Tensor | None = None  # [rows] last sampled token
+        self.rows: list[Request] = []  # row i of the KV cache; decoding rows first, then prefilling ones
+        self.n = 0  # decoding rows
         self.lock = threading.Condition()
         self.cache_lock = threading.Lock()
         self._loads = ThreadPoolExecutor(load_threads, thread_name_prefix="raypeft-adapter-read")
         self._loading: dict[str, Future] = {}
-        self._joining: list[Request] = []  # admitted this step, not yet merged into ``running``
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         self.eos = {
             t for t in [tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])] if t is not None
@@ -93,6 +102,7 @@ class Engine:
             "tokens": 0,
             "steps": 0,
             "batch_rows": 0,
+            "prefill_tokens": 0,
             "failed_steps": 0,
             "adapter_load_s": deque(maxlen=1024),  # the latest reads, for a p50
         }
@@ -112,6 +122,14 @@ class Engine:
         return adapter_support(adapter_dir, max_rank=self.multi.r_max)
 
     def submit(self, req: Request) -> Request:
+        need = self._reserve(req)
+        if need > self.kv.max_tokens:
+            raise TooLarge(f"prompt and max_tokens need {need} tokens; this server holds {self.kv.max_tokens} per row")
+        alone = (need + 1) * self.kv.bytes_per_token
+        if alone > self.max_kv_bytes:
+            raise TooLarge(
+                f"prompt and max_tokens need {alone} bytes of KV cache; limits.max_kv_bytes is {self.max_kv_bytes}"
+            )
         with self.lock:
             if len(self.waiting) >= self.max_queue:
                 raise Overloaded(f"{len(self.waiting)} requests are waiting (max_queue {self.max_queue})")
@@ -157,8 +175,11 @@ class Engine:
             "engine_steps_total": st["steps"],
             "engine_failed_steps_total": st["failed_steps"],
             "batch_rows_total": st["batch_rows"],
+            "prefill_tokens_total": st["prefill_tokens"],
             "queue_waiting": len(self.waiting),
-            "running_rows": len(self.running),
+            "running_rows": self.n,
+            "prefilling_rows": len(self.rows) - self.n,
+            "kv_cache_bytes": self.kv.nbytes(),
             "adapter_cpu_hits_total": self.cpu.stats.hits,
             "adapter_cpu_loads_total": self.cpu.stats.loads,
             "adapter_cpu_evictions_total": self.cpu.stats.evictions,
@@ -230,44 +251,70 @@ class Engine:
             with torch.no_grad():
                 return self._step()
         except Exception as e:  # noqa: BLE001 - one bad step must not end the loop or other requests
-            log.exception("raypeft: a generation step failed; failing its %d requests", len(self.running))
+            log.exception("raypeft: a generation step failed; failing its %d requests", len(self.rows))
             self.stats["failed_steps"] += 1
             self._fail_all(f"generation failed: {type(e).__name__}: {e}")
             return True
 
+    @property
+    def running(self) -> list[Request]:
+        """The decoding rows (rows ``[0, n)``)."""
+        return self.rows[: self.n]
+
+    @property
+    def prefilling(self) -> list[Request]:
+        """Rows whose prompt is still being read, a chunk per step (rows ``[n, len(rows))``)."""
+        return self.rows[self.n :]
+
     def _step(self) -> bool:
         admitted = self._admit()
-        if admitted:
-            self._joining = admitted
-            self._prefill(admitted)
-            self._joining = []
-        if self.running:
+        busy = bool(admitted or self.rows)
+        if self.n < len(self.rows):
+            self._prefill_chunk()
+        if self.n:
             self._decode()
+        self._retire()
         self.stats["steps"] += 1
-        return bool(admitted or self.running)
+        return busy
 
     def _fail_all(self, message: str) -> None:
-        for req in {id(r): r for r in [*self.running, *self._joining]}.values():
+        for req in self.rows:
             if req.finish_reason is None:
                 req.finish_reason = "error"
                 req.push(("error", message))
         self.slots.pins.clear()  # no row runs any more, so no slot is in use
-        self._joining = []
-        self._select([])
+        for i in range(len(self.rows)):
+            self.kv.clear(i)
+        self.rows, self.n = [], 0
 
     def _admit(self) -> list[Request]:
         with self.lock:
             candidates = list(self.waiting)
         admitted = []
         for req in candidates:
-            if len(self.running) + len(admitted) >= self.max_batch:
+            if len(self.rows) >= self.max_batch:
                 break
-            if req.adapter is not None:
-                if not self._into_slot(req):
-                    continue
+            if not self._kv_fits(req):
+                continue  # waits until rows with long reservations leave
+            if req.adapter is not None and not self._into_slot(req):
+                continue
             self._remove_waiting(req)
+            self.rows.append(req)  # a free row at the end of the prefilling rows
             admitted.append(req)
         return admitted
+
+    def _reserve(self, req: Request) -> int:
+        return len(req.prompt_ids) + req.max_tokens
+
+    def _kv_fits(self, req: Request) -> bool:
+        """Whether the KV buffers, grown for one more row as long as ``req`` needs, stay within ``max_kv_bytes``."""
+        width = max([self._reserve(req), *(self._reserve(r) for r in self.rows)])
+        if self.kv.bytes_for(len(self.rows) + 1, width) <= self.max_kv_bytes:
+            return True
+        if not self.rows and self.kv.rows:
+            self.kv.release()  # idle: start again from buffers sized for what comes
+            return self._kv_fits(req)
+        return False
 
     def _into_slot(self, req: Request) -> bool:
         """Pin a slot holding ``req``'s adapter; False while the request must wait (its adapter is being
@@ -306,69 +353,92 @@ class Engine:
             if req in self.waiting:
                 self.waiting.remove(req)
 
-    def _prefill(self, reqs: list[Request]) -> None:
-        from transformers import DynamicCache
-
-        longest = max(len(r.prompt_ids) for r in reqs)
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        ids = torch.full((len(reqs), longest), pad, dtype=torch.long)  # built on the host, copied once
-        mask = torch.zeros((len(reqs), longest), dtype=torch.long)
-        for i, r in enumerate(reqs):  # left padding
-            ids[i, longest - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            mask[i, longest - len(r.prompt_ids) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        ids, mask, positions = (t.to(self.device, non_blocking=True) for t in (ids, mask, positions))
-        slots = [r.state.slot for r in reqs]
-        self.multi.rows(slots)
+    def _forward(self, lo: int, hi: int, chunks: list[list[int]]) -> torch.Tensor:
+        """One pass over rows ``[lo, hi)``, each adding its ``chunks[i]`` tokens (left-padded to the longest,
+        so every row's last token is the last column); returns each row's next-token logits ``[rows, vocab]``."""
+        q = max(len(c) for c in chunks)
+        self.kv.reserve(len(self.rows), max(self._reserve(r) for r in self.rows), self.max_kv_bytes)
+        positions, real = self.kv.begin(lo, hi, [len(c) for c in chunks])
+        ids = torch.zeros((hi - lo, q), dtype=torch.long)  # built on the host, copied once
+        for i, c in enumerate(chunks):
+            ids[i, q - len(c) :] = torch.tensor(c)
+        self.multi.rows([r.state.slot for r in self.rows[lo:hi]])
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=DynamicCache(), use_cache=True
+            input_ids=ids.to(self.device, non_blocking=True),
+            attention_mask=self._masks(positions, real),
+            position_ids=positions,
+            past_key_values=self.kv,
+            use_cache=True,
+            logits_to_keep=1,
         )
-        first = self._sample(out.logits[:, -1, :].float(), reqs)
-        self._merge(reqs, slots, out.past_key_values, mask, positions[:, -1] + 1, first)
-        self._emit(reqs, first)
+        self.kv.end([len(c) for c in chunks])
+        return out.logits[:, -1, :].float()
 
-    def _merge(self, reqs, slots, cache, mask, positions, first) -> None:
-        lengths = [len(r.prompt_ids) for r in reqs]
-        if not self.running:
-            self.cache, self.mask, self.positions, self.last = cache, mask, positions, first
-            self.running, self.row_slots, self.lengths = list(reqs), slots, lengths
+    def _masks(self, positions: torch.Tensor, real: torch.Tensor):
+        """The pass's attention masks, in the form the model takes: one 4D mask, or one per layer type."""
+        w = self.windows
+        if w is None or isinstance(w, int):
+            return self.kv.masks(positions, real, self.dtype, w)
+        return {kind: self.kv.masks(positions, real, self.dtype, window) for kind, window in w.items()}
+
+    def _prefill_chunk(self) -> None:
+        """Feed the prefilling rows their next prompt tokens, at most ``prefill_chunk_tokens`` in all; rows
+        whose prompt is done sample their first token and join the decoding rows."""
+        lo, hi = self.n, len(self.rows)
+        rows = self.rows[lo:hi]
+        per_row = max(1, self.prefill_chunk_tokens // len(rows))
+        chunks = [r.prompt_ids[r.state.fed : r.state.fed + per_row] for r in rows]
+        logits = self._forward(lo, hi, chunks)
+        done = []
+        for i, (r, c) in enumerate(zip(rows, chunks)):
+            r.state.fed += len(c)
+            if r.state.fed == len(r.prompt_ids):
+                done.append(i)
+        self.stats["prefill_tokens"] += sum(len(c) for c in chunks)
+        if not done:
             return
-        t_old, t_new = self.mask.shape[1], mask.shape[1]
-        width = max(t_old, t_new)
-        for old_layer, new_layer in zip(self.cache.layers, cache.layers):
-            old_layer.keys = torch.cat([_left_pad(old_layer.keys, width), _left_pad(new_layer.keys, width)], dim=0)
-            old_layer.values = torch.cat(
-                [_left_pad(old_layer.values, width), _left_pad(new_layer.values, width)], dim=0
-            )
-        self.mask = torch.cat([_left_pad_mask(self.mask, width), _left_pad_mask(mask, width)], dim=0)
-        self.positions = torch.cat([self.positions, positions])
-        self.last = torch.cat([self.last, first])
-        self.running += reqs
-        self.row_slots += slots
-        self.lengths += lengths
+        first = self._sample(logits[done], [rows[i] for i in done])
+        joined = []
+        for i in done:  # move each finished row to the end of the decoding rows
+            row = lo + i
+            self._swap(row, self.n)
+            joined.append(self.rows[self.n])
+            self.n += 1
+        self._emit(joined, first)
+
+    def _swap(self, a: int, b: int) -> None:
+        if a != b:
+            self.kv.swap(a, b)
+            self.rows[a], self.rows[b] = self.rows[b], self.rows[a]
 
     def _decode(self) -> None:
-        rows = len(self.running)
-        self.mask = torch.cat([self.mask, torch.ones((rows, 1), dtype=torch.long, device=self.device)], dim=1)
-        self.lengths = [n + 1 for n in self.lengths]
-        self.multi.rows(self.row_slots)
-        out = self.model(
-            input_ids=self.last.view(-1, 1),
-            attention_mask=self.mask,
-            position_ids=self.positions.view(-1, 1),
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        self.cache = out.past_key_values
-        self.positions = self.positions + 1
-        nxt = self._sample(out.logits[:, -1, :].float(), self.running)
-        self.last = nxt
-        self.stats["batch_rows"] += rows
-        self._emit(self.running, nxt)
+        rows = self.running
+        logits = self._forward(0, self.n, [[r.out_ids[-1]] for r in rows])
+        self.stats["batch_rows"] += len(rows)
+        self._emit(rows, self._sample(logits, rows))
+
+    def _retire(self) -> None:
+        """Free the rows of finished or cancelled requests, keeping the decoding rows first and every
+        row contiguous; only the rows that move are copied."""
+        for i in reversed(range(len(self.rows))):
+            req = self.rows[i]
+            if req.finish_reason is None:
+                continue
+            if req.adapter is not None:
+                self.slots.release(req.adapter)
+            last = len(self.rows) - 1
+            if i < self.n:  # a decoding row: the last decoding row takes its place, the last row the gap
+                self._swap(i, self.n - 1)
+                self._swap(self.n - 1, last)
+                self.n -= 1
+            else:
+                self._swap(i, last)
+            self.kv.clear(last)
+            self.rows.pop()
 
     @staticmethod
     def _host(tokens: torch.Tensor) -> list[int]:
-        """The step's one device-to-host read: the sampled token of every row."""
+        """The pass's one device-to-host read: the sampled token of every row."""
         return tokens.tolist()
 
     def _emit(self, reqs: list[Request], tokens: torch.Tensor) -> None:
@@ -400,30 +470,6 @@ class Engine:
                 done.append(req)
         for req in done:
             req.push(("done", req.finish_reason))
-        retired = [r for r in self.running if r.finish_reason is not None]  # finished or cancelled
-        for req in retired:
-            if req.adapter is not None:
-                self.slots.release(req.adapter)
-        if retired:
-            self._select([i for i, r in enumerate(self.running) if r.finish_reason is None])
-
-    def _select(self, keep: list[int]) -> None:
-        if not keep:
-            self.running, self.row_slots, self.lengths = [], [], []
-            self.cache = self.mask = self.positions = self.last = None
-            return
-        idx = torch.tensor(keep, device=self.device)
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)
-        self.mask, self.positions, self.last = self.mask[idx], self.positions[idx], self.last[idx]
-        self.running = [self.running[i] for i in keep]
-        self.row_slots = [self.row_slots[i] for i in keep]
-        self.lengths = [self.lengths[i] for i in keep]
-        start = self.mask.shape[1] - max(self.lengths)  # columns that are padding for every remaining row
-        if start:
-            self.mask = self.mask[:, start:]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         out = logits.argmax(-1)
@@ -439,12 +485,23 @@ class Engine:
         return out
 
 
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    """[rows, heads, T, dim] → [rows, heads, width, dim], zeros on the left."""
-    missing = width - t.shape[2]
-    return t if missing == 0 else torch.nn.functional.pad(t, (0, 0, missing, 0))
+def _attention_windows(config) -> dict[str, int | None] | int | None:
+    """None when every layer attends causally over everything; the window when every layer slides
+    (Mistral); each layer type's window for models that take one mask per type (``layer_types``)."""
+    types = set(getattr(config, "layer_types", None) or [])
+    window = getattr(config, "sliding_window", None)
+    unknown = types - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ValueError(f"layer types {sorted(unknown)} are not served by this engine")
+    if "sliding_attention" in types:
+        return {"full_attention": None, "sliding_attention": window}
+    if not types and window and getattr(config, "use_sliding_window", True):
+        return window
+    return None
 
 
-def _left_pad_mask(m: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - m.shape[1]
-    return m if missing == 0 else torch.nn.functional.pad(m, (missing, 0))
+def _kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes one token takes in the KV cache over every layer (keys and values)."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * dim * torch.empty((), dtype=dtype).element_size()

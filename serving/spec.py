@@ -64,6 +64,19 @@ class ServeLimits(Section):
     max_prompt_tokens: Int = Field(2048, gt=0, description="Longest prompt accepted (400 beyond it).")
     max_n: Int = Field(4, gt=0, le=64, description="Largest `n` (choices per request) a request may ask for.")
     request_timeout_s: Float = Field(120.0, gt=0, description="A request still unfinished after this gets 504.")
+    prefill_chunk_tokens: Int = Field(
+        256,
+        gt=0,
+        description="Prompt tokens prefilled per engine step, across the joining requests; a longer prompt is "
+        "prefilled in chunks between decode steps, so running rows keep streaming.",
+    )
+    max_kv_bytes: Int | None = Field(
+        None,
+        gt=0,
+        description="Cap on the KV cache's bytes per replica. A request waits while admitting it would grow the "
+        "cache past the cap, and one that could never fit gets 400. Unset: the cache may grow to "
+        "`max_batch_size` × (`max_prompt_tokens` + `max_new_tokens`) tokens.",
+    )
 
 
 class ServeDeployment(Section):

@@ -241,3 +241,103 @@ def test_supports_names_why_an_adapter_cannot_be_served(tiny_model_dir, adapters
     (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
     assert "pickled .bin adapters are refused" in engine.supports(pickled)
     assert "no readable adapter_config.json" in engine.supports(tmp_path)
+
+
+def test_rows_join_while_a_long_prompt_is_prefilled_in_chunks(tiny_model_dir, adapters):
+    """A 40-token prompt goes in chunks of 4 tokens per step; a decoding row emits a token every step
+    meanwhile, a request joins mid-prefill, and every row still equals its adapter alone."""
+    engine, tok = _engine(tiny_model_dir, adapters, prefill_chunk_tokens=4)
+    for name in ("a", "b", "dora"):
+        engine.add_adapter(name)
+    short = tok("hi", add_special_tokens=False)["input_ids"]
+    long = (tok("the quick brown fox jumps over the lazy dog ", add_special_tokens=False)["input_ids"] * 5)[:40]
+    runner = engine.submit(Request(short, "a", max_tokens=30, ignore_eos=True))
+    while not runner.out_ids:
+        engine.step()
+    slow = engine.submit(Request(long, "dora", max_tokens=6))
+    grew = []
+    for i in range(6):
+        before = len(runner.out_ids)
+        engine.step()
+        grew.append(len(runner.out_ids) - before)
+        if i == 2:
+            joiner = engine.submit(Request(short[:1], "b", max_tokens=5))
+    assert grew == [1] * 6, "the decoding row stalled while the long prompt was prefilled"
+    assert slow.state.fed < len(long) and not slow.out_ids  # still prefilling, 4 tokens a step
+    _drain(engine, [runner, slow, joiner])
+    assert slow.out_ids == _reference(tiny_model_dir, adapters["dora"], long, 6)
+    assert joiner.out_ids == _reference(tiny_model_dir, adapters["b"], short[:1], 5)
+    ref = _reference(tiny_model_dir, adapters["a"], short, 30)
+    assert runner.out_ids[: len(ref)] == ref  # ignore_eos: the reference stops at its EOS
+
+
+def test_joins_and_leaves_never_copy_the_whole_cache(tiny_model_dir, adapters):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    engine, tok = _engine(tiny_model_dir, adapters, max_batch=4)
+    p = tok("hello there", add_special_tokens=False)["input_ids"]
+    first = [engine.submit(Request(p, None, max_tokens=n, ignore_eos=True)) for n in (3, 20, 20, 20)]
+    engine.step()
+    buffer = engine.kv.keys[0]
+    ptr, whole = buffer.data_ptr(), buffer.numel()
+    biggest = []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.cat.default, torch.ops.aten.index_select.default, torch.ops.aten.copy_.default):
+                biggest.append(out.numel())
+            return out
+
+    with Copies():
+        for _ in range(4):  # the first request leaves; another joins its row
+            engine.step()
+        late = engine.submit(Request(p, None, max_tokens=4))
+        _drain(engine, [*first, late])
+    assert engine.kv.keys[0].data_ptr() == ptr  # the buffers were never reallocated
+    assert max(biggest) <= whole // 4, "a copy as large as the cache of several rows"
+
+
+def test_kv_cap_admits_what_fits_and_refuses_what_never_can(tiny_model_dir, adapters):
+    from serving.engine import TooLarge
+
+    engine, tok = _engine(tiny_model_dir, adapters, max_batch=4, max_context=256)
+    per_token = engine.kv.bytes_per_token
+    engine.max_kv_bytes = 2 * 65 * per_token  # two rows of 64 tokens
+    p = tok("hi", add_special_tokens=False)["input_ids"]
+    with pytest.raises(TooLarge, match="limits.max_kv_bytes"):
+        engine.submit(Request(p, None, max_tokens=200))  # 202 tokens: more than the cap holds in one row
+    with pytest.raises(TooLarge, match="holds 256 per row"):
+        engine.submit(Request(p, None, max_tokens=300))
+    reqs = [engine.submit(Request(p, None, max_tokens=50, ignore_eos=True)) for _ in range(3)]  # 52 tokens each
+    engine.step()
+    assert engine.running == reqs[:2] and engine.waiting == reqs[2:]  # a third row would pass the cap
+    assert engine.kv.nbytes() <= engine.max_kv_bytes
+    _drain(engine, reqs)
+    assert [len(r.out_ids) for r in reqs] == [50, 50, 50]
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2-mixed"])
+def test_sliding_window_models_match_generate(tmp_path, family):
+    """Masks for sliding-window layers: every layer (Mistral) or some of them (layer_types)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Qwen2Config
+
+    from pipelines.models import tiny_llama
+
+    tok_dir = tiny_llama(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
+    small |= {"num_hidden_layers": 2, "vocab_size": tok.vocab_size, "sliding_window": 4}
+    if family == "mistral":
+        cfg = MistralConfig(**small)
+    else:
+        cfg = Qwen2Config(**small, use_sliding_window=True, layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    prompt = tok("the quick brown fox jumps over", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt])
+    ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    engine = Engine(MultiLoraModel(model, slots=2, r_max=4), tok, lambda name: name, prefill_chunk_tokens=3)
+    req = engine.submit(Request(prompt, None, max_tokens=8, ignore_eos=True))
+    _drain(engine, [req])
+    assert req.out_ids == ref[0, len(prompt) :].tolist()
