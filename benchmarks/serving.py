@@ -1,18 +1,29 @@
-"""Multi-adapter decoding: raypeft's mixed batch vs the base alone, PEFT ``adapter_names``, and per-adapter groups.
+"""Multi-adapter serving, measured fairly: each side in a fresh process, sides alternating, repeated.
 
-    python -m benchmarks.serving [--base smollm2-135m] [--adapters 8] [--rank 16] [--tokens 32] [--repeats 3]
+    python -m benchmarks.serving [--base smollm2-135m] [--rank 16] [--tokens 32] [--repeats 3]
+                                 [--prefill-chunk 256] [--sides a,b,…] [--gpu]
 
-Eight distinct adapters (rank 16 on every linear layer) on one base; a batch of 8
-requests, one per adapter, the same prompts, greedy, ``--tokens`` new tokens each:
+Sides (every one on SmolLM2 with the same prompts, greedy, ``ignore_eos``/``min_new_tokens`` so
+every request generates ``--tokens`` tokens; the clock covers submit → last token, prefill included):
 
-* raypeft: ``serving.engine.Engine`` over ``MultiLoraModel`` (one forward per step for all rows);
-* (a) the base model alone, HF ``generate`` on the same left-padded batch;
-* (b) PEFT with the 8 adapters loaded, ``generate(..., adapter_names=[...])``;
-* (c) PEFT, requests grouped per adapter, one group after another (``set_adapter`` + generate).
+* ``engine_mixed``: raypeft's engine, 8 requests, one per adapter (8 distinct rank-16 adapters,
+  every linear layer), all resident;
+* ``engine_base``: the same engine and requests with base-only rows (the adapter cost, nothing else);
+* ``hf_base``: HF ``generate`` on the bare base, the same left-padded batch;
+* ``peft_names``: PEFT with the 8 adapters, ``generate(..., adapter_names=[...])``;
+* ``engine_mixed32`` / ``peft_grouped32``: 32 requests over the 8 adapters, in one engine vs
+  PEFT batches of 4 per adapter, one adapter after another (``set_adapter`` + ``generate``);
+* ``scale_1000`` / ``scale_8``: 64 requests drawn by Zipf (α = 1) popularity from 1,000 registered
+  adapters, or from 8, on an engine with 8 active slots and 64 in the CPU tier. The 1,000 are
+  hard links to the 8 adapters' files: each is read and stacked as its own adapter (from the page
+  cache), without 20 GB of disk;
+* ``cold_load``: read an adapter whose files are not in the page cache (fresh copies, then
+  ``posix_fadvise(DONTNEED)``) and stack it into a slot, LoRA and DoRA alternating;
+* ``itl``: 4 rows decoding; the inter-token latency p50 with nothing arriving, and the p99 while
+  1,024-token prompts keep arriving (one whenever the last has started decoding).
 
-Decode tokens/s = generated tokens / wall seconds (prefill included for every variant);
-the best of ``--repeats`` runs each, interleaved. Also the cold adapter load (read the
-safetensors + load into a slot, DoRA norms included) p50. Not a timed test.
+The table gives the median and the spread (min–max) over the repeats; the last line is one JSON
+object. Not a timed test.
 """
 
 from __future__ import annotations
@@ -20,13 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
 
 PROMPTS = [
     "Extract the person as JSON: Ana Silva, 41, is a teacher in Lisbon.",
@@ -38,166 +50,362 @@ PROMPTS = [
     "Give me a name for a cat.",
     "What is 12 times 11?",
 ]
+SIDES = [
+    "engine_mixed",
+    "engine_base",
+    "hf_base",
+    "peft_names",
+    "engine_mixed32",
+    "peft_grouped32",
+    "scale_1000",
+    "scale_8",
+    "cold_load",
+    "itl",
+]
 
 
-def make_adapters(base_path: str, n: int, rank: int, out: Path) -> list[Path]:
+# --------------------------------------------------------------------------- set-up (parent process)
+
+
+def make_adapters(base_path: str, rank: int, out: Path) -> list[Path]:
+    """8 distinct LoRA adapters (small random deltas) and, for the cold loads, 8 DoRA ones."""
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     dirs = []
-    for i in range(n):
+    for i in range(16):
         torch.manual_seed(1000 + i)
-        model = get_peft_model(
-            AutoModelForCausalLM.from_pretrained(base_path),
-            LoraConfig(
-                task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, target_modules="all-linear", init_lora_weights=False
-            ),
+        cfg = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=rank,
+            lora_alpha=2 * rank,
+            target_modules="all-linear",
+            init_lora_weights=False,
+            use_dora=i >= 8,
         )
-        with torch.no_grad():  # small random deltas: distinct adapters that still produce text
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path), cfg)
+        with torch.no_grad():  # distinct adapters that still produce text
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.mul_(0.01)
-        d = out / f"adapter{i}"
+        d = out / (f"dora{i - 8}" if i >= 8 else f"adapter{i}")
         model.save_pretrained(d)
         dirs.append(d)
+    many = out / "many"
+    for j in range(1000):  # 1,000 names over the 8 LoRA adapters' files
+        d = many / f"a{j}"
+        d.mkdir(parents=True)
+        for f in dirs[j % 8].iterdir():
+            os.link(f, d / f.name)
     return dirs
 
 
-def left_padded(tok, prompts):
-    tok.padding_side = "left"
-    return tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+# --------------------------------------------------------------------------- sides (child processes)
 
 
-def run_engine(base_path, dirs, tok, tokens, adapters=True):
+def _load(args):
+    import torch
     from transformers import AutoModelForCausalLM
 
-    from serving.engine import Engine, Request
+    dtype = torch.bfloat16 if args.gpu else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.base_path, dtype=dtype).eval()
+    return model.to("cuda") if args.gpu else model
+
+
+def _sync(args):
+    if args.gpu:
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _engine(args, tok, resolve, *, slots=9, max_batch=8, cpu_items=64):
+    from serving.engine import Engine
     from serving.lora_batch import MultiLoraModel
 
-    model = AutoModelForCausalLM.from_pretrained(base_path).eval()
-    multi = MultiLoraModel(model, slots=len(dirs) + 1, r_max=16)
-    engine = Engine(multi, tok, lambda name: str(dirs[int(name)]), max_batch=len(dirs))
-    for i in range(len(dirs)):  # warm: adapters resident, as on a serving replica
+    multi = MultiLoraModel(_load(args), slots=slots, r_max=args.rank)
+    return Engine(
+        multi, tok, resolve, max_batch=max_batch, cpu_cache_items=cpu_items, prefill_chunk_tokens=args.prefill_chunk
+    )
+
+
+def _ids(tok, prompt):
+    return tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+def _drive(engine, reqs, args) -> tuple[int, float]:
+    """Submit, step until done; (tokens generated, seconds)."""
+    _sync(args)
+    t0 = time.perf_counter()
+    for r in reqs:
+        engine.submit(r)
+    while not all(r.finish_reason for r in reqs):
+        if not engine.step():
+            time.sleep(0.001)
+    _sync(args)
+    return sum(len(r.out_ids) for r in reqs), time.perf_counter() - t0
+
+
+def side_engine(args, tok, dirs, n_requests: int, adapters: bool) -> dict:
+    from serving.engine import Request
+
+    engine = _engine(args, tok, lambda name: str(dirs[int(name)]), max_batch=n_requests)
+    for i in range(8):
         engine.add_adapter(str(i))
 
-    def once():
-        reqs = [
-            engine.submit(
-                Request(
-                    tok(p, add_special_tokens=False)["input_ids"],
-                    str(i) if adapters else None,
-                    max_tokens=tokens,
-                    ignore_eos=True,
-                )
-            )
-            for i, p in enumerate(PROMPTS[: len(dirs)])
+    def reqs():
+        return [
+            Request(_ids(tok, PROMPTS[i % 8]), str(i % 8) if adapters else None, args.tokens, ignore_eos=True)
+            for i in range(n_requests)
         ]
-        t0 = time.perf_counter()
-        while not all(r.finish_reason for r in reqs):
-            engine.step()
-        return sum(len(r.out_ids) for r in reqs), time.perf_counter() - t0
 
-    once()
-    return once
+    _drive(engine, reqs(), args)  # warm-up
+    n, dt = _drive(engine, reqs(), args)
+    return {"tok_s": n / dt}
 
 
-def run_hf(base_path, dirs, tok, tokens, mode):
+def side_hf(args, tok, dirs, mode: str) -> dict:
+    import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_path).eval()
-    names = [f"a{i}" for i in range(len(dirs))]
+    model = _load(args)
+    names = [f"a{i}" for i in range(8)]
     if mode != "base":
         model = PeftModel.from_pretrained(model, dirs[0], adapter_name=names[0])
-        for name, d in zip(names[1:], dirs[1:]):
+        for name, d in zip(names[1:], dirs[1:8]):
             model.load_adapter(d, adapter_name=name)
         model.eval()
-    prompts = PROMPTS[: len(dirs)]
-    gen = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    gen = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    tok.padding_side = "left"
+    dev = "cuda" if args.gpu else "cpu"
+
+    def batch(prompts, **kw):
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+        out = model.generate(**enc, **gen, **kw)
+        return (out.shape[1] - enc["input_ids"].shape[1]) * len(prompts)
 
     def once():
+        _sync(args)
         t0 = time.perf_counter()
         with torch.no_grad():
-            if mode == "grouped":
+            if mode == "grouped32":  # 32 requests: 4 per adapter, one adapter's batch after another
                 n = 0
-                for name, p in zip(names, prompts):
+                for i, name in enumerate(names):
                     model.set_adapter(name)
-                    enc = tok([p], return_tensors="pt", add_special_tokens=False)
-                    out = model.generate(**enc, **gen)
-                    n += out.shape[1] - enc["input_ids"].shape[1]
+                    n += batch([PROMPTS[(i + 8 * k) % 8] for k in range(4)])
             else:
-                enc = left_padded(tok, prompts)
-                kw = {"adapter_names": names} if mode == "adapter_names" else {}
-                out = model.generate(**enc, **gen, **kw)
-                n = (out.shape[1] - enc["input_ids"].shape[1]) * len(prompts)
+                n = batch(PROMPTS, **({"adapter_names": names} if mode == "names" else {}))
+        _sync(args)
         return n, time.perf_counter() - t0
 
     once()
-    return once
+    n, dt = once()
+    return {"tok_s": n / dt}
 
 
-def cold_loads(base_path, dirs, repeats: int) -> list[float]:
-    from transformers import AutoModelForCausalLM
+def side_scale(args, tok, dirs, registered: int) -> dict:
+    from serving.engine import Request
 
+    many = Path(dirs[0]).parent / "many"
+    engine = _engine(args, tok, lambda name: str(many / name))
+    rng = random.Random(0)
+    weights = [1 / (k + 1) for k in range(registered)]  # Zipf, α = 1
+    names = [f"a{j}" for j in range(registered)]
+    picks = rng.choices(names, weights=weights, k=64)
+    reqs = [Request(_ids(tok, PROMPTS[i % 8]), name, args.tokens, ignore_eos=True) for i, name in enumerate(picks)]
+    warm = [Request(_ids(tok, PROMPTS[0]), None, 4, ignore_eos=True)]
+    _drive(engine, warm, args)
+    n, dt = _drive(engine, reqs, args)
+    return {"tok_s": n / dt, "distinct_adapters": len(set(picks))}
+
+
+def side_cold_load(args, tok, dirs) -> dict:
     from serving.lora_batch import AdapterWeights, MultiLoraModel
 
-    multi = MultiLoraModel(AutoModelForCausalLM.from_pretrained(base_path).eval(), slots=2, r_max=16)
+    multi = MultiLoraModel(_load(args), slots=2, r_max=args.rank)
     times = []
-    for _ in range(repeats):
-        for i, d in enumerate(dirs):
+    with tempfile.TemporaryDirectory(dir=Path(dirs[0]).parent) as tmp:
+        for k in range(16):
+            src = dirs[k // 2 + (8 if k % 2 else 0)]  # LoRA, DoRA, LoRA, …
+            d = Path(tmp) / f"fresh{k}"
+            shutil.copytree(src, d)
+            for f in d.iterdir():  # written, flushed, and dropped from the page cache
+                fd = os.open(f, os.O_RDONLY)
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
+            _sync(args)
             t0 = time.perf_counter()
-            multi.load(1, AdapterWeights.from_dir(str(i), d))
+            multi.load(1, AdapterWeights.from_dir(f"fresh{k}", d))
+            _sync(args)
             times.append(time.perf_counter() - t0)
-    return times
+    return {"p50_ms": statistics.median(times) * 1000}
+
+
+def side_itl(args, tok, dirs) -> dict:
+    from serving.engine import Request
+
+    engine = _engine(args, tok, lambda name: str(dirs[int(name)]))
+    for i in range(4):
+        engine.add_adapter(str(i))
+    stamps: dict[int, list[float]] = {}
+
+    def runner(i):
+        req = Request(_ids(tok, PROMPTS[i]), str(i), 100_000 // 100, ignore_eos=True)
+        req.sink = lambda e, rid=i: stamps.setdefault(rid, []).append(time.perf_counter())
+        return engine.submit(req)
+
+    rows = [runner(i) for i in range(4)]
+    long_ids = (_ids(tok, " ".join(PROMPTS)) * 64)[:1024]
+
+    ttft = []
+
+    def gaps(steps, arrivals: bool):
+        for s in stamps.values():
+            s.clear()
+        incoming, since = None, 0.0
+        for _ in range(steps):
+            if arrivals and (incoming is None or incoming.out_ids):
+                if incoming is not None:
+                    ttft.append(time.perf_counter() - since)
+                    engine.cancel(incoming)
+                incoming = engine.submit(Request(long_ids, "4", max_tokens=2, ignore_eos=True))
+                since = time.perf_counter()
+            engine.step()
+        if incoming is not None:
+            engine.cancel(incoming)
+        return [b - a for s in stamps.values() for a, b in zip(s, s[1:])]
+
+    engine.add_adapter("4")
+    gaps(10, False)  # warm-up
+    steady = gaps(40, False)
+    loaded = gaps(40, True)
+    for r in rows:
+        engine.cancel(r)
+    p50 = statistics.median(steady)
+    p99 = sorted(loaded)[int(0.99 * (len(loaded) - 1))]
+    return {
+        "steady_p50_ms": p50 * 1000,
+        "loaded_p99_ms": p99 * 1000,
+        "ratio": p99 / p50,
+        "long_prompt_ttft_ms": statistics.median(ttft) * 1000 if ttft else None,
+    }
+
+
+def run_side(args) -> dict:
+    import torch
+
+    from pipelines.models import load_tokenizer
+
+    torch.set_num_threads(args.threads)
+    tok = load_tokenizer(args.base_path)
+    dirs = [Path(args.adapter_root) / f"adapter{i}" for i in range(8)]
+    dirs += [Path(args.adapter_root) / f"dora{i}" for i in range(8)]
+    side = args.side
+    if side.startswith("engine_"):
+        return side_engine(args, tok, dirs, 32 if side == "engine_mixed32" else 8, side != "engine_base")
+    if side in ("hf_base", "peft_names", "peft_grouped32"):
+        return side_hf(args, tok, dirs, {"hf_base": "base", "peft_names": "names", "peft_grouped32": "grouped32"}[side])
+    if side.startswith("scale_"):
+        return side_scale(args, tok, dirs, int(side.split("_")[1]))
+    if side == "cold_load":
+        return side_cold_load(args, tok, dirs)
+    return side_itl(args, tok, dirs)
+
+
+# --------------------------------------------------------------------------- the parent
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}–{max(values):.1f})"
 
 
 def main(argv=None) -> int:
-    from pipelines.models import load_tokenizer, resolve_base
-    from pipelines.spec import validate
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default="smollm2-135m")
-    p.add_argument("--adapters", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    base_path = resolve_base(validate({"model": {"base": args.base}}).model)
-    tok = load_tokenizer(base_path)
-    with tempfile.TemporaryDirectory() as tmp:
-        dirs = make_adapters(base_path, args.adapters, args.rank, Path(tmp))
-        runners = {
-            "raypeft mixed batch": run_engine(base_path, dirs, tok, args.tokens),
-            "(a) base alone (HF generate)": run_hf(base_path, dirs, tok, args.tokens, "base"),
-            "(b) PEFT adapter_names": run_hf(base_path, dirs, tok, args.tokens, "adapter_names"),
-            "(c) PEFT grouped per adapter": run_hf(base_path, dirs, tok, args.tokens, "grouped"),
-        }
-        best = {k: 0.0 for k in runners}
-        for _ in range(args.repeats):  # interleaved, best of N: drift on a noisy machine hits every variant
-            for name, once in runners.items():
-                n, dt = once()
-                best[name] = max(best[name], n / dt)
-        loads = cold_loads(base_path, dirs, 3)
-    ours = best["raypeft mixed batch"]
-    print(
-        f"{args.base}: {args.adapters} adapters (rank {args.rank}, all linear), batch of {args.adapters} requests "
-        f"(one per adapter), {args.tokens} greedy tokens each, {args.threads} threads, best of {args.repeats}"
+    p.add_argument("--gpu", action="store_true", help="bf16 on cuda:0")
+    p.add_argument(
+        "--prefill-chunk", type=int, default=256, help="the engine's prefill_chunk_tokens (the serving spec's default)"
     )
-    print("| variant | decode tokens/s | raypeft ÷ variant | goal |")
-    print("| --- | ---: | ---: | --- |")
-    goals = {
-        "(a) base alone (HF generate)": "≥ 0.8×",
-        "(b) PEFT adapter_names": "≥ 1.5×",
-        "(c) PEFT grouped per adapter": "≥ 3×",
+    p.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset")
+    p.add_argument("--side", help=argparse.SUPPRESS)
+    p.add_argument("--base-path", help=argparse.SUPPRESS)
+    p.add_argument("--adapter-root", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.side:
+        print(json.dumps(run_side(args)))
+        return 0
+
+    from pipelines.models import resolve_base
+    from pipelines.spec import validate
+
+    base_path = resolve_base(validate({"model": {"base": args.base}}).model)
+    sides = [s for s in args.sides.split(",") if s]
+    unknown = set(sides) - set(SIDES)
+    if unknown:
+        p.error(f"unknown sides {sorted(unknown)}; choose from {SIDES}")
+    results: dict[str, list[dict]] = {s: [] for s in sides}
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"writing 16 adapters (rank {args.rank}) and 1,000 linked ones under {tmp}", file=sys.stderr)
+        make_adapters(base_path, args.rank, Path(tmp))
+        for rep in range(args.repeats):
+            order = sides if rep % 2 == 0 else sides[::-1]  # alternate the order
+            for side in order:
+                cmd = [sys.executable, "-m", "benchmarks.serving", "--side", side, "--base-path", str(base_path)]
+                cmd += ["--adapter-root", tmp, "--rank", str(args.rank), "--tokens", str(args.tokens)]
+                cmd += ["--threads", str(args.threads), "--prefill-chunk", str(args.prefill_chunk)]
+                cmd += ["--gpu"] if args.gpu else []
+                t0 = time.perf_counter()
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode:
+                    sys.stderr.write(out.stderr[-4000:])
+                    raise SystemExit(f"side {side} failed (exit {out.returncode})")
+                results[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(
+                    f"repeat {rep + 1}/{args.repeats} {side}: {results[side][-1]} ({time.perf_counter() - t0:.0f} s)",
+                    file=sys.stderr,
+                )
+
+    def med(side, key="tok_s"):
+        return statistics.median(r[key] for r in results[side]) if results.get(side) else None
+
+    def ratio(a, b):
+        return round(med(a) / med(b), 3) if med(a) and med(b) else None
+
+    summary = {
+        "mixed_over_engine_base": ratio("engine_mixed", "engine_base"),
+        "mixed_over_hf_base": ratio("engine_mixed", "hf_base"),
+        "mixed_over_peft": ratio("engine_mixed", "peft_names"),
+        "mixed_over_grouped": ratio("engine_mixed32", "peft_grouped32"),
+        "scale_1000_over_8": ratio("scale_1000", "scale_8"),
+        "cold_load_p50_ms": round(med("cold_load", "p50_ms"), 2) if results.get("cold_load") else None,
+        "itl_p99_over_p50_long_prompts": round(med("itl", "ratio"), 2) if results.get("itl") else None,
     }
-    for name, rate in best.items():
-        ratio = "" if name == "raypeft mixed batch" else f"{ours / rate:.2f}×"
-        print(f"| {name} | {rate:.1f} | {ratio} | {goals.get(name, '')} |")
-    p50 = statistics.median(loads)
-    print(f"cold adapter load (safetensors → slot) p50 {p50 * 1000:.1f} ms over {len(loads)} loads (goal ≤ 100 ms)")
-    print(json.dumps({"tokens_per_s": best, "cold_load_p50_ms": round(p50 * 1000, 2)}))
+    print(
+        f"{args.base} {'bf16 cuda' if args.gpu else f'fp32 CPU, {args.threads} threads'}: {args.tokens} greedy "
+        f"tokens per request, rank-{args.rank} adapters on every linear layer, median (min–max) of {args.repeats} "
+        "fresh-process runs, sides alternating"
+    )
+    print("| side | tokens/s |")
+    print("| --- | ---: |")
+    for side in sides:
+        if "tok_s" in results[side][0]:
+            print(f"| {side} | {_spread([r['tok_s'] for r in results[side]])} |")
+    if results.get("cold_load"):
+        print(f"cold load p50 (ms): {_spread([r['p50_ms'] for r in results['cold_load']])}")
+    if results.get("itl"):
+        for key in ("steady_p50_ms", "loaded_p99_ms", "ratio", "long_prompt_ttft_ms"):
+            print(f"itl {key}: {_spread([r[key] for r in results['itl']])}")
+    print(
+        json.dumps(
+            {**summary, "repeats": args.repeats, "gpu": args.gpu, "prefill_chunk": args.prefill_chunk, "raw": results}
+        )
+    )
     return 0
 
 

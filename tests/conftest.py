@@ -129,3 +129,15 @@ def local_ray():
     init_ray(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests run only where CUDA is present; elsewhere they are skipped, saying why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
