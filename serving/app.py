@@ -37,6 +37,7 @@ from pydantic_core import PydanticCustomError
 from ray import serve
 
 from serving.backend import FINAL, Backend, Overloaded, Request, TooLarge
+from serving.metrics import ServeMetrics, prometheus_text
 from serving.tenants import Tenant, identify, may_use, read_key, tenant
 
 api = FastAPI(title="raypeft serve", description="OpenAI-compatible multi-adapter serving")
@@ -97,10 +98,8 @@ _REFUSED_COMMON = {
     "presence_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}),
 }
-_REFUSED_COMPLETION = {"best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "logprobs": (None, 0)}
+_REFUSED_COMPLETION = {"best_of": (None, 1), "echo": (None, False), "suffix": (None, "")}
 _REFUSED_CHAT = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "functions": (None, []),
@@ -165,14 +164,21 @@ class _Body(BaseModel):
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def top_logprobs_asked(self) -> int | None:
+        """None when no logprobs were asked for; else how many alternatives per token."""
+        return None
+
 
 class CompletionBody(_Body):
     prompt: str
     best_of: int | None = None
     echo: bool | None = None
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
     _refused: ClassVar[dict[str, tuple]] = {**_REFUSED_COMMON, **_REFUSED_COMPLETION}
+
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -207,7 +213,7 @@ class ChatBody(_Body):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, gt=0)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -233,7 +239,12 @@ class ChatBody(_Body):
             if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
                 raise ValueError("max_tokens and max_completion_tokens differ; send one")
             self.max_tokens = self.max_completion_tokens
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _unsupported("top_logprobs", self.top_logprobs, "needs logprobs: true")
         return self
+
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 @serve.deployment
@@ -284,6 +295,7 @@ class LoraServer:
             tenant(name, read_key(t.key_env, t.key_file), t.adapters, t.base) for name, t in s.tenants.items()
         ]
         self.started = time.time()
+        self.stats = ServeMetrics(self.backend)
         self.backend.start()
         if self.sources.alias_sources():
             threading.Thread(target=self._follow_aliases, name="raypeft-aliases", daemon=True).start()
@@ -384,6 +396,7 @@ class LoraServer:
                 top_p=1.0 if body.top_p is None else body.top_p,
                 stop=body.stops(),
                 seed=None if body.seed is None else body.seed + i,  # n seeded choices differ, each reproducible
+                logprobs=body.top_logprobs_asked(),
                 sink=lambda e, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, *e)),
             )
             for i in range(n)
@@ -433,17 +446,51 @@ class LoraServer:
         return {"prompt_tokens": n_prompt, "completion_tokens": out, "total_tokens": n_prompt + out}
 
     async def _respond(self, body: _Body, prompt: str, chat: bool, request: HttpRequest):
-        reqs, events, meta, n_prompt = await self._run(body, prompt, chat, request)
-        if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(
-                self._sse(reqs, events, meta, chat, n_prompt, include_usage), media_type="text/event-stream"
-            )
+        """Answer, and count the answer in the per-adapter Serve metrics (a stream is counted when it ends)."""
+        started, tag = time.time(), self._tag(body.model)
+        try:
+            reqs, events, meta, n_prompt = await self._run(body, prompt, chat, request)
+            if body.stream:
+                include_usage = body.stream_options is not None and body.stream_options.include_usage
+                sse = self._sse(reqs, events, meta, chat, n_prompt, include_usage)
+                return StreamingResponse(self._counted(sse, reqs, tag, started), media_type="text/event-stream")
+            answer = await self._answer(body, chat, reqs, events, meta, n_prompt)
+        except HttpError as e:
+            self.stats.answered(tag, e.status, started, 0)
+            raise
+        self.stats.answered(tag, 200, started, answer["usage"]["completion_tokens"])
+        return answer
+
+    async def _counted(self, sse, reqs, tag: str, started: float):
+        status = 499  # the client went away before the stream ended (nginx's code)
+        try:
+            async for chunk in sse:
+                yield chunk
+            status = 200
+        finally:
+            self.stats.answered(tag, status, started, sum(len(r.out_ids) for r in reqs))
+
+    def _tag(self, model: str) -> str:
+        """The metrics label of a request's model: the base's name, a known adapter's, or ``unknown`` (never a
+        client's arbitrary string, which would grow the series without bound)."""
+        base = self.spec.base_name()
+        name = model.partition(":")[2] if model.startswith(f"{base}:") else model
+        if name == base:
+            return base
+        try:
+            return name if self.sources.exists(name) else "unknown"
+        except Exception:  # noqa: BLE001 - a malformed name is simply unknown
+            return "unknown"
+
+    async def _answer(self, body: _Body, chat: bool, reqs, events, meta, n_prompt: int) -> dict[str, Any]:
         text: list[list[str]] = [[] for _ in reqs]
         reason: list[str | None] = [None for _ in reqs]
+        lps: list[list] = [[] for _ in reqs]
         async for i, kind, value in self._events(reqs, events):
             if kind == "delta":
                 text[i].append(value)
+            elif kind == "logprobs":
+                lps[i].extend(value)
             elif kind == "done":
                 reason[i] = value
             elif kind == "adapter_error":
@@ -454,10 +501,21 @@ class LoraServer:
                 raise HttpError(
                     504, f"request did not finish within {self.spec.limits.request_timeout_s}s", "timeout_error"
                 )
+        asked = body.top_logprobs_asked() is not None
         choices = [
-            {"index": i, "message": {"role": "assistant", "content": "".join(t)}, "finish_reason": reason[i]}
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(t)},
+                "logprobs": self._logprobs(lps[i], chat) if asked else None,
+                "finish_reason": reason[i],
+            }
             if chat
-            else {"index": i, "text": "".join(t), "finish_reason": reason[i], "logprobs": None}
+            else {
+                "index": i,
+                "text": "".join(t),
+                "finish_reason": reason[i],
+                "logprobs": self._logprobs(lps[i], chat) if asked else None,
+            }
             for i, t in enumerate(text)
         ]
         return {
@@ -472,19 +530,25 @@ class LoraServer:
         obj = "chat.completion.chunk" if chat else "text_completion"
         extra = {"usage": None} if include_usage else {}
 
+        pending: list[list] = [[] for _ in reqs]  # logprobs of the tokens behind the next chunk
+
         def chunk(i: int, delta: str | None, reason: str | None, role: bool = False) -> str:
+            lp = self._logprobs(pending[i], chat) if pending[i] else None
+            pending[i] = []
             if chat:
                 d = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta is not None else {})
-                choice = {"index": i, "delta": d, "finish_reason": reason}
+                choice = {"index": i, "delta": d, "logprobs": lp, "finish_reason": reason}
             else:
-                choice = {"index": i, "text": delta or "", "finish_reason": reason, "logprobs": None}
+                choice = {"index": i, "text": delta or "", "finish_reason": reason, "logprobs": lp}
             return f"data: {json.dumps({**meta, 'object': obj, 'choices': [choice], **extra})}\n\n"
 
         if chat:
             for i in range(len(reqs)):
                 yield chunk(i, None, None, role=True)
         async for i, kind, value in self._events(reqs, events):
-            if kind == "delta":
+            if kind == "logprobs":
+                pending[i].extend(value)
+            elif kind == "delta":
                 yield chunk(i, value, None)
             elif kind == "done":
                 yield chunk(i, None, value)
@@ -494,6 +558,37 @@ class LoraServer:
             final = {**meta, "object": obj, "choices": [], "usage": self._usage(reqs, n_prompt)}
             yield f"data: {json.dumps(final)}\n\n"
         yield "data: [DONE]\n\n"
+
+    def _logprobs(self, entries: list, chat: bool) -> dict[str, Any]:
+        """OpenAI's ``logprobs`` object for ``(token, logprob, [(token, logprob), …])`` entries: per-token
+        ``content`` for chat, the legacy ``tokens``/``token_logprobs``/``top_logprobs``/``text_offset`` else."""
+        ids = {t for t, _, _ in entries} | {a for _, _, top in entries for a, _ in top}
+        text = {t: self.tok.decode([t]) for t in ids}
+        if chat:
+            return {
+                "content": [
+                    {
+                        "token": text[t],
+                        "logprob": lp,
+                        "bytes": list(text[t].encode()),
+                        "top_logprobs": [
+                            {"token": text[a], "logprob": alp, "bytes": list(text[a].encode())} for a, alp in top
+                        ],
+                    }
+                    for t, lp, top in entries
+                ],
+                "refusal": None,
+            }
+        offsets, at = [], 0
+        for t, _, _ in entries:
+            offsets.append(at)
+            at += len(text[t])
+        return {
+            "tokens": [text[t] for t, _, _ in entries],
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [{text[a]: alp for a, alp in top} for _, _, top in entries],
+            "text_offset": offsets,
+        }
 
     def _version(self, adapter: str | None) -> str:
         """``base:name@version`` of the adapter that answered (``system_fingerprint``)."""
@@ -551,11 +646,9 @@ class LoraServer:
 
     @api.get("/metrics")
     async def metrics(self):
-        lines = [
-            f"raypeft_{k} {v:.6f}" if isinstance(v, float) else f"raypeft_{k} {v}"
-            for k, v in self.backend.metrics().items()
-        ]
-        return PlainTextResponse("\n".join(lines) + "\n")
+        """This replica's engine, as Prometheus text (HELP, TYPE, a ``replica`` label). Every replica's
+        figures, and the per-adapter request metrics, are in Ray's metrics export (``ray_raypeft_*``)."""
+        return PlainTextResponse(prometheus_text(self.backend.metrics(), self.stats.replica))
 
 
 def build_app(spec) -> serve.Application:

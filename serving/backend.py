@@ -9,6 +9,8 @@ vLLM backend would fit behind the same seam.
 A request's events, in order, through ``Request.push``:
 
 * ``("delta", text)``: more completion text (never splits a character or a possible stop string);
+* ``("logprobs", [(token_id, logprob, [(token_id, logprob), …]), …])`` just before the delta those
+  tokens produced (or before the final event), when the request asked for ``logprobs``;
 * then exactly one of ``("done", finish_reason)``, ``("error", message)`` (the engine failed
   the request: HTTP 500) or ``("adapter_error", message)`` (its adapter could not be loaded:
   HTTP 424).
@@ -51,6 +53,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False  # generate max_tokens whatever comes (benchmarks; vLLM's sampling flag)
+    logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely alternatives
     id: int = field(default_factory=lambda: next(_ids))
     out_ids: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of the completion already sent

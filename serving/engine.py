@@ -33,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ class _Row:
     slot: int = 0
     generator: torch.Generator | None = None
     fed: int = 0  # prompt tokens prefilled so far
+    logprobs: list = field(default_factory=list)  # (token, logprob, top) not yet sent
 
 
 class Engine:
@@ -397,14 +398,15 @@ class Engine:
         self.stats["prefill_tokens"] += sum(len(c) for c in chunks)
         if not done:
             return
-        first = self._sample(logits[done], [rows[i] for i in done])
+        logits = logits[done]
+        first = self._sample(logits, [rows[i] for i in done])
         joined = []
         for i in done:  # move each finished row to the end of the decoding rows
             row = lo + i
             self._swap(row, self.n)
             joined.append(self.rows[self.n])
             self.n += 1
-        self._emit(joined, first)
+        self._emit(joined, first, logits)
 
     def _swap(self, a: int, b: int) -> None:
         if a != b:
@@ -415,7 +417,7 @@ class Engine:
         rows = self.running
         logits = self._forward(0, self.n, [[r.out_ids[-1]] for r in rows])
         self.stats["batch_rows"] += len(rows)
-        self._emit(rows, self._sample(logits, rows))
+        self._emit(rows, self._sample(logits, rows), logits)
 
     def _retire(self) -> None:
         """Free the rows of finished or cancelled requests, keeping the decoding rows first and every
@@ -437,14 +439,31 @@ class Engine:
             self.rows.pop()
 
     @staticmethod
-    def _host(tokens: torch.Tensor) -> list[int]:
-        """The pass's one device-to-host read: the sampled token of every row."""
-        return tokens.tolist()
+    def _host(values: torch.Tensor) -> list:
+        """Every device-to-host read: once per pass for the sampled tokens, and for logprobs when asked."""
+        return values.tolist()
 
-    def _emit(self, reqs: list[Request], tokens: torch.Tensor) -> None:
-        """Append each row's token, stream the new text, and retire finished rows."""
+    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, reqs: list[Request]) -> dict[int, tuple]:
+        """For the rows that asked: (the sampled token's log-probability, the ``k`` most likely tokens and
+        theirs), from the model's distribution before temperature and top-p. One extra host read."""
+        want = [i for i, r in enumerate(reqs) if r.logprobs is not None]
+        if not want:
+            return {}
+        lp = torch.log_softmax(logits[want], -1)
+        chosen = self._host(lp.gather(1, tokens[want].view(-1, 1)).view(-1))
+        k = max(reqs[i].logprobs for i in want)
+        top_v = top_i = [[] for _ in want]
+        if k:
+            values, ids = lp.topk(k, -1)
+            top_v, top_i = self._host(values), self._host(ids)
+        return {i: (chosen[j], list(zip(top_i[j], top_v[j]))[: reqs[i].logprobs]) for j, i in enumerate(want)}
+
+    def _emit(self, reqs: list[Request], tokens: torch.Tensor, logits: torch.Tensor) -> None:
+        """Append each row's token, stream the new text (and, when asked, its tokens' logprobs), and mark
+        finished rows."""
         done = []
-        for req, tok in zip(reqs, self._host(tokens)):
+        lps = self._logprobs(logits, tokens, reqs)
+        for i, (req, tok) in enumerate(zip(reqs, self._host(tokens))):
             if req.finish_reason is not None:
                 continue
             self.stats["tokens"] += 1
@@ -452,6 +471,8 @@ class Engine:
                 req.finish_reason = "stop"
             else:
                 req.out_ids.append(tok)
+                if i in lps:
+                    req.state.logprobs.append((tok, *lps[i]))
             text = self.tok.decode(req.out_ids, skip_special_tokens=True)
             cut = min((text.find(s) for s in req.stop if s and s in text), default=-1)
             if cut >= 0:
@@ -463,6 +484,9 @@ class Engine:
             safe = len(text) - hold
             if text.endswith("\ufffd") and not req.finish_reason:  # an unfinished multi-byte character
                 safe = min(safe, len(text) - 1)
+            if req.state.logprobs and (safe > req.emitted or req.finish_reason):
+                req.push(("logprobs", req.state.logprobs))  # the tokens behind the text that follows
+                req.state.logprobs = []
             if safe > req.emitted:
                 req.push(("delta", text[req.emitted : safe]))
                 req.emitted = safe

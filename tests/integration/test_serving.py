@@ -97,6 +97,21 @@ def _post(path, body, token=TOKEN, raw=None):
     return requests.post(f"{URL}{path}", json=body, headers=headers, timeout=60)
 
 
+def _scrape(text: str) -> dict[str, float]:
+    """Prometheus text → {metric name: value}; every metric must carry HELP and TYPE lines."""
+    values, helped, typed = {}, set(), set()
+    for line in text.strip().splitlines():
+        if line.startswith("# HELP "):
+            helped.add(line.split()[2])
+        elif line.startswith("# TYPE "):
+            typed.add(line.split()[2])
+        else:
+            series, value = line.rsplit(" ", 1)
+            values[series.split("{")[0]] = float(value)
+    assert set(values) == helped == typed, (set(values) ^ helped, set(values) ^ typed)
+    return values
+
+
 def _expected(tiny_model_dir, adapter_dir, prompt, n):
     from transformers import AutoTokenizer
 
@@ -198,8 +213,7 @@ def test_openai_request_fields_are_implemented_or_refused(server, adapters, tiny
     accepted = {"n": 1, "frequency_penalty": 0, "logprobs": False, "response_format": {"type": "text"}, "store": False}
     assert client.chat.completions.create(model="tiny:ad04", messages=text, max_tokens=4, **accepted).choices
     refused = [
-        ({"logprobs": True}, "logprobs"),
-        ({"top_logprobs": 2, "logprobs": False}, "top_logprobs"),
+        ({"top_logprobs": 2, "logprobs": False}, "top_logprobs: needs logprobs: true"),
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
         ({"presence_penalty": 1.0}, "presence_penalty"),
         ({"logit_bias": {"42": 5}}, "logit_bias"),
@@ -221,13 +235,48 @@ def test_openai_request_fields_are_implemented_or_refused(server, adapters, tiny
     for kwargs, fragment in [
         ({"echo": True}, "echo"),
         ({"best_of": 3}, "best_of"),
-        ({"logprobs": 2}, "logprobs"),
         ({"suffix": "x"}, "suffix"),
     ]:
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model="tiny:ad05", prompt="hi", max_tokens=4, **kwargs)
         assert fragment in e.value.response.json()["error"]["message"], (kwargs, e.value.response.text)
     assert client.completions.create(model="tiny:ad05", prompt="hi", max_tokens=4).choices  # still serving
+
+
+def test_logprobs_on_both_endpoints_streamed_and_not(server, adapters, tiny_model_dir):
+    """Through the openai client's own types: one entry per generated token, the chosen token first among
+    its alternatives when greedy, the same figures streamed and not; the legacy completions format too."""
+    import openai
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{URL}/v1", api_key=TOKEN)
+    msgs = [{"role": "user", "content": "1+2="}]
+    full = client.chat.completions.create(model="tiny:ad04", messages=msgs, max_tokens=8, logprobs=True, top_logprobs=3)
+    content = full.choices[0].logprobs.content
+    assert len(content) == full.usage.completion_tokens and content
+    assert "".join(c.token for c in content).startswith(full.choices[0].message.content)
+    for c in content:
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token and c.logprob <= 0
+        assert c.logprob == c.top_logprobs[0].logprob and bytes(c.bytes).decode() == c.token
+    stream = client.chat.completions.create(
+        model="tiny:ad04", messages=msgs, max_tokens=8, logprobs=True, top_logprobs=3, stream=True
+    )
+    streamed = [e for chunk in stream if chunk.choices[0].logprobs for e in chunk.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 5)) for e in streamed] == [(c.token, round(c.logprob, 5)) for c in content]
+    bare = client.chat.completions.create(model="tiny:ad04", messages=msgs, max_tokens=8, logprobs=True)
+    assert [c.top_logprobs for c in bare.choices[0].logprobs.content] == [[]] * len(content)
+    assert client.chat.completions.create(model="tiny:ad04", messages=msgs, max_tokens=8).choices[0].logprobs is None
+
+    comp = client.completions.create(model="tiny:ad05", prompt="hello world", max_tokens=6, logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert (
+        "".join(lp.tokens) == comp.choices[0].text == _expected(tiny_model_dir, adapters[1]["ad05"], "hello world", 6)
+    )
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == comp.usage.completion_tokens
+    assert all(len(top) <= 2 and max(top.values()) == tlp for top, tlp in zip(lp.top_logprobs, lp.token_logprobs))
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    with pytest.raises(openai.UnprocessableEntityError, match="logprobs: Input should be less than or equal to 5"):
+        client.completions.create(model="tiny:ad05", prompt="hi", max_tokens=4, logprobs=6)  # OpenAI's limit is 5
 
 
 def test_error_corpus(server):
@@ -287,7 +336,7 @@ def test_load_200_concurrent_requests_over_16_adapters(server, adapters, tiny_mo
     assert not failures, failures[:3]
     wrong = [(n, b["choices"][0]["text"]) for n, s, b in results if b["choices"][0]["text"] != want[n]]
     assert not wrong, wrong[:3]
-    metrics = dict(line.split() for line in requests.get(f"{URL}/metrics", timeout=30).text.strip().splitlines())
+    metrics = _scrape(requests.get(f"{URL}/metrics", timeout=30).text)
     assert float(metrics["raypeft_adapter_slot_evictions_total"]) > 0  # 16 adapters through 4 slots
     assert float(metrics["raypeft_batch_rows_total"]) > float(
         metrics["raypeft_engine_steps_total"]

@@ -341,3 +341,27 @@ def test_sliding_window_models_match_generate(tmp_path, family):
     req = engine.submit(Request(prompt, None, max_tokens=8, ignore_eos=True))
     _drain(engine, [req])
     assert req.out_ids == ref[0, len(prompt) :].tolist()
+
+
+def test_logprobs_are_the_adapters_own_distribution(tiny_model_dir, adapters):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    engine, tok = _engine(tiny_model_dir, adapters)
+    p = tok("hello there", add_special_tokens=False)["input_ids"]
+    asked = engine.submit(Request(p, "dora", max_tokens=6, logprobs=3, ignore_eos=True))
+    plain = engine.submit(Request(p, "a", max_tokens=6, ignore_eos=True))
+    _drain(engine, [asked, plain])
+    events = [asked.events.get_nowait() for _ in range(asked.events.qsize())]
+    entries = [e for kind, value in events if kind == "logprobs" for e in value]
+    assert [t for t, _, _ in entries] == asked.out_ids  # one entry per generated token, in order
+    assert not any(kind == "logprobs" for kind, _ in [plain.events.get_nowait() for _ in range(plain.events.qsize())])
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapters["dora"]).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([p + asked.out_ids])).logits[0, len(p) - 1 : -1]
+    ref = torch.log_softmax(logits.float(), -1)
+    for row, (token, lp, top) in zip(ref, entries):
+        assert abs(lp - row[token].item()) < 1e-4
+        assert [a for a, _ in top] == row.topk(3).indices.tolist()
+        assert top[0][0] == token  # greedy: the chosen token is the most likely one
