@@ -391,11 +391,12 @@ def main(argv=None) -> int:
         f"tokens per request, rank-{args.rank} adapters on every linear layer, median (min–max) of {args.repeats} "
         "fresh-process runs, sides alternating"
     )
-    print("| side | tokens/s |")
-    print("| --- | ---: |")
-    for side in sides:
-        if "tok_s" in results[side][0]:
-            print(f"| {side} | {_spread([r['tok_s'] for r in results[side]])} |")
+    rates = [side for side in sides if "tok_s" in results[side][0]]
+    if rates:
+        print("| side | tokens/s |")
+        print("| --- | ---: |")
+    for side in rates:
+        print(f"| {side} | {_spread([r['tok_s'] for r in results[side]])} |")
     if results.get("cold_load"):
         print(f"cold load p50 (ms): {_spread([r['p50_ms'] for r in results['cold_load']])}")
     if results.get("itl"):

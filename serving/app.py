@@ -37,6 +37,7 @@ from pydantic_core import PydanticCustomError
 from ray import serve
 
 from serving.backend import FINAL, Backend, Overloaded, Request, TooLarge
+from serving.fidelity import difference, record_of, served_record
 from serving.metrics import ServeMetrics, prometheus_text
 from serving.tenants import Tenant, identify, may_use, read_key, tenant
 
@@ -69,6 +70,8 @@ async def _validation_error(_, exc: RequestValidationError):
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return _error(400, "request body is not valid JSON", "invalid_request_error")
+    if any(e.get("type") == "missing" and tuple(e.get("loc", ())) == ("body",) for e in errors):
+        return _error(400, "request body is empty: expected a JSON object", "invalid_request_error")
     refused = [e for e in errors if e.get("type") in ("extra_forbidden", "unsupported_field")]
     if refused:  # as OpenAI answers an argument it does not know: 400, naming it
         parts = [
@@ -263,9 +266,10 @@ class LoraServer:
         self.spec = validate(raw_spec)
         s = self.spec
         m = s.model
-        job = job_validate(
-            {"model": {"base": m.base, "quantization": m.quantization, "dtype": m.dtype, "compute_dtype": m.dtype}}
-        )
+        self.sources = AdapterSources(s, tempfile.mkdtemp(prefix="raypeft-serve-"))
+        self.base_record = served_record(s, self.sources.resolve)  # the base exactly as its adapters trained on it
+        self.fidelity: dict[str, str | None] = {}  # adapter key → what differs (None: served as trained)
+        job = job_validate({"model": {**self.base_record, "dtype": m.dtype, "compute_dtype": m.dtype}})
         device = "cuda" if s.deployment.gpus_per_replica else "cpu"
         base, self.tok, _ = load_base(job, device=device, log=lambda *_: None)
         base.eval()
@@ -275,7 +279,6 @@ class LoraServer:
         self.multi = MultiLoraModel(
             base, slots=s.cache.active_slots + 1, r_max=s.cache.max_rank, target=m.target_modules
         )
-        self.sources = AdapterSources(s, tempfile.mkdtemp(prefix="raypeft-serve-"))
         self.backend: Backend = Engine(
             self.multi,
             self.tok,
@@ -362,15 +365,18 @@ class LoraServer:
             raise HttpError(424, f"adapter {model_id!r} could not be loaded: {e}", "adapter_error") from None
         return model_id
 
-    async def _run(self, body: _Body, prompt: str, chat: bool, request: HttpRequest):
+    async def _run(self, body: _Body, prompt: str, chat: bool, caller: Tenant | None):
 
-        name = self._adapter_of(body.model, self._auth(request))
+        name = self._adapter_of(body.model, caller)
         adapter = None
         if name is not None:
             try:
                 adapter = await asyncio.to_thread(self.sources.key, name)  # name#vN for a registry alias
             except Exception as e:  # noqa: BLE001 - the registry has no such alias/version
                 raise HttpError(404, f"adapter {name!r} does not resolve: {e}", "not_found_error") from None
+            differs = await asyncio.to_thread(self._differs, adapter)
+            if differs:
+                raise HttpError(409, f"adapter {name!r} was trained on another base: {differs}", "conflict_error")
             if serve.get_multiplexed_model_id() == name:
                 await self._hold(adapter)
         ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
@@ -422,10 +428,12 @@ class LoraServer:
             log.info("raypeft: request %s model=%s %s", meta["id"], body.model, who)
         return reqs, events, meta, len(ids)
 
-    async def _events(self, reqs: list, events: asyncio.Queue):
-        """(choice index, kind, value) of every request until all are done, errored or past the timeout."""
+    async def _events(self, reqs: list, events: asyncio.Queue, labels: dict[str, str], started: float):
+        """(choice index, kind, value) of every request until all are done, errored or past the timeout; the
+        time to the first token and between tokens go to the metrics."""
         deadline = time.time() + self.spec.limits.request_timeout_s
         open_ = set(range(len(reqs)))
+        last: dict[int, float] = {}
         try:
             while open_:
                 try:
@@ -433,6 +441,10 @@ class LoraServer:
                 except asyncio.TimeoutError:
                     yield min(open_), "timeout", "request timed out"
                     return
+                if kind == "delta":
+                    now = time.time()
+                    self.stats.token_time(labels, now - last.get(i, started), first=i not in last)
+                    last[i] = now
                 yield i, kind, value
                 if kind in FINAL:
                     open_.discard(i)
@@ -447,28 +459,41 @@ class LoraServer:
 
     async def _respond(self, body: _Body, prompt: str, chat: bool, request: HttpRequest):
         """Answer, and count the answer in the per-adapter Serve metrics (a stream is counted when it ends)."""
-        started, tag = time.time(), self._tag(body.model)
+        started, labels = time.time(), {"adapter": self._tag(body.model), "tenant": "-"}
         try:
-            reqs, events, meta, n_prompt = await self._run(body, prompt, chat, request)
+            caller = self._auth(request)
+            labels["tenant"] = caller.name if caller else "-"
+            reqs, events, meta, n_prompt = await self._run(body, prompt, chat, caller)
+            events = self._events(reqs, events, labels, started)
             if body.stream:
                 include_usage = body.stream_options is not None and body.stream_options.include_usage
                 sse = self._sse(reqs, events, meta, chat, n_prompt, include_usage)
-                return StreamingResponse(self._counted(sse, reqs, tag, started), media_type="text/event-stream")
+                return StreamingResponse(self._counted(sse, reqs, labels, started), media_type="text/event-stream")
             answer = await self._answer(body, chat, reqs, events, meta, n_prompt)
         except HttpError as e:
-            self.stats.answered(tag, e.status, started, 0)
+            self.stats.answered(labels, e.status, started, 0)
             raise
-        self.stats.answered(tag, 200, started, answer["usage"]["completion_tokens"])
+        self.stats.answered(labels, 200, started, answer["usage"]["completion_tokens"])
         return answer
 
-    async def _counted(self, sse, reqs, tag: str, started: float):
+    async def _counted(self, sse, reqs, labels: dict[str, str], started: float):
         status = 499  # the client went away before the stream ended (nginx's code)
         try:
             async for chunk in sse:
                 yield chunk
             status = 200
         finally:
-            self.stats.answered(tag, status, started, sum(len(r.out_ids) for r in reqs))
+            self.stats.answered(labels, status, started, sum(len(r.out_ids) for r in reqs))
+
+    def _differs(self, key: str) -> str | None:
+        """How the base ``key`` was trained on differs from the one served (None: it does not, or no record).
+        Checked once per adapter version; a registry version is downloaded here, as serving it would."""
+        if key not in self.fidelity:
+            try:
+                self.fidelity[key] = difference(record_of(self.sources.resolve(key)), self.base_record)
+            except Exception:  # noqa: BLE001 - unreadable adapters fail with 424 when loaded, on their requests
+                return None
+        return self.fidelity[key]
 
     def _tag(self, model: str) -> str:
         """The metrics label of a request's model: the base's name, a known adapter's, or ``unknown`` (never a
@@ -486,7 +511,7 @@ class LoraServer:
         text: list[list[str]] = [[] for _ in reqs]
         reason: list[str | None] = [None for _ in reqs]
         lps: list[list] = [[] for _ in reqs]
-        async for i, kind, value in self._events(reqs, events):
+        async for i, kind, value in events:
             if kind == "delta":
                 text[i].append(value)
             elif kind == "logprobs":
@@ -545,7 +570,7 @@ class LoraServer:
         if chat:
             for i in range(len(reqs)):
                 yield chunk(i, None, None, role=True)
-        async for i, kind, value in self._events(reqs, events):
+        async for i, kind, value in events:
             if kind == "logprobs":
                 pending[i].extend(value)
             elif kind == "delta":

@@ -6,9 +6,11 @@
   like ``ray.serve.metrics`` with the replica's ``deployment``, ``replica`` and ``application``.
   Ray's metrics agent exports them on every node (``ray_raypeft_*``), one series per replica. The
   tags are set once from the replica's context, so a background thread records them too (Serve's
-  own wrappers read the context at each record, which a thread does not have). Per adapter: requests by HTTP status,
-  generated tokens, and request seconds (a histogram). Per replica: every engine figure of
-  ``Backend.metrics()``, copied every few seconds by a background thread.
+  own wrappers read the context at each record, which a thread does not have).
+  Per adapter and tenant: requests by HTTP status, generated tokens, and histograms of request
+  seconds, time to first token and time between tokens. Per replica: every engine figure of
+  ``Backend.metrics()`` (queue depth, cache hits, loads, evictions, load time, …), copied every
+  few seconds by a background thread.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ HELP = {
     "adapter_load_seconds_p50": "Median seconds to read an adapter (the latest 1,024 reads).",
 }
 SECONDS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
+GAPS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
 
 
 def prometheus_text(values: dict[str, float], replica: str) -> str:
@@ -72,21 +75,34 @@ class ServeMetrics:
             self.replica = "local"
             self._tags = {"deployment": "local", "replica": "local", "application": ""}
         self._metrics = metrics
+        by = ("adapter", "tenant")
         self.requests = self._make(
             metrics.Counter,
             "raypeft_adapter_requests",
-            "Requests answered, by adapter and HTTP status (499: the client left mid-stream).",
-            ("adapter", "status"),
+            "Requests answered, by adapter, tenant and HTTP status (499: the client left mid-stream).",
+            (*by, "status"),
         )
-        self.tokens = self._make(
-            metrics.Counter, "raypeft_adapter_generated_tokens", "Tokens generated, by adapter.", ("adapter",)
-        )
+        self.tokens = self._make(metrics.Counter, "raypeft_adapter_generated_tokens", "Tokens generated.", by)
         self.seconds = self._make(
             metrics.Histogram,
             "raypeft_adapter_request_seconds",
-            "Seconds from a request's arrival to its answer's end, by adapter.",
-            ("adapter",),
+            "Seconds from a request's arrival to its answer's end.",
+            by,
             boundaries=SECONDS,
+        )
+        self.ttft = self._make(
+            metrics.Histogram,
+            "raypeft_adapter_time_to_first_token_seconds",
+            "Seconds from a request's arrival to its first streamed text.",
+            by,
+            boundaries=SECONDS,
+        )
+        self.itl = self._make(
+            metrics.Histogram,
+            "raypeft_adapter_inter_token_seconds",
+            "Seconds between a request's successive pieces of text.",
+            by,
+            boundaries=GAPS,
         )
         self._backend, self._last = backend, {}
         self._engine: dict[str, object] = {}
@@ -97,11 +113,15 @@ class ServeMetrics:
         metric = kind(name, description=description, tag_keys=(*self._tags, *keys), **kw)
         return metric.set_default_tags(self._tags)
 
-    def answered(self, adapter: str, status: int, started: float, tokens: int) -> None:
-        self.requests.inc(1, {"adapter": adapter, "status": str(status)})
+    def answered(self, labels: dict[str, str], status: int, started: float, tokens: int) -> None:
+        """One answer: ``labels`` are its ``adapter`` and ``tenant``."""
+        self.requests.inc(1, {**labels, "status": str(status)})
         if tokens:
-            self.tokens.inc(tokens, {"adapter": adapter})
-        self.seconds.observe(time.time() - started, {"adapter": adapter})
+            self.tokens.inc(tokens, labels)
+        self.seconds.observe(time.time() - started, labels)
+
+    def token_time(self, labels: dict[str, str], seconds: float, first: bool) -> None:
+        (self.ttft if first else self.itl).observe(seconds, labels)
 
     def _copy_engine(self, interval_s: float) -> None:
         while True:

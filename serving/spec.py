@@ -33,6 +33,18 @@ class ServeModel(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype of the base weights (bfloat16 on GPUs)."
     )
+    double_quant: bool = Field(True, description="Quantize the NF4 quantization constants too (as training did).")
+    quantization_plan: dict[str, Literal[4, 8, 16]] = Field(
+        default_factory=dict,
+        description="Per-module bit-widths (4, 8, 16), as in the job spec: the base exactly as `raypeft layerwise` "
+        "trained on it. Adapters whose `raypeft.json` records another plan are refused.",
+    )
+    from_adapter: str | None = Field(
+        None,
+        description="Take the base (model id, quantization, double quant, per-layer plan) from this adapter's "
+        "`raypeft.json`: a name in `adapters` whose source is a local directory or a pinned `models:/name/version`. "
+        "Excludes setting those fields here.",
+    )
     target_modules: str | list[str] = Field(
         "all-linear", description="Layers that carry adapters (the union of what the adapters target)."
     )
@@ -168,7 +180,9 @@ def semantic_problems(spec: ServeSpec) -> list[Problem]:
         out.append(("model.dtype", "float16 is not supported on CPU; use float32 or bfloat16 (got 'float16')"))
     if spec.api_key_env and not os.environ.get(spec.api_key_env):
         out.append(("api_key_env", f"environment variable is not set (got {quote(spec.api_key_env)})"))
-    return out + tenant_problems(spec)
+    from serving.fidelity import fidelity_problems
+
+    return out + tenant_problems(spec) + fidelity_problems(spec)
 
 
 def tenant_problems(spec: ServeSpec) -> list[Problem]:

@@ -279,6 +279,27 @@ def test_logprobs_on_both_endpoints_streamed_and_not(server, adapters, tiny_mode
         client.completions.create(model="tiny:ad05", prompt="hi", max_tokens=4, logprobs=6)  # OpenAI's limit is 5
 
 
+def test_adapters_that_cannot_be_served_fail_only_their_own_requests(server, adapters, tiny_model_dir):
+    """Found later by a root lookup: one trained on another base gets 409 naming what differs, one with
+    corrupt files gets 424; the adapters beside them keep answering."""
+    import json
+    import shutil
+
+    root, ads = adapters
+    other = shutil.copytree(ads["ad01"], root / "qtrained" / "adapter")
+    record = {"base": str(tiny_model_dir), "quantization": "nf4", "double_quant": True, "quantization_plan": {}}
+    (other / "raypeft.json").write_text(json.dumps(record))
+    broken = shutil.copytree(ads["ad02"], root / "broken" / "adapter")
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    r = _post("/v1/completions", {"model": "tiny:qtrained", "prompt": "hi", "max_tokens": 3})
+    assert r.status_code == 409, r.text
+    assert "model.quantization was 'nf4' in training, 'none' here" in r.json()["error"]["message"]
+    r = _post("/v1/completions", {"model": "tiny:broken", "prompt": "hi", "max_tokens": 3})
+    assert r.status_code == 424 and "'broken' could not be loaded" in r.json()["error"]["message"], r.text
+    good = _post("/v1/completions", {"model": "tiny:ad01", "prompt": "hello world", "max_tokens": 6})
+    assert good.json()["choices"][0]["text"] == _expected(tiny_model_dir, ads["ad01"], "hello world", 6)
+
+
 def test_error_corpus(server):
     import requests
 
@@ -300,9 +321,49 @@ def test_error_corpus(server):
         (_post("/v1/completions", {"model": "tiny", "prompt": "x"}, token="wrong"), 401, "wrong bearer token"),
         (requests.get(f"{URL}/v1/models", timeout=30), 401, "bearer"),
     ]
+    chat, comp = "/v1/chat/completions", "/v1/completions"
+    hi = [{"role": "user", "content": "hi"}]
+    more = [
+        (chat, {"model": "tiny", "messages": [{"content": "hi"}]}, 422, "messages.0.role"),
+        (chat, {"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, 422, "messages.0.role"),
+        (chat, {"model": "tiny", "messages": [{"role": "user", "content": 42}]}, 422, "messages.0.content"),
+        (chat, {"model": "tiny", "messages": "hi"}, 422, "messages"),
+        (chat, {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "text"),
+        (chat, {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text"}]}]}, 422, "needs 'text'"),
+        (chat, {"model": "tiny", "messages": hi, "n": 0}, 422, "n"),
+        (chat, {"model": "tiny", "messages": hi, "n": 99}, 400, "limits.max_n"),
+        (chat, {"model": "tiny", "messages": hi, "top_p": 0}, 422, "top_p"),
+        (chat, {"model": "tiny", "messages": hi, "top_p": 1.5}, 422, "top_p"),
+        (chat, {"model": "tiny", "messages": hi, "temperature": 3}, 422, "temperature"),
+        (chat, {"model": "tiny", "messages": hi, "stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
+        (chat, {"model": "tiny", "messages": hi, "stop": [""]}, 422, "stop"),
+        (chat, {"model": "tiny", "messages": hi, "logprobs": True, "top_logprobs": 21}, 422, "top_logprobs"),
+        (chat, {"model": "tiny", "messages": hi, "top_logprobs": 2}, 400, "needs logprobs: true"),
+        (chat, {"model": "tiny", "messages": hi, "max_tokens": 3, "max_completion_tokens": 4}, 422, "differ"),
+        (chat, {"model": "tiny", "messages": hi, "tools": [{"type": "function"}]}, 400, "tools"),
+        (chat, {"model": "tiny", "messages": hi, "user": "u" * 300}, 422, "user"),
+        (chat, {"model": "tiny", "messages": hi, "seed": "abc"}, 422, "seed"),
+        (chat, {"model": "tiny", "messages": hi, "stream_options": {"include_usage": True}}, 400, "stream is true"),
+        (chat, {"model": "tiny", "messages": hi, "stream": True, "stream_options": {"x": 1}}, 400, "x"),
+        (chat, {"model": "tiny", "messages": hi, "frobnicate": 1}, 400, "unrecognized request argument: frobnicate"),
+        (chat, [1, 2, 3], 422, "body"),
+        (comp, {"model": "tiny"}, 422, "prompt"),
+        (comp, {"prompt": "x"}, 422, "model"),
+        (comp, {"model": "", "prompt": "x"}, 422, "model"),
+        (comp, {"model": "tiny", "prompt": "x", "logprobs": 6}, 422, "logprobs"),
+        (comp, {"model": "tiny", "prompt": "x", "echo": True}, 400, "echo"),
+        (comp, {"model": "tiny", "prompt": "x", "logit_bias": {"1": 2}}, 400, "logit_bias"),
+        (comp, {"model": "tiny", "prompt": "x", "best_of": 2}, 400, "best_of"),
+        (comp, {"model": "tiny", "prompt": ""}, 400, "prompt is empty"),
+    ]
+    cases += [(_post(path, body), status, fragment) for path, body, status, fragment in more]
+    cases.append((_post(comp, None, raw=b""), 400, "request body is empty"))
+    assert len(cases) >= 40
     for resp, status, fragment in cases:
         assert resp.status_code == status, (status, resp.status_code, resp.text)
         assert fragment in resp.json()["error"]["message"], (fragment, resp.text)
+    ok = _post(comp, {"model": "tiny:ad01", "prompt": "hello", "max_tokens": 3})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None  # still serving
     metrics = requests.get(f"{URL}/metrics", timeout=30).text
     assert "raypeft_adapter_slot_evictions_total" in metrics
 

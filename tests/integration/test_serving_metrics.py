@@ -98,6 +98,10 @@ def test_per_adapter_metrics_from_both_replicas_sum_in_rays_export(two_replicas)
     assert len(replicas) == 2, replicas  # both replicas export their engine figures
     tokens = sum(v for t, v in _series(text, "ray_raypeft_adapter_generated_tokens_total") if t.get("adapter") == "m1")
     assert tokens == 8 * 3
+    firsts = _series(text, "ray_raypeft_adapter_time_to_first_token_seconds_count")
+    assert sum(v for t, v in firsts if t.get("adapter") == "m0" and t.get("tenant") == "-") == 24  # one per request
+    gaps = _series(text, "ray_raypeft_adapter_inter_token_seconds_count")
+    assert sum(v for t, v in gaps if t.get("adapter") == "m1") > 0
 
     page = requests.get(f"{url}/metrics", timeout=30).text  # one replica's own page
     assert "# TYPE raypeft_requests_total counter" in page and "# TYPE raypeft_kv_cache_bytes gauge" in page
