@@ -366,7 +366,6 @@ class LoraServer:
         return model_id
 
     async def _run(self, body: _Body, prompt: str, chat: bool, caller: Tenant | None):
-
         name = self._adapter_of(body.model, caller)
         adapter = None
         if name is not None:

@@ -365,3 +365,26 @@ def test_logprobs_are_the_adapters_own_distribution(tiny_model_dir, adapters):
         assert abs(lp - row[token].item()) < 1e-4
         assert [a for a, _ in top] == row.topk(3).indices.tolist()
         assert top[0][0] == token  # greedy: the chosen token is the most likely one
+
+
+def test_a_cancelled_request_frees_its_row_mid_decode_and_mid_prefill(tiny_model_dir, adapters):
+    """What the HTTP layer does when a client disconnects: the row goes at the next step, and the rows
+    beside it carry on unchanged."""
+    engine, tok = _engine(tiny_model_dir, adapters, prefill_chunk_tokens=4)
+    engine.add_adapter("a")
+    p = tok("hello there", add_special_tokens=False)["input_ids"]
+    long = (tok("the quick brown fox ", add_special_tokens=False)["input_ids"] * 8)[:32]
+    keep = engine.submit(Request(p, "a", max_tokens=10))
+    gone = engine.submit(Request(p, None, max_tokens=50, ignore_eos=True))
+    while len(gone.out_ids) < 3:
+        engine.step()
+    engine.cancel(gone)
+    prefilling = engine.submit(Request(long, None, max_tokens=5))
+    engine.step()
+    assert gone not in engine.rows and engine.n == 1 and engine.prefilling == [prefilling]
+    engine.cancel(prefilling)
+    engine.step()
+    assert engine.rows == [keep] and engine.slots.pins.get("a") == 1
+    _drain(engine, [keep])
+    assert keep.out_ids == _reference(tiny_model_dir, adapters["a"], p, 10)
+    assert len(gone.out_ids) < 50 and gone.finish_reason == "cancelled"
