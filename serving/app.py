@@ -373,7 +373,10 @@ class LoraServer:
                 adapter = await asyncio.to_thread(self.sources.key, name)  # name#vN for a registry alias
             except Exception as e:  # noqa: BLE001 - the registry has no such alias/version
                 raise HttpError(404, f"adapter {name!r} does not resolve: {e}", "not_found_error") from None
-            differs = await asyncio.to_thread(self._differs, adapter)
+            # checked once per adapter version: later requests read the answer without a thread hop
+            differs = (
+                self.fidelity[adapter] if adapter in self.fidelity else await asyncio.to_thread(self._differs, adapter)
+            )
             if differs:
                 raise HttpError(409, f"adapter {name!r} was trained on another base: {differs}", "conflict_error")
             if serve.get_multiplexed_model_id() == name:
