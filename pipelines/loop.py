@@ -60,6 +60,19 @@ def accumulate(engine, batches: list[dict], world: int, device) -> tuple[float, 
     return total, float(sum(local))
 
 
+def _placement(world: int) -> list[str]:
+    """The Ray node id of every rank, in rank order (one all-gather over the training group)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [node]
+    nodes: list[str] = [""] * world
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train ``train_loop_per_worker``. ``config``: spec (validated JobSpec), run_id, tracking_uri
     (run_id None: no MLflow logging here), report_evals (report every eval to Ray Train, for Tune)."""
@@ -135,6 +148,10 @@ def train_worker(config: dict[str, Any]) -> None:
         return base_lrs[0] * f
 
     logger = StepLogger(config["tracking_uri"], config["run_id"]) if is_main and config.get("run_id") else None
+    nodes = _placement(world)
+    log(f"workers on {len(set(nodes))} node(s): " + ", ".join(f"rank {r} → {n[:12]}" for r, n in enumerate(nodes)))
+    if logger:  # each (re)start records where its workers run: a node loss shows as a new placement
+        logger.client.set_tag(config["run_id"], "raypeft.worker_nodes", json.dumps(nodes))
     mb = spec.train.micro_batch_size
 
     def evaluate(step: int, prefix: str = "") -> dict[str, float]:
