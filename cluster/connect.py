@@ -17,6 +17,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# How an MLflow client reaches a tracking server (besides the URI, which raypeft passes explicitly).
+MLFLOW_CLIENT_ENV = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_INSECURE_TLS",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH",
+    "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+    "MLFLOW_TRACKING_AUTH",
+    "MLFLOW_TRACKING_AWS_SIGV4",
+)
+
+
+def mlflow_runtime_env() -> dict | None:
+    """A Ray ``runtime_env`` carrying this process's MLflow client credentials to the actors that talk to
+    the tracking server (Train workers, Serve replicas), wherever they run: on a remote cluster's nodes
+    they would not inherit this process's environment. None when there is nothing to carry. Ray merges
+    ``env_vars`` with the job's own runtime env (``ray job submit``'s working_dir stays)."""
+    env = {k: os.environ[k] for k in MLFLOW_CLIENT_ENV if os.environ.get(k)}
+    return {"env_vars": env} if env else None
+
+
 def token_auth_env() -> bool:
     """Turn token authentication on for this process (and its children) when a Ray token is available
     (``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``/``~/.ray/auth_token``) and ``RAY_AUTH_MODE`` is unset,

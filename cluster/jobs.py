@@ -17,7 +17,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from cluster.connect import token_auth_env
+from cluster.connect import MLFLOW_CLIENT_ENV, token_auth_env
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
@@ -57,7 +57,7 @@ def submit(
 ) -> str:
     """Submit a training job; returns the submission id."""
     env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **(env or {})}
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAYPEFT_HOME"):
+    for key in ("MLFLOW_TRACKING_URI", *MLFLOW_CLIENT_ENV, "RAYPEFT_HOME"):
         if key in os.environ and key not in env_vars:
             env_vars[key] = os.environ[key]
     runtime_env = {

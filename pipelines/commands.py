@@ -73,6 +73,7 @@ def _register(out_dir: str, name: str, run_name: str, tags: dict, tracking_uri) 
     from pipelines import tracking
 
     uri = tracking_uri or tracking.tracking_uri()
+    tracking.check_server(uri)
     return tracking.register_directory(uri, out_dir, name, run_name, {k: str(v) for k, v in tags.items()})
 
 
@@ -141,7 +142,9 @@ def _missing_is_user_error(what: str):
 def _uri(args) -> str:
     from pipelines import tracking
 
-    return args.tracking_uri or tracking.tracking_uri()
+    uri = args.tracking_uri or tracking.tracking_uri()
+    tracking.check_server(uri)  # a wrong password: one clear error (exit 2), not a traceback
+    return uri
 
 
 def models(args) -> int:

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines.specbase import UserError
+
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
 
@@ -37,6 +39,42 @@ def tracking_uri(spec: JobSpec | None = None) -> str:
     home = raypeft_home()
     home.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{home / 'mlflow.db'}"
+
+
+class TrackingError(UserError):
+    """The tracking server cannot be used as configured (unreachable, or it refused the credentials)."""
+
+
+def check_server(uri: str) -> None:
+    """Fail fast, before any Ray resources start, when an HTTP tracking server cannot be used: one request,
+    no retries, with the client's own credentials (``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``/``_TOKEN``).
+    The error names the URI and what to fix; other URIs (SQLite, a directory) are not checked."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        r = http_request(
+            get_default_host_creds(uri),
+            "/api/2.0/mlflow/experiments/search",
+            "GET",
+            params={"max_results": 1},
+            max_retries=0,
+            timeout=15,
+            raise_on_status=False,
+        )
+    except Exception as e:  # noqa: BLE001 - connection refused, DNS, TLS: all mean "cannot reach it"
+        raise TrackingError(f"cannot reach the MLflow tracking server at {uri}: {type(e).__name__}: {e}") from None
+    if r.status_code in (401, 403):
+        who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        raise TrackingError(
+            f"the MLflow tracking server at {uri} refused the credentials (HTTP {r.status_code}"
+            + (f", user {who!r}" if who else ", no MLFLOW_TRACKING_USERNAME set")
+            + "): check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+        )
+    if r.status_code >= 400:
+        raise TrackingError(f"the MLflow tracking server at {uri} answered HTTP {r.status_code}: {r.text[:300]}")
 
 
 def client(uri: str):

@@ -81,6 +81,7 @@ def make_trainer(spec: JobSpec, loop_config: dict[str, Any], run_name: str, stor
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from cluster.connect import mlflow_runtime_env
     from pipelines.loop import train_worker
 
     sc = spec.scaling
@@ -98,6 +99,7 @@ def make_trainer(spec: JobSpec, loop_config: dict[str, Any], run_name: str, stor
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
             failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
             callbacks=list(callbacks),
+            worker_runtime_env=mlflow_runtime_env(),  # rank 0 logs per-step metrics to the tracking server
         ),
     )
 
@@ -111,6 +113,7 @@ def run(spec: JobSpec, log=print) -> dict[str, Any]:
     storage = storage_dir(spec)
     run_name, prior = _run_name(spec, storage)
     uri = tracking.tracking_uri(spec)
+    tracking.check_server(uri)  # a wrong password or an unreachable server: exit 2 before Ray starts
     init_ray()
     data = prepare(spec, log)  # bad data stops here (DataError, exit 2): no MLflow run, no workers
     lineage = job_lineage(spec)

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 from ray import serve
 
+from cluster.connect import mlflow_runtime_env
 from serving.backend import FINAL, Backend, Overloaded, Request, TooLarge
 from serving.fidelity import difference, record_of, served_record
 from serving.metrics import ServeMetrics, prometheus_text
@@ -682,7 +683,11 @@ def build_app(spec) -> serve.Application:
     """The Serve application for a validated ``ServeSpec``."""
     d = spec.deployment
     opts: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": d.cpus_per_replica, "num_gpus": d.gpus_per_replica},
+        "ray_actor_options": {
+            "num_cpus": d.cpus_per_replica,
+            "num_gpus": d.gpus_per_replica,
+            **({"runtime_env": env} if (env := mlflow_runtime_env()) else {}),  # alias sources read the registry
+        },
         # the replica admits more than the engine holds, so the engine's bounded queue answers the
         # overflow (503 + Retry-After); Serve's own queue in front of the replicas is bounded too,
         # more loosely (its 503s carry no Retry-After), so no backlog grows without bound

@@ -10,6 +10,10 @@ from serving import spec as serve_spec
 def serve(args) -> int:
     """Deploy the serving spec's application; wait until interrupted unless ``--detach``."""
     spec = serve_spec.load(args.spec, args.overrides)  # exit 2 on a bad spec, before Ray starts
+    if any(s.startswith("models:/") for s in spec.adapters.values()):
+        from pipelines import tracking
+
+        tracking.check_server(spec.tracking_uri or tracking.tracking_uri())  # registry sources: exit 2 now
     from ray import serve
 
     from cluster.connect import init_ray

@@ -130,6 +130,7 @@ def search(spec: TunedJobSpec, budget: int, out: str | None = None, log=print) -
 
     name = f"{spec.name}-layerwise-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = tracking.tracking_uri(spec)
+    tracking.check_server(uri)  # before Ray starts
     parent = tracking.start_run(spec, uri, name, {**job_lineage(spec), "raypeft.layerwise": name})
     c = tracking.client(uri)
     c.log_batch(parent, metrics=metric_batch({"budget_bytes": budget}))

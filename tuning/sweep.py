@@ -374,6 +374,7 @@ def sweep(spec: TunedJobSpec, log=print) -> dict[str, Any]:
     t, fields = spec.tune, list(spec.tune.space)
     name = f"{spec.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = tracking.tracking_uri(spec)
+    tracking.check_server(uri)  # before Ray starts
     parent = tracking.start_run(spec, uri, name, {**job_lineage(spec), "raypeft.sweep": name})
     log(f"[raypeft] sweep {name}: MLflow parent run {parent} at {uri}")
     t0 = time.time()

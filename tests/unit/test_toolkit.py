@@ -82,3 +82,33 @@ def test_a_client_with_a_ray_token_turns_token_auth_on(monkeypatch, tmp_path, en
         monkeypatch.setenv(k, v)
     token_auth_env()
     assert os.environ.get("RAY_AUTH_MODE") == mode
+
+
+def test_mlflow_credentials_travel_to_workers_and_replicas_only_when_set(monkeypatch):
+    from cluster.connect import MLFLOW_CLIENT_ENV, mlflow_runtime_env
+
+    for k in MLFLOW_CLIENT_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")  # passed explicitly, not carried
+    assert mlflow_runtime_env() is None
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "")  # empty: not set
+    assert mlflow_runtime_env() == {"env_vars": {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "pw"}}
+
+
+def test_a_local_tracking_store_is_not_probed():
+    from pipelines.tracking import check_server
+
+    check_server("sqlite:////nonexistent/dir/mlflow.db")  # no request, no error: only HTTP servers are probed
+    check_server("/some/dir/mlruns")
+
+
+def test_an_unreachable_tracking_server_is_named_at_once():
+    from cluster.connect import free_port
+    from pipelines.specbase import UserError
+    from pipelines.tracking import check_server
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens
+    with pytest.raises(UserError, match=f"cannot reach the MLflow tracking server at {url}"):
+        check_server(url)

@@ -1,0 +1,310 @@
+"""A real MLflow tracking server, as a cluster uses one: `mlflow server` with the basic-auth app and
+`--serve-artifacts`, on a free port, started and stopped by this module in a process group of its own.
+Clients hold only the URL and credentials: artifacts go through the server (`mlflow-artifacts:`), never
+to the store's directory.
+
+Training (rank 0 logs its steps from a Ray worker started before the credentials were set, so they can
+only arrive through raypeft's runtime env), `raypeft tune`, gated `raypeft promote` from two processes
+with separate RAYPEFT_HOMEs racing, and `raypeft serve` with a registry alias all run against it over
+HTTP. A wrong password is one clear error naming the server, exit 2, before Ray starts."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import free_port
+from tests.heads import BIN
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+USER = "admin"
+PASSWORD = secrets.token_hex(12)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import requests
+
+    d = tmp_path_factory.mktemp("mlflow-server")
+    ini = d / "basic_auth.ini"
+    ini.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{d / 'auth.db'}\nadmin_username = {USER}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),  # CSRF protection of the auth app
+    }
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        env.pop(k, None)
+    cmd = [
+        str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}", "--serve-artifacts",
+        "--artifacts-destination", str(d / "artifacts"), "--workers", "1",
+    ]  # fmt: skip
+    log = open(d / "server.log", "wb")  # noqa: SIM115 - open for the server's lifetime
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=d)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            assert proc.poll() is None, (d / "server.log").read_text(errors="replace")[-3000:]
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(1)
+        else:
+            raise AssertionError("mlflow server not up after 120 s:\n" + (d / "server.log").read_text()[-3000:])
+        yield {"url": url, "artifacts": d / "artifacts"}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _client_env(url: str, home: Path, password: str = PASSWORD) -> dict[str, str]:
+    """A client machine's environment: the server's URL and credentials, a home of its own, and no pointer to
+    this process's own Ray cluster (each command starts a local one)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    return {
+        **env,
+        "MLFLOW_TRACKING_URI": url,
+        "MLFLOW_TRACKING_USERNAME": USER,
+        "MLFLOW_TRACKING_PASSWORD": password,
+        "RAYPEFT_HOME": str(home),
+    }
+
+
+def _spec(tiny_model_dir, chat_data, name: str, **train) -> dict:
+    return {
+        "name": name,
+        "model": {"base": str(tiny_model_dir)},
+        "method": {"name": "lora", "r": 4},
+        "data": {"train": str(chat_data), "format": "chat", "max_length": 64, "eval_fraction": 0.2},
+        "train": {
+            "max_steps": 4,
+            "micro_batch_size": 4,
+            "lr": 0.01,
+            "warmup_steps": 0,
+            "eval_every": 0,
+            "eval_base": False,
+            **train,
+        },
+        "tracking": {"registered_model": "srv-adapter"},
+    }
+
+
+def test_a_wrong_password_is_one_clear_error_before_ray_starts(server, tiny_model_dir, chat_data, tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(_spec(tiny_model_dir, chat_data, "wrong-password")))
+    env = _client_env(server["url"], tmp_path / "home", password="not-the-password")
+    for cmd in (
+        ["train", str(spec_path)],
+        ["promote", "srv-adapter", "--version", "1", "--force"],
+    ):
+        proc = subprocess.run([str(BIN / "raypeft"), *cmd], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (cmd, proc.stdout[-2000:], proc.stderr[-3000:])
+        assert server["url"] in proc.stderr and "refused the credentials (HTTP 401" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert "Started a local Ray instance" not in proc.stdout + proc.stderr  # before any Ray resources
+
+
+@pytest.fixture(scope="module")
+def trained(server, tiny_model_dir, chat_data, tmp_path_factory):
+    """Two training jobs in this process against the server, on a local Ray cluster started *before* the
+    credentials are in the environment: rank 0 can log its steps only if raypeft carries them to it."""
+    import ray
+
+    from cluster.connect import init_ray
+    from pipelines.spec import validate
+    from pipelines.train import run
+
+    home = tmp_path_factory.mktemp("srv-home")
+    ray.shutdown()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAYPEFT_HOME", str(home))
+    init_ray(num_cpus=2, include_dashboard=False)
+    try:
+        for k, v in _client_env(server["url"], home).items():
+            if k.startswith("MLFLOW_"):
+                mp.setenv(k, v)
+        results = [
+            run(validate(_spec(tiny_model_dir, chat_data, f"srv-{i}", **kw)), log=lambda *_: None)
+            for i, kw in enumerate(({"max_steps": 1, "lr": 1e-4}, {"max_steps": 12, "lr": 0.02}))
+        ]
+        yield {"results": results, "home": home}
+    finally:
+        ray.shutdown()
+        mp.undo()
+
+
+def test_training_logs_everything_through_the_server(server, trained):
+    from mlflow import MlflowClient
+
+    url = server["url"]
+    c = MlflowClient(url, registry_uri=url)
+    for result, steps in zip(trained["results"], (1, 12)):
+        assert result["tracking_uri"] == url
+        run = c.get_run(result["run_id"])
+        assert run.info.status == "FINISHED"
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri  # proxied
+        history = c.get_metric_history(result["run_id"], "train_loss")  # logged by rank 0, a Ray worker
+        assert [m.step for m in history][-1] == steps and all(m.value > 0 for m in history)
+        assert "worker_rss_mib" in run.data.metrics
+    versions = {v.version for v in c.search_model_versions("name='srv-adapter'")}
+    assert versions == {"1", "2"}
+    # the artifacts went through the server into its own store
+    assert any(server["artifacts"].rglob("adapter_model.safetensors"))
+
+
+def test_two_gated_promotions_race_from_two_machines(server, trained, chat_data, tmp_path):
+    """Two `raypeft promote` processes with separate RAYPEFT_HOMEs (no shared lock file), started together:
+    the alias ends on the better version, and the validation tags name the holder each was judged against."""
+    from mlflow import MlflowClient
+
+    url = server["url"]
+    gate = tmp_path / "gate.yaml"
+    gate.write_text(
+        yaml.safe_dump(
+            {
+                "metric": "eval_loss",
+                "mode": "min",
+                "data": {"train": str(chat_data), "format": "chat", "max_length": 64, "eval_fraction": 0.2},
+            }
+        )
+    )
+    procs = [
+        subprocess.Popen(
+            [
+                str(BIN / "raypeft"),
+                "promote",
+                "srv-adapter",
+                "--version",
+                v,
+                "--alias",
+                "champion",
+                "--gate",
+                str(gate),
+            ],
+            env=_client_env(url, tmp_path / f"machine-{v}"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for v in ("1", "2")
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    codes = [p.returncode for p in procs]
+    c = MlflowClient(url, registry_uri=url)
+    holder = c.get_model_version_by_alias("srv-adapter", "champion").version
+    assert holder == "2", (codes, outs)  # 12 steps at lr 0.02 beat 1 step at lr 1e-4 on eval loss
+    assert codes[1] == 0, outs[1]
+    v1 = c.get_model_version("srv-adapter", "1").tags
+    v2 = c.get_model_version("srv-adapter", "2").tags
+    if codes[0] == 0:  # version 1 moved first (to an empty alias); 2 then beat it
+        assert v2.get("validation.baseline_version") == "1", v2
+    else:  # 2 moved first; 1 was judged against 2 (again, if 2 moved meanwhile) and refused
+        assert codes[0] == 1 and "refused" in outs[0][1], outs[0]
+        assert v1.get("validation.baseline_version") == "2", v1
+    history = json.loads(c.get_registered_model("srv-adapter").tags["raypeft.alias_history.champion"])
+    assert [h["version"] for h in history] == (["1", "2"] if codes[0] == 0 else ["2"]), history
+
+
+def test_serve_follows_an_alias_on_the_server(server, trained, tiny_model_dir, tmp_path):
+    """`raypeft serve`'s replicas read `models:/srv-adapter@champion` through the server, with the
+    credentials raypeft carries to them, and answer as that version does under PEFT."""
+    import requests
+
+    from tests.unit.test_engine import _reference
+
+    url = server["url"]
+    from mlflow import MlflowClient
+
+    c = MlflowClient(url, registry_uri=url)
+    holder = c.get_model_version_by_alias("srv-adapter", "champion").version
+    port = free_port()
+    spec = {
+        "name": "srv-serve",
+        "model": {"base": str(tiny_model_dir), "name": "tiny"},
+        "adapters": {"champ": "models:/srv-adapter@champion"},
+        "limits": {"max_new_tokens": 8, "max_prompt_tokens": 32},
+        "deployment": {"port": port},
+    }
+    spec_path = tmp_path / "serve.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    env = _client_env(url, tmp_path / "home")
+    proc = subprocess.Popen(
+        [str(BIN / "raypeft"), "serve", str(spec_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        for _ in range(180):
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(1)
+        r = requests.post(
+            f"http://127.0.0.1:{port}/v1/completions",
+            json={"model": "tiny:champ", "prompt": "3+4=", "max_tokens": 8},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        from mlflow.artifacts import download_artifacts
+        from transformers import AutoTokenizer
+
+        with _env(env):
+            local = download_artifacts(
+                c.get_model_version_download_uri("srv-adapter", holder), dst_path=str(tmp_path / "dl")
+            )
+        tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+        ids = tok("3+4=", add_special_tokens=False)["input_ids"]
+        want = tok.decode(_reference(tiny_model_dir, _adapter_dir(Path(local)), ids, 8), skip_special_tokens=True)
+        assert r.json()["choices"][0]["text"] == want
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)  # raypeft serve deletes its app and its local Ray stops
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextlib.contextmanager
+def _env(env: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in env if k.startswith("MLFLOW_")}
+    os.environ.update({k: v for k, v in env.items() if k.startswith("MLFLOW_")})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _adapter_dir(root: Path) -> Path:
+    return next(p.parent for p in root.rglob("adapter_config.json"))
