@@ -174,6 +174,38 @@ def test_training_logs_everything_through_the_server(server, trained):
     assert any(server["artifacts"].rglob("adapter_model.safetensors"))
 
 
+def test_a_sweep_records_every_trial_on_the_server(server, trained, tiny_model_dir, chat_data):
+    """`raypeft tune`'s sweep against the server: a parent run, one child run per trial with its evals, and
+    the best trial's adapter registered with artifacts proxied by the server."""
+    from mlflow import MlflowClient
+
+    from tests.conftest import tiny_spec
+    from tuning.sweep import sweep
+
+    spec = tiny_spec(
+        tiny_model_dir,
+        chat_data,
+        name="srv-sweep",
+        train={"max_steps": 2, "eval_every": 1},
+        scaling={"cpus_per_worker": 0.9},  # two trials at once on the 2 CPUs
+        tracking={"registered_model": "srv-sweep-best"},
+        tune={"space": {"train.lr": {"grid": [1e-4, 0.02]}}, "num_samples": 1, "scheduler": "fifo"},
+    )
+    result = sweep(spec)
+    url = server["url"]
+    assert result["tracking_uri"] == url and result["trials"] == 2 and result["failed"] == 0
+    c = MlflowClient(url, registry_uri=url)
+    assert c.get_run(result["parent_run_id"]).info.status == "FINISHED"
+    exp = c.get_run(result["parent_run_id"]).info.experiment_id
+    children = c.search_runs([exp], f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
+    assert len(children) == 2
+    for child in children:
+        assert [m.step for m in c.get_metric_history(child.info.run_id, "eval_loss")] == [1, 2]
+    best = c.get_model_version("srv-sweep-best", str(result["best"]["version"]))
+    assert best.run_id == result["best"]["run_id"]
+    assert c.get_run(best.run_id).info.artifact_uri.startswith("mlflow-artifacts:")
+
+
 def test_two_gated_promotions_race_from_two_machines(server, trained, chat_data, tmp_path):
     """Two `raypeft promote` processes with separate RAYPEFT_HOMEs (no shared lock file), started together:
     the alias ends on the better version, and the validation tags name the holder each was judged against."""
