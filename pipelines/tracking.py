@@ -285,6 +285,12 @@ def register_directory(
     return out
 
 
+def reopen_run(uri: str, run_id: str) -> None:
+    """A resumed job's run is running again (it may have ended FAILED when its restarts ran out); the earlier
+    attempt's error stays in its ``raypeft.error`` tag."""
+    client(uri).update_run(run_id, status="RUNNING")
+
+
 def fail_run(uri: str, run_id: str, error: str) -> None:
     c = client(uri)
     c.set_tag(run_id, "raypeft.error", error[:5000])

@@ -120,6 +120,7 @@ def run(spec: JobSpec, log=print) -> dict[str, Any]:
     if prior:
         run_id = prior["mlflow_run_id"]
         log(f"[raypeft] resuming unfinished job {run_name!r} (MLflow run {run_id})")
+        tracking.reopen_run(uri, run_id)
     else:
         run_id = tracking.start_run(spec, uri, run_name, {**lineage, "raypeft.job": run_name})
     _write_state(storage, run_name, {"status": "running", "mlflow_run_id": run_id, "tracking_uri": uri})

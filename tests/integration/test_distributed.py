@@ -251,3 +251,43 @@ def test_rerun_after_driver_crash_resumes_the_same_run(tmp_path, tiny_model_dir,
     assert len(resumed) == 1 and resumed[0].value > 0
     assert max(h.step for h in c.get_metric_history(result["run_id"], "train_loss")) == 400
     assert len(c.search_runs([c.get_run(result["run_id"]).info.experiment_id])) == 1
+
+
+def test_when_restarts_run_out_the_run_fails_and_a_rerun_resumes_it(local_ray, raypeft_home, tiny_model_dir, chat_data):
+    """``checkpoint.max_failures: 0`` and a worker SIGKILLed after a checkpoint: the job fails, its MLflow
+    run ends FAILED with the error, and running the job again resumes that run from the checkpoint."""
+    from pipelines.train import run
+
+    steps, every = 240, 40
+    kw = dict(checkpoint={"every_steps": every, "max_failures": 0, "keep": 2})
+    spec = _two_workers(tiny_model_dir, chat_data, "exhausted", "ddp", steps=steps, **kw)
+    box: dict = {}
+
+    def first():
+        try:
+            run(spec)
+        except Exception as e:  # noqa: BLE001 - the failure is what this test waits for
+            box["error"] = e
+
+    thread = threading.Thread(target=first, daemon=True)
+    thread.start()
+    run_dir = raypeft_home / "runs" / "exhausted"
+    _wait_for(lambda: _registered_checkpoint(run_dir), 300, "a registered checkpoint")
+    os.kill(_wait_for(_train_worker_pids, 10, "Ray Train worker processes")[-1], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "error" in box, "the job did not fail although no restart was allowed"
+    state = json.loads((run_dir / "raypeft_job.json").read_text())
+    assert state["status"] == "failed"
+    c = _client(state["tracking_uri"])
+    failed = c.get_run(state["mlflow_run_id"])
+    assert failed.info.status == "FAILED" and failed.data.tags["raypeft.error"]
+
+    result = run(spec)  # the same job again
+    assert result["run_id"] == state["mlflow_run_id"] and result["job"] == "exhausted"
+    done = c.get_run(result["run_id"])
+    assert done.info.status == "FINISHED"
+    resumed = c.get_metric_history(result["run_id"], "resumed_from_step")
+    assert len(resumed) == 1 and resumed[0].value > 0 and resumed[0].value % every == 0
+    logged = {h.step for h in c.get_metric_history(result["run_id"], "train_loss")}
+    assert logged == set(range(1, steps + 1)), "steps are not continuous"
+    assert len(c.search_runs([done.info.experiment_id])) == 1
