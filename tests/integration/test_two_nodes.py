@@ -4,11 +4,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
+import time
+from pathlib import Path
 
+import psutil
 import pytest
+import torch
 import yaml
 
 from tests.heads import BIN, head_env, ray_start_head, ray_start_node, wait_for_nodes
@@ -71,3 +76,123 @@ def test_a_two_worker_job_runs_one_rank_on_each_node(tiny_model_dir, chat_data, 
 
     ckpts = sorted(p.name for p in home.rglob("step_*") if p.is_dir())
     assert ckpts[-2:] == ["step_0000002", "step_0000004"], ckpts  # both ranks wrote to the shared storage
+
+
+def _raylet(node: subprocess.Popen) -> psutil.Process:
+    """The raylet of a node this test started (a child of its `ray start --block`), found by parentage."""
+    for p in psutil.Process(node.pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if p.name() == "raylet":
+                return p
+    raise AssertionError("the node's raylet is not running")
+
+
+def _registered(run_dir: Path) -> int:
+    """Step of the latest checkpoint Ray Train's controller has registered, else 0."""
+    try:
+        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return int(((snap.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("step", 0))
+
+
+def test_losing_a_node_mid_run_repeats_at_most_one_checkpoint_interval(tiny_model_dir, chat_data, tmp_path):
+    """SIGKILL the second node (its raylet, then its other processes, by PID) during a 2-worker run, then
+    start a node again: Ray Train restarts the worker group from the last registered checkpoint, with its
+    default health-check interval. One MLflow run, continuous steps, at most one checkpoint interval
+    repeated, and the adapter equals an uninterrupted run's."""
+    import ray
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file
+
+    from cluster.connect import init_ray
+    from pipelines.spec import validate
+    from pipelines.train import run
+
+    ray.shutdown()
+    token = os.environ["RAY_AUTH_TOKEN"]
+    home = tmp_path / "home"
+    steps, every = STEPS, EVERY
+    raw = _lossy_spec(tiny_model_dir, chat_data, steps, every)
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(raw))
+    log_path = tmp_path / "driver.log"
+    with contextlib.ExitStack() as stack:
+        gcs = stack.enter_context(ray_start_head(token, num_cpus=1, dashboard=False))
+        second = contextlib.ExitStack()
+        node = second.enter_context(ray_start_node(gcs, token, num_cpus=1))
+        env = {**head_env(token, RAYPEFT_HOME=str(home)), "RAY_ADDRESS": gcs}
+        env.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)  # Ray Train's default
+        with open(log_path, "wb") as out:
+            driver = subprocess.Popen(
+                [str(BIN / "raypeft"), "train", str(spec_path)], env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+        stack.callback(lambda: driver.poll() is None and driver.kill())
+        run_dir = home / "runs" / "lossy"
+        deadline = time.time() + 300
+        while _registered(run_dir) < every:
+            assert driver.poll() is None and time.time() < deadline, log_path.read_text(errors="replace")[-4000:]
+            time.sleep(0.05)
+        killed_after = _registered(run_dir)
+        processes = psutil.Process(node.pid).children(recursive=True)  # the node's raylet, agents and workers
+        _raylet(node).kill()  # SIGKILL, by PID
+        for p in processes:  # and the rest of the node, as when a machine goes away (a worker outlives its
+            with contextlib.suppress(psutil.NoSuchProcess):  # raylet for a while otherwise, still training)
+                p.kill()
+        t_lost = time.time()
+        second.close()  # its `ray start --block` ends when its raylet dies; anything left in its group goes
+        stack.enter_context(ray_start_node(gcs, token, num_cpus=1))  # a node joins again
+        assert driver.wait(timeout=600) == 0, log_path.read_text(errors="replace")[-4000:]
+        t_done = time.time()
+    out = log_path.read_text(errors="replace")
+    result = next(json.loads(x) for x in reversed(out.splitlines()) if x.startswith('{"run_id"'))
+    c = MlflowClient(result["tracking_uri"])
+    resumed = c.get_metric_history(result["run_id"], "resumed_from_step")
+    assert len(resumed) == 1 and resumed[0].value >= killed_after, (resumed, killed_after)
+    logged = [h.step for h in c.get_metric_history(result["run_id"], "train_loss")]
+    assert sorted(set(logged)) == list(range(1, steps + 1)), "steps are not continuous"
+    repeated = len(logged) - len(set(logged))
+    assert repeated <= every, f"{repeated} steps repeated, more than one checkpoint interval ({every})"
+    run_ = c.get_run(result["run_id"])
+    assert len(c.search_runs([run_.info.experiment_id])) == 1
+    restart_at = max(h.timestamp for h in c.get_metric_history(result["run_id"], "first_step_at")) / 1000
+    print(
+        f"\nnode loss: {repeated} steps repeated (checkpoint every {every}), resumed from step "
+        f"{int(resumed[0].value)}, training again {restart_at - t_lost:.1f}s after the loss, "
+        f"job done {t_done - t_lost:.1f}s after it"
+    )
+
+    # the same job, uninterrupted, on one node: the same adapter
+    try:
+        init_ray(num_cpus=2, include_dashboard=False)
+        clean = run(validate({**raw, "name": "lossless"}), log=lambda *_: None)
+    finally:
+        ray.shutdown()
+    a = load_file(Path(result["adapter_dir"]) / "adapter_model.safetensors")
+    b = load_file(Path(clean["adapter_dir"]) / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+STEPS, EVERY = 800, 200  # a checkpoint interval of several seconds: longer than the default health check
+
+
+def _lossy_spec(tiny_model_dir, chat_data, steps: int, every: int) -> dict:
+    return {
+        "name": "lossy",
+        "model": {"base": str(tiny_model_dir)},
+        "method": {"name": "lora", "r": 4, "dropout": 0.1},  # dropout: the RNG state must be restored too
+        "data": {"train": str(chat_data), "format": "chat", "max_length": 64, "eval_fraction": 0.2},
+        "train": {
+            "max_steps": steps,
+            "micro_batch_size": 2,
+            "global_batch_size": 4,
+            "lr": 0.01,
+            "warmup_steps": 1,
+            "eval_every": 0,
+            "eval_base": False,
+        },
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+        "checkpoint": {"every_steps": every, "max_failures": 2, "keep": 2},
+    }
