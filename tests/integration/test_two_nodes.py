@@ -155,6 +155,10 @@ def test_losing_a_node_mid_run_repeats_at_most_one_checkpoint_interval(tiny_mode
     assert repeated <= every, f"{repeated} steps repeated, more than one checkpoint interval ({every})"
     run_ = c.get_run(result["run_id"])
     assert len(c.search_runs([run_.info.experiment_id])) == 1
+    placements = list(dict.fromkeys(x.split("node(s): ", 1)[1] for x in out.splitlines() if "workers on " in x))
+    final = json.loads(run_.data.tags["raypeft.worker_nodes"])
+    assert len(placements) == 2 and len(set(final)) == 2, placements  # the tag names the new placement:
+    assert {n[:12] for n in final} != {x.split("→ ")[1][:12] for x in placements[0].split(", ")}, placements
     restart_at = max(h.timestamp for h in c.get_metric_history(result["run_id"], "first_step_at")) / 1000
     print(
         f"\nnode loss: {repeated} steps repeated (checkpoint every {every}), resumed from step "
