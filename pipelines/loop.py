@@ -84,7 +84,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from pipelines import methods, preflight
     from pipelines.engines import build_engine, deepspeed_setup, probe_logits
     from pipelines.evaluate import eval_loss, task_score
-    from pipelines.models import load_base
+    from pipelines.models import load_base, one_4bit_layout
     from pipelines.prepare import open_layout
     from pipelines.tracking import StepLogger
 
@@ -111,6 +111,7 @@ def train_worker(config: dict[str, Any]) -> None:
     )  # keep alive: ZeRO-3 partitions weights while they load
     t_load = time.perf_counter()
     base, tok, _ = load_base(spec, device=device, log=log)
+    one_4bit_layout(base)  # evals and checkpoint probes must not switch the 4-bit kernel mid-run
     model_load_s = time.perf_counter() - t_load
     base_modules = preflight.module_names(base)
     prepared = methods.build(spec, base)

@@ -162,21 +162,29 @@ def _wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def test_sigkilled_worker_resumes_from_checkpoint_exactly(local_ray, raypeft_home, tiny_model_dir, chat_data):
-    """SIGKILL one ZeRO-2 worker mid-run: the run completes from its last checkpoint, in one MLflow run,
-    and ends with the same adapter as an uninterrupted run (model, optimizer, RNG and data restored)."""
+@pytest.mark.parametrize(
+    "strategy,method,steps,every",
+    [("zero2", "lora", 240, 40), ("zero3", "lora", 60, 20), ("ddp", "qlora", 60, 20)],
+    ids=["zero2", "zero3", "qlora"],
+)
+def test_sigkilled_worker_resumes_from_checkpoint_exactly(
+    local_ray, raypeft_home, tiny_model_dir, chat_data, strategy, method, steps, every
+):
+    """SIGKILL one worker mid-run (ZeRO-2, ZeRO-3 with its partitioned weights and optimizer, QLoRA on a
+    4-bit base): the run completes from its last checkpoint, in one MLflow run, and ends with the same
+    adapter as an uninterrupted run (model, optimizer, RNG and data restored)."""
     from safetensors.torch import load_file
 
     from pipelines.train import run
 
-    steps, every = 240, 40
     kw = dict(checkpoint={"every_steps": every, "max_failures": 1, "keep": 2})
-    spec = _two_workers(tiny_model_dir, chat_data, "killed", "zero2", steps=steps, **kw)
+    name = f"killed-{strategy}-{method}"
+    spec = _two_workers(tiny_model_dir, chat_data, name, strategy, method=method, steps=steps, **kw)
     spec = spec.model_copy(update={"method": spec.method.model_copy(update={"dropout": 0.1})})  # RNG matters
     box: dict = {}
     thread = threading.Thread(target=lambda: box.setdefault("result", run(spec)), daemon=True)
     thread.start()
-    run_dir = raypeft_home / "runs" / "killed"
+    run_dir = raypeft_home / "runs" / name
     _wait_for(lambda: _registered_checkpoint(run_dir), 300, "a registered checkpoint")
     pids = _wait_for(_train_worker_pids, 10, "Ray Train worker processes")
     os.kill(pids[-1], signal.SIGKILL)
@@ -195,7 +203,7 @@ def test_sigkilled_worker_resumes_from_checkpoint_exactly(local_ray, raypeft_hom
     assert len(c.search_runs([exp])) == 1
 
     # the same job without the kill ends bit-for-bit (to float tolerance) where the killed one did
-    clean = run(spec.model_copy(update={"name": "unkilled"}))
+    clean = run(spec.model_copy(update={"name": f"un{name}"}))
     a = load_file(Path(result["adapter_dir"]) / "adapter_model.safetensors")
     b = load_file(Path(clean["adapter_dir"]) / "adapter_model.safetensors")
     assert a.keys() == b.keys()

@@ -212,3 +212,35 @@ def test_unknown_method_and_bad_args_are_spec_errors(tiny_model_dir, chat_data):
     with pytest.raises(SpecError) as e:
         tiny_spec(tiny_model_dir, chat_data, method={"name": "vera", "args": {"nonsense": 3}})
     assert "method.args.nonsense" in [f for f, _ in e.value.problems]
+
+
+def test_an_eval_between_qlora_steps_leaves_the_training_path_as_it_was(tiny_model_dir, chat_data):
+    """bitsandbytes repacks CPU 4-bit weights at the first eval-mode no-grad forward (on AVX512-BF16 CPUs),
+    after which training takes another kernel. With ``one_4bit_layout`` (what every training worker applies),
+    a probe between steps changes nothing, so a run resumed from a checkpoint matches the run uninterrupted."""
+    import random
+
+    from pipelines.engines import probe_logits
+    from pipelines.models import one_4bit_layout
+
+    spec = tiny_spec(tiny_model_dir, chat_data, method={"name": "qlora", "r": 4, "dropout": 0.1})
+
+    def train(probe: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        random.seed(0)
+        base, tok, _ = load_base(spec)
+        one_4bit_layout(base)
+        p = methods.build(spec, base)
+        p.model.train()
+        ex = D.encode_all(D.load_records(str(chat_data)), spec.data, tok)
+        for step in range(5):
+            p.model(**D.collate(ex[4 * step : 4 * step + 4], tok.pad_token_id)).loss.backward()
+            p.optimizer.step()
+            p.optimizer.zero_grad()
+            if probe and step == 1:
+                probe_logits(p.model, ex[0], torch.device("cpu"))  # what a checkpoint does
+        return {n: t.detach().clone() for n, t in p.model.named_parameters() if t.requires_grad}
+
+    a, b = train(probe=False), train(probe=True)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
