@@ -299,3 +299,53 @@ def test_when_restarts_run_out_the_run_fails_and_a_rerun_resumes_it(local_ray, r
     logged = {h.step for h in c.get_metric_history(result["run_id"], "train_loss")}
     assert logged == set(range(1, steps + 1)), "steps are not continuous"
     assert len(c.search_runs([done.info.experiment_id])) == 1
+
+
+def test_a_worker_killed_while_a_checkpoint_is_written_resumes_from_the_last_complete_one(
+    local_ray, raypeft_home, tiny_model_dir, chat_data, monkeypatch
+):
+    """SIGKILL both ZeRO-2 workers (each rank writes its own optimizer partition) the moment a new checkpoint
+    directory appears in storage, before Ray Train has registered it: the resume uses the last registered
+    checkpoint, never the partial one, and the run ends with the adapter of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from pipelines.train import run
+
+    # Ray Train's default: the controller registers a checkpoint when it next polls the workers, so a
+    # directory that has just appeared is (almost always) not registered yet when the workers die
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")
+    steps, every = 400, 40
+    kw = dict(checkpoint={"every_steps": every, "max_failures": 1, "keep": 4})
+    spec = _two_workers(tiny_model_dir, chat_data, "torn", "zero2", steps=steps, **kw)
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.setdefault("result", run(spec)), daemon=True)
+    thread.start()
+    run_dir = raypeft_home / "runs" / "torn"
+    registered = _wait_for(lambda: _registered_checkpoint(run_dir), 300, "a registered checkpoint")
+    pids = _wait_for(_train_worker_pids, 10, "Ray Train worker processes")
+
+    def being_written():
+        newer = [int(p.name[5:]) for p in run_dir.glob("step_*") if int(p.name[5:]) > registered]
+        return min(newer) if newer else None
+
+    torn = _wait_for(being_written, 120, "the next checkpoint's directory")
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    registered_at_kill = _registered_checkpoint(run_dir)
+    thread.join(timeout=600)
+    assert "result" in box, "the run did not complete after a worker was killed"
+    result = box["result"]
+    c = _client(result["tracking_uri"])
+    resumed = int(c.get_metric_history(result["run_id"], "resumed_from_step")[0].value)
+    # the one the controller had registered when the worker died (the torn one only if it was complete and
+    # registered in the instant between its directory appearing and the kill)
+    assert resumed == registered_at_kill and resumed in (registered, torn), (registered, torn, resumed)
+    print(f"\nkilled while step {torn} was written; resumed from step {resumed}")
+    logged = {h.step for h in c.get_metric_history(result["run_id"], "train_loss")}
+    assert logged == set(range(1, steps + 1))
+
+    clean = run(spec.model_copy(update={"name": "untorn"}))
+    a = load_file(Path(result["adapter_dir"]) / "adapter_model.safetensors")
+    b = load_file(Path(clean["adapter_dir"]) / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
