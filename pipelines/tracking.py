@@ -189,9 +189,13 @@ def _global_uri(uri: str):
     """mlflow's fluent API reads a process-global URI, and ``set_tracking_uri`` also exports it as
     ``MLFLOW_TRACKING_URI``; restore both afterwards so one job's URI never leaks into the next."""
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry_state
+    from mlflow.tracking._tracking_service import utils as tracking_state
 
     saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    # what was *set* (None: nothing), not mlflow.get_tracking_uri(), which would be the default URI: setting
+    # that back would pin the process to it and hide a MLFLOW_TRACKING_URI exported later
+    saved = (tracking_state._tracking_uri, registry_state._registry_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:

@@ -306,10 +306,9 @@ def test_serve_follows_an_alias_on_the_server(server, trained, tiny_model_dir, t
         from mlflow.artifacts import download_artifacts
         from transformers import AutoTokenizer
 
-        with _env(env):
-            local = download_artifacts(
-                c.get_model_version_download_uri("srv-adapter", holder), dst_path=str(tmp_path / "dl")
-            )
+        local = download_artifacts(  # the credentials: the `trained` fixture's environment
+            c.get_model_version_download_uri("srv-adapter", holder), dst_path=str(tmp_path / "dl"), tracking_uri=url
+        )
         tok = AutoTokenizer.from_pretrained(tiny_model_dir)
         ids = tok("3+4=", add_special_tokens=False)["input_ids"]
         want = tok.decode(_reference(tiny_model_dir, _adapter_dir(Path(local)), ids, 8), skip_special_tokens=True)
@@ -322,20 +321,6 @@ def test_serve_follows_an_alias_on_the_server(server, trained, tiny_model_dir, t
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-
-
-@contextlib.contextmanager
-def _env(env: dict[str, str]):
-    saved = {k: os.environ.get(k) for k in env if k.startswith("MLFLOW_")}
-    os.environ.update({k: v for k, v in env.items() if k.startswith("MLFLOW_")})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _adapter_dir(root: Path) -> Path:

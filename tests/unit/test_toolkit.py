@@ -112,3 +112,18 @@ def test_an_unreachable_tracking_server_is_named_at_once():
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens
     with pytest.raises(UserError, match=f"cannot reach the MLflow tracking server at {url}"):
         check_server(url)
+
+
+def test_a_temporary_global_tracking_uri_leaves_nothing_pinned(monkeypatch, tmp_path):
+    """After ``_global_uri``, a MLFLOW_TRACKING_URI exported later still counts: the process is not pinned
+    to whatever mlflow's default was (a CI run failed that way, reading artifacts from a default SQLite)."""
+    import mlflow
+
+    from pipelines.tracking import _global_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(None)
+    with _global_uri(f"sqlite:///{tmp_path / 'a.db'}"):
+        assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / 'a.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://later:5000")
+    assert mlflow.get_tracking_uri() == "http://later:5000"
