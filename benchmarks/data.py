@@ -30,6 +30,7 @@ Ends with one JSON line: ``prep_over_hf_map`` (raypeft ÷ HF median wall time), 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -163,20 +164,98 @@ def side_train(a: dict) -> dict:
     }
 
 
-def side_packing(a: dict) -> dict:
+def _layout(a: dict, packing: bool):
     import ray
 
     from cluster.connect import init_ray
-    from pipelines.prepare import prepare
+    from pipelines.prepare import open_layout, prepare
 
     init_ray(num_cpus=os.cpu_count(), include_dashboard=False)
-    spec = job_spec("builtin:json_extract", a["storage"], a["home"], packing=True, max_length=512)
+    spec = job_spec("builtin:json_extract", a["storage"], a["home"], packing=packing, max_length=512)
     p = prepare(spec, log=lambda *_: None)
     ray.shutdown()
-    return {"packing_efficiency": p.stats["data_packing_efficiency"]}
+    return spec, p, open_layout(p.layout)[0]
 
 
-SIDES = {f.__name__[5:]: f for f in (side_raypeft, side_hf_map, side_in_worker, side_train, side_packing)}
+def side_packing(a: dict) -> dict:
+    """Real tokens ÷ token slots over one epoch of the micro-batches ``data.collate`` builds (batch 8),
+    packed (padding-free) and not (padded rows); and the packed rows' fill, padded as before padding-free."""
+    from pipelines import data as D
+
+    out = {}
+    for packing in (True, False):
+        spec, p, rows = _layout(a, packing)
+        sharder = D.Sharder(len(rows), spec.train.micro_batch_size, 1, 0, spec.train.seed)
+        real = slots = padded_rows = 0
+        for m in range(-(-len(rows) // spec.train.micro_batch_size)):
+            micro = [rows[i] for i in sharder.indices(m)]
+            lengths = [len(r["input_ids"]) for r in micro]
+            real += sum(lengths)
+            slots += D.collate(micro, 0)["input_ids"].numel()
+            padded_rows += max(lengths) * len(micro)
+        out["packed" if packing else "unpacked"] = real / slots
+        if packing:
+            out["packed_rows_padded"] = real / padded_rows
+            out["row_fill"] = p.stats["data_row_fill"]
+    return {"packing_efficiency": out["packed"], **out}
+
+
+def side_packed_step(a: dict) -> dict:
+    """Training throughput on packed micro-batches of ``a["rows"]`` rows: ``layout`` "padding_free"
+    (``data.collate`` + ``attention.VARLEN``) or "padded_rows" (the rows padded to the longest, each with
+    transformers' block-diagonal SDPA mask: raypeft before padding-free batches). LoRA r16 on SmolLM2;
+    forward + backward + optimizer step of ``a["steps"]`` micro-batches after one warm-up, collation timed."""
+    import torch
+
+    from pipelines import attention, methods
+    from pipelines import data as D
+    from pipelines.models import load_base
+
+    spec, _, rows = _layout(a, True)
+    torch.set_num_threads(os.cpu_count() or 1)
+    base, tok, _ = load_base(spec, device="cpu", log=lambda *_: None)
+    model = methods.build(spec, base).model.train()
+    if a["layout"] == "padding_free":
+        assert attention.enable(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def padded_rows(micro):
+        n = max(len(r["input_ids"]) for r in micro)
+        out = {"input_ids": [], "labels": [], "position_ids": []}
+        for r in micro:
+            pad = n - len(r["input_ids"])
+            labels = list(r["labels"]) + [D.IGNORE] * pad
+            for start in itertools.accumulate([0, *r["segments"][:-1]]):
+                labels[start] = D.IGNORE
+            out["input_ids"].append(list(r["input_ids"]) + [tok.pad_token_id] * pad)
+            out["labels"].append(labels)
+            out["position_ids"].append([p for k in [*r["segments"], pad] for p in range(k)])
+        return {**{k: torch.tensor(v) for k, v in out.items()}, "use_cache": False}
+
+    collate = (
+        (lambda m: D.model_inputs(D.collate(m, tok.pad_token_id), "cpu"))
+        if a["layout"] == "padding_free"
+        else padded_rows
+    )
+    sharder = D.Sharder(len(rows), a["rows"], 1, 0, 0)
+    tokens, losses = 0, []
+    for m in range(a["steps"] + 1):
+        if m == 1:
+            t0, tokens = time.perf_counter(), 0
+        micro = [rows[i] for i in sharder.indices(m)]
+        loss = model(**collate(micro)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        tokens += sum(len(r["input_ids"]) for r in micro)
+        losses.append(loss.item())
+    wall = time.perf_counter() - t0
+    return {"tokens_per_s": tokens / wall, "wall_s": wall, "losses": losses}
+
+
+SIDES = {
+    f.__name__[5:]: f for f in (side_raypeft, side_hf_map, side_in_worker, side_train, side_packing, side_packed_step)
+}
 
 
 def spawn(side: str, args: dict) -> dict:

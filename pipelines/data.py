@@ -280,12 +280,29 @@ def encode_all(records: Iterable[dict], data: DataSpec, tokenizer, packing: bool
 
 
 def collate(examples: list[dict[str, list[int]]], pad_id: int):
-    """Right-padded tensors for the model. Packed rows (with ``segments``, the lengths of the examples in
-    the row) get ``position_ids`` restarting at 0 for each example and no ``attention_mask``: transformers
-    then builds a block-diagonal causal mask from the position ids (SDPA / eager), or takes its varlen path
-    (flash-attention), so no example attends to another. Padding is a segment of its own, with no labels."""
+    """Tensors for the model.
+
+    - Unpacked examples: right-padded rows with an ``attention_mask``.
+    - Packed rows (with ``segments``, the lengths of the examples in each row): **padding-free**, one row
+      of every example's tokens back to back, ``position_ids`` restarting at 0 at each example, no pad
+      token and no ``attention_mask``. ``attention.VARLEN`` then attends within each example only (one SDPA
+      call each); transformers' other implementations build a block-diagonal mask from the positions, or
+      take flash-attention's varlen path. An example's first token gets no label, so no example learns to
+      predict its neighbour's first token.
+    """
     import torch
 
+    if any("segments" in e for e in examples):
+        ids, labels, pos = [], [], []
+        for e in examples:
+            start = 0
+            for length in e.get("segments", [len(e["input_ids"])]):
+                ids += e["input_ids"][start : start + length]
+                labels += [IGNORE, *e["labels"][start + 1 : start + length]]
+                pos += range(length)
+                start += length
+        as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
+        return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(pos)}
     n = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
@@ -295,17 +312,7 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int):
         ids[i, :k] = torch.tensor(e["input_ids"])
         labels[i, :k] = torch.tensor(e["labels"])
         mask[i, :k] = 1
-    if not any("segments" in e for e in examples):
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-    pos = torch.zeros((len(examples), n), dtype=torch.long)
-    for i, e in enumerate(examples):
-        start = 0
-        for length in [*e.get("segments", [len(e["input_ids"])]), n - len(e["input_ids"])]:
-            if length:
-                pos[i, start : start + length] = torch.arange(length)
-                labels[i, start] = IGNORE  # no example learns to predict the next one's first token
-            start += length
-    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def model_inputs(batch: dict, device) -> dict:

@@ -136,6 +136,14 @@ def train_worker(config: dict[str, Any]) -> None:
         f"data: {len(train_ex)} train rows{' (packed)' if layout['packed'] else ''}, {len(eval_ex)} eval rows, "
         f"format {spec.data.format}"
     )
+    if layout["packed"]:
+        from pipelines import attention
+
+        varlen = attention.enable(model)
+        log(
+            "packed micro-batches are padding-free rows; attention "
+            + ("per example (raypeft_sdpa_varlen)" if varlen else "through transformers' block-diagonal mask")
+        )
     sharder = D.Sharder(len(train_ex), spec.train.micro_batch_size, world, rank, spec.train.seed)
     pad_id = tok.pad_token_id
     base_lrs = [g["lr"] for g in engine.param_groups]
@@ -216,16 +224,16 @@ def train_worker(config: dict[str, Any]) -> None:
             logger.log({"checkpoint_save_s": save_s}, step)
 
     accum = spec.grad_accum()
-    t_start, tokens_since, t_last = time.perf_counter(), 0, time.perf_counter()
+    t_start, tokens_since, slots_since, t_last = time.perf_counter(), 0, 0, time.perf_counter()
     loss_sum = torch.zeros(2, dtype=torch.float64)
     lr = set_lr(start_step)
     metrics: dict[str, float] = dict(final_metrics)
     for step in range(start_step, spec.train.max_steps):
         rows = [[train_ex[i] for i in sharder.indices(step * accum + m)] for m in range(accum)]
-        loss_sum += torch.tensor(
-            accumulate(engine, [D.collate(r, pad_id) for r in rows], world, device), dtype=torch.float64
-        )
+        batches = [D.collate(r, pad_id) for r in rows]
+        loss_sum += torch.tensor(accumulate(engine, batches, world, device), dtype=torch.float64)
         tokens_since += sum(len(r["input_ids"]) for micro in rows for r in micro)
+        slots_since += sum(b["input_ids"].numel() for b in batches)  # what the model computed on, pads included
         engine.finish_step(step)
         done = step + 1
         if step == start_step and logger:  # what a worker holds once training runs, and how long it took to start
@@ -245,21 +253,28 @@ def train_worker(config: dict[str, Any]) -> None:
 
         if done % spec.train.log_every == 0 or done == spec.train.max_steps:
             stats = torch.tensor(  # on the worker's device: NCCL reduces GPU tensors only
-                [loss_sum[0].item(), loss_sum[1].item(), float(tokens_since)], dtype=torch.float64, device=device
+                [loss_sum[0].item(), loss_sum[1].item(), float(tokens_since), float(slots_since)],
+                dtype=torch.float64,
+                device=device,
             )
             if world > 1:
                 dist.all_reduce(stats)
             now = time.perf_counter()
             tok_s = stats[2].item() / max(now - t_last, 1e-9)
             eta = (now - t_start) / max(done - start_step, 1) * (spec.train.max_steps - done)
-            metrics = {"train_loss": stats[0].item() / max(stats[1].item(), 1), "lr": lr_used, "tokens_per_s": tok_s}
+            metrics = {
+                "train_loss": stats[0].item() / max(stats[1].item(), 1),
+                "lr": lr_used,
+                "tokens_per_s": tok_s,
+                "real_token_fraction": stats[2].item() / max(stats[3].item(), 1),  # real tokens ÷ token slots
+            }
             log(
                 f"step {done}/{spec.train.max_steps} loss {metrics['train_loss']:.4f} lr {lr_used:.2e} tok/s {tok_s:,.0f} eta {_fmt_eta(eta)}"
             )
             if logger:
                 logger.log({**metrics, "epoch": sharder.epoch_of(done * accum)}, done)
             loss_sum.zero_()
-            tokens_since, t_last = 0, now
+            tokens_since, slots_since, t_last = 0, 0, now
             final_metrics["train_loss"] = metrics["train_loss"]
 
         is_last = done == spec.train.max_steps

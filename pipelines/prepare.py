@@ -589,11 +589,11 @@ def _layout(spec: JobSpec, shards: Path, meta: dict, has_eval_source: bool, log)
         items = np.concatenate([train_idx[np.asarray(b)] for b in bins])
         ptr = np.zeros(len(bins) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in bins], out=ptr[1:])
-        stats["packing_efficiency"] = float(lens[train_idx].sum()) / (len(bins) * d.max_length)
+        stats["row_fill"] = float(lens[train_idx].sum()) / (len(bins) * d.max_length)
         stats["train_rows"] = float(len(bins))
         log(
             f"[raypeft] data: packed {len(train_idx):,} examples into {len(bins):,} rows of ≤ {d.max_length} "
-            f"tokens (best-fit decreasing), efficiency {stats['packing_efficiency']:.3f}"
+            f"tokens (best-fit decreasing, rows {stats['row_fill']:.1%} full); micro-batches are padding-free"
         )
     else:
         items, ptr = train_idx, None

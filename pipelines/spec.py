@@ -152,8 +152,9 @@ class DataSpec(Section):
     max_length: Int = Field(256, gt=8, le=131072, description="Maximum tokens per example (longer ones are truncated).")
     packing: bool = Field(
         False,
-        description="Pack several examples into each max_length row (best-fit decreasing). Each example keeps its "
-        "own positions and attends only to itself (block-diagonal mask; flash-attention's varlen path on GPU).",
+        description="Pack whole examples into rows of at most max_length tokens (best-fit decreasing); a micro-batch "
+        "of rows is one padding-free row. Each example keeps its own positions and attends only to itself (one "
+        "SDPA call per example; flash-attention's varlen path on GPU).",
     )
     skip_invalid: bool = Field(
         False,

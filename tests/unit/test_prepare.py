@@ -72,18 +72,29 @@ def test_best_fit_decreasing_is_tight_and_loses_nothing():
         D.pack_bfd([513], 512)
 
 
-def test_packed_examples_do_not_see_each_other(tiny_model_dir, tok):
-    """Each example's per-token losses in a packed row equal the example run alone (1e-5)."""
+@pytest.mark.parametrize("impl", ["sdpa", "varlen"])
+def test_packed_examples_do_not_see_each_other(tiny_model_dir, tok, impl):
+    """A padding-free micro-batch of two packed rows: each example's per-token losses equal the example run
+    alone (1e-5), through transformers' block-diagonal SDPA mask and through raypeft's per-example SDPA."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from pipelines import attention
+
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
-    exs = [D.encode(_chat(i), "chat", tok, 64) for i in (3, 11, 24)]
-    (row,) = D.pack(exs, 256)
-    (order,) = D.pack_bfd([len(e["input_ids"]) for e in exs], 256)
-    exs = [exs[i] for i in order]  # the row's order: longest first
-    batch = D.model_inputs(D.collate([row, exs[0]], tok.pad_token_id), "cpu")  # with a padded second row
-    assert batch["position_ids"][0].tolist()[: row["segments"][0] + 2] == [*range(row["segments"][0]), 0, 1]
+    if impl == "varlen":
+        assert attention.enable(model)
+    exs = [D.encode(_chat(i), "chat", tok, 64) for i in (3, 11, 24, 7, 30)]
+    rows = D.pack(exs, 96)
+    assert len(rows) >= 2
+    order = [i for b in D.pack_bfd([len(e["input_ids"]) for e in exs], 96) for i in b]
+    exs = [exs[i] for i in order]  # the rows' order: longest first
+    batch = D.model_inputs(D.collate(rows, tok.pad_token_id), "cpu")
+    n_tokens = sum(len(e["input_ids"]) for e in exs)
+    assert batch["input_ids"].shape == (1, n_tokens)  # padding-free: not one pad token
+    assert "attention_mask" not in batch
+    first = rows[0]["segments"][0]
+    assert batch["position_ids"][0].tolist()[: first + 2] == [*range(first), 0, 1]
 
     def token_losses(logits, labels):
         return torch.nn.functional.cross_entropy(logits[:-1].float(), labels[1:], reduction="none", ignore_index=-100)
@@ -98,16 +109,58 @@ def test_packed_examples_do_not_see_each_other(tiny_model_dir, tok):
             torch.testing.assert_close(
                 token_losses(packed[start : start + n], labels), token_losses(alone, labels), rtol=1e-5, atol=1e-5
             )
+            assert batch["labels"][0, start] == D.IGNORE  # no example predicts its neighbour's first token
             start += n
         # without the per-example positions the same row does mix examples: the check above can fail
-        mixed = model(input_ids=batch["input_ids"][:1]).logits[0]
-        n0, n1 = row["segments"][:2]
+        mixed = model(input_ids=batch["input_ids"]).logits[0]
+        n0, n1 = len(exs[0]["input_ids"]), len(exs[1]["input_ids"])
         lab = torch.tensor(exs[1]["labels"])
         assert not torch.allclose(
             token_losses(mixed[n0 : n0 + n1], lab),
             token_losses(model(input_ids=torch.tensor([exs[1]["input_ids"]])).logits[0], lab),
             atol=1e-4,
         )
+
+
+def test_varlen_attention_never_attends_beyond_one_example(tiny_model_dir, tok):
+    """raypeft's padding-free attention calls SDPA once per example, on that example's tokens only, and
+    gives the same loss and gradients as the block-diagonal mask over the whole row (1e-5)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import AutoModelForCausalLM
+
+    from pipelines import attention
+
+    exs = [D.encode(_chat(i), "chat", tok, 64) for i in (3, 11, 24, 7, 30)]
+    batch = D.collate(D.pack(exs, 96), tok.pad_token_id)
+    longest = max(len(e["input_ids"]) for e in exs)
+
+    class Lengths(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in func.__name__ and "backward" not in func.__name__:
+                self.seen.append(args[0].shape[-2])
+            return func(*args, **(kwargs or {}))
+
+    grads, losses, seen = {}, {}, {}
+    for impl in ("sdpa", "varlen"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+        if impl == "varlen":
+            assert attention.enable(model)
+        with Lengths() as mode:
+            out = model(**D.model_inputs(batch, "cpu"))
+            out.loss.backward()
+        seen[impl] = mode.seen
+        losses[impl] = out.loss.detach()
+        grads[impl] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert seen["varlen"] and max(seen["varlen"]) == longest  # one example at a time
+    assert min(seen["sdpa"]) == batch["input_ids"].shape[1]  # the stock path attends over the whole row
+    torch.testing.assert_close(losses["varlen"], losses["sdpa"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads["varlen"], grads["sdpa"], rtol=1e-5, atol=1e-5)
 
 
 def test_rows_read_back_what_encode_gives(tmp_path, tok):

@@ -1,0 +1,113 @@
+"""Padding-free attention for packed batches: one SDPA call per example, so no compute is spent on pad
+tokens or on the masked-out blocks between examples.
+
+A packed micro-batch is collated as a single row of every example's tokens, with ``position_ids`` that
+restart at 0 at each example (``data.collate``). transformers' stock SDPA path then builds a dense
+``[tokens, tokens]`` block-diagonal mask and attends over all of it: its cost grows with the square of
+the *micro-batch's* tokens. ``VARLEN`` is SDPA applied per example instead (``is_causal`` on each
+example's slice), so attention costs the sum of the squares of the *examples'* lengths, like
+flash-attention's varlen path on a GPU.
+
+Everything that is not a padding-free row (a padded batch with an ``attention_mask``, generation with a
+KV cache, a query shorter than its keys) goes to transformers' own ``sdpa_attention_forward`` with the
+mask transformers' ``sdpa_mask`` builds, unchanged. ``enable`` switches a model that runs on ``sdpa`` only;
+flash-attention already has a varlen path, and eager attention may carry soft-capping SDPA would drop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+VARLEN = "raypeft_sdpa_varlen"
+
+
+def segment_bounds(positions: list[int]) -> list[tuple[int, int]]:
+    """``(start, end)`` of every example in one padding-free row: a new example starts wherever the
+    position does not continue the previous one (as transformers' ``find_packed_sequence_indices``)."""
+    bounds, start = [], 0
+    for i in range(1, len(positions)):
+        if positions[i] != positions[i - 1] + 1:
+            bounds.append((start, i))
+            start = i
+    if positions:
+        bounds.append((start, len(positions)))
+    return bounds
+
+
+_last: tuple[Any, list[tuple[int, int]]] = (None, [])
+
+
+def _bounds_of(position_ids) -> list[tuple[int, int]]:
+    """The row's bounds, computed once per forward: every layer sees the same ``position_ids`` tensor."""
+    global _last
+    key = (position_ids.data_ptr(), position_ids.shape[-1], position_ids._version)
+    if _last[0] != key:
+        _last = (key, segment_bounds(position_ids[0].tolist()))
+    return _last[1]
+
+
+def varlen_sdpa(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """An ``AttentionInterface`` function: per-example causal SDPA on a padding-free row, else stock SDPA."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len = query.shape[2]
+    if attention_mask is not None or position_ids is None or q_len != key.shape[2] or q_len < 2:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if query.shape[0] != 1 or position_ids.shape[0] != 1:
+        if any(len(segment_bounds(row)) > 1 for row in position_ids.tolist()):
+            raise ValueError("padding-free attention takes one packed row per micro-batch (data.collate's layout)")
+        return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
+    bounds = _bounds_of(position_ids)
+    if len(bounds) == 1:
+        return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
+    outs = [
+        sdpa_attention_forward(
+            module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, is_causal=True, **kwargs
+        )[0]
+        for s, e in bounds
+    ]
+    return torch.cat(outs, dim=1), None  # [batch, tokens, heads, head_dim], as sdpa_attention_forward
+
+
+def varlen_mask(*args, attention_mask=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, **kwargs):
+    """An ``AttentionMaskInterface`` function: no mask where ``varlen_sdpa`` splits the row itself (no
+    padding, queries = keys); ``sdpa_mask`` everywhere else."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None and q_length == kv_length and not q_offset and not kv_offset:
+        return None
+    return sdpa_mask(
+        *args,
+        attention_mask=attention_mask,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        **kwargs,
+    )
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN, varlen_sdpa)
+    AttentionMaskInterface.register(VARLEN, varlen_mask)
+
+
+def enable(model) -> bool:
+    """Switch ``model`` (a PEFT wrapper or a transformers model) from ``sdpa`` to ``VARLEN``; True if it did.
+    Models on another implementation, or with a sliding window (which only a mask would apply), keep theirs:
+    their packed rows stay correct through transformers' block-diagonal mask, at its cost."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    if getattr(config, "sliding_window", None) or getattr(config, "use_sliding_window", False):
+        return False
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(target, "set_attn_implementation"):
+        return False
+    register()
+    target.set_attn_implementation(VARLEN)
+    return getattr(target.config, "_attn_implementation", None) == VARLEN
