@@ -119,9 +119,8 @@ def test_packed_padding_free_training_under_ddp(local_ray, raypeft_home, tiny_mo
     ran was a real token, and attention ran per example."""
     from mlflow import MlflowClient
 
-    from pipelines.train import run
-
     from pipelines.spec import validate
+    from pipelines.train import run
 
     raw = tiny_spec(
         tiny_model_dir,
