@@ -223,23 +223,30 @@ def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
 def encode_batch(records: list[dict[str, Any]], fmt: str, tokenizer, max_length: int) -> list[dict[str, list[int]]]:
     """``encode`` of many records with one batched tokenizer call per side (the fast tokenizer's batch path).
     Equal to ``[encode(r, ...) for r in records]``; a record the format cannot read raises ``FormatError``."""
+    return [
+        {"input_ids": ids, "labels": [IGNORE] * masked + ids[masked:]}
+        for ids, masked in encode_ids(records, fmt, tokenizer, max_length)
+    ]
+
+
+def encode_ids(records: list[dict[str, Any]], fmt: str, tokenizer, max_length: int) -> list[tuple[list[int], int]]:
+    """``encode_batch`` without building the labels: ``(input_ids, masked)`` per record, where the labels
+    are ``masked`` ignored positions followed by the ids (what preparation stores)."""
     pairs = prompts_and_completions(records, fmt, tokenizer)
     if not pairs:
         return []
     prompts = token_ids(tokenizer, [p for p, _ in pairs])
     completions = token_ids(tokenizer, [c for _, c in pairs])
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    tail = [eos] if fmt != "chat" and eos is not None else []
     out = []
     for (prompt, _), p_ids, c_ids in zip(pairs, prompts, completions):
-        p_ids = list(p_ids) if prompt else []
-        c_ids = list(c_ids) + ([eos] if fmt != "chat" and eos is not None else [])
         if fmt == "text" and bos is not None:
             p_ids = [bos]
-        ids = (p_ids + c_ids)[:max_length]
-        labels = ([IGNORE] * len(p_ids) + c_ids)[:max_length]
-        if fmt == "text" and p_ids:
-            labels[0] = IGNORE
-        out.append({"input_ids": ids, "labels": labels})
+        elif not prompt:
+            p_ids = []
+        ids = (list(p_ids) + list(c_ids) + tail)[:max_length]
+        out.append((ids, min(len(p_ids), len(ids))))  # the prompt (or BOS) is never a label
     return out
 
 

@@ -19,6 +19,7 @@ dataset, and batches stay a pure function of ``(seed, step)`` through ``data.Sha
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from pipelines import data as D
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pipelines.spec import JobSpec, ModelSpec
+    from pipelines.spec import JobSpec
 
 FORMAT_VERSION = 1
 CHUNK_BYTES = 32 << 20  # a task's share of a large file
@@ -192,24 +193,14 @@ def _global_where(chunk: dict[str, Any], where: str, lines_before: int) -> str:
 
 @dataclass(frozen=True)
 class _Job:
-    """What every chunk task needs: how to format and where to write."""
+    """What every chunk task needs: how to format and where to write. ``tokenizer`` is the driver's own,
+    the one the cache key hashed, pickled to the tasks: a task then imports no torch and loads no files,
+    which is what HF ``datasets.map``'s forked workers get by inheriting theirs."""
 
-    model: ModelSpec
+    tokenizer: Any
     fmt: str
     max_length: int
     staging: str
-
-
-_TOKENIZERS: dict[str, Any] = {}
-
-
-def _tokenizer(model: ModelSpec):
-    key = model.model_dump_json()
-    if key not in _TOKENIZERS:
-        from pipelines.models import load_tokenizer, resolve_base
-
-        _TOKENIZERS[key] = load_tokenizer(resolve_base(model, log=lambda *_: None), model.revision)
-    return _TOKENIZERS[key]
 
 
 def tokenize_chunk(chunk: dict[str, Any], job: _Job) -> dict[str, Any]:
@@ -218,10 +209,10 @@ def tokenize_chunk(chunk: dict[str, Any], job: _Job) -> dict[str, Any]:
     import ray
 
     t0 = time.perf_counter()
-    tok = _tokenizer(job.model)
+    tok = job.tokenizer
     lens: list[int] = []
     masked: list[int] = []
-    ids: list[np.ndarray] = []
+    ids = array.array("i")  # int32, compact: a chunk's tokens, back to back
     errors: list[tuple[str, str]] = []
     n_empty = n_lines = 0
     batch: list[dict] = []
@@ -230,29 +221,24 @@ def tokenize_chunk(chunk: dict[str, Any], job: _Job) -> dict[str, Any]:
     def flush() -> None:
         nonlocal n_empty
         try:
-            encoded = D.encode_batch(batch, job.fmt, tok, job.max_length)
+            encoded = D.encode_ids(batch, job.fmt, tok, job.max_length)
         except D.FormatError:  # find the records the format cannot read, one by one
             encoded = []
             for rec, where in zip(batch, where_of):
                 try:
-                    encoded.append(D.encode(rec, job.fmt, tok, job.max_length))
+                    encoded += D.encode_ids([rec], job.fmt, tok, job.max_length)
                 except D.FormatError as e:
                     errors.append((where, str(e)))
                     encoded.append(None)
         for enc in encoded:
-            if enc is None:
+            if enc is None or enc[1] == len(enc[0]):  # unreadable, or no completion token survived truncation
+                n_empty += enc is not None
                 lens.append(0)
                 masked.append(0)
                 continue
-            n_mask = next((i for i, t in enumerate(enc["labels"]) if t != D.IGNORE), len(enc["labels"]))
-            if n_mask == len(enc["labels"]):  # no completion token survived truncation
-                n_empty += 1
-                lens.append(0)
-                masked.append(0)
-                continue
-            lens.append(len(enc["input_ids"]))
-            masked.append(n_mask)
-            ids.append(np.asarray(enc["input_ids"], dtype=np.int32))
+            lens.append(len(enc[0]))
+            masked.append(enc[1])
+            ids.extend(enc[0])
         batch.clear()
         where_of.clear()
 
@@ -273,7 +259,7 @@ def tokenize_chunk(chunk: dict[str, Any], job: _Job) -> dict[str, Any]:
     n_invalid = len(errors)
     name = f"{chunk['split']}-{chunk['chunk']:05d}"
     staging = Path(job.staging)
-    flat = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
+    flat = np.frombuffer(ids, dtype=np.int32)
     np.save(staging / f"{name}-ids.npy", flat)
     np.save(staging / f"{name}-lens.npy", np.asarray(lens, dtype=np.int32))
     np.save(staging / f"{name}-masked.npy", np.asarray(masked, dtype=np.int32))
@@ -318,6 +304,13 @@ def tokenizer_hash(tok) -> str:
     return h.hexdigest()
 
 
+def _stamp(source: str, split: str) -> tuple[list[Path], str]:
+    """A local source's files and what identifies their state: (path, size, mtime) of each."""
+    p = Path(os.path.expanduser(D.resolve_source(source, split)))
+    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+    return files, json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+
+
 def source_fingerprint(source: str | None, split: str, memo: Path | None = None) -> str:
     """sha256 of a source's bytes (files in name order), remembered by (path, size, mtime) in ``memo`` so
     that the next run, trial or resume does not read a large dataset again. URLs: ``data.url_fingerprint``."""
@@ -325,9 +318,7 @@ def source_fingerprint(source: str | None, split: str, memo: Path | None = None)
         return "none"
     if "://" in source:
         return D.url_fingerprint(source)
-    p = Path(os.path.expanduser(D.resolve_source(source, split)))
-    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
-    stamp = json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+    files, stamp = _stamp(source, split)
     known = json.loads(memo.read_text()) if memo and memo.is_file() else {}
     if stamp in known:
         return known[stamp]
@@ -396,9 +387,9 @@ def prepare(spec: JobSpec, log=print, progress_every_s: float = 5.0) -> Prepared
     root = cache_root(spec)
     root.mkdir(parents=True, exist_ok=True)
     d = spec.data
-    tok = load_tokenizer(resolve_base(spec.model, log), spec.model.revision)
     memo = root / "fingerprints.json"
     evals = eval_source(spec)
+    tok = load_tokenizer(resolve_base(spec.model, log), spec.model.revision)
     key_parts = {
         "version": FORMAT_VERSION,
         "train": source_fingerprint(d.train, "train", memo),
@@ -414,7 +405,7 @@ def prepare(spec: JobSpec, log=print, progress_every_s: float = 5.0) -> Prepared
     if hit:
         log(f"[raypeft] data: cache hit {shards} (no tokenization)")
     else:
-        _tokenize(spec, evals, shards, key_parts, log, progress_every_s)
+        _tokenize(spec, tok, evals, shards, key_parts, log, progress_every_s)
     meta = json.loads((shards / "meta.json").read_text())
     layout = _layout(spec, shards, meta, evals is not None, log)
     stats = {
@@ -426,22 +417,24 @@ def prepare(spec: JobSpec, log=print, progress_every_s: float = 5.0) -> Prepared
     return Prepared(str(shards), str(layout), hit, stats)
 
 
-def _tokenize(spec: JobSpec, eval_source: str | None, out: Path, key_parts: dict, log, progress_every_s: float) -> None:
+def _tokenize(
+    spec: JobSpec, tok, eval_source: str | None, out: Path, key_parts: dict, log, progress_every_s: float
+) -> None:
     import numpy as np
     import ray
     import ray.data
 
     d = spec.data
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    chunks = plan_chunks(d.train, "train", 2 * cpus)
+    chunks = plan_chunks(d.train, "train", 8 * cpus)
     if eval_source is not None:
-        chunks += plan_chunks(eval_source, "eval", 2 * cpus)
+        chunks += plan_chunks(eval_source, "eval", 8 * cpus)
     for i, c in enumerate(chunks):
         c["chunk"] = i
     total_bytes = sum(c["end"] - c["start"] for c in chunks if c["kind"] == "jsonl")
     staging = out.parent / f".staging-{out.name}-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
-    job = _Job(spec.model, d.format, d.max_length, str(staging))
+    job = _Job(tok, d.format, d.max_length, str(staging))
     log(f"[raypeft] data: tokenizing {len(chunks)} chunk(s) on Ray Data ({cpus} CPU(s)) → {out}")
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
