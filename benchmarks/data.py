@@ -21,7 +21,11 @@ worker memory with a large dataset, the first step on a warm cache, and packing 
    hit, MLflow, the Train worker group's start and the first step. Its data share is reported beside it:
    the driver's ``prepare`` on a cache hit (``data_prepare_s``) plus the worker's ``open_layout``
    (``data_open_s``).
-5. **Packing efficiency** of the demo data at ``max_length`` 512 (real tokens ÷ row slots).
+5. **Packing efficiency** of the demo data at ``max_length`` 512: real tokens ÷ token slots over one
+   epoch of the micro-batches (8 rows) ``data.collate`` builds, padding-free; beside it the same rows
+   padded to their longest (raypeft before padding-free batches), the unpacked batches, and the rows'
+   fill. Then a training step on 4 packed rows in each layout (``packed_step``), fresh processes,
+   alternating.
 
 Ends with one JSON line: ``prep_over_hf_map`` (raypeft ÷ HF median wall time), ``worker_rss_ratio``,
 ``warm_first_step_s``, ``packing_efficiency``, plus the raw samples.
@@ -353,15 +357,30 @@ def main(argv=None) -> int:
             print(
                 f"train {side}: worker RSS {res['worker_rss_mib']:.0f} MiB, first step {res['first_step_after_load_s']:.1f}s after load"
             )
-    pack = spawn("packing", {**base, "storage": fresh("packing")})
+    pack_store = fresh("packing")
+    pack = spawn("packing", {**base, "storage": pack_store})
+    step_tok_s: dict[str, list[float]] = {"padding_free": [], "padded_rows": []}
+    for r in range(a.repeats):
+        for layout in ("padding_free", "padded_rows") if r % 2 == 0 else ("padded_rows", "padding_free"):
+            res = spawn("packed_step", {**base, "storage": pack_store, "layout": layout, "rows": 4, "steps": 2})
+            step_tok_s[layout].append(res["tokens_per_s"])
+            print(f"packed step {layout}: {res['tokens_per_s']:.1f} tok/s, losses {res['losses']}")
     for side, xs in rss.items():
         print(f"worker RSS {side}: {spread(xs)} MiB")
     print(f"warm first step beyond model load: {spread(warm)} s, of which data: {spread(share)} s")
+    print(
+        f"packing at max_length 512, micro-batches of 8: real tokens ÷ slots {pack['packed']:.3f} padding-free, "
+        f"{pack['packed_rows_padded']:.3f} as padded rows, {pack['unpacked']:.3f} unpacked; rows {pack['row_fill']:.3f} full"
+    )
+    for layout, xs in step_tok_s.items():
+        print(f"packed training step (4 rows) {layout}: {spread(xs)} tok/s")
     result = {
         "prep_over_hf_map": statistics.median(prep["raypeft"]) / statistics.median(prep["hf_map"]),
         "worker_rss_ratio": statistics.median(rss["large"]) / statistics.median(rss["demo"]),
         "warm_first_step_s": statistics.median(warm),
         "packing_efficiency": pack["packing_efficiency"],
+        "packing": pack,
+        "packed_step_tokens_per_s": step_tok_s,
         "records": a.records,
         "cores": os.cpu_count(),
         "prep_s": prep,
