@@ -163,6 +163,8 @@ def train_worker(config: dict[str, Any]) -> None:
         logger.client.set_tag(config["run_id"], "raypeft.worker_nodes", json.dumps(nodes))
     mb = spec.train.micro_batch_size
 
+    has_eval = len(eval_ex) > 0  # no eval split (data.eval_fraction 0): no eval metric, rather than a made-up 0
+
     def evaluate(step: int, prefix: str = "") -> dict[str, float]:
         out = eval_loss(model, eval_ex, mb, pad_id, device, rank, world, lockstep=lockstep)
         if spec.data.task != "none" and (is_main or lockstep):
@@ -199,7 +201,7 @@ def train_worker(config: dict[str, Any]) -> None:
         log(f"resumed from checkpoint at step {start_step} (restored in {restore_s:.1f}s)")
         if logger:
             logger.log({"resumed_from_step": start_step, "checkpoint_restore_s": restore_s}, start_step)
-    elif spec.train.eval_base and prepared.is_peft and hasattr(model, "disable_adapter"):
+    elif spec.train.eval_base and has_eval and prepared.is_peft and hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             final_metrics.update(evaluate(0, prefix="base_"))
 
@@ -278,7 +280,7 @@ def train_worker(config: dict[str, Any]) -> None:
             final_metrics["train_loss"] = metrics["train_loss"]
 
         is_last = done == spec.train.max_steps
-        evaluated = (spec.train.eval_every and done % spec.train.eval_every == 0) or is_last
+        evaluated = has_eval and ((spec.train.eval_every and done % spec.train.eval_every == 0) or is_last)
         if evaluated:
             final_metrics.update(evaluate(done))
         every = spec.checkpoint.every_steps

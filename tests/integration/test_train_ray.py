@@ -116,7 +116,7 @@ def test_two_worker_ddp(local_ray, raypeft_home, tiny_model_dir, chat_data):
 
 def test_packed_padding_free_training_under_ddp(local_ray, raypeft_home, tiny_model_dir, chat_data, capfd):
     """Packed rows, collated padding-free, trained by 2 workers: the loss falls, every token slot the model
-    ran was a real token, and attention ran per example."""
+    ran was a real token, and attention ran per example. With no eval split, no eval metric is made up."""
     from mlflow import MlflowClient
 
     from pipelines.spec import validate
@@ -129,7 +129,7 @@ def test_packed_padding_free_training_under_ddp(local_ray, raypeft_home, tiny_mo
         train={"max_steps": 10, "micro_batch_size": 2, "eval_every": 0},
         scaling={"num_workers": 2, "cpus_per_worker": 1},
     ).model_dump(mode="json")
-    raw["data"]["packing"] = True
+    raw["data"].update(packing=True, eval_fraction=0)  # and no eval split
     result = run(validate(raw))
     c = MlflowClient(result["tracking_uri"])
     losses = [h.value for h in sorted(c.get_metric_history(result["run_id"], "train_loss"), key=lambda h: h.step)]
@@ -137,6 +137,8 @@ def test_packed_padding_free_training_under_ddp(local_ray, raypeft_home, tiny_mo
     assert {h.value for h in c.get_metric_history(result["run_id"], "real_token_fraction")} == {1.0}
     assert c.get_metric_history(result["run_id"], "data_row_fill")[0].value < 1.0  # rows alone would pad
     assert "attention per example (raypeft_sdpa_varlen)" in capfd.readouterr().out
+    # no eval split: no eval metric at all, rather than an eval_loss of 0 that looks perfect
+    assert "eval_loss" not in result["metrics"] and not c.get_metric_history(result["run_id"], "eval_loss")
 
 
 def test_lora_plus_and_adalora_run_under_ray(local_ray, raypeft_home, tiny_model_dir, chat_data):
