@@ -96,18 +96,24 @@ def register() -> None:
     AttentionMaskInterface.register(VARLEN, varlen_mask)
 
 
-def enable(model) -> bool:
-    """Switch ``model`` (a PEFT wrapper or a transformers model) from ``sdpa`` to ``VARLEN``; True if it did.
-    Models on another implementation, or with a sliding window (which only a mask would apply), keep theirs:
-    their packed rows stay correct through transformers' block-diagonal mask, at its cost."""
+def supported(model) -> bool:
+    """Whether ``enable`` would switch ``model`` (a PEFT wrapper or a transformers model): it runs on
+    ``sdpa`` with no sliding window (which only a mask would apply). Others keep their implementation;
+    their padding-free rows stay correct through transformers' block-diagonal mask, at its cost."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
     if getattr(config, "sliding_window", None) or getattr(config, "use_sliding_window", False):
         return False
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not hasattr(target, "set_attn_implementation"):
+    return hasattr(target, "set_attn_implementation")
+
+
+def enable(model) -> bool:
+    """Switch ``model`` from ``sdpa`` to ``VARLEN`` when ``supported``; True if it did."""
+    if not supported(model):
         return False
     register()
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
     target.set_attn_implementation(VARLEN)
     return getattr(target.config, "_attn_implementation", None) == VARLEN

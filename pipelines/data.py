@@ -286,20 +286,20 @@ def encode_all(records: Iterable[dict], data: DataSpec, tokenizer, packing: bool
     return pack(out, data.max_length) if (data.packing if packing is None else packing) else out
 
 
-def collate(examples: list[dict[str, list[int]]], pad_id: int):
+def collate(examples: list[dict[str, list[int]]], pad_id: int, padding_free: bool = False):
     """Tensors for the model.
 
     - Unpacked examples: right-padded rows with an ``attention_mask``.
-    - Packed rows (with ``segments``, the lengths of the examples in each row): **padding-free**, one row
-      of every example's tokens back to back, ``position_ids`` restarting at 0 at each example, no pad
-      token and no ``attention_mask``. ``attention.VARLEN`` then attends within each example only (one SDPA
+    - Packed rows (with ``segments``, the lengths of the examples in each row), and any examples with
+      ``padding_free``: **padding-free**, one row of every example's tokens back to back, ``position_ids``
+      restarting at 0 at each example, no pad token and no ``attention_mask``. ``attention.VARLEN`` then attends within each example only (one SDPA
       call each); transformers' other implementations build a block-diagonal mask from the positions, or
       take flash-attention's varlen path. An example's first token gets no label, so no example learns to
       predict its neighbour's first token.
     """
     import torch
 
-    if any("segments" in e for e in examples):
+    if padding_free or any("segments" in e for e in examples):
         ids, labels, pos = [], [], []
         for e in examples:
             start = 0

@@ -136,13 +136,21 @@ def train_worker(config: dict[str, Any]) -> None:
         f"data: {len(train_ex)} train rows{' (packed)' if layout['packed'] else ''}, {len(eval_ex)} eval rows, "
         f"format {spec.data.format}"
     )
-    if layout["packed"]:
-        from pipelines import attention
+    from pipelines import attention
 
+    flash = str(getattr(model.config, "_attn_implementation", "")).startswith("flash_attention")
+    padding_free = methods.padding_free(spec, attention.supported(model) or flash)
+    if padding_free:
         varlen = attention.enable(model)
         log(
-            "packed micro-batches are padding-free rows; attention "
-            + ("per example (raypeft_sdpa_varlen)" if varlen else "through transformers' block-diagonal mask")
+            f"{'packed ' if layout['packed'] else ''}micro-batches are padding-free rows; attention "
+            + (
+                "per example (raypeft_sdpa_varlen)"
+                if varlen
+                else "per example (flash-attention varlen)"
+                if flash
+                else "through transformers' block-diagonal mask"
+            )
         )
     sharder = D.Sharder(len(train_ex), spec.train.micro_batch_size, world, rank, spec.train.seed)
     pad_id = tok.pad_token_id
@@ -232,7 +240,7 @@ def train_worker(config: dict[str, Any]) -> None:
     metrics: dict[str, float] = dict(final_metrics)
     for step in range(start_step, spec.train.max_steps):
         rows = [[train_ex[i] for i in sharder.indices(step * accum + m)] for m in range(accum)]
-        batches = [D.collate(r, pad_id) for r in rows]
+        batches = [D.collate(r, pad_id, padding_free) for r in rows]
         loss_sum += torch.tensor(accumulate(engine, batches, world, device), dtype=torch.float64)
         tokens_since += sum(len(r["input_ids"]) for micro in rows for r in micro)
         slots_since += sum(b["input_ids"].numel() for b in batches)  # what the model computed on, pads included

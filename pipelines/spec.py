@@ -156,6 +156,13 @@ class DataSpec(Section):
         "of rows is one padding-free row. Each example keeps its own positions and attends only to itself (one "
         "SDPA call per example; flash-attention's varlen path on GPU).",
     )
+    padding_free: bool | None = Field(
+        None,
+        description="Run each micro-batch as one row of its examples back to back, with no pad token, each example "
+        "attending only to itself. Unset: on for packed runs and for every method but the prompt-learning ones "
+        "(prompt, prefix, p-tuning), whose virtual tokens need padded rows; off with attention that has neither "
+        "raypeft's per-example SDPA nor flash-attention (eager, sliding windows), which would need a dense mask.",
+    )
     skip_invalid: bool = Field(
         False,
         description="Skip records that are not valid JSON objects or lack a field the format needs, reporting how "

@@ -90,7 +90,7 @@ def method_problems(spec: JobSpec) -> list[tuple[str, str]]:
         problems.append(
             ("model.quantization", f"method {spec.method.name!r} trains on a 4-bit base: use nf4 or auto (got {q!r})")
         )
-    if spec.data.packing and _prompt_learning(spec.method.name):
+    if spec.data.packing and prompt_learning(spec.method.name):
         problems.append(
             (
                 "data.packing",
@@ -98,10 +98,34 @@ def method_problems(spec: JobSpec) -> list[tuple[str, str]]:
                 "would share across its examples: turn packing off (got true)",
             )
         )
+    if spec.data.padding_free and prompt_learning(spec.method.name):
+        problems.append(
+            (
+                "data.padding_free",
+                f"method {spec.method.name!r} prepends virtual tokens to every row, so its batches need one row per "
+                "example: leave data.padding_free unset or false (got true)",
+            )
+        )
+    if spec.data.padding_free is False and spec.data.packing:
+        problems.append(
+            (
+                "data.padding_free",
+                "packed rows always run padding-free: unset data.padding_free or data.packing (got false)",
+            )
+        )
     return problems
 
 
-def _prompt_learning(name: str) -> bool:
+def padding_free(spec, attention_ok: bool) -> bool:
+    """Whether micro-batches run padding-free (``data.collate``): ``data.padding_free`` when set, else for
+    packed runs, and for unpacked ones when attention can split the row per example (``attention_ok``)
+    and the method adds no virtual tokens."""
+    if spec.data.padding_free is not None:
+        return spec.data.padding_free
+    return spec.data.packing or (attention_ok and not prompt_learning(spec.method.name))
+
+
+def prompt_learning(name: str) -> bool:
     from peft import PromptLearningConfig
 
     from pipelines.methods.generic import config_class

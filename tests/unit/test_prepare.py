@@ -163,6 +163,43 @@ def test_varlen_attention_never_attends_beyond_one_example(tiny_model_dir, tok):
     torch.testing.assert_close(grads["varlen"], grads["sdpa"], rtol=1e-5, atol=1e-5)
 
 
+def test_padding_free_unpacked_batch_equals_the_padded_batch(tiny_model_dir, tok):
+    """Unpacked examples collated padding-free (one row, no pad) give the padded batch's loss and gradients
+    (1e-5), with fewer token slots; and a model switched to per-example SDPA still generates exactly what
+    stock SDPA generates on a left-padded batch (evaluation's path, with a KV cache)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipelines import attention
+    from pipelines.loss import label_tokens
+
+    exs = [D.encode(_chat(i), "chat", tok, 64) for i in (3, 11, 24, 7)]
+    padded, flat = D.collate(exs, tok.pad_token_id), D.collate(exs, tok.pad_token_id, padding_free=True)
+    n_tokens = sum(len(e["input_ids"]) for e in exs)
+    assert flat["input_ids"].shape == (1, n_tokens) and n_tokens < padded["input_ids"].numel()
+    assert label_tokens(flat["labels"]) == label_tokens(padded["labels"])
+    out = {}
+    for name, batch in (("padded", padded), ("flat", flat)):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+        if name == "flat":
+            assert attention.enable(model)
+        loss = model(**D.model_inputs(batch, "cpu")).loss
+        loss.backward()
+        out[name] = (loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(out["flat"][0], out["padded"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["flat"][1], out["padded"][1], rtol=1e-5, atol=1e-5)
+
+    side, tok.padding_side = tok.padding_side, "left"
+    prompts = tok(["1+1=", "12+12=12+12=12+12="], return_tensors="pt", padding=True)
+    tok.padding_side = side
+    stock = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    varlen = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    assert attention.enable(varlen)
+    kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    assert varlen.generate(**prompts, **kw).tolist() == stock.generate(**prompts, **kw).tolist()
+
+
 def test_rows_read_back_what_encode_gives(tmp_path, tok):
     """The memory-mapped rows a worker reads equal ``encode``'s output, packed or not, across shards."""
     exs = [D.encode(_chat(i), "chat", tok, 96) for i in range(30)]
