@@ -10,7 +10,7 @@ The demo task (``builtin:json_extract``, chat, SmolLM2-135M-Instruct, fp32, LoRA
   prompt and padding included), ``backward``, ``clip_grad_norm_``, ``AdamW.step``.
 * **raypeft**: what a Ray Train worker runs per step, in-process: ``load_base``, ``methods.build``, the
   ``TorchEngine`` and ``loop.accumulate`` (the loss only on completion tokens, in chunks, normalized over
-  the global batch), with the job spec's settings (``--set`` changes them, e.g. gradient checkpointing).
+  the global batch), padding-free batches when the worker would run them (``loop.batch_layout``), with the job spec's settings (``--set`` changes them, e.g. gradient checkpointing).
   Ray's start-up and the worker's Ray runtime are not in it: this compares the training step.
 
 Both sides see the same batches (the same tokenized rows, the same sampler), start from the same adapter
@@ -111,7 +111,7 @@ def child(side: str, args, overrides: list[str]) -> dict:
     else:
         from pipelines import methods
         from pipelines.engines import build_engine
-        from pipelines.loop import accumulate
+        from pipelines.loop import accumulate, batch_layout
         from pipelines.models import load_base
 
         base, _, _ = load_base(spec, device=device, log=lambda *_: None)
@@ -120,10 +120,11 @@ def child(side: str, args, overrides: list[str]) -> dict:
         prepared.model.to(device)  # as the worker does for an unquantized base
         prepared.model.train()
         engine = build_engine(spec, prepared, 0, 1, device, None)
+        padding_free, _ = batch_layout(spec, prepared.model)  # as the worker decides
 
         def step(k: int) -> tuple[float, int]:
             examples = [rows[i] for i in sharder.indices(k)]
-            total, tokens = accumulate(engine, [D.collate(examples, tok.pad_token_id)], 1, device)
+            total, tokens = accumulate(engine, [D.collate(examples, tok.pad_token_id, padding_free)], 1, device)
             engine.finish_step(k)
             return total / tokens, sum(len(e["input_ids"]) for e in examples)
 

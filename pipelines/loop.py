@@ -73,6 +73,21 @@ def _placement(world: int) -> list[str]:
     return nodes
 
 
+def batch_layout(spec: JobSpec, model) -> tuple[bool, str]:
+    """Whether this run's micro-batches are padding-free (``methods.padding_free``), switching ``model`` to
+    per-example SDPA when they are and it can; and a line saying how attention then runs."""
+    from pipelines import attention, methods
+
+    flash = str(getattr(model.config, "_attn_implementation", "")).startswith("flash_attention")
+    if not methods.padding_free(spec, attention.supported(model) or flash):
+        return False, "padded rows, one per example"
+    if attention.enable(model):
+        return True, "padding-free rows; attention per example (raypeft_sdpa_varlen)"
+    if flash:
+        return True, "padding-free rows; attention per example (flash-attention varlen)"
+    return True, "padding-free rows; attention through transformers' block-diagonal mask"
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train ``train_loop_per_worker``. ``config``: spec (validated JobSpec), run_id, tracking_uri
     (run_id None: no MLflow logging here), report_evals (report every eval to Ray Train, for Tune)."""
@@ -136,22 +151,8 @@ def train_worker(config: dict[str, Any]) -> None:
         f"data: {len(train_ex)} train rows{' (packed)' if layout['packed'] else ''}, {len(eval_ex)} eval rows, "
         f"format {spec.data.format}"
     )
-    from pipelines import attention
-
-    flash = str(getattr(model.config, "_attn_implementation", "")).startswith("flash_attention")
-    padding_free = methods.padding_free(spec, attention.supported(model) or flash)
-    if padding_free:
-        varlen = attention.enable(model)
-        log(
-            f"{'packed ' if layout['packed'] else ''}micro-batches are padding-free rows; attention "
-            + (
-                "per example (raypeft_sdpa_varlen)"
-                if varlen
-                else "per example (flash-attention varlen)"
-                if flash
-                else "through transformers' block-diagonal mask"
-            )
-        )
+    padding_free, how = batch_layout(spec, model)
+    log(f"{'packed ' if layout['packed'] else ''}micro-batches: {how}")
     sharder = D.Sharder(len(train_ex), spec.train.micro_batch_size, world, rank, spec.train.seed)
     pad_id = tok.pad_token_id
     base_lrs = [g["lr"] for g in engine.param_groups]

@@ -61,6 +61,8 @@ def test_one_worker_job_end_to_end(local_ray, raypeft_home, tiny_model_dir, chat
     steps = [x.step for x in c.get_metric_history(result["run_id"], "train_loss")]
     assert steps == list(range(1, 9))
     assert [x.step for x in c.get_metric_history(result["run_id"], "eval_loss")] == [4, 8]
+    # unpacked examples of uneven length, run padding-free by default: no slot went to a pad token
+    assert {x.value for x in c.get_metric_history(result["run_id"], "real_token_fraction")} == {1.0}
     assert "loss_curve.png" in [a.path for a in c.list_artifacts(result["run_id"])]
     runs = c.search_runs([run_.info.experiment_id])
     assert len(runs) == 1
