@@ -16,6 +16,7 @@ flash-attention already has a varlen path, and eager attention may carry soft-ca
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 VARLEN = "raypeft_sdpa_varlen"
@@ -34,16 +35,19 @@ def segment_bounds(positions: list[int]) -> list[tuple[int, int]]:
     return bounds
 
 
-_last: tuple[Any, list[tuple[int, int]]] = (None, [])
+_last: tuple[Any, int, list[tuple[int, int]]] = (lambda: None, -1, [])
 
 
 def _bounds_of(position_ids) -> list[tuple[int, int]]:
-    """The row's bounds, computed once per forward: every layer sees the same ``position_ids`` tensor."""
+    """The row's bounds, computed once per forward: every layer gets the same ``position_ids`` tensor.
+    Keyed by that tensor's identity (a weak reference) and version, never by its address, which the
+    allocator hands to the next batch's tensor once this one is freed."""
     global _last
-    key = (position_ids.data_ptr(), position_ids.shape[-1], position_ids._version)
-    if _last[0] != key:
-        _last = (key, segment_bounds(position_ids[0].tolist()))
-    return _last[1]
+    ref, version, bounds = _last
+    if ref() is not position_ids or version != position_ids._version:
+        bounds = segment_bounds(position_ids[0].tolist())
+        _last = (weakref.ref(position_ids), position_ids._version, bounds)
+    return bounds
 
 
 def varlen_sdpa(module, query, key, value, attention_mask, position_ids=None, **kwargs):

@@ -122,6 +122,22 @@ def test_packed_examples_do_not_see_each_other(tiny_model_dir, tok, impl):
         )
 
 
+def test_varlen_bounds_follow_each_new_batch_even_at_a_reused_address():
+    """The per-forward cache of segment bounds is keyed by the tensor itself: the next batch's position ids,
+    at the address where the last one's were and with the same length, get their own bounds. (Two tensors
+    over one buffer stand in for the allocator reusing freed memory.)"""
+    import torch
+
+    from pipelines import attention
+
+    buf = bytearray(8 * 5)
+    for lengths in ([3, 2], [2, 3], [1, 4], [5]):
+        torch.frombuffer(buf, dtype=torch.int64).copy_(torch.tensor([p for n in lengths for p in range(n)]))
+        pos = torch.frombuffer(buf, dtype=torch.int64).view(1, 5)  # a new tensor, same address, version 0
+        starts = [sum(lengths[:k]) for k in range(len(lengths))]
+        assert attention._bounds_of(pos) == [(s, s + n) for s, n in zip(starts, lengths)]
+
+
 def test_varlen_attention_never_attends_beyond_one_example(tiny_model_dir, tok):
     """raypeft's padding-free attention calls SDPA once per example, on that example's tokens only, and
     gives the same loss and gradients as the block-diagonal mask over the whole row (1e-5)."""
