@@ -1,10 +1,10 @@
-"""Padding-free attention for packed batches: one SDPA call per example, so no compute is spent on pad
-tokens or on the masked-out blocks between examples.
+"""Padding-free attention: one SDPA call per example, so no compute is spent on pad tokens or on the
+masked-out blocks between examples.
 
-A packed micro-batch is collated as a single row of every example's tokens, with ``position_ids`` that
-restart at 0 at each example (``data.collate``). transformers' stock SDPA path then builds a dense
-``[tokens, tokens]`` block-diagonal mask and attends over all of it: its cost grows with the square of
-the *micro-batch's* tokens. ``VARLEN`` is SDPA applied per example instead (``is_causal`` on each
+A padding-free micro-batch (``data.collate``, packed or not) is a single row of every example's tokens,
+with ``position_ids`` that restart at 0 at each example. transformers' stock SDPA path then builds a
+dense ``[tokens, tokens]`` block-diagonal mask and attends over all of it: its cost grows with the square
+of the *micro-batch's* tokens. ``VARLEN`` is SDPA applied per example instead (``is_causal`` on each
 example's slice), so attention costs the sum of the squares of the *examples'* lengths, like
 flash-attention's varlen path on a GPU.
 

@@ -292,10 +292,10 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int, padding_free: boo
     - Unpacked examples: right-padded rows with an ``attention_mask``.
     - Packed rows (with ``segments``, the lengths of the examples in each row), and any examples with
       ``padding_free``: **padding-free**, one row of every example's tokens back to back, ``position_ids``
-      restarting at 0 at each example, no pad token and no ``attention_mask``. ``attention.VARLEN`` then attends within each example only (one SDPA
-      call each); transformers' other implementations build a block-diagonal mask from the positions, or
-      take flash-attention's varlen path. An example's first token gets no label, so no example learns to
-      predict its neighbour's first token.
+      restarting at 0 at each example, no pad token and no ``attention_mask``. ``attention.VARLEN`` then
+      attends within each example only (one SDPA call each); transformers' other implementations build a
+      block-diagonal mask from the positions, or take flash-attention's varlen path. An example's first
+      token gets no label, so no example learns to predict its neighbour's first token.
     """
     import torch
 
