@@ -120,11 +120,12 @@ def child(side: str, args, overrides: list[str]) -> dict:
         prepared.model.to(device)  # as the worker does for an unquantized base
         prepared.model.train()
         engine = build_engine(spec, prepared, 0, 1, device, None)
-        padding_free, _ = batch_layout(spec, prepared.model)  # as the worker decides
+        layout = batch_layout(spec, prepared.model)  # as the worker decides
 
         def step(k: int) -> tuple[float, int]:
             examples = [rows[i] for i in sharder.indices(k)]
-            total, tokens = accumulate(engine, [D.collate(examples, tok.pad_token_id, padding_free)], 1, device)
+            batch = D.collate(examples, tok.pad_token_id, layout.padding_free, layout.share_prefix)
+            total, tokens = accumulate(engine, [batch], 1, device)
             engine.finish_step(k)
             return total / tokens, sum(len(e["input_ids"]) for e in examples)
 

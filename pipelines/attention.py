@@ -8,6 +8,11 @@ of the *micro-batch's* tokens. ``VARLEN`` is SDPA applied per example instead (`
 example's slice), so attention costs the sum of the squares of the *examples'* lengths, like
 flash-attention's varlen path on a GPU.
 
+A row may also start with a **shared prefix** (``data.collate(share_prefix=True)``): the leading tokens
+all its examples share, once. The first example continues it; every later one's positions start at the
+prefix's length, and it attends to the prefix's keys and values and then its own (``segments``). Only
+``VARLEN`` reads that layout: transformers' masks and flash-attention would cut the prefix off.
+
 Everything that is not a padding-free row (a padded batch with an ``attention_mask``, generation with a
 KV cache, a query shorter than its keys) goes to transformers' own ``sdpa_attention_forward`` with the
 mask transformers' ``sdpa_mask`` builds, unchanged. ``enable`` switches a model that runs on ``sdpa`` only;
@@ -35,23 +40,42 @@ def segment_bounds(positions: list[int]) -> list[tuple[int, int]]:
     return bounds
 
 
-_last: tuple[Any, int, list[tuple[int, int]]] = (lambda: None, -1, [])
+def segments(positions: list[int]) -> list[tuple[int, int, int]]:
+    """``(start, end, prefix)`` of every example in one padding-free row (``segment_bounds``): ``prefix`` is
+    the position the example's tokens start at, 0 for a whole example; above 0, the example continues the
+    row's first ``prefix`` tokens (``data.collate``'s shared prefix), which must then be one example from
+    position 0."""
+    out = []
+    for s, e in segment_bounds(positions):
+        p = positions[s]
+        if p and not (out and out[0][2] == 0 and out[0][1] >= p):
+            raise ValueError(
+                f"a padding-free example starts at position {p}, but the row does not begin with a {p}-token "
+                "prefix from position 0 (data.collate's shared-prefix layout)"
+            )
+        out.append((s, e, p))
+    return out
 
 
-def _bounds_of(position_ids) -> list[tuple[int, int]]:
-    """The row's bounds, computed once per forward: every layer gets the same ``position_ids`` tensor.
-    Keyed by that tensor's identity (a weak reference) and version, never by its address, which the
-    allocator hands to the next batch's tensor once this one is freed."""
+_last: tuple[Any, int, list[tuple[int, int, int]]] = (lambda: None, -1, [])
+
+
+def _segments_of(position_ids) -> list[tuple[int, int, int]]:
+    """The row's ``segments``, computed once per forward: every layer gets the same ``position_ids``
+    tensor. Keyed by that tensor's identity (a weak reference) and version, never by its address, which
+    the allocator hands to the next batch's tensor once this one is freed."""
     global _last
-    ref, version, bounds = _last
+    ref, version, segs = _last
     if ref() is not position_ids or version != position_ids._version:
-        bounds = segment_bounds(position_ids[0].tolist())
-        _last = (weakref.ref(position_ids), position_ids._version, bounds)
-    return bounds
+        segs = segments(position_ids[0].tolist())
+        _last = (weakref.ref(position_ids), position_ids._version, segs)
+    return segs
 
 
 def varlen_sdpa(module, query, key, value, attention_mask, position_ids=None, **kwargs):
-    """An ``AttentionInterface`` function: per-example causal SDPA on a padding-free row, else stock SDPA."""
+    """An ``AttentionInterface`` function: per-example causal SDPA on a padding-free row, else stock SDPA.
+    An example that continues the row's shared prefix attends to the prefix's keys and to its own,
+    causally (its queries sit after the prefix)."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -62,15 +86,22 @@ def varlen_sdpa(module, query, key, value, attention_mask, position_ids=None, **
         if any(len(segment_bounds(row)) > 1 for row in position_ids.tolist()):
             raise ValueError("padding-free attention takes one packed row per micro-batch (data.collate's layout)")
         return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
-    bounds = _bounds_of(position_ids)
-    if len(bounds) == 1:
+    segs = _segments_of(position_ids)
+    if len(segs) == 1:
         return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
-    outs = [
-        sdpa_attention_forward(
-            module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, is_causal=True, **kwargs
-        )[0]
-        for s, e in bounds
-    ]
+    outs = []
+    for s, e, p in segs:
+        if not p:
+            out = sdpa_attention_forward(
+                module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, is_causal=True, **kwargs
+            )[0]
+        else:  # queries at positions p..p+n-1 over keys 0..p-1 (the prefix) then p..p+n-1: lower-right causal
+            n = e - s
+            mask = torch.ones(n, p + n, dtype=torch.bool, device=query.device).tril(diagonal=p)
+            k = torch.cat([key[:, :, :p], key[:, :, s:e]], dim=2)
+            v = torch.cat([value[:, :, :p], value[:, :, s:e]], dim=2)
+            out = sdpa_attention_forward(module, query[:, :, s:e], k, v, mask[None, None], **kwargs)[0]
+        outs.append(out)
     return torch.cat(outs, dim=1), None  # [batch, tokens, heads, head_dim], as sdpa_attention_forward
 
 

@@ -286,7 +286,24 @@ def encode_all(records: Iterable[dict], data: DataSpec, tokenizer, packing: bool
     return pack(out, data.max_length) if (data.packing if packing is None else packing) else out
 
 
-def collate(examples: list[dict[str, list[int]]], pad_id: int, padding_free: bool = False):
+def shared_prefix(examples: list[tuple[list[int], list[int]]]) -> int:
+    """How many leading tokens every ``(input_ids, labels)`` example shares *before its first counted label*
+    (0 for fewer than two examples). Each keeps at least one token of its own, and the token after the
+    prefix carries no label: in a shared-prefix row it no longer follows the prefix's last token."""
+    if len(examples) < 2:
+        return 0
+    limit = min(len(ids) for ids, _ in examples) - 1
+    for _, labels in examples:
+        first = next((t for t in range(1, len(labels)) if labels[t] != IGNORE), len(labels))
+        limit = min(limit, first - 1)
+    first_ids = examples[0][0]
+    n = 0
+    while n < limit and all(ids[n] == first_ids[n] for ids, _ in examples[1:]):
+        n += 1
+    return n
+
+
+def collate(examples: list[dict[str, list[int]]], pad_id: int, padding_free: bool = False, share_prefix: bool = False):
     """Tensors for the model.
 
     - Unpacked examples: right-padded rows with an ``attention_mask``.
@@ -296,18 +313,28 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int, padding_free: boo
       attends within each example only (one SDPA call each); transformers' other implementations build a
       block-diagonal mask from the positions, or take flash-attention's varlen path. An example's first
       token gets no label, so no example learns to predict its neighbour's first token.
+    - ``share_prefix`` too (``attention.VARLEN`` only): the leading tokens all the examples share before
+      any label (``shared_prefix``: a chat template's system prompt, a task's instruction) appear once, at
+      the row's start; each example follows with only the rest of its tokens, its ``position_ids``
+      continuing from the prefix's length, and attends to the prefix and to itself. A causal model's
+      prefix states do not depend on what follows them, so the loss and the gradient are those of the
+      examples run one by one, with the prefix's compute spent once per micro-batch.
     """
     import torch
 
-    if padding_free or any("segments" in e for e in examples):
-        ids, labels, pos = [], [], []
+    if padding_free or share_prefix or any("segments" in e for e in examples):
+        parts = []  # every example, unpacking packed rows: (input_ids, labels)
         for e in examples:
             start = 0
             for length in e.get("segments", [len(e["input_ids"])]):
-                ids += e["input_ids"][start : start + length]
-                labels += [IGNORE, *e["labels"][start + 1 : start + length]]
-                pos += range(length)
+                parts.append((e["input_ids"][start : start + length], e["labels"][start : start + length]))
                 start += length
+        p = shared_prefix(parts) if share_prefix else 0
+        ids, labels, pos = list(parts[0][0][:p]), [IGNORE] * p, list(range(p))
+        for example_ids, example_labels in parts:
+            ids += example_ids[p:]
+            labels += [IGNORE, *example_labels[p + 1 :]]
+            pos += range(p, len(example_ids))
         as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
         return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(pos)}
     n = max(len(e["input_ids"]) for e in examples)

@@ -13,7 +13,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
@@ -73,19 +73,34 @@ def _placement(world: int) -> list[str]:
     return nodes
 
 
-def batch_layout(spec: JobSpec, model) -> tuple[bool, str]:
+class Layout(NamedTuple):
+    """How a run's micro-batches are laid out (``batch_layout``): ``data.collate``'s switches and a line
+    for the log."""
+
+    padding_free: bool
+    share_prefix: bool
+    how: str
+
+
+def batch_layout(spec: JobSpec, model) -> Layout:
     """Whether this run's micro-batches are padding-free (``methods.padding_free``), switching ``model`` to
-    per-example SDPA when they are and it can; and a line saying how attention then runs."""
+    per-example SDPA when they are and it can, and whether they compute a shared prefix once
+    (``methods.share_prefix``)."""
     from pipelines import attention, methods
 
     flash = str(getattr(model.config, "_attn_implementation", "")).startswith("flash_attention")
     if not methods.padding_free(spec, attention.supported(model) or flash):
-        return False, "padded rows, one per example"
-    if attention.enable(model):
-        return True, "padding-free rows; attention per example (raypeft_sdpa_varlen)"
-    if flash:
-        return True, "padding-free rows; attention per example (flash-attention varlen)"
-    return True, "padding-free rows; attention through transformers' block-diagonal mask"
+        methods.share_prefix(spec, False, False)
+        return Layout(False, False, "padded rows, one per example")
+    varlen = attention.enable(model)
+    share = methods.share_prefix(spec, True, varlen)
+    if varlen:
+        how = f"attention per example ({attention.VARLEN})" + (", a shared prefix computed once" if share else "")
+    elif flash:
+        how = "attention per example (flash-attention varlen)"
+    else:
+        how = "attention through transformers' block-diagonal mask"
+    return Layout(True, share, "padding-free rows; " + how)
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -151,8 +166,8 @@ def train_worker(config: dict[str, Any]) -> None:
         f"data: {len(train_ex)} train rows{' (packed)' if layout['packed'] else ''}, {len(eval_ex)} eval rows, "
         f"format {spec.data.format}"
     )
-    padding_free, how = batch_layout(spec, model)
-    log(f"{'packed ' if layout['packed'] else ''}micro-batches: {how}")
+    batches_as = batch_layout(spec, model)
+    log(f"{'packed ' if layout['packed'] else ''}micro-batches: {batches_as.how}")
     sharder = D.Sharder(len(train_ex), spec.train.micro_batch_size, world, rank, spec.train.seed)
     pad_id = tok.pad_token_id
     base_lrs = [g["lr"] for g in engine.param_groups]
@@ -235,16 +250,20 @@ def train_worker(config: dict[str, Any]) -> None:
             logger.log({"checkpoint_save_s": save_s}, step)
 
     accum = spec.grad_accum()
-    t_start, tokens_since, slots_since, t_last = time.perf_counter(), 0, 0, time.perf_counter()
+    t_start, t_last = time.perf_counter(), time.perf_counter()
+    tokens_since, slots_since, filled_since = 0, 0, 0  # examples' tokens; token slots computed; slots not padding
     loss_sum = torch.zeros(2, dtype=torch.float64)
     lr = set_lr(start_step)
     metrics: dict[str, float] = dict(final_metrics)
     for step in range(start_step, spec.train.max_steps):
         rows = [[train_ex[i] for i in sharder.indices(step * accum + m)] for m in range(accum)]
-        batches = [D.collate(r, pad_id, padding_free) for r in rows]
+        batches = [D.collate(r, pad_id, batches_as.padding_free, batches_as.share_prefix) for r in rows]
         loss_sum += torch.tensor(accumulate(engine, batches, world, device), dtype=torch.float64)
         tokens_since += sum(len(r["input_ids"]) for micro in rows for r in micro)
         slots_since += sum(b["input_ids"].numel() for b in batches)  # what the model computed on, pads included
+        filled_since += sum(
+            int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches
+        )
         engine.finish_step(step)
         done = step + 1
         if step == start_step and logger:  # what a worker holds once training runs, and how long it took to start
@@ -264,7 +283,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
         if done % spec.train.log_every == 0 or done == spec.train.max_steps:
             stats = torch.tensor(  # on the worker's device: NCCL reduces GPU tensors only
-                [loss_sum[0].item(), loss_sum[1].item(), float(tokens_since), float(slots_since)],
+                [loss_sum[0].item(), loss_sum[1].item(), float(tokens_since), float(slots_since), float(filled_since)],
                 dtype=torch.float64,
                 device=device,
             )
@@ -277,7 +296,9 @@ def train_worker(config: dict[str, Any]) -> None:
                 "train_loss": stats[0].item() / max(stats[1].item(), 1),
                 "lr": lr_used,
                 "tokens_per_s": tok_s,
-                "real_token_fraction": stats[2].item() / max(stats[3].item(), 1),  # real tokens ÷ token slots
+                "real_token_fraction": stats[4].item() / max(stats[3].item(), 1),  # slots not padding ÷ slots
+                # the examples' tokens a shared prefix spared computing (data.share_prefix), over all of them
+                "shared_prefix_fraction": 1 - stats[4].item() / max(stats[2].item(), 1),
             }
             log(
                 f"step {done}/{spec.train.max_steps} loss {metrics['train_loss']:.4f} lr {lr_used:.2e} tok/s {tok_s:,.0f} eta {_fmt_eta(eta)}"
@@ -285,7 +306,7 @@ def train_worker(config: dict[str, Any]) -> None:
             if logger:
                 logger.log({**metrics, "epoch": sharder.epoch_of(done * accum)}, done)
             loss_sum.zero_()
-            tokens_since, slots_since, t_last = 0, 0, now
+            tokens_since, slots_since, filled_since, t_last = 0, 0, 0, now
             final_metrics["train_loss"] = metrics["train_loss"]
 
         is_last = done == spec.train.max_steps

@@ -163,6 +163,14 @@ class DataSpec(Section):
         "(prompt, prefix, p-tuning), whose virtual tokens need padded rows; off with attention that has neither "
         "raypeft's per-example SDPA nor flash-attention (eager, sliding windows), which would need a dense mask.",
     )
+    share_prefix: bool | None = Field(
+        None,
+        description="In a padding-free micro-batch, compute the leading tokens all its examples share before any "
+        "label (a chat template's system prompt, a task's instruction) once, each example attending to them and "
+        "then to itself: the same loss and gradient for less compute and memory. Unset: on whenever the batches "
+        "are padding-free with raypeft's per-example SDPA; it needs that attention (not flash-attention, eager or "
+        "a sliding window), which `true` requires.",
+    )
     skip_invalid: bool = Field(
         False,
         description="Skip records that are not valid JSON objects or lack a field the format needs, reporting how "

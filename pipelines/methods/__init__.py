@@ -113,6 +113,14 @@ def method_problems(spec: JobSpec) -> list[tuple[str, str]]:
                 "packed rows always run padding-free: unset data.padding_free or data.packing (got false)",
             )
         )
+    if spec.data.share_prefix and (spec.data.padding_free is False or prompt_learning(spec.method.name)):
+        why = "data.padding_free is false" if spec.data.padding_free is False else f"method {spec.method.name!r} pads"
+        problems.append(
+            (
+                "data.share_prefix",
+                f"a shared prefix lives in padding-free rows, and {why}: unset data.share_prefix (got true)",
+            )
+        )
     return problems
 
 
@@ -123,6 +131,19 @@ def padding_free(spec, attention_ok: bool) -> bool:
     if spec.data.padding_free is not None:
         return spec.data.padding_free
     return spec.data.packing or (attention_ok and not prompt_learning(spec.method.name))
+
+
+def share_prefix(spec, padding_free_rows: bool, varlen: bool) -> bool:
+    """Whether micro-batches compute their examples' shared prefix once (``data.collate``): ``data.share_prefix``
+    when set, else whenever they can: padding-free rows with raypeft's per-example SDPA (``varlen``,
+    ``attention.VARLEN``). ``true`` where they can't is a ``ValueError`` naming the field."""
+    can = padding_free_rows and varlen
+    if spec.data.share_prefix and not can:
+        raise ValueError(
+            "data.share_prefix: true needs padding-free rows with raypeft's per-example SDPA (attention.VARLEN), "
+            "and this model's attention is not sdpa without a sliding window: unset data.share_prefix (got true)"
+        )
+    return can and spec.data.share_prefix is not False
 
 
 def prompt_learning(name: str) -> bool:

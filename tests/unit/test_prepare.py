@@ -135,7 +135,7 @@ def test_varlen_bounds_follow_each_new_batch_even_at_a_reused_address():
         torch.frombuffer(buf, dtype=torch.int64).copy_(torch.tensor([p for n in lengths for p in range(n)]))
         pos = torch.frombuffer(buf, dtype=torch.int64).view(1, 5)  # a new tensor, same address, version 0
         starts = [sum(lengths[:k]) for k in range(len(lengths))]
-        assert attention._bounds_of(pos) == [(s, s + n) for s, n in zip(starts, lengths)]
+        assert attention._segments_of(pos) == [(s, s + n, 0) for s, n in zip(starts, lengths)]
 
 
 def test_varlen_attention_never_attends_beyond_one_example(tiny_model_dir, tok):
@@ -214,6 +214,88 @@ def test_padding_free_unpacked_batch_equals_the_padded_batch(tiny_model_dir, tok
     assert attention.enable(varlen)
     kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": tok.pad_token_id}
     assert varlen.generate(**prompts, **kw).tolist() == stock.generate(**prompts, **kw).tolist()
+
+
+def _instructed(i: int) -> dict:
+    """A chat example whose system prompt and opening words every example shares (a task's instruction)."""
+    chat = _chat(i)
+    chat["messages"][0]["content"] = "Add the numbers: " + chat["messages"][0]["content"]
+    return {"messages": [{"role": "system", "content": "You add numbers."}, *chat["messages"]]}
+
+
+def test_shared_prefix_stops_before_the_first_label_and_leaves_every_example_a_token():
+    ex = lambda ids, first: (ids, [D.IGNORE] * first + ids[first:])  # noqa: E731
+    assert D.shared_prefix([ex([1, 2, 3, 4, 5], 4), ex([1, 2, 3, 9, 9], 4)]) == 3  # ids part at index 3
+    assert D.shared_prefix([ex([1, 2, 3, 4, 5], 2), ex([1, 2, 3, 4, 6], 4)]) == 1  # the token after carries no label
+    assert D.shared_prefix([ex([1, 2, 3], 3), ex([1, 2, 3, 4], 4)]) == 2  # the shorter keeps one token
+    assert D.shared_prefix([ex([1, 2, 3], 2)]) == 0  # one example: nothing to share
+    assert D.shared_prefix([ex([7, 2, 3], 2), ex([1, 2, 3], 2)]) == 0
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["examples", "packed-rows"])
+def test_shared_prefix_row_gives_the_padded_batch_loss_and_gradients(tiny_model_dir, tok, packed):
+    """The examples' common prompt computed once at the row's start (``share_prefix``): the loss and every
+    gradient equal the padded batch's (1e-5), with (n - 1) × prefix fewer token slots. Without the prefix
+    attention the same row's loss differs, so the check can fail."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipelines import attention
+    from pipelines.loss import label_tokens
+
+    exs = [D.encode(_instructed(i), "chat", tok, 96) for i in (3, 11, 24, 7, 30)]
+    p = D.shared_prefix([(e["input_ids"], e["labels"]) for e in exs])
+    assert p >= 8, p  # the system prompt and the instruction's first words
+    rows = D.pack(exs, 128) if packed else exs
+    shared = D.collate(rows, tok.pad_token_id, padding_free=True, share_prefix=True)
+    padded = D.collate(exs, tok.pad_token_id)
+    n_tokens = sum(len(e["input_ids"]) for e in exs)
+    assert shared["input_ids"].shape == (1, n_tokens - (len(exs) - 1) * p)
+    assert label_tokens(shared["labels"]) == label_tokens(padded["labels"])
+    starts = [s for s, _, q in attention.segments(shared["position_ids"][0].tolist()) if q == p]
+    assert len(starts) == len(exs) - 1  # every example but the first continues the prefix
+
+    def run(batch, varlen: bool):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+        if varlen:
+            assert attention.enable(model)
+        loss = model(**D.model_inputs(batch, "cpu")).loss
+        loss.backward()
+        return loss.detach(), torch.cat([w.grad.flatten() for w in model.parameters() if w.grad is not None])
+
+    loss, grads = run(shared, True)
+    want_loss, want_grads = run(padded, False)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads, want_grads, rtol=1e-5, atol=1e-5)
+    # the same row through transformers' block-diagonal mask: the later examples lose the prefix
+    assert not torch.allclose(run(shared, False)[0], want_loss, atol=1e-4)
+
+
+def test_varlen_refuses_a_suffix_without_its_prefix():
+    from pipelines import attention
+
+    assert attention.segments([0, 1, 2, 3, 2, 3]) == [(0, 4, 0), (4, 6, 2)]
+    with pytest.raises(ValueError, match="starts at position 3"):
+        attention.segments([0, 1, 3, 4])
+    with pytest.raises(ValueError, match="starts at position 2"):
+        attention.segments([2, 3, 0, 1])
+
+
+def test_share_prefix_follows_the_spec_and_the_attention():
+    from types import SimpleNamespace
+
+    from pipelines import methods
+
+    spec = lambda v: SimpleNamespace(data=SimpleNamespace(share_prefix=v))  # noqa: E731
+    assert methods.share_prefix(spec(None), True, True) is True
+    assert methods.share_prefix(spec(None), True, False) is False  # flash-attention / a mask: not possible, off
+    assert methods.share_prefix(spec(None), False, False) is False
+    assert methods.share_prefix(spec(False), True, True) is False
+    assert methods.share_prefix(spec(True), True, True) is True
+    for pf, varlen in ((True, False), (False, False)):
+        with pytest.raises(ValueError, match="data.share_prefix: true needs"):
+            methods.share_prefix(spec(True), pf, varlen)
 
 
 def test_rows_read_back_what_encode_gives(tmp_path, tok):
