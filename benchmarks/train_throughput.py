@@ -87,6 +87,7 @@ def child(side: str, args, overrides: list[str]) -> dict:
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
 
+    slots: list[int] = []  # token slots the model computed, per step (pads included; a shared prefix once)
     if side == "bare":
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
@@ -102,6 +103,7 @@ def child(side: str, args, overrides: list[str]) -> dict:
         def step(k: int) -> tuple[float, int]:
             examples = [rows[i] for i in sharder.indices(k)]
             batch = {k: v.to(device) for k, v in D.collate(examples, tok.pad_token_id).items()}
+            slots.append(batch["input_ids"].numel())
             loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, spec.train.max_grad_norm)
@@ -125,6 +127,7 @@ def child(side: str, args, overrides: list[str]) -> dict:
         def step(k: int) -> tuple[float, int]:
             examples = [rows[i] for i in sharder.indices(k)]
             batch = D.collate(examples, tok.pad_token_id, layout.padding_free, layout.share_prefix)
+            slots.append(batch["input_ids"].numel())
             total, tokens = accumulate(engine, [batch], 1, device)
             engine.finish_step(k)
             return total / tokens, sum(len(e["input_ids"]) for e in examples)
@@ -146,6 +149,7 @@ def child(side: str, args, overrides: list[str]) -> dict:
         "side": side,
         "tokens_per_s": tokens / wall,
         "peak_mib": peak_mib,
+        "slots_per_token": sum(slots[args.warmup :]) / tokens,
         "losses": losses,
     }
 
@@ -192,7 +196,8 @@ def main(argv=None) -> int:
             r = _run(side, passed)
             runs[side].append(r)
             print(
-                f"  run {i + 1} {side:8s} {r['tokens_per_s']:8,.1f} tok/s  peak {r['peak_mib']:7,.0f} MiB",
+                f"  run {i + 1} {side:8s} {r['tokens_per_s']:8,.1f} tok/s  peak {r['peak_mib']:7,.0f} MiB  "
+                f"{r['slots_per_token']:.3f} token slots computed per example token",
                 flush=True,
             )
     med = {s: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "peak_mib")} for s, rs in runs.items()}
@@ -210,6 +215,8 @@ def main(argv=None) -> int:
         "bare_peak_mib": round(med["bare"]["peak_mib"], 1),
         "raypeft_peak_mib": round(med["raypeft"]["peak_mib"], 1),
         "loss_max_abs_diff": float(f"{gap:.3g}"),
+        "bare_slots_per_token": round(runs["bare"][0]["slots_per_token"], 3),
+        "raypeft_slots_per_token": round(runs["raypeft"][0]["slots_per_token"], 3),
         "repeats": args.repeats,
         "overrides": args.set,
     }
