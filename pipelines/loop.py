@@ -90,7 +90,7 @@ def batch_layout(spec: JobSpec, model) -> Layout:
 
     flash = str(getattr(model.config, "_attn_implementation", "")).startswith("flash_attention")
     if not methods.padding_free(spec, attention.supported(model) or flash):
-        methods.share_prefix(spec, False, False)
+        methods.share_prefix(spec, False, False)  # data.share_prefix: true raises here, naming the field
         return Layout(False, False, "padded rows, one per example")
     varlen = attention.enable(model)
     share = methods.share_prefix(spec, True, varlen)

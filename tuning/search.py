@@ -27,6 +27,8 @@ from tuning.sweep import PENALTY, metric_batch, run_trials
 
 ALL_TARGETS = Plan.targets  # every linear of a decoder layer
 
+MIB = 2**20  # every figure the search reports is in MiB, as measured peaks are
+
 
 def _targets(spec: JobSpec) -> tuple[str, ...]:
     t = spec.method.target_modules
@@ -136,7 +138,7 @@ def search(spec: TunedJobSpec, budget: int, out: str | None = None, log=print) -
     c.log_batch(parent, metrics=metric_batch({"budget_bytes": budget}))
     log(
         f"[raypeft] layerwise search {name}: {shape.layers} layers × bits {lw.bits} × ranks {lw.ranks}, "
-        f"budget {budget / 1e6:.1f} MB of {what}; MLflow parent run {parent}"
+        f"budget {budget / MIB:.1f} MiB of {what}; MLflow parent run {parent}"
     )
     t0 = time.time()
 
@@ -269,7 +271,7 @@ def search(spec: TunedJobSpec, budget: int, out: str | None = None, log=print) -
     out_path = Path(out or f"{spec.name}-layerwise.yaml")
     header = (
         f"# written by `raypeft layerwise` ({name}): {describe(chosen['layers'])}\n"
-        f"# memory {chosen['memory_bytes'] / 1e6:.2f} MB of a {budget / 1e6:.2f} MB budget; "
+        f"# memory {chosen['memory_bytes'] / MIB:.2f} MiB of a {budget / MIB:.2f} MiB budget; "
         f"eval_loss {chosen.get('eval_loss', chosen['short_eval_loss']):.4f}\n"
     )
     out_path.write_text(header + yaml.safe_dump(plan_spec.model_dump(mode="json", exclude={"tune"}), sort_keys=False))
@@ -293,7 +295,7 @@ def search(spec: TunedJobSpec, budget: int, out: str | None = None, log=print) -
     c.set_tag(parent, "raypeft.plan", describe(chosen["layers"]))
     c.set_terminated(parent, "FINISHED")
     log(
-        f"[raypeft] chosen plan: {describe(chosen['layers'])}, {chosen['memory_bytes'] / 1e6:.2f} MB, "
+        f"[raypeft] chosen plan: {describe(chosen['layers'])}, {chosen['memory_bytes'] / MIB:.2f} MiB, "
         f"eval_loss {chosen.get('eval_loss', chosen['short_eval_loss']):.4f} → {out_path}  (train it: raypeft train {out_path})"
     )
     return {
@@ -315,12 +317,12 @@ def front_table(
     front: list[dict[str, Any]], chosen: dict[str, Any], budget: int, reference: dict[str, Any] | None = None
 ) -> str:
     """The Pareto front (and any promoted plan off it, such as the uniform reference) as a markdown table."""
-    lines = ["| plan | memory (MB) | % of budget | short eval_loss | full eval_loss |", "|---|---|---|---|---|"]
+    lines = ["| plan | memory (MiB) | % of budget | short eval_loss | full eval_loss |", "|---|---|---|---|---|"]
     for r in sorted(front, key=lambda r: r["memory_bytes"]):
         mark = (" **(chosen)**" if r is chosen else "") + (" (uniform reference)" if r is reference else "")
         full = f"{r['eval_loss']:.4f}" if "eval_loss" in r else "—"
         lines.append(
-            f"| {describe(r['layers'])}{mark} | {r['memory_bytes'] / 1e6:.2f} | {100 * r['memory_bytes'] / budget:.0f}% "
+            f"| {describe(r['layers'])}{mark} | {r['memory_bytes'] / MIB:.2f} | {100 * r['memory_bytes'] / budget:.0f}% "
             f"| {r['short_eval_loss']:.4f} | {full} |"
         )
     return "\n".join(lines)
@@ -334,15 +336,15 @@ def front_png(rows, front, chosen, budget: int, out: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter(
-        [r["memory_bytes"] / 1e6 for r in rows],
+        [r["memory_bytes"] / MIB for r in rows],
         [r["short_eval_loss"] for r in rows],
         c="lightgray",
         label="plans within budget",
     )
     f = sorted(front, key=lambda r: r["memory_bytes"])
-    ax.plot([r["memory_bytes"] / 1e6 for r in f], [r["short_eval_loss"] for r in f], "o-", label="Pareto front")
+    ax.plot([r["memory_bytes"] / MIB for r in f], [r["short_eval_loss"] for r in f], "o-", label="Pareto front")
     ax.scatter(
-        [chosen["memory_bytes"] / 1e6],
+        [chosen["memory_bytes"] / MIB],
         [chosen["short_eval_loss"]],
         marker="*",
         s=200,
@@ -350,8 +352,8 @@ def front_png(rows, front, chosen, budget: int, out: Path) -> Path:
         label="chosen",
         zorder=3,
     )
-    ax.axvline(budget / 1e6, ls="--", c="k", lw=1, label="budget")
-    ax.set_xlabel("memory (MB), as the budget counts it (tune.layerwise.memory)")
+    ax.axvline(budget / MIB, ls="--", c="k", lw=1, label="budget")
+    ax.set_xlabel("memory (MiB), as the budget counts it (tune.layerwise.memory)")
     ax.set_ylabel("eval loss after the short trial")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
