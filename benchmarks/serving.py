@@ -20,7 +20,9 @@ every request generates ``--tokens`` tokens; the clock covers submit → last to
 * ``cold_load``: read an adapter whose files are not in the page cache (fresh copies, then
   ``posix_fadvise(DONTNEED)``) and stack it into a slot, LoRA and DoRA alternating;
 * ``itl``: 4 rows decoding; the inter-token latency p50 with nothing arriving, and the p99 while
-  1,024-token prompts keep arriving (one whenever the last has started decoding).
+  1,024-token prompts keep arriving (one whenever the last has started decoding; at least 40
+  steps and 3 prompts' first tokens), after a warm-up that includes one long prompt (so the KV
+  cache has grown to its working size once, as on a server that has been up a while).
 
 The table gives the median and the spread (min–max) over the repeats; the last line is one JSON
 object. Not a timed test.
@@ -126,7 +128,13 @@ def _engine(args, tok, resolve, *, slots=9, max_batch=8, cpu_items=64):
 
     multi = MultiLoraModel(_load(args), slots=slots, r_max=args.rank)
     return Engine(
-        multi, tok, resolve, max_batch=max_batch, cpu_cache_items=cpu_items, prefill_chunk_tokens=args.prefill_chunk
+        multi,
+        tok,
+        resolve,
+        max_batch=max_batch,
+        cpu_cache_items=cpu_items,
+        prefill_chunk_tokens=args.prefill_chunk,
+        prefill_slowdown=args.prefill_slowdown or None,
     )
 
 
@@ -249,36 +257,46 @@ def side_itl(args, tok, dirs) -> dict:
     engine = _engine(args, tok, lambda name: str(dirs[int(name)]))
     for i in range(4):
         engine.add_adapter(str(i))
-    stamps: dict[int, list[float]] = {}
+    # when each token of each running row arrived (per token, not per streamed text event: the detokenizer
+    # holds a token back while it is an incomplete character, which would read as a two-step gap)
+    stamps: dict[int, list[float]] = {i: [] for i in range(4)}
+    rows = [engine.submit(Request(_ids(tok, PROMPTS[i]), str(i), 1000, ignore_eos=True)) for i in range(4)]
 
-    def runner(i):
-        req = Request(_ids(tok, PROMPTS[i]), str(i), 100_000 // 100, ignore_eos=True)
-        req.sink = lambda e, rid=i: stamps.setdefault(rid, []).append(time.perf_counter())
-        return engine.submit(req)
+    def step():
+        seen = [len(r.out_ids) for r in rows]
+        engine.step()
+        now = time.perf_counter()
+        for i, r in enumerate(rows):
+            stamps[i] += [now] * (len(r.out_ids) - seen[i])
 
-    rows = [runner(i) for i in range(4)]
     long_ids = (_ids(tok, " ".join(PROMPTS)) * 64)[:1024]
 
     ttft = []
 
     def gaps(steps, arrivals: bool):
+        """Step ``steps`` times; with arrivals, also until 3 long prompts have had their first token."""
         for s in stamps.values():
             s.clear()
-        incoming, since = None, 0.0
-        for _ in range(steps):
+        incoming, since, done = None, 0.0, 0
+        while done < steps or (arrivals and len(ttft) < 3 and done < 2000):
+            done += 1
             if arrivals and (incoming is None or incoming.out_ids):
                 if incoming is not None:
                     ttft.append(time.perf_counter() - since)
                     engine.cancel(incoming)
                 incoming = engine.submit(Request(long_ids, "4", max_tokens=2, ignore_eos=True))
                 since = time.perf_counter()
-            engine.step()
+            step()
         if incoming is not None:
             engine.cancel(incoming)
         return [b - a for s in stamps.values() for a, b in zip(s, s[1:])]
 
     engine.add_adapter("4")
     gaps(10, False)  # warm-up
+    warm = engine.submit(Request(long_ids, "4", max_tokens=2, ignore_eos=True))  # the KV cache grows to its size
+    while not warm.finish_reason:
+        step()
+    ttft.clear()
     steady = gaps(40, False)
     loaded = gaps(40, True)
     for r in rows:
@@ -332,6 +350,12 @@ def main(argv=None) -> int:
     p.add_argument(
         "--prefill-chunk", type=int, default=256, help="the engine's prefill_chunk_tokens (the serving spec's default)"
     )
+    p.add_argument(
+        "--prefill-slowdown",
+        type=float,
+        default=1.8,
+        help="the engine's prefill_slowdown (the serving spec's default); 0: off, every step prefills --prefill-chunk",
+    )
     p.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset")
     p.add_argument("--side", help=argparse.SUPPRESS)
     p.add_argument("--base-path", help=argparse.SUPPRESS)
@@ -359,6 +383,7 @@ def main(argv=None) -> int:
                 cmd = [sys.executable, "-m", "benchmarks.serving", "--side", side, "--base-path", str(base_path)]
                 cmd += ["--adapter-root", tmp, "--rank", str(args.rank), "--tokens", str(args.tokens)]
                 cmd += ["--threads", str(args.threads), "--prefill-chunk", str(args.prefill_chunk)]
+                cmd += ["--prefill-slowdown", str(args.prefill_slowdown)]
                 cmd += ["--gpu"] if args.gpu else []
                 t0 = time.perf_counter()
                 out = subprocess.run(cmd, capture_output=True, text=True)
@@ -404,7 +429,14 @@ def main(argv=None) -> int:
             print(f"itl {key}: {_spread([r[key] for r in results['itl']])}")
     print(
         json.dumps(
-            {**summary, "repeats": args.repeats, "gpu": args.gpu, "prefill_chunk": args.prefill_chunk, "raw": results}
+            {
+                **summary,
+                "repeats": args.repeats,
+                "gpu": args.gpu,
+                "prefill_chunk": args.prefill_chunk,
+                "prefill_slowdown": args.prefill_slowdown,
+                "raw": results,
+            }
         )
     )
     return 0

@@ -289,6 +289,7 @@ class LoraServer:
             cpu_cache_items=s.cache.cpu_adapters,
             cpu_cache_bytes=s.cache.cpu_bytes,
             prefill_chunk_tokens=s.limits.prefill_chunk_tokens,
+            prefill_slowdown=s.limits.prefill_slowdown,
             max_context=s.limits.max_prompt_tokens + s.limits.max_new_tokens,
             max_kv_bytes=s.limits.max_kv_bytes,
         )

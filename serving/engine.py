@@ -6,11 +6,13 @@ One ``Engine`` runs one loop (``step``) over a running batch. Every step it
    already in a slot is shared; one in the CPU tier is copied into the least recently used
    unpinned slot; one on disk (or in the registry) is read into the CPU tier by a
    background thread, and only the requests for that adapter wait for it;
-2. feeds the prompts of joining rows, at most ``prefill_chunk_tokens`` in all: a long prompt is
-   prefilled over several steps, and a row whose prompt is done samples its first token and
-   joins the decoding rows;
-3. decodes one token for every decoding row in one forward pass, each row through its own
-   adapter (``serving.lora_batch``), so running rows keep streaming while prompts arrive;
+2. runs one forward pass (``serving.kv``) over one token for every decoding row and the joining
+   rows' next prompt chunks, each row through its own adapter (``serving.lora_batch``). The
+   chunks hold at most ``prefill_chunk_tokens`` tokens in all, and fewer while rows decode, sized
+   from measured step times so that the step takes about ``prefill_slowdown`` × a decode step
+   (``serving.schedule``). So running rows keep streaming while long prompts arrive;
+3. samples: the decoding rows' next tokens, and the first token of each row whose prompt is now
+   done, which joins the decoding rows;
 4. retires rows that hit EOS, a stop string or ``max_tokens``.
 
 Rows live in a preallocated KV cache with per-row lengths (``serving.kv.RowCache``): joining
@@ -38,10 +40,12 @@ from pathlib import Path
 
 import torch
 
+from serving import kv as kv_attention
 from serving.backend import Overloaded, Request, TooLarge, adapter_support
 from serving.cache import LRU, SlotTable
 from serving.kv import RowCache
 from serving.lora_batch import AdapterWeights, MultiLoraModel
+from serving.schedule import ChunkBudget
 
 __all__ = ["Engine", "Overloaded", "Request", "TooLarge"]
 
@@ -73,6 +77,7 @@ class Engine:
         cpu_cache_bytes: int = 2 << 30,
         load_threads: int = 2,
         prefill_chunk_tokens: int = 256,
+        prefill_slowdown: float | None = 1.8,
         max_context: int = 4096,
         max_kv_bytes: int | None = None,
     ):
@@ -80,10 +85,12 @@ class Engine:
         self.model = multi.model
         self.device = multi.device
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.budget = ChunkBudget(prefill_chunk_tokens, prefill_slowdown)
         self.max_kv_bytes = float("inf") if max_kv_bytes is None else max_kv_bytes
         self.dtype = multi.dtype
-        self.windows = _attention_windows(self.model.config)
+        self.layer_windows = _layer_windows(self.model.config)
+        kv_attention.register()
+        self.model.set_attn_implementation(kv_attention.ROWS_ATTENTION)  # every pass is a RowCache pass
         self.kv = RowCache(max_batch, max_context, self.device, _kv_bytes_per_token(self.model.config, self.dtype))
         self.cpu = LRU(cpu_cache_items, cpu_cache_bytes)
         self.slots = SlotTable(multi.slots)
@@ -268,14 +275,13 @@ class Engine:
         return self.rows[self.n :]
 
     def _step(self) -> bool:
+        t0 = time.perf_counter()
         admitted = self._admit()
         busy = bool(admitted or self.rows)
-        if self.n < len(self.rows):
-            self._prefill_chunk()
-        if self.n:
-            self._decode()
+        decoding, prompt_tokens = self._pass() if self.rows else (0, 0)
         self._retire()
         self.stats["steps"] += 1
+        self.budget.observe(time.perf_counter() - t0, decoding, prompt_tokens)  # the step as its rows see it
         return busy
 
     def _fail_all(self, message: str) -> None:
@@ -354,56 +360,66 @@ class Engine:
             if req in self.waiting:
                 self.waiting.remove(req)
 
-    def _forward(self, lo: int, hi: int, chunks: list[list[int]]) -> torch.Tensor:
-        """One pass over rows ``[lo, hi)``, each adding its ``chunks[i]`` tokens (left-padded to the longest,
-        so every row's last token is the last column); returns each row's next-token logits ``[rows, vocab]``."""
-        q = max(len(c) for c in chunks)
+    def _forward(self, feeds: list[tuple[int, list[int]]]) -> torch.Tensor:
+        """One pass adding each ``(row, tokens)`` of ``feeds`` to its row, the rows' tokens end to end in one
+        sequence (``serving.kv``); returns each feed's next-token logits ``[feeds, vocab]``."""
         self.kv.reserve(len(self.rows), max(self._reserve(r) for r in self.rows), self.max_kv_bytes)
-        positions, real = self.kv.begin(lo, hi, [len(c) for c in chunks])
-        ids = torch.zeros((hi - lo, q), dtype=torch.long)  # built on the host, copied once
-        for i, c in enumerate(chunks):
-            ids[i, q - len(c) :] = torch.tensor(c)
-        self.multi.rows([r.state.slot for r in self.rows[lo:hi]])
-        out = self.model(
-            input_ids=ids.to(self.device, non_blocking=True),
-            attention_mask=self._masks(positions, real),
-            position_ids=positions,
-            past_key_values=self.kv,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self.kv.end([len(c) for c in chunks])
-        return out.logits[:, -1, :].float()
+        p = self.kv.begin([(row, len(tokens)) for row, tokens in feeds], self.layer_windows)
+        ids = torch.tensor([t for _, tokens in feeds for t in tokens], dtype=torch.long)  # built on the host
+        slots = [self.rows[row].state.slot for row, _ in feeds]
+        segments, offset = [], p.singles
+        for (_, tokens), slot in zip(feeds[p.singles :], slots[p.singles :]):
+            segments.append((offset, len(tokens), slot))
+            offset += len(tokens)
+        self.multi.feeds(slots[: p.singles], segments)
+        try:
+            out = self.model(
+                input_ids=ids.to(self.device, non_blocking=True).view(1, -1),
+                position_ids=p.positions,
+                past_key_values=self.kv,
+                use_cache=True,
+                logits_to_keep=p.last,
+                rows_pass=p,
+            )
+        finally:
+            self.multi.rows(None)
+        self.kv.end()
+        return out.logits[0].float()
 
-    def _masks(self, positions: torch.Tensor, real: torch.Tensor):
-        """The pass's attention masks, in the form the model takes: one 4D mask, or one per layer type."""
-        w = self.windows
-        if w is None or isinstance(w, int):
-            return self.kv.masks(positions, real, self.dtype, w)
-        return {kind: self.kv.masks(positions, real, self.dtype, window) for kind, window in w.items()}
+    def _pass(self) -> tuple[int, int]:
+        """One forward pass: a token for every decoding row, and the prefilling rows' next prompt chunks
+        (``serving.schedule``: at most ``prefill_chunk_tokens`` in all, fewer while rows decode so that
+        the step stays within ``prefill_slowdown`` × a decode step). Rows whose prompt is done sample
+        their first token and join the decoding rows. Returns the decoding rows and the prompt tokens fed."""
+        n, pre = self.n, self.prefilling
+        feeds = [(i, [r.out_ids[-1]]) for i, r in enumerate(self.running)]
+        if pre:
+            per_row = max(1, self.budget.tokens(n) // len(pre))
+            feeds += [(n + i, r.prompt_ids[r.state.fed : r.state.fed + per_row]) for i, r in enumerate(pre)]
+        logits = self._forward(feeds)
+        if n:
+            decoding = self.running
+            self.stats["batch_rows"] += n
+            self._emit(decoding, self._sample(logits[:n], decoding), logits[:n])  # reads the tokens: synced
+        self._prefilled(pre, feeds[n:], logits[n:])
+        return n, sum(len(c) for _, c in feeds[n:])
 
-    def _prefill_chunk(self) -> None:
-        """Feed the prefilling rows their next prompt tokens, at most ``prefill_chunk_tokens`` in all; rows
-        whose prompt is done sample their first token and join the decoding rows."""
-        lo, hi = self.n, len(self.rows)
-        rows = self.rows[lo:hi]
-        per_row = max(1, self.prefill_chunk_tokens // len(rows))
-        chunks = [r.prompt_ids[r.state.fed : r.state.fed + per_row] for r in rows]
-        logits = self._forward(lo, hi, chunks)
+    def _prefilled(self, pre: list[Request], feeds: list[tuple[int, list[int]]], logits: torch.Tensor) -> None:
+        """Advance the prefilling rows by their chunks; those whose prompt is done join the decoding rows."""
+        n = self.n
         done = []
-        for i, (r, c) in enumerate(zip(rows, chunks)):
-            r.state.fed += len(c)
+        for i, (r, (_, chunk)) in enumerate(zip(pre, feeds)):
+            r.state.fed += len(chunk)
+            self.stats["prefill_tokens"] += len(chunk)
             if r.state.fed == len(r.prompt_ids):
                 done.append(i)
-        self.stats["prefill_tokens"] += sum(len(c) for c in chunks)
         if not done:
             return
         logits = logits[done]
-        first = self._sample(logits, [rows[i] for i in done])
+        first = self._sample(logits, [pre[i] for i in done])
         joined = []
         for i in done:  # move each finished row to the end of the decoding rows
-            row = lo + i
-            self._swap(row, self.n)
+            self._swap(n + i, self.n)
             joined.append(self.rows[self.n])
             self.n += 1
         self._emit(joined, first, logits)
@@ -412,12 +428,6 @@ class Engine:
         if a != b:
             self.kv.swap(a, b)
             self.rows[a], self.rows[b] = self.rows[b], self.rows[a]
-
-    def _decode(self) -> None:
-        rows = self.running
-        logits = self._forward(0, self.n, [[r.out_ids[-1]] for r in rows])
-        self.stats["batch_rows"] += len(rows)
-        self._emit(rows, self._sample(logits, rows), logits)
 
     def _retire(self) -> None:
         """Free the rows of finished or cancelled requests, keeping the decoding rows first and every
@@ -522,6 +532,14 @@ def _attention_windows(config) -> dict[str, int | None] | int | None:
     if not types and window and getattr(config, "use_sliding_window", True):
         return window
     return None
+
+
+def _layer_windows(config) -> list[int | None]:
+    """Each layer's sliding window (None: the layer attends to everything)."""
+    windows = _attention_windows(config)
+    if isinstance(windows, dict):
+        return [windows[kind] for kind in config.layer_types]
+    return [windows] * config.num_hidden_layers
 
 
 def _kv_bytes_per_token(config, dtype: torch.dtype) -> int:

@@ -1,26 +1,106 @@
-"""A preallocated KV cache with per-row lengths, for iteration-level batching.
+"""A preallocated KV cache with per-row lengths, and the one forward pass per engine step.
 
 Each layer has one key and one value buffer ``[rows, kv_heads, capacity + 1, head_dim]`` on the
-model's device. Row ``i``'s tokens sit in columns ``[0, length_i)`` of row ``i``. A forward
-pass runs over a contiguous range of rows (a view, never a copy) and writes each row's new
-tokens at that row's own next columns, so rows of any lengths decode together. A request that
+model's device. Row ``i``'s tokens sit in columns ``[0, length_i)`` of row ``i``. A request that
 joins takes the next free row; one that leaves hands its row to another, whose tokens alone are
 copied (``swap``). Nothing copies the whole cache on a join or a leave; the buffers grow (by
 doubling, within the byte limit the engine gives) only when more rows or a longer request arrive,
 and are freed when the engine is idle.
 
-A pass's rows are left-padded to the longest chunk, so every row's newest token is the pass's last
-column (``logits_to_keep=1``); padding writes go to the spare last column, which no pass reads.
-The engine passes its own additive 4D attention masks (``masks``): row ``i``'s query at position
-``p`` sees columns ``j ≤ p`` (and ``j > p - window`` for sliding-window layers). The object
-duck-types the ``update`` method of transformers' ``Cache``, which is all attention layers call.
+**One pass per step, every row in it** (``begin`` → the model → ``end``). The pass's tokens are
+laid end to end in one sequence ``[1, T]``: first one token for each decoding row (rows
+``0..m-1``), then each prefilling row's next chunk of its prompt. So the linear layers, which are
+most of the work, run once over all ``T`` tokens, with no padding, and a prompt's chunk costs its
+own tokens only, not another pass over the weights. Attention is the only part that needs the rows
+apart: ``rows_attention`` (registered with transformers as ``ROWS_ATTENTION``) runs the decoding
+rows as one batched SDPA over their cache rows (each query sees its row's columns up to its own
+position) and each chunk as its own SDPA over its row's columns, causal from the chunk's start
+(lower-right). Sliding-window layers get the window in both masks. ``update`` duck-types the one
+method of transformers' ``Cache`` that attention layers call: it writes the pass's keys and values
+at each token's row and column.
 
 Pure torch: no Ray, no I/O.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+
+ROWS_ATTENTION = "raypeft_rows"
+
+
+@dataclass
+class Pass:
+    """The layout of one forward pass (``RowCache.begin``); given to every attention layer."""
+
+    feeds: list[tuple[int, int, int]]  # (row, start column, token count), in token order
+    singles: int  # the first ``singles`` feeds are rows 0..singles-1 with one token each
+    positions: torch.Tensor  # [1, T] each token's position (= its column in its row)
+    token_rows: torch.Tensor  # [T] each token's row
+    last: torch.Tensor  # [feeds] each feed's last token: the logits the step samples from
+    width: int  # the columns the single-token rows read
+    windows: list[int | None]  # each layer's sliding window (None: it attends to everything)
+    _masks: dict = field(default_factory=dict)
+
+    def singles_mask(self, window: int | None) -> torch.Tensor:
+        """``[m, 1, 1, width]``: row ``i``'s query at position ``p`` sees columns ``j <= p`` (``> p - window``)."""
+        if window not in self._masks:
+            p = self.positions[0, : self.singles, None]
+            cols = torch.arange(self.width, device=p.device)[None, :]
+            seen = cols <= p
+            if window is not None:
+                seen &= cols > p - window
+            self._masks[window] = seen[:, None, None, :]
+        return self._masks[window]
+
+
+def chunk_mask(start: int, count: int, window: int | None, device) -> torch.Tensor | None:
+    """``[1, 1, count, start + count]``: a chunk's queries at positions ``start..`` over its row's columns,
+    causal (lower-right) and within the window; None where plain causal attention is the same."""
+    if not start and window is None:
+        return None
+    q = torch.arange(start, start + count, device=device)[:, None]
+    cols = torch.arange(start + count, device=device)[None, :]
+    seen = cols <= q
+    if window is not None:
+        seen &= cols > q - window
+    return seen[None, None]
+
+
+def rows_attention(module, query, key, value, attention_mask=None, rows_pass: Pass | None = None, **kwargs):
+    """An ``AttentionInterface`` function for ``RowCache`` passes (see the module docstring). ``query`` is
+    ``[1, heads, T, dim]``; ``key``/``value`` are the layer's whole cache buffers. Returns ``[1, T, heads, dim]``."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if rows_pass is None:
+        raise ValueError("rows_attention runs only inside an engine pass (RowCache.begin)")
+    p = rows_pass
+    kwargs.pop("is_causal", None)
+    kwargs.pop("sliding_window", None)  # the pass's own per-layer windows apply
+    window = p.windows[module.layer_idx]
+    outs = []
+    m = p.singles
+    if m:
+        q = query[0, :, :m].transpose(0, 1).unsqueeze(2)  # [m, heads, 1, dim]
+        k, v = key[:m, :, : p.width], value[:m, :, : p.width]
+        out = sdpa_attention_forward(module, q, k, v, p.singles_mask(window), is_causal=False, **kwargs)[0]
+        outs.append(out.transpose(0, 1))  # [m, 1, heads, dim] → [1, m, heads, dim]
+    t = m
+    for row, start, count in p.feeds[m:]:
+        q = query[:, :, t : t + count]
+        k, v = key[row : row + 1, :, : start + count], value[row : row + 1, :, : start + count]
+        mask = chunk_mask(start, count, window, query.device)
+        outs.append(sdpa_attention_forward(module, q, k, v, mask, is_causal=mask is None, **kwargs)[0])
+        t += count
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), None
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ROWS_ATTENTION, rows_attention)
 
 
 class RowCache:
@@ -32,8 +112,7 @@ class RowCache:
         self.keys: list[torch.Tensor | None] = []
         self.values: list[torch.Tensor | None] = []
         self.lengths = [0] * max_rows  # host-side: no device read to know a row's length
-        self._lo = self._hi = self._width = 0
-        self._cols: torch.Tensor | None = None  # [rows, q] the columns this pass writes, on the device
+        self._pass: Pass | None = None
 
     def bytes_for(self, rows: int, tokens: int) -> int:
         """The buffers' size once they hold ``rows`` rows of ``tokens`` tokens (they never shrink while in use)."""
@@ -69,43 +148,44 @@ class RowCache:
 
     # ------------------------------------------------------------------ one forward pass
 
-    def begin(self, lo: int, hi: int, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prepare a pass over rows ``[lo, hi)`` adding ``counts[i]`` tokens to row ``lo + i``, left-padded to
-        the largest count. Returns the position ids ``[rows, q]`` and which of them are real tokens."""
-        if not 0 <= lo < hi <= self.rows or len(counts) != hi - lo:
-            raise ValueError(f"rows [{lo}, {hi}) with {len(counts)} counts outside the {self.rows} reserved")
-        q = max(counts)
-        host = torch.tensor([self.lengths[lo:hi], counts], dtype=torch.long).to(self.device, non_blocking=True)
-        start, count = host[0], host[1]
-        t = torch.arange(q, device=self.device)
-        positions = start[:, None] + t[None, :] - (q - count)[:, None]
-        real = t[None, :] >= (q - count)[:, None]
-        self._lo, self._hi = lo, hi
-        self._width = max(n + c for n, c in zip(self.lengths[lo:hi], counts))
-        self._cols = torch.where(real, positions, self.capacity)  # padding → the spare column
-        return positions.clamp(min=0), real
+    def begin(self, feeds: list[tuple[int, int]], windows: list[int | None]) -> Pass:
+        """Prepare a pass that adds ``count`` tokens to each ``(row, count)`` of ``feeds``, in that token
+        order (the decoding rows ``0..m-1`` with one token each first, see the module docstring)."""
+        starts = [self.lengths[row] for row, _ in feeds]
+        for (row, count), start in zip(feeds, starts):
+            if not 0 <= row < self.rows or count < 1 or start + count > self.capacity:
+                raise ValueError(f"row {row} + {count} tokens outside the {self.rows} × {self.capacity} reserved")
+        singles = 0
+        while singles < len(feeds) and feeds[singles] == (singles, 1):
+            singles += 1
+        positions, rows, last, t = [], [], [], 0
+        for (row, count), start in zip(feeds, starts):
+            positions += range(start, start + count)
+            rows += [row] * count
+            t += count
+            last.append(t - 1)
+        host = torch.tensor(positions + rows + last, dtype=torch.long)  # one copy to the device per pass
+        dev = host.to(self.device, non_blocking=True)
+        self._pass = Pass(
+            feeds=[(row, start, count) for (row, count), start in zip(feeds, starts)],
+            singles=singles,
+            positions=dev[:t].view(1, t),
+            token_rows=dev[t : 2 * t],
+            last=dev[2 * t :],
+            width=max(starts[:singles], default=-1) + 1,
+            windows=windows,
+        )
+        return self._pass
 
-    def masks(
-        self, positions: torch.Tensor, real: torch.Tensor, dtype: torch.dtype, window: int | None = None
-    ) -> torch.Tensor:
-        """The additive 4D mask ``[rows, 1, q, width]`` of the current pass: 0 where a query may look,
-        the dtype's minimum elsewhere. Padding queries see column 0 only (their output is dropped)."""
-        cols = torch.arange(self._width, device=self.device)[None, None, :]
-        p = torch.where(real, positions, 0)[:, :, None]
-        seen = cols <= p
-        if window is not None:
-            seen &= cols > p - window
-        mask = torch.zeros(seen.shape, dtype=dtype, device=self.device)
-        return mask.masked_fill_(~seen, torch.finfo(dtype).min)[:, None]
-
-    def end(self, counts: list[int]) -> None:
+    def end(self) -> None:
         """The pass is over: each of its rows grew by its count."""
-        for i, n in zip(range(self._lo, self._hi), counts):
-            self.lengths[i] += n
-        self._cols = None
+        for row, _, count in self._pass.feeds:
+            self.lengths[row] += count
+        self._pass = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """What an attention layer calls: store the pass's keys and values; return the rows' columns so far."""
+        """What an attention layer calls: store the pass's keys and values ``[1, kv_heads, T, dim]`` at each
+        token's row and column; return the layer's whole buffers (``rows_attention`` reads its rows)."""
         while len(self.keys) <= layer_idx:
             self.keys.append(None)
             self.values.append(None)
@@ -114,13 +194,12 @@ class RowCache:
             shape = (self.rows, heads, self.capacity + 1, dim)
             self.keys[layer_idx] = torch.zeros(shape, dtype=key_states.dtype, device=self.device)
             self.values[layer_idx] = torch.zeros(shape, dtype=value_states.dtype, device=self.device)
-        k = self.keys[layer_idx][self._lo : self._hi]
-        v = self.values[layer_idx][self._lo : self._hi]
-        n, heads, q, dim = key_states.shape
-        idx = self._cols[:, None, :, None].expand(n, heads, q, dim)
-        k.scatter_(2, idx, key_states.to(k.dtype))
-        v.scatter_(2, idx, value_states.to(v.dtype))
-        return k[:, :, : self._width], v[:, :, : self._width]
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        p = self._pass
+        where = (p.token_rows, slice(None), p.positions[0])
+        k[where] = key_states[0].transpose(0, 1).to(k.dtype)  # [T, kv_heads, dim] into [rows, heads, cols, dim]
+        v[where] = value_states[0].transpose(0, 1).to(v.dtype)
+        return k, v
 
     # ------------------------------------------------------------------ rows
 

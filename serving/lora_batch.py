@@ -1,12 +1,18 @@
 """Mixed-adapter batches: one forward pass where every row uses its own LoRA / DoRA adapter.
 
 Each adapted linear layer of the shared base is wrapped by ``MultiLoraLinear``. It holds
-the *active tier*: ``slots`` adapters stacked as ``A [slots, r_max, in]``,
-``B [slots, out, r_max]``, a per-slot scale and a per-slot DoRA output scale
-``g [slots, out]``. Slot 0 is the bare base (all zeros, g = 1). A forward pass
-gathers each row's slot and applies the deltas with two batched matmuls, whatever
-the mix of adapters in the batch: no Python loop over adapters (PEFT's
-``adapter_names`` loops per adapter per layer).
+the *active tier*: ``slots`` adapters stacked as ``A [slots, r, in]`` and ``B [slots, r, out]``
+(``B`` rank-major, so a range of slots reads as one ``[slots·r, out]`` matrix), a per-slot scale
+and a per-slot DoRA output scale ``g [slots, out]``. Slot 0 is the bare base (all zeros, g = 1).
+Whatever the mix of adapters in a batch, there is no Python loop over adapters (PEFT's
+``adapter_names`` loops per adapter per layer):
+
+* decoding rows (one token each) whose slots lie in a range no wider than the rows multiply the
+  range's stacks in place: two matmuls over every slot of the range, each row keeping its own
+  slot's product (``_in_place``). At decode the stacks' bytes are the cost, and this reads each
+  used slot once;
+* other batches gather each row's slot and apply the deltas with two batched matmuls;
+* a prompt chunk (one adapter) multiplies its slot's matrices directly.
 
     y = g[slot] ⊙ (W x + s[slot] · B[slot] A[slot] x) + bias
 
@@ -14,11 +20,12 @@ For LoRA g = 1. For DoRA, ``g = m / ||W + s·B·A||`` (row norms) is a constant 
 adapter and the base, so it is computed once when the adapter is loaded into a slot;
 at inference DoRA costs what LoRA costs. The stacked tensors live beside the base
 weights, in the serving dtype (the input embeddings': bf16 on GPUs, the spec's dtype on
-CPU). A batch multiplies only up to the largest rank among its rows' adapters (a batch of
-rank-8 adapters on a server with ``r_max`` 64 does rank-8 work); smaller ranks in the same
-batch are zero-padded,
-which changes nothing. Works over bitsandbytes 4-/8-bit base layers too (the base
-layer computes ``W x``; DoRA norms use the dequantized weight).
+CPU). **Ranks**: the stacks are as wide as the largest rank loaded so far (they grow when a
+larger adapter arrives, up to ``r_max``), not ``r_max``: rank-16 adapters on a server allowed
+rank 64 take rank-16 memory and work. A batch multiplies only up to the largest rank among its
+rows' adapters; smaller ranks in the same batch are zero-padded, which changes nothing. Works
+over bitsandbytes 4-/8-bit base layers too (the base layer computes ``W x``; DoRA norms use the
+dequantized weight).
 
 Pure torch: no Ray, no I/O. ``AdapterWeights.from_dir`` reads a standard PEFT directory.
 """
@@ -37,25 +44,61 @@ from pipelines.targets import is_target, pattern_value
 
 
 class BatchContext:
-    """Shared by every wrapped layer of one model: the slot of each row of the current batch, as one
-    index tensor on the model's device (made once per forward pass, not once per layer)."""
+    """Shared by every wrapped layer of one model: which adapter slot each token of the current pass
+    uses, made once per forward pass (not once per layer). Two layouts:
+
+    * rows (``set``): ``x`` is ``[batch, tokens, in]`` and row ``i`` uses slot ``rows[i]``;
+    * one sequence (``set_flat``, the engine's passes): ``x`` is ``[1, T, in]``; its first ``m`` tokens
+      use slots ``rows[0..m-1]``, one each (the decoding rows), and each later ``segment``
+      ``(offset, count, slot, rank, dora)`` is one prompt chunk through one slot.
+    """
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
-        self.rows: torch.Tensor | None = None  # [batch] long, on ``device``
+        self.rows: torch.Tensor | None = None  # [batch] (or [m]) long, on ``device``
         self.rank = 0  # the largest rank among the rows' adapters: the stacks are sliced to it
-        self.any_adapter = False
-        self.any_dora = False
+        self.any_adapter = False  # any adapter anywhere in the pass
+        self.rows_adapter = False  # any adapter among ``rows``
+        self.any_dora = False  # any DoRA adapter among ``rows``
+        self.segments: list[tuple[int, int, int, int, bool]] | None = None  # None: the rows layout
+        self.lo, self.span, self.onehot = 0, 0, None
+
+    def _rows(self, rows: list[int], dora_slots, ranks: dict[int, int] | None) -> None:
+        slots = set(rows)
+        self.rows = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True) if rows else None
+        self.rank = max((ranks or {}).get(s, 0) for s in slots) if ranks is not None and slots else -1
+        self.rows_adapter = bool(slots - {0}) and self.rank != 0
+        self.any_dora = bool(slots & set(dora_slots))
+        # the slot range [lo, lo + span) the rows' adapters lie in, and which row uses which slot of it
+        used = slots - {0}
+        self.lo, self.span, self.onehot = 0, 0, None
+        if used and self.rows is not None:
+            self.lo, self.span = min(used), max(used) - min(used) + 1
+            if self.span <= len(rows):  # read the range in place (MultiLoraLinear._in_place)
+                cand = torch.arange(self.lo, self.lo + self.span, device=self.device)[:, None]
+                self.onehot = (cand == self.rows[None, :]).to(torch.float32)  # [span, rows]
 
     def set(self, rows: list[int] | None, dora_slots: set[int] = frozenset(), ranks: dict[int, int] | None = None):
+        self.segments = None
         if rows is None:
-            self.rows, self.rank, self.any_adapter, self.any_dora = None, 0, False, False
+            self.rows, self.rank, self.any_adapter, self.rows_adapter, self.any_dora = None, 0, False, False, False
+            self.lo, self.span, self.onehot = 0, 0, None
             return
-        slots = set(rows)
-        self.rows = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
-        self.rank = max((ranks or {}).get(s, 0) for s in slots) if ranks is not None else -1
-        self.any_adapter = bool(slots - {0}) and self.rank != 0
-        self.any_dora = bool(slots & set(dora_slots))
+        self._rows(rows, dora_slots, ranks)
+        self.any_adapter = self.rows_adapter
+
+    def set_flat(
+        self,
+        rows: list[int],
+        segments: list[tuple[int, int, int]],
+        dora_slots: set[int] = frozenset(),
+        ranks: dict[int, int] | None = None,
+    ):
+        """``rows``: the slot of each of the first ``len(rows)`` tokens; ``segments``: ``(offset, count, slot)``."""
+        ranks = ranks or {}
+        self._rows(rows, dora_slots, ranks)
+        self.segments = [(o, c, s, ranks.get(s, 0), s in dora_slots) for o, c, s in segments]
+        self.any_adapter = self.rows_adapter or any(s and r for _, _, s, r, _ in self.segments)
 
 
 class MultiLoraLinear(nn.Module):
@@ -68,8 +111,8 @@ class MultiLoraLinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r_max = r_max
         at = {"dtype": dtype, "device": base.weight.device}  # beside the base weight, in the serving dtype
-        self.register_buffer("A", torch.zeros(slots, r_max, self.in_features, **at), persistent=False)
-        self.register_buffer("B", torch.zeros(slots, self.out_features, r_max, **at), persistent=False)
+        self.register_buffer("A", torch.zeros(slots, 0, self.in_features, **at), persistent=False)
+        self.register_buffer("B", torch.zeros(slots, 0, self.out_features, **at), persistent=False)  # rank-major
         self.register_buffer("scale", torch.zeros(slots, **at), persistent=False)
         self.register_buffer("g", torch.ones(slots, self.out_features, **at), persistent=False)
 
@@ -81,6 +124,23 @@ class MultiLoraLinear(nn.Module):
 
             return dequantize_module_weight(self.base_layer).float()
         return w.detach().float()
+
+    @property
+    def rank(self) -> int:
+        """The stacks' width: the largest rank loaded so far."""
+        return self.A.shape[1]
+
+    def grow(self, rank: int) -> None:
+        """Widen the stacks to ``rank`` (their contents kept, the new ranks zero)."""
+        if rank <= self.rank:
+            return
+        if rank > self.r_max:
+            raise ValueError(f"rank {rank} exceeds the served maximum rank {self.r_max}")
+        for name in ("A", "B"):
+            old = getattr(self, name)
+            new = old.new_zeros((old.shape[0], rank, old.shape[2]))
+            new[:, : old.shape[1]] = old
+            setattr(self, name, new)
 
     def load_slot(
         self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float, magnitude: torch.Tensor | None
@@ -94,11 +154,10 @@ class MultiLoraLinear(nn.Module):
             if A is None:
                 return
             r = A.shape[0]
-            if r > self.r_max:
-                raise ValueError(f"rank {r} exceeds the served maximum rank {self.r_max}")
+            self.grow(r)
             A, B = A.to(self.A.device), B.to(self.B.device)  # from the CPU tier: one copy each
             self.A[slot, :r] = A.to(self.A.dtype)
-            self.B[slot, :, :r] = B.to(self.B.dtype)
+            self.B[slot, :r] = B.T.to(self.B.dtype)
             self.scale[slot] = scale
             if magnitude is not None:  # DoRA: g = m / ||W + s·B·A|| per output row, in float
                 w = self.base_weight() + scale * (B.float() @ A.float())
@@ -112,24 +171,64 @@ class MultiLoraLinear(nn.Module):
         ctx = self.ctx
         if not ctx.any_adapter:
             return y
-        rows, r = ctx.rows, (ctx.rank if ctx.rank > 0 else self.r_max)
-        shape = x.shape
-        x3 = x.reshape(shape[0], -1, shape[-1]).to(self.A.dtype)  # [batch, tokens, in]
+        if ctx.segments is None:  # the rows layout
+            shape = x.shape
+            x3, y3 = x.reshape(shape[0], -1, shape[-1]), y.reshape(shape[0], -1, self.out_features)
+            return self._per_row(x3, y3).reshape(*shape[:-1], self.out_features)
+        xf, yf = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)  # one sequence
+        m = 0 if ctx.rows is None else ctx.rows.shape[0]
+        parts = [self._per_row(xf[:m, None], yf[:m, None]).reshape(m, -1) if ctx.rows_adapter else yf[:m]]
+        for offset, count, slot, rank, dora in ctx.segments:  # a prompt chunk: one adapter, no gather
+            ys = yf[offset : offset + count]
+            if not slot or not rank:
+                parts.append(ys)
+                continue
+            xs = xf[offset : offset + count].to(self.A.dtype)
+            delta = (xs @ self.A[slot, :rank].T) @ self.B[slot, :rank] * self.scale[slot]
+            parts.append(self._combine(ys, delta, self.g[slot] if dora else None).to(ys.dtype))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out.to(y.dtype).reshape(y.shape)
+
+    def _per_row(self, x3: torch.Tensor, y3: torch.Tensor) -> torch.Tensor:
+        """``[batch, tokens, ·]``, row ``i`` through slot ``ctx.rows[i]``: read in place for one token per row
+        when the batch's rank is the stacks' (``_in_place``), else the stacks gathered per row."""
+        ctx = self.ctx
+        rows, r = ctx.rows, (ctx.rank if ctx.rank > 0 else self.rank)
+        x3 = x3.to(self.A.dtype)
+        if x3.shape[1] == 1 and ctx.onehot is not None and r == self.rank:
+            return self._in_place(x3, y3)
         a = self.A[:, :r].index_select(0, rows)  # [batch, r, in]: only the ranks this batch's adapters use
-        b = self.B[:, :, :r].index_select(0, rows)  # [batch, out, r]
-        delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))  # [batch, tokens, out]
+        b = self.B[:, :r].index_select(0, rows)  # [batch, r, out]
+        delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b)  # [batch, tokens, out]
         delta = delta * self.scale.index_select(0, rows).view(-1, 1, 1)
+        g = self.g.index_select(0, rows).unsqueeze(1) if ctx.any_dora else None  # [batch, 1, out]
+        return self._combine(y3, delta, g).to(y3.dtype)
+
+    def _in_place(self, x3: torch.Tensor, y3: torch.Tensor) -> torch.Tensor:
+        """One token per row, the rows' slots within ``[lo, lo + span)`` (span ≤ rows): every slot of the range
+        multiplies every row's token, straight from the stacks (views, no copy), and a mask keeps each row's
+        own slot (times its scale) between the two matmuls. At decode the stacks' bytes, not the FLOPs,
+        are the cost: this reads each slot of the range once, where a per-row gather reads, writes and
+        reads again a copy of every row's adapter."""
+        ctx = self.ctx
+        lo, span, r = ctx.lo, ctx.span, self.rank
+        x, rows = x3[:, 0], x3.shape[0]  # [rows, in]
+        h = x @ self.A[lo : lo + span].reshape(span * r, self.in_features).T  # [rows, span·r]
+        w = ctx.onehot.T.to(h.dtype) * self.scale.index_select(0, ctx.rows)[:, None]  # [rows, span]: own slot × s
+        h = (h.view(rows, span, r) * w[:, :, None]).view(rows, span * r)
+        delta = h @ self.B[lo : lo + span].reshape(span * r, self.out_features)  # [rows, out]
+        g = self.g.index_select(0, ctx.rows) if ctx.any_dora else None
+        return self._combine(y3[:, 0], delta, g).to(y3.dtype)[:, None]
+
+    def _combine(self, y: torch.Tensor, delta: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+        """``g ⊙ (W x + delta) + bias`` (DoRA), or ``y + delta`` (LoRA), where ``y = W x + bias``."""
+        out = y.to(delta.dtype)
+        if g is None:
+            return out + delta
         bias = getattr(self.base_layer, "bias", None)
-        out = y.reshape(shape[0], -1, self.out_features).to(delta.dtype)
-        if ctx.any_dora:
-            g = self.g.index_select(0, rows).unsqueeze(1)  # [batch, 1, out]
-            if bias is not None:
-                out = g * (out - bias + delta) + bias
-            else:
-                out = g * (out + delta)
-        else:
-            out = out + delta
-        return out.to(y.dtype).reshape(*shape[:-1], self.out_features)
+        if bias is None:
+            return g * (out + delta)
+        return g * (out - bias + delta) + bias
 
 
 # --------------------------------------------------------------------------- adapters
@@ -240,8 +339,13 @@ class MultiLoraModel:
         self.dora_slots.discard(slot)
 
     def rows(self, slots: list[int]) -> None:
-        """Set the slot of each row for the next forward passes."""
+        """Set the slot of each row for the next forward passes (``x`` is ``[batch, tokens, in]``)."""
         self.ctx.set(slots, self.dora_slots, self.slot_rank)
+
+    def feeds(self, slots: list[int], segments: list[tuple[int, int, int]]) -> None:
+        """Set the slots of one sequence: its first ``len(slots)`` tokens one each, then ``segments``
+        ``(offset, count, slot)`` (``BatchContext.set_flat``)."""
+        self.ctx.set_flat(slots, segments, self.dora_slots, self.slot_rank)
 
 
 def _is_linear(mod: nn.Module) -> bool:

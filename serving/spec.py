@@ -57,7 +57,13 @@ class ServeCache(Section):
         le=512,
         description="Adapters resident in the model at once (the active tier); a batch mixes any of them.",
     )
-    max_rank: Int = Field(64, gt=0, le=1024, description="Largest adapter rank served (the slots are sized for it).")
+    max_rank: Int = Field(
+        64,
+        gt=0,
+        le=1024,
+        description="Largest adapter rank served (a larger one is refused); the slots are as wide as the largest "
+        "rank loaded so far.",
+    )
     cpu_adapters: Int = Field(
         64, gt=0, description="Adapters kept in CPU memory (the CPU tier), least recently used out first."
     )
@@ -79,8 +85,16 @@ class ServeLimits(Section):
     prefill_chunk_tokens: Int = Field(
         256,
         gt=0,
-        description="Prompt tokens prefilled per engine step, across the joining requests; a longer prompt is "
-        "prefilled in chunks between decode steps, so running rows keep streaming.",
+        description="Most prompt tokens prefilled per engine step, across the joining requests; a longer prompt "
+        "is prefilled in chunks, each in the same forward pass as the running rows' next tokens.",
+    )
+    prefill_slowdown: Float | None = Field(
+        1.8,
+        gt=1,
+        description="While rows are decoding, a step that also prefills is sized to take about this many times a "
+        "decode-only step: the engine picks each step's prompt chunk from the step times it measured (at most "
+        "`prefill_chunk_tokens`, at least 16 tokens). Step-to-step noise puts the slowest steps a few percent "
+        "over it, so 1.8 keeps the inter-token p99 under 2× the decode step. Null: always `prefill_chunk_tokens`.",
     )
     max_kv_bytes: Int | None = Field(
         None,

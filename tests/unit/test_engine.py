@@ -337,10 +337,42 @@ def test_sliding_window_models_match_generate(tmp_path, family):
     prompt = tok("the quick brown fox jumps over", add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt])
     ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    later = tok("a lazy dog sleeps all day long in the sun", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([later])
+    ref2 = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
     engine = Engine(MultiLoraModel(model, slots=2, r_max=4), tok, lambda name: name, prefill_chunk_tokens=3)
     req = engine.submit(Request(prompt, None, max_tokens=8, ignore_eos=True))
-    _drain(engine, [req])
+    while len(req.out_ids) < 2:
+        engine.step()
+    req2 = engine.submit(Request(later, None, max_tokens=6, ignore_eos=True))  # chunks of 3 beside a decoding row
+    _drain(engine, [req, req2])
     assert req.out_ids == ref[0, len(prompt) :].tolist()
+    assert req2.out_ids == ref2[0, len(later) :].tolist()
+
+
+def test_a_step_is_one_forward_pass_with_the_decoding_rows_and_the_prompt_chunk(tiny_model_dir, adapters):
+    """Decode tokens and a prompt's chunk share one pass over the weights, end to end, with no padding."""
+    engine, tok = _engine(tiny_model_dir, adapters, prefill_chunk_tokens=5, prefill_slowdown=None)
+    engine.add_adapter("a")
+    engine.add_adapter("dora")
+    short = tok("hi there", add_special_tokens=False)["input_ids"]
+    long = (tok("the quick brown fox jumps over the lazy dog ", add_special_tokens=False)["input_ids"] * 3)[:23]
+    runners = [engine.submit(Request(short, name, max_tokens=20, ignore_eos=True)) for name in ("a", None)]
+    while not all(r.out_ids for r in runners):
+        engine.step()
+    shapes = []
+    hook = engine.model.register_forward_pre_hook(
+        lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    slow = engine.submit(Request(long, "dora", max_tokens=4))
+    for _ in range(5):
+        engine.step()
+    hook.remove()
+    assert shapes == [(1, 2 + 5)] * 4 + [(1, 2 + 3)]  # one pass a step: 2 decode tokens + the chunk (5, 5, 5, 5, 3)
+    assert len(slow.out_ids) == 1
+    _drain(engine, [*runners, slow])
+    assert slow.out_ids == _reference(tiny_model_dir, adapters["dora"], long, 4)
+    assert runners[0].out_ids[:5] == _reference(tiny_model_dir, adapters["a"], short, 20)[:5]
 
 
 def test_logprobs_are_the_adapters_own_distribution(tiny_model_dir, adapters):
