@@ -73,7 +73,8 @@ def test_a_client_with_a_ray_token_turns_token_auth_on(monkeypatch, tmp_path, en
     from cluster.connect import token_auth_env
 
     for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE"):
-        monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv(k, "")  # recorded, so what token_auth_env sets is undone after the test
+        monkeypatch.delenv(k)
     path = tmp_path / "auth_token"
     if token_file:
         path.write_text("t")
