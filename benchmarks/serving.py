@@ -18,7 +18,9 @@ every request generates ``--tokens`` tokens; the clock covers submit → last to
   hard links to the 8 adapters' files: each is read and stacked as its own adapter (from the page
   cache), without 20 GB of disk;
 * ``cold_load``: read an adapter whose files are not in the page cache (fresh copies, then
-  ``posix_fadvise(DONTNEED)``) and stack it into a slot, LoRA and DoRA alternating;
+  ``posix_fadvise(DONTNEED)``), prepare it (a DoRA adapter's output scales; the engine does both on
+  its read thread) and stack it into a slot (on the decode loop), LoRA and DoRA alternating; the
+  p50 of the whole, of each kind, and of the part on the decode loop;
 * ``itl``: 4 rows decoding; the inter-token latency p50 with nothing arriving, and the p99 while
   1,024-token prompts keep arriving (one whenever the last has started decoding; at least 40
   steps and 3 prompts' first tokens), after a warm-up that includes one long prompt (so the KV
@@ -245,10 +247,24 @@ def side_cold_load(args, tok, dirs) -> dict:
                 os.close(fd)
             _sync(args)
             t0 = time.perf_counter()
-            multi.load(1, AdapterWeights.from_dir(f"fresh{k}", d))
+            weights = multi.prepare(AdapterWeights.from_dir(f"fresh{k}", d))  # the engine's read thread
             _sync(args)
-            times.append(time.perf_counter() - t0)
-    return {"p50_ms": statistics.median(times) * 1000}
+            t1 = time.perf_counter()
+            multi.load(1, weights)  # on the decode loop
+            _sync(args)
+            t2 = time.perf_counter()
+            times.append((k % 2, t2 - t0, t2 - t1))
+
+    def p50(kind, i):
+        return statistics.median(t[i] for t in times if kind is None or t[0] == kind) * 1000
+
+    return {
+        "p50_ms": p50(None, 1),
+        "lora_p50_ms": p50(0, 1),
+        "dora_p50_ms": p50(1, 1),
+        "lora_loop_p50_ms": p50(0, 2),
+        "dora_loop_p50_ms": p50(1, 2),
+    }
 
 
 def side_itl(args, tok, dirs) -> dict:
@@ -423,7 +439,8 @@ def main(argv=None) -> int:
     for side in rates:
         print(f"| {side} | {_spread([r['tok_s'] for r in results[side]])} |")
     if results.get("cold_load"):
-        print(f"cold load p50 (ms): {_spread([r['p50_ms'] for r in results['cold_load']])}")
+        for key in ("p50_ms", "lora_p50_ms", "dora_p50_ms", "lora_loop_p50_ms", "dora_loop_p50_ms"):
+            print(f"cold load {key}: {_spread([r[key] for r in results['cold_load']])}")
     if results.get("itl"):
         for key in ("steady_p50_ms", "loaded_p99_ms", "ratio", "long_prompt_ttft_ms"):
             print(f"itl {key}: {_spread([r[key] for r in results['itl']])}")

@@ -224,7 +224,7 @@ class Engine:
         reason = self.supports(path)
         if reason is not None:
             raise ValueError(f"adapter {name!r}: {reason}")
-        weights = AdapterWeights.from_dir(name, path)
+        weights = self.multi.prepare(AdapterWeights.from_dir(name, path))  # DoRA's scales here, off the loop
         with self.cache_lock:
             self.cpu.put(name, weights, weights.nbytes)
         self.stats["adapter_load_s"].append(time.perf_counter() - t0)

@@ -2,8 +2,8 @@
 
 Each adapted linear layer of the shared base is wrapped by ``MultiLoraLinear``. It holds
 the *active tier*: ``slots`` adapters stacked as ``A [slots, r, in]`` and ``B [slots, r, out]``
-(``B`` rank-major, so a range of slots reads as one ``[slots·r, out]`` matrix), a per-slot scale
-and a per-slot DoRA output scale ``g [slots, out]``. Slot 0 is the bare base (all zeros, g = 1).
+(``B`` rank-major, so a range of slots reads as one ``[slots·r, out]`` matrix, and already
+multiplied by the adapter's scale ``s``) and a per-slot DoRA output scale ``g [slots, out]``. Slot 0 is the bare base (all zeros, g = 1).
 Whatever the mix of adapters in a batch, there is no Python loop over adapters (PEFT's
 ``adapter_names`` loops per adapter per layer):
 
@@ -53,8 +53,8 @@ class BatchContext:
       ``(offset, count, slot, rank, dora)`` is one prompt chunk through one slot.
     """
 
-    def __init__(self, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
+    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.device, self.dtype = torch.device(device), dtype
         self.rows: torch.Tensor | None = None  # [batch] (or [m]) long, on ``device``
         self.rank = 0  # the largest rank among the rows' adapters: the stacks are sliced to it
         self.any_adapter = False  # any adapter anywhere in the pass
@@ -75,8 +75,8 @@ class BatchContext:
         if used and self.rows is not None:
             self.lo, self.span = min(used), max(used) - min(used) + 1
             if self.span <= len(rows):  # read the range in place (MultiLoraLinear._in_place)
-                cand = torch.arange(self.lo, self.lo + self.span, device=self.device)[:, None]
-                self.onehot = (cand == self.rows[None, :]).to(torch.float32)  # [span, rows]
+                cand = torch.arange(self.lo, self.lo + self.span, device=self.device)[None, :]
+                self.onehot = (self.rows[:, None] == cand).to(self.dtype)[:, :, None]  # [rows, span, 1]
 
     def set(self, rows: list[int] | None, dora_slots: set[int] = frozenset(), ranks: dict[int, int] | None = None):
         self.segments = None
@@ -113,8 +113,8 @@ class MultiLoraLinear(nn.Module):
         at = {"dtype": dtype, "device": base.weight.device}  # beside the base weight, in the serving dtype
         self.register_buffer("A", torch.zeros(slots, 0, self.in_features, **at), persistent=False)
         self.register_buffer("B", torch.zeros(slots, 0, self.out_features, **at), persistent=False)  # rank-major
-        self.register_buffer("scale", torch.zeros(slots, **at), persistent=False)
         self.register_buffer("g", torch.ones(slots, self.out_features, **at), persistent=False)
+        self._w_sq: torch.Tensor | None = None  # the base's squared row norms, for DoRA (made at the first DoRA load)
 
     def base_weight(self) -> torch.Tensor:
         """The base weight in float (dequantized for bitsandbytes layers)."""
@@ -143,13 +143,19 @@ class MultiLoraLinear(nn.Module):
             setattr(self, name, new)
 
     def load_slot(
-        self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float, magnitude: torch.Tensor | None
+        self,
+        slot: int,
+        A: torch.Tensor | None,
+        B: torch.Tensor | None,
+        scale: float,
+        magnitude: torch.Tensor | None,
+        g: torch.Tensor | None = None,
     ) -> None:
-        """Put one adapter's tensors for this layer into ``slot`` (None: the adapter does not touch this layer)."""
+        """Put one adapter's tensors for this layer into ``slot`` (None: the adapter does not touch this layer).
+        A DoRA adapter's output scale ``g`` is computed here unless given (``MultiLoraModel.prepare``)."""
         with torch.no_grad():
             self.A[slot].zero_()
             self.B[slot].zero_()
-            self.scale[slot] = 0.0
             self.g[slot].fill_(1.0)
             if A is None:
                 return
@@ -157,11 +163,29 @@ class MultiLoraLinear(nn.Module):
             self.grow(r)
             A, B = A.to(self.A.device), B.to(self.B.device)  # from the CPU tier: one copy each
             self.A[slot, :r] = A.to(self.A.dtype)
-            self.B[slot, :r] = B.T.to(self.B.dtype)
-            self.scale[slot] = scale
-            if magnitude is not None:  # DoRA: g = m / ||W + s·B·A|| per output row, in float
-                w = self.base_weight() + scale * (B.float() @ A.float())
-                self.g[slot] = (magnitude.to(w.device).float() / w.norm(p=2, dim=1)).to(self.g.dtype)
+            self.B[slot, :r] = (scale * B.T.float()).to(self.B.dtype)  # s folded in: nothing to scale per pass
+            if magnitude is not None:
+                self.g[slot] = (self.dora_scale(A, B, scale, magnitude) if g is None else g.to(self.g.device)).to(
+                    self.g.dtype
+                )
+
+    def dora_scale(self, A: torch.Tensor, B: torch.Tensor, scale: float, magnitude: torch.Tensor) -> torch.Tensor:
+        """DoRA's output scale ``g = m / ||W + s·B·A||`` per output row, in float, on the base's device."""
+        dev = self.A.device
+        norm = self._dora_norm(A.to(dev).float(), B.to(dev).float(), scale)
+        return magnitude.to(dev).float() / norm
+
+    def _dora_norm(self, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+        """``||W + s·B·A||`` per output row without making ``W + s·B·A``: expanded as
+        ``||w_i||² + 2s·(B ⊙ W Aᵀ)_i· + s²·(B AAᵀ ⊙ B)_i·``. The base's ``||w_i||²`` is kept (the base is
+        frozen), so a load reads the base weight once, for ``W Aᵀ`` (``[out, r]``), and allocates nothing
+        the weight's size."""
+        w = self.base_weight()
+        if self._w_sq is None:
+            self._w_sq = torch.linalg.vector_norm(w, dim=1) ** 2
+        cross = (B * (w @ A.T)).sum(1)
+        delta = ((B @ (A @ A.T)) * B).sum(1)
+        return (self._w_sq + 2 * s * cross + s * s * delta).clamp_min(0).sqrt()
 
     def clear_slot(self, slot: int) -> None:
         self.load_slot(slot, None, None, 0.0, None)
@@ -177,14 +201,22 @@ class MultiLoraLinear(nn.Module):
             return self._per_row(x3, y3).reshape(*shape[:-1], self.out_features)
         xf, yf = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)  # one sequence
         m = 0 if ctx.rows is None else ctx.rows.shape[0]
-        parts = [self._per_row(xf[:m, None], yf[:m, None]).reshape(m, -1) if ctx.rows_adapter else yf[:m]]
+        if not ctx.rows_adapter:
+            head = yf[:m]
+        elif ctx.onehot is not None and ctx.rank == self.rank:
+            head = self._in_place(xf[:m], yf[:m])
+        else:
+            head = self._per_row(xf[:m, None], yf[:m, None]).reshape(m, -1)
+        if not ctx.segments:  # decoding rows only
+            return head.view(y.shape)
+        parts = [head]
         for offset, count, slot, rank, dora in ctx.segments:  # a prompt chunk: one adapter, no gather
             ys = yf[offset : offset + count]
             if not slot or not rank:
                 parts.append(ys)
                 continue
             xs = xf[offset : offset + count].to(self.A.dtype)
-            delta = (xs @ self.A[slot, :rank].T) @ self.B[slot, :rank] * self.scale[slot]
+            delta = (xs @ self.A[slot, :rank].T) @ self.B[slot, :rank]
             parts.append(self._combine(ys, delta, self.g[slot] if dora else None).to(ys.dtype))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.to(y.dtype).reshape(y.shape)
@@ -196,29 +228,26 @@ class MultiLoraLinear(nn.Module):
         rows, r = ctx.rows, (ctx.rank if ctx.rank > 0 else self.rank)
         x3 = x3.to(self.A.dtype)
         if x3.shape[1] == 1 and ctx.onehot is not None and r == self.rank:
-            return self._in_place(x3, y3)
+            return self._in_place(x3[:, 0], y3[:, 0])[:, None]
         a = self.A[:, :r].index_select(0, rows)  # [batch, r, in]: only the ranks this batch's adapters use
         b = self.B[:, :r].index_select(0, rows)  # [batch, r, out]
         delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b)  # [batch, tokens, out]
-        delta = delta * self.scale.index_select(0, rows).view(-1, 1, 1)
         g = self.g.index_select(0, rows).unsqueeze(1) if ctx.any_dora else None  # [batch, 1, out]
         return self._combine(y3, delta, g).to(y3.dtype)
 
-    def _in_place(self, x3: torch.Tensor, y3: torch.Tensor) -> torch.Tensor:
-        """One token per row, the rows' slots within ``[lo, lo + span)`` (span ≤ rows): every slot of the range
+    def _in_place(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``x [rows, in]``, ``y [rows, out]``: one token per row, the rows' slots within ``[lo, lo + span)`` (span ≤ rows): every slot of the range
         multiplies every row's token, straight from the stacks (views, no copy), and a mask keeps each row's
-        own slot (times its scale) between the two matmuls. At decode the stacks' bytes, not the FLOPs,
+        own slot between the two matmuls. At decode the stacks' bytes, not the FLOPs,
         are the cost: this reads each slot of the range once, where a per-row gather reads, writes and
         reads again a copy of every row's adapter."""
         ctx = self.ctx
-        lo, span, r = ctx.lo, ctx.span, self.rank
-        x, rows = x3[:, 0], x3.shape[0]  # [rows, in]
-        h = x @ self.A[lo : lo + span].reshape(span * r, self.in_features).T  # [rows, span·r]
-        w = ctx.onehot.T.to(h.dtype) * self.scale.index_select(0, ctx.rows)[:, None]  # [rows, span]: own slot × s
-        h = (h.view(rows, span, r) * w[:, :, None]).view(rows, span * r)
+        lo, span, r, rows = ctx.lo, ctx.span, self.rank, x.shape[0]
+        h = x.to(self.A.dtype) @ self.A[lo : lo + span].reshape(span * r, self.in_features).T  # [rows, span·r]
+        h = (h.view(rows, span, r) * ctx.onehot).view(rows, span * r)  # each row keeps its own slot's ranks
         delta = h @ self.B[lo : lo + span].reshape(span * r, self.out_features)  # [rows, out]
         g = self.g.index_select(0, ctx.rows) if ctx.any_dora else None
-        return self._combine(y3[:, 0], delta, g).to(y3.dtype)[:, None]
+        return self._combine(y, delta, g).to(y.dtype)
 
     def _combine(self, y: torch.Tensor, delta: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
         """``g ⊙ (W x + delta) + bias`` (DoRA), or ``y + delta`` (LoRA), where ``y = W x + bias``."""
@@ -243,6 +272,7 @@ class AdapterWeights:
     layers: dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]] = field(default_factory=dict)
     dora: bool = False
     nbytes: int = 0
+    g: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA output scales, once prepared for a base
 
     @classmethod
     def from_dir(cls, name: str, path: str | Path) -> AdapterWeights:
@@ -299,7 +329,7 @@ class MultiLoraModel:
         # the serving dtype and device: the input embeddings', which stay unquantized under bitsandbytes
         emb = model.get_input_embeddings().weight
         self.device, self.dtype = emb.device, emb.dtype
-        self.ctx = BatchContext(self.device)
+        self.ctx = BatchContext(self.device, self.dtype)
         self.layers: dict[str, MultiLoraLinear] = {}
         self.slot_of: dict[str, int] = {}  # adapter name → slot
         self.dora_slots: set[int] = set()
@@ -323,13 +353,27 @@ class MultiLoraModel:
             raise ValueError(f"adapter {adapter.name!r} has rank {adapter.rank} > the served maximum {self.r_max}")
         for name, layer in self.layers.items():
             a, b, s, m = adapter.layers.get(name, (None, None, 0.0, None))
-            layer.load_slot(slot, a, b, s, m)
+            layer.load_slot(slot, a, b, s, m, adapter.g.get(name))
         for old, sl in list(self.slot_of.items()):
             if sl == slot:
                 del self.slot_of[old]
         self.slot_of[adapter.name] = slot
         self.slot_rank[slot] = adapter.rank
         (self.dora_slots.add if adapter.dora else self.dora_slots.discard)(slot)
+
+    def prepare(self, adapter: AdapterWeights) -> AdapterWeights:
+        """Compute what loading ``adapter`` into a slot would otherwise compute on the decode loop: a DoRA
+        adapter's output scales, which depend only on it and this base (kept with it, on the base's device:
+        one float per output row per layer).
+        Thread-safe beside forward passes: it only reads the base. Returns ``adapter``."""
+        if adapter.dora and not adapter.g:
+            with torch.no_grad():
+                for name, (a, b, s, m) in adapter.layers.items():
+                    layer = self.layers.get(name)
+                    if layer is not None and m is not None:
+                        adapter.g[name] = layer.dora_scale(a, b, s, m)  # [out] floats, beside the base
+            adapter.nbytes += sum(t.numel() * t.element_size() for t in adapter.g.values())
+        return adapter
 
     def evict(self, slot: int) -> None:
         for layer in self.layers.values():

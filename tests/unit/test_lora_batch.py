@@ -106,3 +106,32 @@ def test_bad_adapters_are_refused(tiny_model_dir, adapters, tmp_path):
     (bin_only / "adapter_model.bin").write_bytes(b"not loaded")
     with pytest.raises(ValueError, match="pickled .bin adapters are refused"):
         AdapterWeights.from_dir("bin", bin_only)
+
+
+def test_dora_scale_is_computed_without_the_weight_sized_sum_and_once_per_adapter(tiny_model_dir, adapters):
+    """``||W + s·B·A||`` by its expansion equals the direct norm; ``prepare`` computes it once, so a slot
+    load (on the decode loop) computes nothing, and the stacks stay as wide as the largest rank loaded."""
+    from transformers import AutoModelForCausalLM
+
+    multi = MultiLoraModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir), slots=3, r_max=8)
+    assert {layer.rank for layer in multi.layers.values()} == {0}  # nothing loaded: nothing allocated
+    dora = AdapterWeights.from_dir("dora", adapters["dora"])
+    name, (a, b, s, m) = next(iter(dora.layers.items()))
+    layer = multi.layers[name]
+    direct = m.float() / (layer.base_weight() + s * (b.float() @ a.float())).norm(dim=1)
+    torch.testing.assert_close(layer.dora_scale(a, b, s, m), direct, rtol=1e-5, atol=1e-6)
+    multi.prepare(dora)
+    assert set(dora.g) == {n for n, (_, _, _, mag) in dora.layers.items() if mag is not None}
+    calls = []
+    original = type(layer).dora_scale
+    type(layer).dora_scale = lambda self, *args: calls.append(1) or original(self, *args)
+    try:
+        multi.load(1, dora)
+    finally:
+        type(layer).dora_scale = original
+    assert calls == []
+    torch.testing.assert_close(layer.g[1], direct.to(layer.g.dtype))
+    assert layer.rank == 4  # a rank-4 adapter: rank-4 stacks, though the server allows 8
+    multi.load(2, AdapterWeights.from_dir("lora-b", adapters["lora-b"]))  # rank 8 widens the touched layers
+    assert multi.layers["model.layers.0.self_attn.q_proj"].rank == 8
+    assert multi.layers["model.layers.0.self_attn.q_proj"].B[1, :4].abs().sum() > 0  # slot 1 kept
