@@ -1,18 +1,20 @@
 """Mixed-adapter batches: one forward pass where every row uses its own LoRA / DoRA adapter.
 
 Each adapted linear layer of the shared base is wrapped by ``MultiLoraLinear``. It holds
-the *active tier*: ``slots`` adapters stacked as ``A [slots, r, in]`` and ``B [slots, r, out]``
-(``B`` rank-major, so a range of slots reads as one ``[slots·r, out]`` matrix, and already
-multiplied by the adapter's scale ``s``) and a per-slot DoRA output scale ``g [slots, out]``. Slot 0 is the bare base (all zeros, g = 1).
-Whatever the mix of adapters in a batch, there is no Python loop over adapters (PEFT's
-``adapter_names`` loops per adapter per layer):
+the *active tier*: ``slots`` adapters stacked as ``A [slots, r, in]`` and ``B [out, slots, r]``
+(laid out so that a range of slots reads as one ``[slots·r, in]`` and one ``[out, slots·r]``
+matrix, with no copy; ``B`` already multiplied by the adapter's scale ``s``), and a per-slot DoRA
+output scale ``g [slots, out]``. Slot 0 is the bare base (all zeros, g = 1). Whatever the mix of
+adapters in a batch, there is no Python loop over adapters (PEFT's ``adapter_names`` loops per
+adapter per layer):
 
-* decoding rows (one token each) whose slots lie in a range no wider than the rows multiply the
-  range's stacks in place: two matmuls over every slot of the range, each row keeping its own
-  slot's product (``_in_place``). At decode the stacks' bytes are the cost, and this reads each
-  used slot once;
+* a pass whose tokens all take one row each (decoding rows, and short prompts, as long as tokens ×
+  the slot range stays small) and whose slots lie in a range no wider than its tokens multiplies
+  the range's stacks in place: two matmuls over every slot of the range, each token keeping its
+  own slot's product (``_in_place``). At decode the stacks' bytes are the cost, and this reads
+  each slot of the range once;
 * other batches gather each row's slot and apply the deltas with two batched matmuls;
-* a prompt chunk (one adapter) multiplies its slot's matrices directly.
+* a long prompt chunk (one adapter) multiplies its slot's matrices directly.
 
     y = g[slot] ⊙ (W x + s[slot] · B[slot] A[slot] x) + bias
 
@@ -39,8 +41,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from pipelines.targets import is_target, pattern_value
+
+IN_PLACE_TOKEN_SLOTS = 4096  # a pass's tokens × its slot range, up to which every token is read in place
 
 
 class BatchContext:
@@ -74,7 +79,7 @@ class BatchContext:
         self.lo, self.span, self.onehot = 0, 0, None
         if used and self.rows is not None:
             self.lo, self.span = min(used), max(used) - min(used) + 1
-            if self.span <= len(rows):  # read the range in place (MultiLoraLinear._in_place)
+            if self.span <= len(rows) and len(rows) * self.span <= IN_PLACE_TOKEN_SLOTS:  # read in place
                 cand = torch.arange(self.lo, self.lo + self.span, device=self.device)[None, :]
                 self.onehot = (self.rows[:, None] == cand).to(self.dtype)[:, :, None]  # [rows, span, 1]
 
@@ -94,8 +99,15 @@ class BatchContext:
         dora_slots: set[int] = frozenset(),
         ranks: dict[int, int] | None = None,
     ):
-        """``rows``: the slot of each of the first ``len(rows)`` tokens; ``segments``: ``(offset, count, slot)``."""
+        """``rows``: the slot of each of the first ``len(rows)`` tokens; ``segments``: ``(offset, count, slot)``.
+        When every token times the slot range is small (``IN_PLACE_TOKEN_SLOTS``), the whole pass is taken
+        as one-token rows read in place: one pair of matmuls per layer whatever the number of prompts,
+        where a chunk per segment would cost a few operations each."""
         ranks = ranks or {}
+        tokens = rows + [slot for _, count, slot in segments for _ in range(count)]
+        used = set(tokens) - {0}
+        if used and len(tokens) * (max(used) - min(used) + 1) <= IN_PLACE_TOKEN_SLOTS:
+            rows, segments = tokens, []
         self._rows(rows, dora_slots, ranks)
         self.segments = [(o, c, s, ranks.get(s, 0), s in dora_slots) for o, c, s in segments]
         self.any_adapter = self.rows_adapter or any(s and r for _, _, s, r, _ in self.segments)
@@ -112,8 +124,10 @@ class MultiLoraLinear(nn.Module):
         self.r_max = r_max
         at = {"dtype": dtype, "device": base.weight.device}  # beside the base weight, in the serving dtype
         self.register_buffer("A", torch.zeros(slots, 0, self.in_features, **at), persistent=False)
-        self.register_buffer("B", torch.zeros(slots, 0, self.out_features, **at), persistent=False)  # rank-major
+        self.register_buffer("B", torch.zeros(self.out_features, slots, 0, **at), persistent=False)  # out-major
         self.register_buffer("g", torch.ones(slots, self.out_features, **at), persistent=False)
+        self._range: tuple[int, ...] | None = None  # the slot range and stacks ``_views`` show (``_in_place``)
+        self._views: tuple[torch.Tensor, torch.Tensor] | None = None
         self._w_sq: torch.Tensor | None = None  # the base's squared row norms, for DoRA (made at the first DoRA load)
 
     def base_weight(self) -> torch.Tensor:
@@ -136,11 +150,11 @@ class MultiLoraLinear(nn.Module):
             return
         if rank > self.r_max:
             raise ValueError(f"rank {rank} exceeds the served maximum rank {self.r_max}")
-        for name in ("A", "B"):
-            old = getattr(self, name)
-            new = old.new_zeros((old.shape[0], rank, old.shape[2]))
-            new[:, : old.shape[1]] = old
-            setattr(self, name, new)
+        A = self.A.new_zeros((self.A.shape[0], rank, self.in_features))
+        A[:, : self.rank] = self.A
+        B = self.B.new_zeros((self.out_features, self.B.shape[1], rank))
+        B[:, :, : self.rank] = self.B
+        self.A, self.B = A, B
 
     def load_slot(
         self,
@@ -155,7 +169,7 @@ class MultiLoraLinear(nn.Module):
         A DoRA adapter's output scale ``g`` is computed here unless given (``MultiLoraModel.prepare``)."""
         with torch.no_grad():
             self.A[slot].zero_()
-            self.B[slot].zero_()
+            self.B[:, slot].zero_()
             self.g[slot].fill_(1.0)
             if A is None:
                 return
@@ -163,7 +177,7 @@ class MultiLoraLinear(nn.Module):
             self.grow(r)
             A, B = A.to(self.A.device), B.to(self.B.device)  # from the CPU tier: one copy each
             self.A[slot, :r] = A.to(self.A.dtype)
-            self.B[slot, :r] = (scale * B.T.float()).to(self.B.dtype)  # s folded in: nothing to scale per pass
+            self.B[:, slot, :r] = (scale * B.float()).to(self.B.dtype)  # s folded in: nothing to scale per pass
             if magnitude is not None:
                 self.g[slot] = (self.dora_scale(A, B, scale, magnitude) if g is None else g.to(self.g.device)).to(
                     self.g.dtype
@@ -203,7 +217,7 @@ class MultiLoraLinear(nn.Module):
         m = 0 if ctx.rows is None else ctx.rows.shape[0]
         if not ctx.rows_adapter:
             head = yf[:m]
-        elif ctx.onehot is not None and ctx.rank == self.rank:
+        elif ctx.onehot is not None:
             head = self._in_place(xf[:m], yf[:m])
         else:
             head = self._per_row(xf[:m, None], yf[:m, None]).reshape(m, -1)
@@ -216,21 +230,21 @@ class MultiLoraLinear(nn.Module):
                 parts.append(ys)
                 continue
             xs = xf[offset : offset + count].to(self.A.dtype)
-            delta = (xs @ self.A[slot, :rank].T) @ self.B[slot, :rank]
+            delta = (xs @ self.A[slot, :rank].T) @ self.B[:, slot, :rank].T
             parts.append(self._combine(ys, delta, self.g[slot] if dora else None).to(ys.dtype))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.to(y.dtype).reshape(y.shape)
 
     def _per_row(self, x3: torch.Tensor, y3: torch.Tensor) -> torch.Tensor:
         """``[batch, tokens, ·]``, row ``i`` through slot ``ctx.rows[i]``: read in place for one token per row
-        when the batch's rank is the stacks' (``_in_place``), else the stacks gathered per row."""
+        when the slots lie in a range no wider than the rows (``_in_place``), else the stacks gathered per row."""
         ctx = self.ctx
         rows, r = ctx.rows, (ctx.rank if ctx.rank > 0 else self.rank)
         x3 = x3.to(self.A.dtype)
-        if x3.shape[1] == 1 and ctx.onehot is not None and r == self.rank:
+        if x3.shape[1] == 1 and ctx.onehot is not None:
             return self._in_place(x3[:, 0], y3[:, 0])[:, None]
         a = self.A[:, :r].index_select(0, rows)  # [batch, r, in]: only the ranks this batch's adapters use
-        b = self.B[:, :r].index_select(0, rows)  # [batch, r, out]
+        b = self.B[:, :, :r].index_select(1, rows).permute(1, 2, 0)  # [batch, r, out]
         delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b)  # [batch, tokens, out]
         g = self.g.index_select(0, rows).unsqueeze(1) if ctx.any_dora else None  # [batch, 1, out]
         return self._combine(y3, delta, g).to(y3.dtype)
@@ -242,12 +256,21 @@ class MultiLoraLinear(nn.Module):
         are the cost: this reads each slot of the range once, where a per-row gather reads, writes and
         reads again a copy of every row's adapter."""
         ctx = self.ctx
-        lo, span, r, rows = ctx.lo, ctx.span, self.rank, x.shape[0]
-        h = x.to(self.A.dtype) @ self.A[lo : lo + span].reshape(span * r, self.in_features).T  # [rows, span·r]
-        h = (h.view(rows, span, r) * ctx.onehot).view(rows, span * r)  # each row keeps its own slot's ranks
-        delta = h @ self.B[lo : lo + span].reshape(span * r, self.out_features)  # [rows, out]
+        # the range's stacks as two matrices: views, remade only when the range or the stacks change (the
+        # views keep the stacks they show alive, so their ids are not reused while cached)
+        key = (ctx.lo, ctx.span, id(self.A), id(self.B))
+        if self._range != key:
+            lo, span, r = ctx.lo, ctx.span, self.rank
+            a = self.A[lo : lo + span].reshape(span * r, self.in_features)  # [span·r, in]
+            self._views = (a, self.B[:, lo : lo + span].reshape(self.out_features, span * r))  # [out, span·r]
+            self._range = key
+        a, b = self._views
+        h = F.linear(x if x.dtype == a.dtype else x.to(a.dtype), a)  # [rows, span·r]
+        h.view(x.shape[0], ctx.span, self.rank).mul_(ctx.onehot)  # each row keeps its own slot's ranks
+        if not ctx.any_dora and y.dtype == b.dtype:
+            return torch.addmm(y, h, b.T)  # y + h·Bᵀ in one op
         g = self.g.index_select(0, ctx.rows) if ctx.any_dora else None
-        return self._combine(y, delta, g).to(y.dtype)
+        return self._combine(y, F.linear(h, b), g).to(y.dtype)
 
     def _combine(self, y: torch.Tensor, delta: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
         """``g ⊙ (W x + delta) + bias`` (DoRA), or ``y + delta`` (LoRA), where ``y = W x + bias``."""
