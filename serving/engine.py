@@ -21,7 +21,8 @@ cache. Admission counts the cache's bytes against ``max_kv_bytes``.
 
 Device discipline: every tensor the engine makes for the model (ids, masks, positions,
 slot indices, sampled tokens, RNGs) is made on the model's device, and the step reads
-device values back in one place (``_host``, once per forward pass). A step that raises fails
+device values back in one place (``_host``: the sampled tokens, once per pass, twice when a prompt
+finishes beside decoding rows). A step that raises fails
 the requests it touched with an ``("error", …)`` event, and the loop carries on.
 
 ``Engine`` is the ``serving.backend.Backend`` the HTTP layer uses. No Ray here.
@@ -130,10 +131,12 @@ class Engine:
         return adapter_support(adapter_dir, max_rank=self.multi.r_max)
 
     def submit(self, req: Request) -> Request:
+        if not req.prompt_ids:
+            raise ValueError("a request needs at least one prompt token")
         need = self._reserve(req)
         if need > self.kv.max_tokens:
             raise TooLarge(f"prompt and max_tokens need {need} tokens; this server holds {self.kv.max_tokens} per row")
-        alone = (need + 1) * self.kv.bytes_per_token
+        alone = need * self.kv.bytes_per_token
         if alone > self.max_kv_bytes:
             raise TooLarge(
                 f"prompt and max_tokens need {alone} bytes of KV cache; limits.max_kv_bytes is {self.max_kv_bytes}"
@@ -281,7 +284,8 @@ class Engine:
         decoding, prompt_tokens = self._pass() if self.rows else (0, 0)
         self._retire()
         self.stats["steps"] += 1
-        self.budget.observe(time.perf_counter() - t0, decoding, prompt_tokens)  # the step as its rows see it
+        if not admitted:  # the step as its rows see it; one that admitted also loaded slots and grew buffers
+            self.budget.observe(time.perf_counter() - t0, decoding, prompt_tokens)
         return busy
 
     def _fail_all(self, message: str) -> None:
@@ -371,8 +375,8 @@ class Engine:
         for (_, tokens), slot in zip(feeds[p.singles :], slots[p.singles :]):
             segments.append((offset, len(tokens), slot))
             offset += len(tokens)
-        self.multi.feeds(slots[: p.singles], segments)
         try:
+            self.multi.feeds(slots[: p.singles], segments)
             out = self.model(
                 input_ids=ids.to(self.device, non_blocking=True).view(1, -1),
                 position_ids=p.positions,
@@ -381,6 +385,9 @@ class Engine:
                 logits_to_keep=p.last,
                 rows_pass=p,
             )
+        except BaseException:
+            self.kv.abort()
+            raise
         finally:
             self.multi.rows(None)
         self.kv.end()
@@ -450,7 +457,8 @@ class Engine:
 
     @staticmethod
     def _host(values: torch.Tensor) -> list:
-        """Every device-to-host read: once per pass for the sampled tokens, and for logprobs when asked."""
+        """Every device-to-host read: the sampled tokens (the decoding rows', and those of rows whose prompt is
+        done), and logprobs when asked."""
         return values.tolist()
 
     def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, reqs: list[Request]) -> dict[int, tuple]:

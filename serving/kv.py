@@ -1,6 +1,6 @@
 """A preallocated KV cache with per-row lengths, and the one forward pass per engine step.
 
-Each layer has one key and one value buffer ``[rows, kv_heads, capacity + 1, head_dim]`` on the
+Each layer has one key and one value buffer ``[rows, kv_heads, capacity, head_dim]`` on the
 model's device. Row ``i``'s tokens sit in columns ``[0, length_i)`` of row ``i``. A request that
 joins takes the next free row; one that leaves hands its row to another, whose tokens alone are
 copied (``swap``). Nothing copies the whole cache on a join or a leave; the buffers grow (by
@@ -42,6 +42,7 @@ class Pass:
     last: torch.Tensor  # [feeds] each feed's last token: the logits the step samples from
     width: int  # the columns the single-token rows read
     windows: list[int | None]  # each layer's sliding window (None: it attends to everything)
+    cache: RowCache | None = None  # whose buffers the attention layers must receive
     _masks: dict = field(default_factory=dict)
 
     def singles_mask(self, window: int | None) -> torch.Tensor:
@@ -54,6 +55,13 @@ class Pass:
                 seen &= cols > p - window
             self._masks[window] = seen[:, None, None, :]
         return self._masks[window]
+
+    def chunk_mask(self, start: int, count: int, window: int | None, device) -> torch.Tensor | None:
+        """``chunk_mask``, made once per pass (every layer asks for the same ones)."""
+        key = (start, count, window)
+        if key not in self._masks:
+            self._masks[key] = chunk_mask(start, count, window, device)
+        return self._masks[key]
 
 
 def chunk_mask(start: int, count: int, window: int | None, device) -> torch.Tensor | None:
@@ -77,6 +85,8 @@ def rows_attention(module, query, key, value, attention_mask=None, rows_pass: Pa
     if rows_pass is None:
         raise ValueError("rows_attention runs only inside an engine pass (RowCache.begin)")
     p = rows_pass
+    if p.cache is not None and key is not p.cache.keys[module.layer_idx]:
+        raise RuntimeError("rows_attention got keys that are not the engine's RowCache (was the cache passed?)")
     kwargs.pop("is_causal", None)
     kwargs.pop("sliding_window", None)  # the pass's own per-layer windows apply
     window = p.windows[module.layer_idx]
@@ -91,7 +101,7 @@ def rows_attention(module, query, key, value, attention_mask=None, rows_pass: Pa
     for row, start, count in p.feeds[m:]:
         q = query[:, :, t : t + count]
         k, v = key[row : row + 1, :, : start + count], value[row : row + 1, :, : start + count]
-        mask = chunk_mask(start, count, window, query.device)
+        mask = p.chunk_mask(start, count, window, query.device)
         outs.append(sdpa_attention_forward(module, q, k, v, mask, is_causal=mask is None, **kwargs)[0])
         t += count
     return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), None
@@ -108,7 +118,7 @@ class RowCache:
         self.max_rows, self.max_tokens, self.device = max_rows, max_tokens, torch.device(device)
         self.bytes_per_token = bytes_per_token  # one row's token over every layer (an estimate before allocation)
         self.rows = 0  # rows allocated
-        self.capacity = 0  # columns per row allocated (the spare column excluded)
+        self.capacity = 0  # columns per row allocated
         self.keys: list[torch.Tensor | None] = []
         self.values: list[torch.Tensor | None] = []
         self.lengths = [0] * max_rows  # host-side: no device read to know a row's length
@@ -116,7 +126,7 @@ class RowCache:
 
     def bytes_for(self, rows: int, tokens: int) -> int:
         """The buffers' size once they hold ``rows`` rows of ``tokens`` tokens (they never shrink while in use)."""
-        return max(rows, self.rows) * (max(tokens, self.capacity) + 1) * self.bytes_per_token
+        return max(rows, self.rows) * max(tokens, self.capacity) * self.bytes_per_token
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
@@ -131,12 +141,12 @@ class RowCache:
         want_rows, want_tokens = max(rows, self.rows), max(tokens, self.capacity)
         new_rows = min(max(want_rows, 2 * self.rows if rows > self.rows else 0, 1), self.max_rows)
         new_tokens = min(max(want_tokens, 2 * self.capacity if tokens > self.capacity else 0, 64), self.max_tokens)
-        if new_rows * (new_tokens + 1) * self.bytes_per_token > limit:
+        if new_rows * new_tokens * self.bytes_per_token > limit:
             new_rows, new_tokens = want_rows, want_tokens
         for buffers in (self.keys, self.values):
             for i, old in enumerate(buffers):
                 if old is not None:
-                    grown = old.new_zeros((new_rows, old.shape[1], new_tokens + 1, old.shape[3]))
+                    grown = old.new_zeros((new_rows, old.shape[1], new_tokens, old.shape[3]))
                     grown[: self.rows, :, : self.capacity] = old[:, :, : self.capacity]
                     buffers[i] = grown
         self.rows, self.capacity = new_rows, new_tokens
@@ -174,6 +184,7 @@ class RowCache:
             last=dev[2 * t :],
             width=max(starts[:singles], default=-1) + 1,
             windows=windows,
+            cache=self,
         )
         return self._pass
 
@@ -181,6 +192,10 @@ class RowCache:
         """The pass is over: each of its rows grew by its count."""
         for row, _, count in self._pass.feeds:
             self.lengths[row] += count
+        self._pass = None
+
+    def abort(self) -> None:
+        """The pass failed: no row grew (what it wrote past the rows' lengths is never read)."""
         self._pass = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -191,7 +206,7 @@ class RowCache:
             self.values.append(None)
         if self.keys[layer_idx] is None:
             _, heads, _, dim = key_states.shape
-            shape = (self.rows, heads, self.capacity + 1, dim)
+            shape = (self.rows, heads, self.capacity, dim)
             self.keys[layer_idx] = torch.zeros(shape, dtype=key_states.dtype, device=self.device)
             self.values[layer_idx] = torch.zeros(shape, dtype=value_states.dtype, device=self.device)
         k, v = self.keys[layer_idx], self.values[layer_idx]

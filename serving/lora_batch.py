@@ -16,18 +16,19 @@ adapter per layer):
 * other batches gather each row's slot and apply the deltas with two batched matmuls;
 * a long prompt chunk (one adapter) multiplies its slot's matrices directly.
 
-    y = g[slot] ⊙ (W x + s[slot] · B[slot] A[slot] x) + bias
+    y = g[slot] ⊙ (W x + B[slot] A[slot] x) + bias        (B[slot] already holds s · B)
 
 For LoRA g = 1. For DoRA, ``g = m / ||W + s·B·A||`` (row norms) is a constant of the
-adapter and the base, so it is computed once when the adapter is loaded into a slot;
-at inference DoRA costs what LoRA costs. The stacked tensors live beside the base
+adapter and the base, so it is computed once per adapter: by ``MultiLoraModel.prepare``,
+which the engine calls on its adapter-read thread, else when the adapter enters a slot. At
+inference DoRA costs what LoRA costs. The stacked tensors live beside the base
 weights, in the serving dtype (the input embeddings': bf16 on GPUs, the spec's dtype on
 CPU). **Ranks**: the stacks are as wide as the largest rank loaded so far (they grow when a
-larger adapter arrives, up to ``r_max``), not ``r_max``: rank-16 adapters on a server allowed
-rank 64 take rank-16 memory and work. A batch multiplies only up to the largest rank among its
-rows' adapters; smaller ranks in the same batch are zero-padded, which changes nothing. Works
-over bitsandbytes 4-/8-bit base layers too (the base layer computes ``W x``; DoRA norms use the
-dequantized weight).
+larger adapter arrives, up to ``r_max``, and do not shrink), not ``r_max``: rank-16 adapters on
+a server allowed rank 64 take rank-16 memory and work. The in-place path reads the stacks' full
+width; the gather path multiplies only up to the largest rank among its rows' adapters. Smaller
+ranks are zero-padded, which changes nothing. Works over bitsandbytes 4-/8-bit base layers too
+(the base layer computes ``W x``; DoRA norms use the dequantized weight, computed at slot load).
 
 Pure torch: no Ray, no I/O. ``AdapterWeights.from_dir`` reads a standard PEFT directory.
 """
@@ -128,7 +129,11 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("g", torch.ones(slots, self.out_features, **at), persistent=False)
         self._range: tuple[int, ...] | None = None  # the slot range and stacks ``_views`` show (``_in_place``)
         self._views: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._w_sq: torch.Tensor | None = None  # the base's squared row norms, for DoRA (made at the first DoRA load)
+        self._w_sq: torch.Tensor | None = None  # the base's squared row norms, for DoRA (made at first use)
+
+    @property
+    def quantized(self) -> bool:
+        return type(self.base_layer.weight).__name__ in ("Params4bit", "Int8Params")
 
     def base_weight(self) -> torch.Tensor:
         """The base weight in float (dequantized for bitsandbytes layers)."""
@@ -155,6 +160,7 @@ class MultiLoraLinear(nn.Module):
         B = self.B.new_zeros((self.out_features, self.B.shape[1], rank))
         B[:, :, : self.rank] = self.B
         self.A, self.B = A, B
+        self._views = self._range = None  # the old stacks go now, not at the next in-place pass
 
     def load_slot(
         self,
@@ -192,12 +198,13 @@ class MultiLoraLinear(nn.Module):
     def _dora_norm(self, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
         """``||W + s·B·A||`` per output row without making ``W + s·B·A``: expanded as
         ``||w_i||² + 2s·(B ⊙ W Aᵀ)_i· + s²·(B AAᵀ ⊙ B)_i·``. The base's ``||w_i||²`` is kept (the base is
-        frozen), so a load reads the base weight once, for ``W Aᵀ`` (``[out, r]``), and allocates nothing
-        the weight's size."""
-        w = self.base_weight()
+        frozen), so a load reads the base weight once, for ``W Aᵀ`` (``[out, r]``, in the weight's dtype,
+        summed in float), and allocates nothing the weight's size (except a quantized base's dequantized
+        copy)."""
+        w = self.base_weight() if self.quantized else self.base_layer.weight.detach()
         if self._w_sq is None:
-            self._w_sq = torch.linalg.vector_norm(w, dim=1) ** 2
-        cross = (B * (w @ A.T)).sum(1)
+            self._w_sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32) ** 2
+        cross = (B * (w @ A.to(w.dtype).T).float()).sum(1)
         delta = ((B @ (A @ A.T)) * B).sum(1)
         return (self._w_sq + 2 * s * cross + s * s * delta).clamp_min(0).sqrt()
 
@@ -207,7 +214,7 @@ class MultiLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         ctx = self.ctx
-        if not ctx.any_adapter:
+        if not ctx.any_adapter or not self.rank:  # no adapter in the pass, or none loaded touches this layer
             return y
         if ctx.segments is None:  # the rows layout
             shape = x.shape
@@ -386,15 +393,18 @@ class MultiLoraModel:
 
     def prepare(self, adapter: AdapterWeights) -> AdapterWeights:
         """Compute what loading ``adapter`` into a slot would otherwise compute on the decode loop: a DoRA
-        adapter's output scales, which depend only on it and this base (kept with it, on the base's device:
-        one float per output row per layer).
-        Thread-safe beside forward passes: it only reads the base. Returns ``adapter``."""
+        adapter's output scales, which depend only on it and this base (kept with it in host memory: one
+        float per output row per layer). Thread-safe beside forward passes: it only reads the base
+        weights. Layers over a quantized base are left to the slot load, since dequantizing one
+        touches the layer's state. On a GPU its kernels share the decode loop's stream. Returns
+        ``adapter``."""
         if adapter.dora and not adapter.g:
             with torch.no_grad():
                 for name, (a, b, s, m) in adapter.layers.items():
                     layer = self.layers.get(name)
-                    if layer is not None and m is not None:
-                        adapter.g[name] = layer.dora_scale(a, b, s, m)  # [out] floats, beside the base
+                    if layer is not None and m is not None and not layer.quantized:
+                        g = layer.dora_scale(a, b, s, m)
+                        adapter.g[name] = g if g.is_meta else g.cpu()  # meta tensors hold no data to copy
             adapter.nbytes += sum(t.numel() * t.element_size() for t in adapter.g.values())
         return adapter
 

@@ -350,8 +350,16 @@ def test_sliding_window_models_match_generate(tmp_path, family):
     assert req2.out_ids == ref2[0, len(later) :].tolist()
 
 
-def test_a_step_is_one_forward_pass_with_the_decoding_rows_and_the_prompt_chunk(tiny_model_dir, adapters):
-    """Decode tokens and a prompt's chunk share one pass over the weights, end to end, with no padding."""
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "gather-and-segments"])
+def test_a_step_is_one_forward_pass_with_the_decoding_rows_and_the_prompt_chunk(
+    tiny_model_dir, adapters, monkeypatch, in_place
+):
+    """Decode tokens and a prompt's chunk share one pass over the weights, end to end, with no padding; the
+    same outputs whether the adapters are read in place or gathered per row with a chunk per segment."""
+    from serving import lora_batch
+
+    if not in_place:
+        monkeypatch.setattr(lora_batch, "IN_PLACE_TOKEN_SLOTS", 0)
     engine, tok = _engine(tiny_model_dir, adapters, prefill_chunk_tokens=5, prefill_slowdown=None)
     engine.add_adapter("a")
     engine.add_adapter("dora")
@@ -370,8 +378,10 @@ def test_a_step_is_one_forward_pass_with_the_decoding_rows_and_the_prompt_chunk(
     hook.remove()
     assert shapes == [(1, 2 + 5)] * 4 + [(1, 2 + 3)]  # one pass a step: 2 decode tokens + the chunk (5, 5, 5, 5, 3)
     assert len(slow.out_ids) == 1
-    _drain(engine, [*runners, slow])
+    plain = engine.submit(Request(long[:7], None, max_tokens=3))  # a bare-base chunk beside adapter rows
+    _drain(engine, [*runners, slow, plain])
     assert slow.out_ids == _reference(tiny_model_dir, adapters["dora"], long, 4)
+    assert plain.out_ids == _reference(tiny_model_dir, None, long[:7], 3)
     assert runners[0].out_ids[:5] == _reference(tiny_model_dir, adapters["a"], short, 20)[:5]
 
 
