@@ -284,8 +284,9 @@ class Engine:
         decoding, prompt_tokens = self._pass() if self.rows else (0, 0)
         self._retire()
         self.stats["steps"] += 1
-        if not admitted:  # the step as its rows see it; one that admitted also loaded slots and grew buffers
-            self.budget.observe(time.perf_counter() - t0, decoding, prompt_tokens)
+        # the step as its rows see it, admissions (slot loads, buffer growth) included: a step that admitted
+        # makes the next chunks smaller for a few steps, which errs on the running rows' side
+        self.budget.observe(time.perf_counter() - t0, decoding, prompt_tokens)
         return busy
 
     def _fail_all(self, message: str) -> None:
