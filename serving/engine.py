@@ -204,7 +204,7 @@ class Engine:
     def run_forever(self) -> None:
         while not self._stop:
             with self.lock:
-                while not self.waiting and not self.running and not self._stop:
+                while not self.waiting and not self.rows and not self._stop:  # rows: decoding or prefilling
                     self.lock.wait(timeout=0.5)
             if self._stop:
                 break

@@ -430,3 +430,21 @@ def test_a_cancelled_request_frees_its_row_mid_decode_and_mid_prefill(tiny_model
     _drain(engine, [keep])
     assert keep.out_ids == _reference(tiny_model_dir, adapters["a"], p, 10)
     assert len(gone.out_ids) < 50 and gone.finish_reason == "cancelled"
+
+
+def test_the_loop_thread_finishes_prompts_that_take_several_steps_with_no_row_decoding(tiny_model_dir, adapters):
+    """The loop sleeps only when nothing waits and no row runs, prefilling rows included (a prompt fed in
+    chunks while no row decodes once hung until the next request arrived)."""
+    engine, tok = _engine(tiny_model_dir, adapters, prefill_chunk_tokens=2)
+    engine.start()
+    try:
+        long = (tok("the quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"] * 2)[:11]
+        req = engine.submit(Request(long, "a", max_tokens=3, ignore_eos=True))
+        deadline = time.time() + 30
+        while req.finish_reason is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert req.finish_reason == "length", "the prefilling row was left waiting"
+        ref = _reference(tiny_model_dir, adapters["a"], long, 3)
+        assert len(req.out_ids) == 3 and req.out_ids[: len(ref)] == ref  # ignore_eos: the reference stops at EOS
+    finally:
+        engine.stop()
