@@ -48,12 +48,8 @@ class Pass:
     def singles_mask(self, window: int | None) -> torch.Tensor:
         """``[m, 1, 1, width]``: row ``i``'s query at position ``p`` sees columns ``j <= p`` (``> p - window``)."""
         if window not in self._masks:
-            p = self.positions[0, : self.singles, None]
-            cols = torch.arange(self.width, device=p.device)[None, :]
-            seen = cols <= p
-            if window is not None:
-                seen &= cols > p - window
-            self._masks[window] = seen[:, None, None, :]
+            p = self.positions[0, : self.singles]
+            self._masks[window] = _visible(p, self.width, window)[:, None, None, :]
         return self._masks[window]
 
     def chunk_mask(self, start: int, count: int, window: int | None, device) -> torch.Tensor | None:
@@ -69,12 +65,17 @@ def chunk_mask(start: int, count: int, window: int | None, device) -> torch.Tens
     causal (lower-right) and within the window; None where plain causal attention is the same."""
     if not start and window is None:
         return None
-    q = torch.arange(start, start + count, device=device)[:, None]
-    cols = torch.arange(start + count, device=device)[None, :]
+    return _visible(torch.arange(start, start + count, device=device), start + count, window)[None, None]
+
+
+def _visible(positions: torch.Tensor, width: int, window: int | None) -> torch.Tensor:
+    """``[queries, width]``: a query at position ``p`` sees columns ``j <= p`` (and ``j > p - window``)."""
+    q = positions[:, None]
+    cols = torch.arange(width, device=positions.device)[None, :]
     seen = cols <= q
     if window is not None:
         seen &= cols > q - window
-    return seen[None, None]
+    return seen
 
 
 def rows_attention(module, query, key, value, attention_mask=None, rows_pass: Pass | None = None, **kwargs):
