@@ -60,6 +60,14 @@ def _own_group(cmd: list[str], token: str, temp: str) -> Iterator[tuple[subproce
 @contextlib.contextmanager
 def ray_start_head(token: str, num_cpus: int, dashboard: bool = True) -> Iterator[str]:
     """Yields the dashboard URL once the job server answers (or the GCS address without a dashboard)."""
+    with ray_head(token, num_cpus, dashboard) as (gcs, url):
+        yield url if dashboard else gcs
+
+
+@contextlib.contextmanager
+def ray_head(token: str, num_cpus: int, dashboard: bool = True) -> Iterator[tuple[str, str | None]]:
+    """``ray_start_head``, yielding both the GCS address (what a driver's ``RAY_ADDRESS`` names) and the
+    dashboard URL (None without one)."""
     import requests
 
     temp = tempfile.mkdtemp(prefix="rpt-", dir="/tmp")  # short: Ray's socket paths live under it
@@ -87,7 +95,7 @@ def ray_start_head(token: str, num_cpus: int, dashboard: bool = True) -> Iterato
             raise AssertionError(
                 f"ray start --head not up after 120 s:\n{log_path.read_text(errors='replace')[-3000:]}"
             )
-        yield url
+        yield f"127.0.0.1:{gcs}", (url if dashboard else None)
 
 
 @contextlib.contextmanager
