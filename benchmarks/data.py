@@ -23,6 +23,10 @@ worker memory with a large dataset, the first step on a warm cache, and packing 
    (``data_open_s``). Then the same span for the same job run on an already running cluster, as
    ``ray job submit`` runs it (the driver connects through ``RAY_ADDRESS``; a ``ray start --head`` of the
    benchmark's own, on free ports, stopped by signalling its own process group), so without Ray's start.
+   Where the span went, from each run's own MLflow metrics (medians): Ray's start (``startup_ray_s``),
+   the cache hit and the MLflow run (``startup_driver_s`` minus that), the Train controller and worker
+   group (``train_start_at`` → ``worker_started_at``), the worker's setup without the model load
+   (``worker_setup_s``: method, pre-flight, engine, data) and the first step (``first_step_s``).
 5. **Packing efficiency** of the demo data at ``max_length`` 512: real tokens ÷ token slots over one
    epoch of the micro-batches (8 rows) ``data.collate`` builds, padding-free; beside it the same rows
    padded to their longest (raypeft before padding-free batches), the unpacked batches, and the rows'
@@ -161,15 +165,21 @@ def side_train(a: dict) -> dict:
     t0 = time.time()
     result = run(spec, log=lambda *_: None)
     c = MlflowClient(spec.tracking.tracking_uri)
-    m = {
-        k: c.get_metric_history(result["run_id"], k)[0].value
-        for k in ("worker_rss_mib", "model_load_s", "first_step_at", "data_open_s", "data_prepare_s")
-    }
+    keys = ("worker_rss_mib", "model_load_s", "first_step_at", "data_open_s", "data_prepare_s", "startup_ray_s")
+    keys += ("startup_driver_s", "train_start_at", "worker_started_at", "worker_setup_s", "first_step_s")
+    m = {k: c.get_metric_history(result["run_id"], k)[0].value for k in keys}
     return {
         "data_share_s": m["data_prepare_s"] + m["data_open_s"],
         "worker_rss_mib": m["worker_rss_mib"],
         "model_load_s": m["model_load_s"],
         "first_step_after_load_s": m["first_step_at"] - t0 - m["model_load_s"],
+        "parts_s": {  # where that span went, from the run's own metrics (they add up to it, to within ~0.1 s)
+            "ray": m["startup_ray_s"],
+            "data_and_mlflow": m["startup_driver_s"] - m["startup_ray_s"],
+            "train_start": m["worker_started_at"] - m["train_start_at"],
+            "worker_setup": m["worker_setup_s"],
+            "first_step": m["first_step_s"],
+        },
         "cache_hit": c.get_metric_history(result["run_id"], "data_cache_hit")[0].value,
     }
 
@@ -347,6 +357,7 @@ def main(argv=None) -> int:
         (out / "prep.json").write_text(json.dumps({"prep_s": prep, "large_store": large_store}))
     rss: dict[str, list[float]] = {"large": [], "demo": []}
     warm: list[float] = []
+    parts: dict[str, list[dict]] = {"local": [], "running_cluster": []}
     share: list[float] = []
     demo_store = fresh("demo")
     for r in range(a.repeats):
@@ -356,6 +367,7 @@ def main(argv=None) -> int:
                 assert res["cache_hit"] == 1.0, res
                 warm.append(res["first_step_after_load_s"])
                 share.append(res["data_share_s"])
+                parts["local"].append(res["parts_s"])
             else:
                 res = spawn("train", {**base, "data": str(small), "storage": demo_store})
             rss[side].append(res["worker_rss_mib"])
@@ -379,6 +391,7 @@ def main(argv=None) -> int:
             )
             assert res["cache_hit"] == 1.0, res
             on_cluster.append(res["first_step_after_load_s"])
+            parts["running_cluster"].append(res["parts_s"])
             print(f"train large on a running cluster: first step {res['first_step_after_load_s']:.1f}s after load")
     pack_store = fresh("packing")
     pack = spawn("packing", {**base, "storage": pack_store})
@@ -392,6 +405,9 @@ def main(argv=None) -> int:
         print(f"worker RSS {side}: {spread(xs)} MiB")
     print(f"warm first step beyond model load: {spread(warm)} s, of which data: {spread(share)} s")
     print(f"warm first step beyond model load, a job on a running cluster: {spread(on_cluster)} s")
+    breakdown = {where: {k: statistics.median(p[k] for p in runs) for k in runs[0]} for where, runs in parts.items()}
+    for where, b in breakdown.items():
+        print(f"  where it went ({where}, medians): " + ", ".join(f"{k} {v:.2f}s" for k, v in b.items()))
     print(
         f"packing at max_length 512, micro-batches of 8: real tokens ÷ slots {pack['packed']:.3f} padding-free, "
         f"{pack['packed_rows_padded']:.3f} as padded rows, {pack['unpacked']:.3f} unpacked; rows {pack['row_fill']:.3f} full"
@@ -403,6 +419,7 @@ def main(argv=None) -> int:
         "worker_rss_ratio": statistics.median(rss["large"]) / statistics.median(rss["demo"]),
         "warm_first_step_s": statistics.median(warm),
         "warm_first_step_running_cluster_s": statistics.median(on_cluster),
+        "warm_first_step_breakdown_s": breakdown,
         "packing_efficiency": pack["packing_efficiency"],
         "packing": pack,
         "packed_step_tokens_per_s": step_tok_s,

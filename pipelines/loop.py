@@ -106,6 +106,7 @@ def batch_layout(spec: JobSpec, model) -> Layout:
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train ``train_loop_per_worker``. ``config``: spec (validated JobSpec), run_id, tracking_uri
     (run_id None: no MLflow logging here), report_evals (report every eval to Ray Train, for Tune)."""
+    worker_started_at = time.time()  # once the Train controller and worker group are up
     import ray.train
     import torch
     import torch.distributed as dist
@@ -251,6 +252,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     accum = spec.grad_accum()
     t_start, t_last = time.perf_counter(), time.perf_counter()
+    setup_s = time.time() - worker_started_at - model_load_s  # method, pre-flight, engine, data, base eval/restore
     tokens_since, slots_since, filled_since = 0, 0, 0  # examples' tokens; token slots computed; slots not padding
     loss_sum = torch.zeros(2, dtype=torch.float64)
     lr = set_lr(start_step)
@@ -266,18 +268,27 @@ def train_worker(config: dict[str, Any]) -> None:
         )
         engine.finish_step(step)
         done = step + 1
-        if step == start_step and logger:  # what a worker holds once training runs, and how long it took to start
+        if step == start_step:  # what a worker holds once training runs, and how long it took to start
             import psutil
 
-            logger.log(
-                {
-                    "worker_rss_mib": psutil.Process().memory_info().rss / 2**20,
-                    "model_load_s": model_load_s,
-                    "data_open_s": data_open_s,
-                    "first_step_at": time.time(),
-                },
-                done,
+            first_step_s = time.perf_counter() - t_start
+            log(
+                f"first step done: worker start-up {model_load_s:.1f}s model load + {setup_s:.1f}s setup, "
+                f"step {first_step_s:.1f}s"
             )
+            if logger:
+                logger.log(
+                    {
+                        "worker_rss_mib": psutil.Process().memory_info().rss / 2**20,
+                        "model_load_s": model_load_s,
+                        "data_open_s": data_open_s,
+                        "worker_started_at": worker_started_at,
+                        "worker_setup_s": setup_s,
+                        "first_step_s": first_step_s,
+                        "first_step_at": time.time(),
+                    },
+                    done,
+                )
         lr_used = lr
         lr = set_lr(done)
 

@@ -167,7 +167,13 @@ def test_training_logs_everything_through_the_server(server, trained):
         assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri  # proxied
         history = c.get_metric_history(result["run_id"], "train_loss")  # logged by rank 0, a Ray worker
         assert [m.step for m in history][-1] == steps and all(m.value > 0 for m in history)
-        assert "worker_rss_mib" in run.data.metrics
+        m = run.data.metrics
+        assert "worker_rss_mib" in m
+        # the start-up, in order: driver (Ray, data, MLflow run) → Train's workers up → first step
+        assert 0 < m["startup_ray_s"] < m["startup_driver_s"]
+        assert m["train_start_at"] < m["worker_started_at"] < m["first_step_at"]
+        assert m["worker_setup_s"] > 0 and m["first_step_s"] > 0
+        assert m["first_step_at"] - m["worker_started_at"] >= m["model_load_s"] + m["worker_setup_s"]
     versions = {v.version for v in c.search_model_versions("name='srv-adapter'")}
     assert versions == {"1", "2"}
     # the artifacts went through the server into its own store
