@@ -269,14 +269,14 @@ def train_worker(config: dict[str, Any]) -> None:
         engine.finish_step(step)
         done = step + 1
         if step == start_step:  # what a worker holds once training runs, and how long it took to start
-            import psutil
-
             first_step_s = time.perf_counter() - t_start
             log(
                 f"first step done: worker start-up {model_load_s:.1f}s model load + {setup_s:.1f}s setup, "
                 f"step {first_step_s:.1f}s"
             )
             if logger:
+                import psutil
+
                 logger.log(
                     {
                         "worker_rss_mib": psutil.Process().memory_info().rss / 2**20,

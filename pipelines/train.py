@@ -129,7 +129,8 @@ def run(spec: JobSpec, log=print) -> dict[str, Any]:
     log(f"[raypeft] MLflow run {run_id} at {uri}")
     # the driver's share of the start-up: Ray's start (or connection), the data (a cache hit or the
     # tokenization) and the MLflow run; the worker logs the rest with its first step
-    startup = {"startup_ray_s": ray_s, "startup_driver_s": time.time() - t_run, "train_start_at": time.time()}
+    now = time.time()
+    startup = {"startup_ray_s": ray_s, "startup_driver_s": now - t_run, "train_start_at": now}
     tracking.StepLogger(uri, run_id).log({**data.stats, **startup}, 0)
     from pipelines.loop import ADAPTER_DIR
 
