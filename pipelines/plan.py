@@ -24,7 +24,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # measured by benchmarks/memory.py (README: "Memory planner vs memory measured on this machine")
 CPU_NOTE = (
     "on CPU this is the live tensor memory; glibc's malloc keeps freed blocks, so with its defaults the resident "
-    "peak measured 1.8-2.4x this. MALLOC_MMAP_THRESHOLD_=65536 in the workers' environment keeps it within "
+    "peak measured 1.7-2.3x this. MALLOC_MMAP_THRESHOLD_=65536 in the workers' environment keeps it within "
     "~12% (steps ~30% slower)"
 )
 

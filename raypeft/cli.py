@@ -81,7 +81,7 @@ COMMANDS = [
         ("name", "registered model", {}),
         ("--version", "candidate version", {"required": True}),
         ("--alias", "alias to move (default: champion)", {"default": "champion"}),
-        ("--gate", "gate YAML: metric, mode, margin, bound, data (default: eval_loss, min, 0 margin)", {}),
+        ("--gate", "gate YAML: metric, mode, margin, bound, data, seed (default: eval_loss, min, 0 margin)", {}),
         ("--force", "move the alias even if the gate fails (recorded as forced)", {"action": "store_true"}),
         TRACKING,
     ]),
