@@ -24,9 +24,11 @@ worker memory with a large dataset, the first step on a warm cache, and packing 
    ``ray job submit`` runs it (the driver connects through ``RAY_ADDRESS``; a ``ray start --head`` of the
    benchmark's own, on free ports, stopped by signalling its own process group), so without Ray's start.
    Where the span went, from each run's own MLflow metrics (medians): Ray's start (``startup_ray_s``),
-   the cache hit and the MLflow run (``startup_driver_s`` minus that), the Train controller and worker
-   group (``train_start_at`` → ``worker_started_at``), the worker's setup without the model load
-   (``worker_setup_s``: method, pre-flight, engine, data) and the first step (``first_step_s``).
+   the cache hit, the MLflow run and building the trainer (``startup_driver_s`` minus that), the Train
+   controller and worker group (``train_start_at`` → ``worker_started_at``), the worker's setup without
+   the model load (``worker_setup_s``: imports, method, pre-flight, engine, data, the MLflow client) and
+   the first step (``first_step_s``). The job sets ``train.eval_base: false``, so no base eval runs
+   between the last two.
 5. **Packing efficiency** of the demo data at ``max_length`` 512: real tokens ÷ token slots over one
    epoch of the micro-batches (8 rows) ``data.collate`` builds, padding-free; beside it the same rows
    padded to their longest (raypeft before padding-free batches), the unpacked batches, and the rows'
@@ -46,6 +48,7 @@ import json
 import os
 import random
 import secrets
+import signal
 import statistics
 import subprocess
 import sys
@@ -175,7 +178,7 @@ def side_train(a: dict) -> dict:
         "first_step_after_load_s": m["first_step_at"] - t0 - m["model_load_s"],
         "parts_s": {  # where that span went, from the run's own metrics (they add up to it, to within ~0.1 s)
             "ray": m["startup_ray_s"],
-            "data_and_mlflow": m["startup_driver_s"] - m["startup_ray_s"],
+            "driver": m["startup_driver_s"] - m["startup_ray_s"],  # data, MLflow run, trainer
             "train_start": m["worker_started_at"] - m["train_start_at"],
             "worker_setup": m["worker_setup_s"],
             "first_step": m["first_step_s"],
@@ -315,6 +318,10 @@ def main(argv=None) -> int:
         print(json.dumps(SIDES[a.side](json.loads(a.args))), flush=True)
         return 0
 
+    # `timeout`, a cancelled CI job or a closed terminal: unwind (so the Ray head below is stopped) rather
+    # than die at once, as Ctrl-C already does
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     home = str(out / "home")

@@ -107,6 +107,7 @@ def train_worker(config: dict[str, Any]) -> None:
     """Ray Train ``train_loop_per_worker``. ``config``: spec (validated JobSpec), run_id, tracking_uri
     (run_id None: no MLflow logging here), report_evals (report every eval to Ray Train, for Tune)."""
     worker_started_at = time.time()  # once the Train controller and worker group are up
+    t_worker = time.perf_counter()  # the worker's own spans use the monotonic clock
     import ray.train
     import torch
     import torch.distributed as dist
@@ -213,22 +214,26 @@ def train_worker(config: dict[str, Any]) -> None:
         return out
 
     # ---- resume
+    setup_s = time.perf_counter() - t_worker - model_load_s  # imports, method, pre-flight, engine, data
     start_step = 0
     ckpt = ray.train.get_checkpoint()
     final_metrics: dict[str, float] = {}
+    startup = {"model_load_s": model_load_s, "data_open_s": data_open_s, "worker_setup_s": setup_s}
     if ckpt:
         t0 = time.perf_counter()
         with ckpt.as_directory() as d:
             start_step = engine.load(Path(d))
             saved = json.loads((Path(d) / "metrics.json").read_text())
         final_metrics.update({k: v for k, v in saved.items() if k.startswith("base_")})
-        restore_s = time.perf_counter() - t0
+        restore_s = startup["checkpoint_restore_s"] = time.perf_counter() - t0
         log(f"resumed from checkpoint at step {start_step} (restored in {restore_s:.1f}s)")
         if logger:
             logger.log({"resumed_from_step": start_step, "checkpoint_restore_s": restore_s}, start_step)
     elif spec.train.eval_base and has_eval and prepared.is_peft and hasattr(model, "disable_adapter"):
+        t0 = time.perf_counter()
         with model.disable_adapter():
             final_metrics.update(evaluate(0, prefix="base_"))
+        startup["base_eval_s"] = time.perf_counter() - t0
 
     # ---- train
     def report(step: int, metrics: dict[str, float]) -> None:
@@ -251,8 +256,10 @@ def train_worker(config: dict[str, Any]) -> None:
             logger.log({"checkpoint_save_s": save_s}, step)
 
     accum = spec.grad_accum()
-    t_start, t_last = time.perf_counter(), time.perf_counter()
-    setup_s = time.time() - worker_started_at - model_load_s  # method, pre-flight, engine, data, base eval/restore
+    t_start = t_last = time.perf_counter()
+    # the worker's start-up, in parts that add up to its first step's end: model load, setup, base eval
+    # or checkpoint restore, first step
+    before_step = " + ".join(f"{v:.1f}s {k[:-2].replace('_', ' ')}" for k, v in startup.items() if k != "data_open_s")
     tokens_since, slots_since, filled_since = 0, 0, 0  # examples' tokens; token slots computed; slots not padding
     loss_sum = torch.zeros(2, dtype=torch.float64)
     lr = set_lr(start_step)
@@ -270,22 +277,18 @@ def train_worker(config: dict[str, Any]) -> None:
         done = step + 1
         if step == start_step:  # what a worker holds once training runs, and how long it took to start
             first_step_s = time.perf_counter() - t_start
-            log(
-                f"first step done: worker start-up {model_load_s:.1f}s model load + {setup_s:.1f}s setup, "
-                f"step {first_step_s:.1f}s"
-            )
+            first_step_at = worker_started_at + (time.perf_counter() - t_worker)
+            log(f"first step done: worker start-up {before_step}, step {first_step_s:.1f}s")
             if logger:
                 import psutil
 
                 logger.log(
                     {
+                        **{k: v for k, v in startup.items() if k != "checkpoint_restore_s"},  # logged at resume
                         "worker_rss_mib": psutil.Process().memory_info().rss / 2**20,
-                        "model_load_s": model_load_s,
-                        "data_open_s": data_open_s,
                         "worker_started_at": worker_started_at,
-                        "worker_setup_s": setup_s,
                         "first_step_s": first_step_s,
-                        "first_step_at": time.time(),
+                        "first_step_at": first_step_at,
                     },
                     done,
                 )

@@ -114,9 +114,9 @@ def run(spec: JobSpec, log=print) -> dict[str, Any]:
     run_name, prior = _run_name(spec, storage)
     uri = tracking.tracking_uri(spec)
     tracking.check_server(uri)  # a wrong password or an unreachable server: exit 2 before Ray starts
-    t_run = time.time()
+    t_run = time.perf_counter()
     init_ray()
-    ray_s = time.time() - t_run
+    ray_s = time.perf_counter() - t_run
     data = prepare(spec, log)  # bad data stops here (DataError, exit 2): no MLflow run, no workers
     lineage = job_lineage(spec)
     if prior:
@@ -127,15 +127,16 @@ def run(spec: JobSpec, log=print) -> dict[str, Any]:
         run_id = tracking.start_run(spec, uri, run_name, {**lineage, "raypeft.job": run_name})
     _write_state(storage, run_name, {"status": "running", "mlflow_run_id": run_id, "tracking_uri": uri})
     log(f"[raypeft] MLflow run {run_id} at {uri}")
-    # the driver's share of the start-up: Ray's start (or connection), the data (a cache hit or the
-    # tokenization) and the MLflow run; the worker logs the rest with its first step
-    now = time.time()
-    startup = {"startup_ray_s": ray_s, "startup_driver_s": now - t_run, "train_start_at": now}
-    tracking.StepLogger(uri, run_id).log({**data.stats, **startup}, 0)
     from pipelines.loop import ADAPTER_DIR
 
     loop = {"spec": spec, "run_id": run_id, "tracking_uri": uri, "data_dir": data.layout}
     trainer = make_trainer(spec, loop, run_name, storage)
+    # the driver's share of the start-up: Ray's start (or connection), the data (a cache hit or the
+    # tokenization), the MLflow run and the trainer; rank 0 logs the rest with its first step. The span
+    # train_start_at → worker_started_at compares two hosts' clocks when rank 0 runs on another node.
+    driver_s = time.perf_counter() - t_run
+    startup = {"startup_ray_s": ray_s, "startup_driver_s": driver_s, "train_start_at": time.time()}
+    tracking.StepLogger(uri, run_id).log({**data.stats, **startup}, 0)
     t0 = time.time()
     try:
         result = trainer.fit()

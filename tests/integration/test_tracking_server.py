@@ -145,11 +145,14 @@ def trained(server, tiny_model_dir, chat_data, tmp_path_factory):
         for k, v in _client_env(server["url"], home).items():
             if k.startswith("MLFLOW_"):
                 mp.setenv(k, v)
-        results = [
-            run(validate(_spec(tiny_model_dir, chat_data, f"srv-{i}", **kw)), log=lambda *_: None)
-            for i, kw in enumerate(({"max_steps": 1, "lr": 1e-4}, {"max_steps": 12, "lr": 0.02}))
-        ]
-        yield {"results": results, "home": home}
+        results, spans = [], []
+        # the second job also evaluates the base before training: a part of its start-up of its own
+        for i, kw in enumerate(({"max_steps": 1, "lr": 1e-4}, {"max_steps": 12, "lr": 0.02, "eval_base": True})):
+            spec = validate(_spec(tiny_model_dir, chat_data, f"srv-{i}", **kw))
+            t0 = time.time()
+            results.append(run(spec, log=lambda *_: None))
+            spans.append((t0, time.time()))
+        yield {"results": results, "spans": spans, "home": home}
     finally:
         ray.shutdown()
         mp.undo()
@@ -160,7 +163,7 @@ def test_training_logs_everything_through_the_server(server, trained):
 
     url = server["url"]
     c = MlflowClient(url, registry_uri=url)
-    for result, steps in zip(trained["results"], (1, 12)):
+    for result, steps, (t0, t1) in zip(trained["results"], (1, 12), trained["spans"]):
         assert result["tracking_uri"] == url
         run = c.get_run(result["run_id"])
         assert run.info.status == "FINISHED"
@@ -169,11 +172,17 @@ def test_training_logs_everything_through_the_server(server, trained):
         assert [m.step for m in history][-1] == steps and all(m.value > 0 for m in history)
         m = run.data.metrics
         assert "worker_rss_mib" in m
-        # the start-up, in order: driver (Ray, data, MLflow run) → Train's workers up → first step
+        # the start-up, in order and within the call: driver (Ray, data, MLflow run, trainer) → Train's
+        # workers up → rank 0's parts → the first step's end, all wall-clock times of this host
+        assert t0 < m["train_start_at"] - m["startup_driver_s"] < m["train_start_at"]
+        assert m["train_start_at"] < m["worker_started_at"] < m["first_step_at"] < t1
         assert 0 < m["startup_ray_s"] < m["startup_driver_s"]
-        assert m["train_start_at"] < m["worker_started_at"] < m["first_step_at"]
-        assert m["worker_setup_s"] > 0 and m["first_step_s"] > 0
-        assert m["first_step_at"] - m["worker_started_at"] >= m["model_load_s"] + m["worker_setup_s"]
+        # rank 0's parts cover its span to the first step's end, with nothing left out or counted twice
+        parts = ("model_load_s", "worker_setup_s", "base_eval_s", "first_step_s")
+        assert ("base_eval_s" in m) == (steps == 12)  # measured only where it ran
+        assert all(m[k] > 0 for k in parts if k in m)
+        covered = sum(m.get(k, 0.0) for k in parts)
+        assert abs(m["first_step_at"] - m["worker_started_at"] - covered) < 0.1, (m, covered)
     versions = {v.version for v in c.search_model_versions("name='srv-adapter'")}
     assert versions == {"1", "2"}
     # the artifacts went through the server into its own store
