@@ -384,7 +384,7 @@ def main(argv=None) -> int:
     # The same warm rerun as a job on a running cluster (how `ray job submit` runs it: the driver connects
     # through RAY_ADDRESS), so Ray's own start is not in it. The head is this benchmark's own (free ports,
     # own process group, own token) and settles before the first run.
-    from tests.heads import ray_head
+    from cluster.local import ray_head
 
     on_cluster: list[float] = []
     token = secrets.token_hex(32)

@@ -1,0 +1,14 @@
+"""raypeft's training pipeline. Importing it (``serving`` and ``tuning`` do, first thing) quiets one notice
+of bitsandbytes: on a CPU with AVX512-BF16, importing bitsandbytes (which PEFT and transformers do) logs
+"Failed to load CPU gemm_4bit_forward from kernels-community" when the optional ``kernels`` package is
+absent, in every command, whether or not anything is quantized. Training never uses that kernel
+(``pipelines.models.one_4bit_layout``); a quantized job on CPU says in its own log which kernels it uses."""
+
+import logging
+
+
+def _not_the_hub_kernel_notice(record: logging.LogRecord) -> bool:
+    return "kernels-community" not in str(record.msg)
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_hub_kernel_notice)

@@ -143,7 +143,12 @@ def train_worker(config: dict[str, Any]) -> None:
     )  # keep alive: ZeRO-3 partitions weights while they load
     t_load = time.perf_counter()
     base, tok, _ = load_base(spec, device=device, log=log)
-    one_4bit_layout(base)  # evals and checkpoint probes must not switch the 4-bit kernel mid-run
+    # evals and checkpoint probes must not switch the 4-bit kernel mid-run
+    if one_4bit_layout(base) and device.type == "cpu":
+        log(
+            "quantized base on CPU: bitsandbytes' own kernels (NF4 dequantized per matmul); its AVX512-BF16 "
+            "inference kernel and the optional `kernels` hub package are not used in training"
+        )
     model_load_s = time.perf_counter() - t_load
     base_modules = preflight.module_names(base)
     prepared = methods.build(spec, base)

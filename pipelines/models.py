@@ -285,15 +285,22 @@ def load_base(spec: JobSpec, device: Any = "cpu", log=print):
     return model, tok, path
 
 
-def one_4bit_layout(model) -> None:
+def one_4bit_layout(model) -> int:
     """Turn off bitsandbytes' CPU repacking of 4-bit weights. On CPUs with AVX512-BF16, the first eval-mode,
     no-grad forward of a ``Linear4bit`` repacks its weight for an inference kernel for good, and every later
     forward, training included, takes that kernel, whose results differ from the other's. A training job
     evaluates and probes between steps, so without this a run resumed from a checkpoint (fresh weights, not
-    repacked) drifts from the same run uninterrupted. Training keeps one layout and one kernel."""
+    repacked) drifts from the same run uninterrupted. Training keeps one layout and one kernel.
+
+    Returns:
+        How many 4-bit linears it set (0: nothing quantized to 4 bits on this CPU build).
+    """
+    n = 0
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def trained_base_spec(adapter_dir: str | os.PathLike, quantized: bool = True) -> JobSpec:

@@ -131,6 +131,74 @@ def local_ray():
     ray.shutdown()
 
 
+# --------------------------------------------------------------------------- the time budget
+
+
+def pytest_addoption(parser):
+    parser.addini("budget_unit_s", "seconds a unit test may take (setup + call + teardown)", default="20")
+    parser.addini("budget_integration_s", "seconds an integration test may take", default="120")
+    parser.addini(
+        "budget_exceptions",
+        "'NODE-ID-PREFIX SECONDS' lines: tests allowed longer than their tier's budget",
+        type="linelist",
+        default=[],
+    )
+
+
+_durations: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Each test's setup + call + teardown, summed (under xdist this runs in the controlling process)."""
+    _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+
+
+def budgets(config) -> tuple[dict[str, float], list[tuple[str, float]]]:
+    """The tiers' budgets and the named exceptions, from ``[tool.pytest.ini_options]``."""
+    tiers = {"unit": float(config.getini("budget_unit_s")), "integration": float(config.getini("budget_integration_s"))}
+    exceptions = []
+    for line in config.getini("budget_exceptions"):
+        node, seconds = line.split("#")[0].split()
+        exceptions.append((node, float(seconds)))
+    return tiers, exceptions
+
+
+def over_budget(durations: dict[str, float], tiers, exceptions) -> list[tuple[str, float, float]]:
+    """``(node id, seconds, budget)`` of every test that took longer than its budget, slowest first."""
+    out = []
+    for node, took in durations.items():
+        tier = "integration" if "tests/integration/" in node else "unit"
+        budget = next((s for prefix, s in exceptions if node.startswith(prefix)), tiers[tier])
+        if took > budget:
+            out.append((node, took, budget))
+    return sorted(out, key=lambda x: -x[1])
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The total, per tier, and every test past its budget: a warning, never a failure (this machine's
+    speed varies up to 2× from day to day)."""
+    if not _durations:
+        return
+    tiers, exceptions = budgets(config)
+    per_tier = {"unit": 0.0, "integration": 0.0}
+    for node, took in _durations.items():
+        per_tier["integration" if "tests/integration/" in node else "unit"] += took
+    tr = terminalreporter
+    tr.section("time budget")
+    tr.write_line(
+        f"{len(_durations)} tests, {sum(per_tier.values()):.0f} s of test time "
+        f"(unit {per_tier['unit']:.0f} s, integration {per_tier['integration']:.0f} s); "
+        f"budgets: unit {tiers['unit']:.0f} s, integration {tiers['integration']:.0f} s each, "
+        f"{len(exceptions)} named exceptions (pyproject.toml)"
+    )
+    late = over_budget(_durations, tiers, exceptions)
+    for node, took, budget in late:
+        tr.write_line(f"OVER BUDGET (warning): {took:.1f} s > {budget:.0f} s  {node}", yellow=True)
+    if not late:
+        tr.write_line("every test within its budget")
+
+
 def pytest_collection_modifyitems(config, items):
     """``gpu`` tests run only where CUDA is present; elsewhere they are skipped, saying why."""
     import torch

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster.local import BIN, head_env, ray_start_head
 from tests.conftest import REPO
-from tests.heads import BIN, head_env, ray_start_head
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -25,7 +25,7 @@ def _env(**extra) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """Its own `ray start --head` (tests/heads.py): no other Ray cluster on the machine is touched."""
+    """Its own `ray start --head` (cluster/local.py): no other Ray cluster on the machine is touched."""
     import ray
 
     ray.shutdown()  # this process's own local cluster, if an earlier test started one

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from cluster.connect import init_ray
+from cluster.local import ray_start_head, ray_start_node, wait_for_nodes
 from pipelines import data as D
 from tests.conftest import tiny_spec, write_chat_data
-from tests.heads import ray_start_head, ray_start_node, wait_for_nodes
 
 pytestmark = pytest.mark.integration
 

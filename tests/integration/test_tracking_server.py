@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster.local import BIN
 from tests.conftest import free_port
-from tests.heads import BIN
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from cluster.connect import init_ray
+from cluster.local import ray_start_head
 from tests.conftest import tiny_spec
-from tests.heads import ray_start_head
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -1,5 +1,5 @@
 """A training job across two Ray nodes on this machine: a `ray start --head` and a `ray start --address` node,
-1 CPU each, both started (and stopped) by this test in process groups of their own (tests/heads.py). The
+1 CPU each, both started (and stopped) by this test in process groups of their own (cluster/local.py). The
 2-worker job's ranks land on different nodes and checkpoint to storage both nodes see; then the second node
 is lost mid-run, a node joins again, and the job finishes as if nothing had happened."""
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from tests.heads import BIN, head_env, ray_start_head, ray_start_node, wait_for_nodes
+from cluster.local import BIN, head_env, ray_start_head, ray_start_node, wait_for_nodes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

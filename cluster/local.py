@@ -1,4 +1,5 @@
-"""A `ray start --head` of a test's own: free ports, its own temp dir and token, its own process group.
+"""A Ray head or node of one's own on this machine (``ray start --block``): free ports, its own temp dir and
+token, its own process group. For tests and benchmarks that need a cluster of their own beside any other.
 
 Stopped by signalling that group, so no other Ray cluster on the machine (a user's, CI's sentinel) is
 touched, and nothing is written to ~/.ray.
@@ -18,7 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.conftest import free_port
+from cluster.connect import free_port
 
 BIN = Path(sys.executable).parent
 
