@@ -21,11 +21,15 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/raypeft train pipelines/configs/demo.yaml
 
+# Two xdist workers: each integration module runs whole on one (slowest first), unit tests fill the gaps.
+WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(WORKERS) --dist loadgroup
+
 test: install
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: install
-	$(PY) -m pytest -q tests/unit
+	$(PYTEST) tests/unit
 
 bench: install
 	$(PY) -m benchmarks.train_throughput

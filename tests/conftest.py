@@ -199,10 +199,45 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line("every test within its budget")
 
 
+# Integration modules, slowest first (measured: docs/development.md). Under `make test`'s two xdist workers
+# each integration module runs whole on one worker (its clusters and fixtures once, its tests in order), the
+# slowest start first, and the unit tests fill the gaps one by one.
+SLOWEST_FIRST = (
+    "test_distributed.py",
+    "test_tuning.py",
+    "test_tracking_server.py",
+    "test_job_submit.py",
+    "test_two_nodes.py",
+    "test_train_ray.py",
+    "test_prepare_ray.py",
+    "test_serving.py",
+    "test_memory_measured.py",
+    "test_paths_cli.py",
+    "test_promotion.py",
+    "test_global_batch.py",
+    "test_serving_deadlines.py",
+    "test_serving_smollm2.py",
+    "test_serving_metrics.py",
+)
+
+
+def _weight(item) -> tuple[int, int]:
+    name = item.path.name
+    if "tests/integration/" not in item.nodeid:
+        return (2, 0)
+    return (0, SLOWEST_FIRST.index(name)) if name in SLOWEST_FIRST else (1, 0)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(config, items):
-    """``gpu`` tests run only where CUDA is present; elsewhere they are skipped, saying why."""
+    """Integration modules first, slowest first, each an xdist group of its own; then the unit tests.
+    ``gpu`` tests run only where CUDA is present; elsewhere they are skipped, saying why."""
     import torch
 
+    items.sort(key=_weight)  # stable: a module's tests keep their order
+    for item in items:
+        if "tests/integration/" in item.nodeid:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")

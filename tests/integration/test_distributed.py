@@ -162,9 +162,36 @@ def _wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+_uninterrupted_runs: dict[str, dict] = {}
+
+
+def _uninterrupted(spec) -> dict:
+    """The result of ``spec`` run without a kill, under its own name: run once per module for each spec that
+    differs in more than its name (the ZeRO-2 kill test and the torn-checkpoint test share one)."""
+    from pipelines.train import run
+
+    key = spec.model_copy(update={"name": "-"}).model_dump_json()
+    if key not in _uninterrupted_runs:
+        _uninterrupted_runs[key] = run(spec.model_copy(update={"name": f"un{spec.name}"}))
+    return _uninterrupted_runs[key]
+
+
+def _kill_spec(tiny_model_dir, chat_data, name, strategy, method, steps, every):
+    """A 2-worker job that checkpoints every ``every`` steps and may restart once; dropout on, so the RNG
+    state must be restored too."""
+    kw = dict(checkpoint={"every_steps": every, "max_failures": 1, "keep": 2})
+    spec = _two_workers(tiny_model_dir, chat_data, name, strategy, method=method, steps=steps, **kw)
+    return spec.model_copy(update={"method": spec.method.model_copy(update={"dropout": 0.1})})
+
+
+# ZeRO-2's steps are the fastest: 240 steps keep the run going past the checkpoint that is killed into
+# even with Ray Train's default 2 s poll (the torn-checkpoint test uses the same job)
+ZERO2_STEPS, ZERO2_EVERY = 240, 40
+
+
 @pytest.mark.parametrize(
     "strategy,method,steps,every",
-    [("zero2", "lora", 240, 40), ("zero3", "lora", 60, 20), ("ddp", "qlora", 60, 20)],
+    [("zero2", "lora", ZERO2_STEPS, ZERO2_EVERY), ("zero3", "lora", 60, 20), ("ddp", "qlora", 60, 20)],
     ids=["zero2", "zero3", "qlora"],
 )
 def test_sigkilled_worker_resumes_from_checkpoint_exactly(
@@ -177,10 +204,8 @@ def test_sigkilled_worker_resumes_from_checkpoint_exactly(
 
     from pipelines.train import run
 
-    kw = dict(checkpoint={"every_steps": every, "max_failures": 1, "keep": 2})
     name = f"killed-{strategy}-{method}"
-    spec = _two_workers(tiny_model_dir, chat_data, name, strategy, method=method, steps=steps, **kw)
-    spec = spec.model_copy(update={"method": spec.method.model_copy(update={"dropout": 0.1})})  # RNG matters
+    spec = _kill_spec(tiny_model_dir, chat_data, name, strategy, method, steps, every)
     box: dict = {}
     thread = threading.Thread(target=lambda: box.setdefault("result", run(spec)), daemon=True)
     thread.start()
@@ -203,7 +228,7 @@ def test_sigkilled_worker_resumes_from_checkpoint_exactly(
     assert len(c.search_runs([exp])) == 1
 
     # the same job without the kill ends bit-for-bit (to float tolerance) where the killed one did
-    clean = run(spec.model_copy(update={"name": f"un{name}"}))
+    clean = _uninterrupted(spec)
     a = load_file(Path(result["adapter_dir"]) / "adapter_model.safetensors")
     b = load_file(Path(clean["adapter_dir"]) / "adapter_model.safetensors")
     assert a.keys() == b.keys()
@@ -221,7 +246,7 @@ def test_rerun_after_driver_crash_resumes_the_same_run(tmp_path, tiny_model_dir,
         "method": {"name": "lora", "r": 4},
         "data": {"train": str(chat_data), "format": "chat", "max_length": 64, "eval_fraction": 0.2},
         "train": {
-            "max_steps": 400,
+            "max_steps": 200,
             "micro_batch_size": 2,
             "lr": 0.01,
             "warmup_steps": 1,
@@ -257,7 +282,7 @@ def test_rerun_after_driver_crash_resumes_the_same_run(tmp_path, tiny_model_dir,
     assert c.get_run(result["run_id"]).info.status == "FINISHED"
     resumed = c.get_metric_history(result["run_id"], "resumed_from_step")
     assert len(resumed) == 1 and resumed[0].value > 0
-    assert max(h.step for h in c.get_metric_history(result["run_id"], "train_loss")) == 400
+    assert max(h.step for h in c.get_metric_history(result["run_id"], "train_loss")) == 200
     assert len(c.search_runs([c.get_run(result["run_id"]).info.experiment_id])) == 1
 
 
@@ -266,7 +291,7 @@ def test_when_restarts_run_out_the_run_fails_and_a_rerun_resumes_it(local_ray, r
     run ends FAILED with the error, and running the job again resumes that run from the checkpoint."""
     from pipelines.train import run
 
-    steps, every = 240, 40
+    steps, every = 120, 20
     kw = dict(checkpoint={"every_steps": every, "max_failures": 0, "keep": 2})
     spec = _two_workers(tiny_model_dir, chat_data, "exhausted", "ddp", steps=steps, **kw)
     box: dict = {}
@@ -314,9 +339,8 @@ def test_a_worker_killed_while_a_checkpoint_is_written_resumes_from_the_last_com
     # Ray Train's default: the controller registers a checkpoint when it next polls the workers, so a
     # directory that has just appeared is (almost always) not registered yet when the workers die
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")
-    steps, every = 400, 40
-    kw = dict(checkpoint={"every_steps": every, "max_failures": 1, "keep": 4})
-    spec = _two_workers(tiny_model_dir, chat_data, "torn", "zero2", steps=steps, **kw)
+    steps, every = ZERO2_STEPS, ZERO2_EVERY
+    spec = _kill_spec(tiny_model_dir, chat_data, "torn", "zero2", "lora", steps, every)
     box: dict = {}
     thread = threading.Thread(target=lambda: box.setdefault("result", run(spec)), daemon=True)
     thread.start()
@@ -344,7 +368,7 @@ def test_a_worker_killed_while_a_checkpoint_is_written_resumes_from_the_last_com
     logged = {h.step for h in c.get_metric_history(result["run_id"], "train_loss")}
     assert logged == set(range(1, steps + 1))
 
-    clean = run(spec.model_copy(update={"name": "untorn"}))
+    clean = _uninterrupted(spec)
     a = load_file(Path(result["adapter_dir"]) / "adapter_model.safetensors")
     b = load_file(Path(clean["adapter_dir"]) / "adapter_model.safetensors")
     for k in a:

@@ -136,7 +136,7 @@ def test_losing_a_node_mid_run_repeats_at_most_one_checkpoint_interval(tiny_mode
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
-STEPS, EVERY = 800, 200  # a checkpoint interval of several seconds: longer than the default health check
+STEPS, EVERY = 400, 100  # a checkpoint interval of several seconds: longer than the default health check (2 s)
 
 
 def _lossy_spec(tiny_model_dir, chat_data, steps: int, every: int) -> dict:
