@@ -23,7 +23,7 @@ demo: install
 
 # Two xdist workers: each integration module runs whole on one (slowest first), unit tests fill the gaps.
 WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(WORKERS) --dist loadgroup
+PYTEST := $(PY) -m pytest -q -n $(WORKERS)
 
 test: install
 	$(PYTEST) tests

@@ -22,6 +22,7 @@ from pathlib import Path
 from cluster.connect import free_port
 
 BIN = Path(sys.executable).parent
+STOP_GRACE_S = 5  # after SIGTERM, before SIGKILL of what is left of the group
 
 
 def head_env(token: str, **extra) -> dict[str, str]:
@@ -50,10 +51,13 @@ def _own_group(cmd: list[str], token: str, temp: str) -> Iterator[tuple[subproce
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
+        # the GCS and raylet exit within a second of SIGTERM; `ray start --block` itself then takes 4-9 s
+        # to exit and sometimes a full minute, which a cluster of one's own need not wait for
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=60)
+            proc.wait(timeout=STOP_GRACE_S)
         with contextlib.suppress(ProcessLookupError):  # anything of the group still alive
             os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
 

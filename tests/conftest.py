@@ -200,8 +200,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 # Integration modules, slowest first (measured: docs/development.md). Under `make test`'s two xdist workers
-# each integration module runs whole on one worker (its clusters and fixtures once, its tests in order), the
-# slowest start first, and the unit tests fill the gaps one by one.
+# (`--dist loadfile`) each module runs whole on one worker, its clusters and fixtures once and its tests in
+# order; the slowest integration modules start first and the unit modules fill the gaps.
 SLOWEST_FIRST = (
     "test_distributed.py",
     "test_tuning.py",
@@ -228,16 +228,12 @@ def _weight(item) -> tuple[int, int]:
     return (0, SLOWEST_FIRST.index(name)) if name in SLOWEST_FIRST else (1, 0)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Integration modules first, slowest first, each an xdist group of its own; then the unit tests.
-    ``gpu`` tests run only where CUDA is present; elsewhere they are skipped, saying why."""
+    """Integration modules first, slowest first; then the unit tests (xdist hands out whole modules in
+    this order). ``gpu`` tests run only where CUDA is present; elsewhere they are skipped, saying why."""
     import torch
 
     items.sort(key=_weight)  # stable: a module's tests keep their order
-    for item in items:
-        if "tests/integration/" in item.nodeid:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
