@@ -21,15 +21,12 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/raypeft train pipelines/configs/demo.yaml
 
-# Two xdist workers: each integration module runs whole on one (slowest first), unit tests fill the gaps.
-WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(WORKERS)
-
+# Two xdist workers: whole modules, the slowest integration modules first (tests/conftest.py).
 test: install
-	$(PYTEST) tests
+	$(PY) -m pytest -q -n 2 tests
 
 test-fast: install
-	$(PYTEST) tests/unit
+	$(PY) -m pytest -q -n 2 tests/unit
 
 bench: install
 	$(PY) -m benchmarks.train_throughput
