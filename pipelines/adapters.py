@@ -108,11 +108,11 @@ def _dtype(name: str):
 def load_base_as_trained(adapter_dir: Path):
     """The base exactly as the adapter's training loaded it (``trained_base_spec``), its tokenizer, and its
     quantization (``nf4``, ``int8``, ``none`` or ``mixed`` for a per-layer plan)."""
-    from pipelines.models import disable_bnb_cpu_repacking, load_base, trained_base_spec
+    from pipelines.models import load_base, one_4bit_layout, trained_base_spec
 
     spec = trained_base_spec(adapter_dir)
     model, tok, _ = load_base(spec, log=lambda *_: None)
-    disable_bnb_cpu_repacking(model)  # keep dequantization exact and comparable
+    one_4bit_layout(model)  # keep dequantization exact and comparable
     return model, tok, "mixed" if spec.model.quantization_plan else spec.quantization()
 
 

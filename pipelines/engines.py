@@ -160,9 +160,9 @@ class DeepSpeedEngine:
         self.spec, self.prepared, self.rank, self.world = spec, prepared, rank, world
         self.stage = config["zero_optimization"]["stage"]
         if self.stage == 3:
-            from pipelines.models import disable_bnb_cpu_repacking
+            from pipelines.models import one_4bit_layout
 
-            disable_bnb_cpu_repacking(prepared.model)  # ZeRO-3 re-gathers the original layout
+            one_4bit_layout(prepared.model)  # ZeRO-3 re-gathers the original layout
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=prepared.model, optimizer=prepared.optimizer, config=config, dist_init_required=False
         )

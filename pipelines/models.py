@@ -218,15 +218,6 @@ def model_bytes(model) -> int:
     return total
 
 
-def disable_bnb_cpu_repacking(model) -> None:
-    """bitsandbytes re-lays 4-bit weights out for its CPU kernels on the first no-grad forward.
-    Turn that off where the packed bytes must stay as loaded: ZeRO-3 re-gathers partitions in their
-    original shape, and dequantizing for a merge reads the original layout."""
-    for mod in model.modules():
-        if getattr(mod, "support_avx512bf16_for_cpu", False):
-            mod.support_avx512bf16_for_cpu = False
-
-
 def meta_model(model: ModelSpec):
     """The base architecture instantiated on the meta device: no weights are read, only its config."""
     import torch
@@ -290,7 +281,9 @@ def one_4bit_layout(model) -> int:
     no-grad forward of a ``Linear4bit`` repacks its weight for an inference kernel for good, and every later
     forward, training included, takes that kernel, whose results differ from the other's. A training job
     evaluates and probes between steps, so without this a run resumed from a checkpoint (fresh weights, not
-    repacked) drifts from the same run uninterrupted. Training keeps one layout and one kernel.
+    repacked) drifts from the same run uninterrupted. Training keeps one layout and one kernel. The packed
+    bytes must also stay as loaded where ZeRO-3 re-gathers partitions in their original shape, and where a
+    merge or a served slot dequantizes them.
 
     Returns:
         How many 4-bit linears it set (0: nothing quantized to 4 bits on this CPU build).

@@ -274,9 +274,9 @@ class LoraServer:
         device = "cuda" if s.deployment.gpus_per_replica else "cpu"
         base, self.tok, _ = load_base(job, device=device, log=lambda *_: None)
         base.eval()
-        from pipelines.models import disable_bnb_cpu_repacking
+        from pipelines.models import one_4bit_layout
 
-        disable_bnb_cpu_repacking(base)
+        one_4bit_layout(base)
         self.multi = MultiLoraModel(
             base, slots=s.cache.active_slots + 1, r_max=s.cache.max_rank, target=m.target_modules
         )
