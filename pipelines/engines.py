@@ -301,3 +301,33 @@ def probe_logits(model, example: dict, device, max_tokens: int = 32):
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().cpu()
     model.train(was_training)
     return ids.cpu(), logits
+
+
+def prebuild_ops(log=print) -> str | None:
+    """Build the op DeepSpeed JIT-builds when a ZeRO job first joins its process group (on CPU, the
+    shared-memory all-reduce: about a minute on 2 cores), into torch's extension cache, so that the first
+    ZeRO job does not stall on it. ``make install`` runs this. Returns the op's name, or None when DeepSpeed
+    builds nothing on this machine."""
+    import io
+    import time
+
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op  # what init_distributed calls, so exactly what it builds
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return None
+    _clear_stale_build_lock("ShareMemCommBuilder")
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's own progress lines
+        op = build_shm_op()
+    if op is None:
+        return None
+    log(f"[raypeft] DeepSpeed op {builder.NAME} ready in {time.perf_counter() - t0:.0f}s")
+    return builder.NAME
+
+
+if __name__ == "__main__":  # python -m pipelines.engines: build DeepSpeed's JIT op now, not in the first job
+    import sys
+
+    prebuild_ops(lambda m: print(m, file=sys.stderr))

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
+
+import pytest
 
 from pipelines.engines import STALE_BUILD_S, _clear_stale_build_lock, stale_build_lock
 
@@ -32,3 +35,20 @@ def test_the_worker_removes_a_stale_deepspeed_shm_lock_and_keeps_a_fresh_one(tmp
     _clear_stale_build_lock("ShareMemCommBuilder")
     assert not lock.exists()
     assert f"removing {lock}" in capsys.readouterr().out
+
+
+def test_install_prebuilds_the_op_a_zero_job_would_build(capsys):
+    """``make install`` runs ``python -m pipelines.engines``; afterwards the op is in torch's extension cache,
+    where ``deepspeed.init_distributed`` loads it instead of compiling it in the first ZeRO job."""
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from pipelines.engines import prebuild_ops
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        pytest.skip(f"DeepSpeed builds no shared-memory op for {get_accelerator()._name}")
+    name = prebuild_ops()
+    assert name == builder.NAME == "deepspeed_shm_comm"
+    assert (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
+    assert f"DeepSpeed op {name} ready" in capsys.readouterr().out
