@@ -170,11 +170,15 @@ def promote(args) -> int:
 
     gate = registry.load_gate(args.gate)
     uri = _uri(args)
-    with _missing_is_user_error(f"{args.name}/{args.version}"):
-        result = registry.promote(uri, args.name, args.version, args.alias, gate, force=args.force, log=_log)
+    try:
+        with _missing_is_user_error(f"{args.name}/{args.version}"):
+            result = registry.promote(uri, args.name, args.version, args.alias, gate, force=args.force, log=_log)
+    except (registry.RegistryError, registry.AliasBusy) as e:  # the registry's state, not bad input: exit 1
+        _log(f"error: {e}; {args.name}@{args.alias} did not move")
+        return 1
     c, b = result["candidate"][gate.metric], (result["baseline"] or {}).get(gate.metric)
     vs = f" vs {b:.4f} (version {result['previous']})" if b is not None else " (no current holder)"
-    if result["status"] == "failed":
+    if not result["moved"]:
         print(
             f"[raypeft] refused: {args.name}/{args.version} stays off @{args.alias}: " + "; ".join(result["reasons"]),
             file=sys.stderr,
@@ -194,7 +198,7 @@ def rollback(args) -> int:
     try:
         with _missing_is_user_error(args.name):
             result = registry.rollback(_uri(args), args.name, args.alias)
-    except ValueError as e:  # nothing to roll back to: a state of the registry, not bad input
+    except (ValueError, registry.RegistryError, registry.AliasBusy) as e:  # the registry's state, not bad input
         _log(f"error: {e}")
         return 1
     print(f"[raypeft] {args.name}@{args.alias}: version {result['from']} → {result['to']}", file=sys.stderr)

@@ -4,13 +4,14 @@
   set with the same metric, in one Ray task.
 * ``gate_decision`` (pure) says whether the candidate clears the gate: at least the baseline
   plus a margin (``mode: max``; at most baseline − margin for ``min``) and the absolute bound.
-* ``promote`` records both results (an MLflow run, and ``validation_status`` plus the figures as
-  tags on the version) and moves the alias only when the gate passes, or when forced (recorded
-  as ``forced``). Each move is appended to the alias's history, a JSON tag on the registered
+* ``promote`` records both results (an MLflow run with the verdict and the move's outcome, and
+  ``validation.ALIAS.*`` tags on the version, written with the move) and moves the alias only when
+  the gate passes, or when forced (recorded as ``forced``). Each move is appended to the alias's history, a JSON tag on the registered
   model; ``rollback`` moves the alias back to the previous holder in that history.
-* Moves of one alias are serialized by a lease kept on the tracking server (``alias_lease``), and a
-  gated move is a compare-and-set against the holder it was evaluated against, so racing promotions,
-  from one machine or several, never leave the alias on a candidate that lost.
+* Moves of one alias are serialized by a lease whose tickets are versions of a registered model on the
+  tracking server (``alias_lease``: taking one is atomic in the store), and a gated move is a
+  compare-and-set against the holder it was evaluated against, so racing promotions, from one
+  machine or several, do not leave the alias on a candidate that lost.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -139,78 +141,169 @@ def history(uri: str, name: str, alias: str) -> list[dict[str, Any]]:
     return json.loads(tags.get(_history_tag(alias), "[]"))
 
 
-def _lease_tag(alias: str) -> str:
-    return f"raypeft.lease.{alias}"
+LEASE_PREFIX = "raypeft-lease."
+
+
+def lease_model(name: str, alias: str) -> str:
+    """The registered model whose versions are the tickets of ``name@alias``'s lease."""
+    return f"{LEASE_PREFIX}{name}.{alias}"
 
 
 class AliasBusy(RuntimeError):
-    """Another promotion or rollback of the same alias held its lease for the whole wait."""
+    """Another promotion or rollback of the same alias held its lease for the whole wait, or this one lost
+    its lease (it stalled for longer than the lease's time to live and another took it over)."""
+
+
+class RegistryError(RuntimeError):
+    """The registry failed to answer a read the gate depends on (unreachable, 5xx, 403): nothing moved."""
+
+
+def _not_found(e: Exception) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(e, MlflowException) and e.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
+class Lease:
+    """A ticket in ``name@alias``'s queue, kept alive by a heartbeat while it waits and while it is held.
+
+    ``ticket`` (the lease model's version number) is the fencing token: ``check()`` raises ``AliasBusy``
+    once the ticket is gone, which happens only if this process stopped beating for ``ttl_s`` and a waiter
+    took the lease over."""
+
+    def __init__(self, c, lock: str, ticket: str, owner: str, beat_s: float):
+        self.c, self.lock, self.ticket, self.owner = c, lock, ticket, owner
+        self._stop = threading.Event()
+        self._lost = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(beat_s,), daemon=True, name=f"lease-{lock}")
+        self._thread.start()
+
+    def _beat(self, every: float) -> None:
+        n = 0
+        while not self._stop.wait(every):
+            n += 1
+            try:
+                self.c.set_model_version_tag(self.lock, self.ticket, "beat", str(n))
+            except Exception as e:  # noqa: BLE001 - a failed beat is retried at the next one
+                if _not_found(e):
+                    self._lost.set()
+                    return
+
+    def check(self) -> None:
+        """Right before a write under the lease: the ticket must still be there."""
+        try:
+            self.c.get_model_version(self.lock, self.ticket)
+            gone = self._lost.is_set()
+        except Exception as e:
+            if not _not_found(e):
+                raise
+            gone = True
+        if gone:
+            raise AliasBusy(f"lost the lease {self.lock} (ticket {self.ticket}) after stalling; nothing moved")
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(Exception):  # gone already: taken over, or removed by a waiter
+            self.c.delete_model_version(self.lock, self.ticket)
 
 
 @contextlib.contextmanager
-def alias_lease(uri: str, name: str, alias: str, ttl_s: float = 120.0, wait_s: float = 300.0, settle_s: float = 1.0):
+def alias_lease(uri: str, name: str, alias: str, ttl_s: float = 60.0, wait_s: float = 300.0, log=print):
     """Hold ``name@alias`` exclusively across processes and machines, through the tracking server itself.
 
-    The lease is a registered-model tag ``raypeft.lease.ALIAS`` holding an owner id and an expiry. To take
-    it: wait until it is absent or expired, write ours, wait ``settle_s``, and re-read: whoever wrote last
-    owns it, and a writer that reads another owner backs off and waits again. An expired lease (a holder
-    that died) is taken over. No local file is involved, so promotions from several machines against one
-    tracking server are serialized.
+    A ticket is a new version of the registered model ``raypeft-lease.NAME.ALIAS``: the store gives each
+    version a unique, increasing number in one transaction, so taking a ticket is atomic. The lowest ticket
+    holds the lease; the others wait in order. Every ticket's heartbeat bumps a tag every ``ttl_s / 4``;
+    a waiter that sees a ticket ahead of it not beat for ``ttl_s`` of its own clock deletes it (its holder
+    died or stalled), so no two machines' clocks are ever compared. The holder deletes its own ticket on
+    release. Yields the ``Lease``; call ``check()`` right before each write.
     """
     c = _client(uri)
-    tag = _lease_tag(alias)
-    me = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    deadline = time.time() + wait_s
-    while True:
-        held = json.loads(c.get_registered_model(name).tags.get(tag, "null") or "null")
-        if held is None or held.get("expires", 0) < time.time():
-            c.set_registered_model_tag(name, tag, json.dumps({"owner": me, "expires": time.time() + ttl_s}))
-            time.sleep(settle_s)
-            held = json.loads(c.get_registered_model(name).tags.get(tag, "null") or "null")
-            if held and held.get("owner") == me:
-                break
-        if time.time() > deadline:
-            raise AliasBusy(f"{name}@{alias} stayed leased by {held.get('owner') if held else '?'} for {wait_s:.0f} s")
-        time.sleep(0.2 + random.random() * 0.3)
+    lock = lease_model(name, alias)
     try:
-        yield me
+        c.create_registered_model(
+            lock, description=f"raypeft's promotion lease of {name}@{alias}: one version per ticket"
+        )
+    except Exception as e:  # noqa: BLE001 - created by an earlier lease: the expected case
+        if getattr(e, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+            raise
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    v = c.create_model_version(lock, source=f"raypeft-lease:{owner}", tags={"owner": owner, "beat": "0"},
+                               await_creation_for=0)  # fmt: skip
+    lease = Lease(c, lock, str(v.version), owner, ttl_s / 4)
+    seen: dict[str, tuple[str | None, float]] = {}  # ticket → (its last beat, when this process saw it change)
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            ahead = [t for t in c.search_model_versions(f"name='{lock}'") if int(t.version) < int(lease.ticket)]
+            if not ahead:
+                break
+            now = time.monotonic()
+            for t in ahead:
+                beat = (t.tags or {}).get("beat")
+                if seen.get(t.version, (None, 0.0))[0] != beat or t.version not in seen:
+                    seen[t.version] = (beat, now)
+                elif now - seen[t.version][1] > ttl_s:
+                    log(f"[raypeft] {name}@{alias}: taking over the lease of {(t.tags or {}).get('owner')} "
+                        f"(ticket {t.version}), silent for {ttl_s:.0f} s")  # fmt: skip
+                    with contextlib.suppress(Exception):  # another waiter removed it first
+                        c.delete_model_version(lock, t.version)
+            if now > deadline:
+                owners = ", ".join(f"{(t.tags or {}).get('owner')} (ticket {t.version})" for t in ahead)
+                raise AliasBusy(f"{name}@{alias} stayed leased by {owners} for {wait_s:.0f} s")
+            time.sleep(0.1 + random.random() * 0.2)
+        lease.check()
+        yield lease
     finally:
-        now = json.loads(c.get_registered_model(name).tags.get(tag, "null") or "null")
-        if now and now.get("owner") == me:
-            c.delete_registered_model_tag(name, tag)
-
-
-def _still_ours(c, name: str, alias: str, me: str) -> None:
-    """Right before a write under the lease: it must still be ours (not expired and taken over)."""
-    held = json.loads(c.get_registered_model(name).tags.get(_lease_tag(alias), "null") or "null")
-    if not held or held.get("owner") != me:
-        raise AliasBusy(f"lost the lease on {name}@{alias} to {held.get('owner') if held else 'nobody'}; nothing moved")
+        lease.release()
 
 
 def holder(uri: str, name: str, alias: str) -> str | None:
+    """The version ``name@alias`` points at, or None when the registry says the model has no such alias.
+    Any failed read (unreachable server, 5xx after retries, 403) raises ``RegistryError``: a gate must
+    never take a failed read for an empty baseline."""
     try:
-        return str(_client(uri).get_model_version_by_alias(name, alias).version)
-    except Exception:  # noqa: BLE001 - no such alias yet
-        return None
+        aliases = _client(uri).get_registered_model(name).aliases or {}
+    except Exception as e:
+        if _not_found(e):
+            raise
+        raise RegistryError(f"the registry at {uri} failed to say which version {name}@{alias} is: {e}") from e
+    v = aliases.get(alias)
+    return None if v is None else str(v)
+
+
+def verdict_tags(alias: str, metric: str, status: str, score: float, baseline: str | None, run_id: str) -> dict:
+    """The version's record of one gate verdict for ``alias`` (each alias keeps its own)."""
+    return {
+        f"validation.{alias}.status": status,
+        f"validation.{alias}.{metric}": f"{score:.6g}",
+        f"validation.{alias}.baseline_version": baseline or "none",
+        f"validation.{alias}.run_id": run_id,
+    }
 
 
 def _move(uri: str, name: str, alias: str, version: str, entry: dict[str, Any], expected: str | None = None,
-          check: bool = False) -> bool:  # fmt: skip
-    """Compare-and-set: under the alias lease, move the alias to ``version`` and append to its history, but
-    only if (with ``check``) the holder is still ``expected``, the one the candidate was evaluated against.
-    Returns whether it moved."""
+          check: bool = False, tags: dict[str, str] | None = None) -> bool:  # fmt: skip
+    """Compare-and-set: under the alias lease, move the alias to ``version``, append to its history and write
+    ``tags`` on the version, but only if (with ``check``) the holder is still ``expected``, the one the
+    candidate was evaluated against. The lease's ticket is checked before each write and kept in the
+    history entry. Returns whether it moved; if not, nothing was written."""
     c = _client(uri)
-    with alias_lease(uri, name, alias) as me:
+    with alias_lease(uri, name, alias) as lease:
         prev = holder(uri, name, alias)
         if check and prev != expected:
             return False
-        _still_ours(c, name, alias, me)
         hist = history(uri, name, alias)
         if prev is not None and (not hist or hist[-1]["version"] != prev):  # an alias set outside raypeft
             hist.append({"version": prev, "at": time.time(), "by": "external"})
-        hist.append({"version": str(version), "at": time.time(), **entry})
+        hist.append({"version": str(version), "at": time.time(), "lease": lease.ticket, **entry})
+        lease.check()
         c.set_registered_model_alias(name, alias, str(version))
+        lease.check()
         c.set_registered_model_tag(name, _history_tag(alias), json.dumps(hist[-100:]))
+        for k, v in (tags or {}).items():
+            c.set_model_version_tag(name, str(version), k, v)
     return True
 
 
@@ -230,29 +323,46 @@ def promote(
 
     The move is a compare-and-set: if another promotion moved the alias while this one was evaluating, the
     candidate is evaluated again against the new holder, up to ``max_rounds`` times, so the alias can never
-    end on a candidate that lost to the version it displaced. ``evaluate(gate, uris, uri)`` scores
-    ``label → models:/`` URIs (default: ``evaluate_versions`` on a Ray task)."""
+    end on a candidate that lost to the version it displaced. The version's ``validation.ALIAS.*`` tags are
+    written with the move, under the lease, or with a refusal; a move that does not happen leaves them as
+    they were. Each round's promotion run records the gate's verdict and the move's outcome.
+    ``evaluate(gate, uris, uri)`` scores ``label → models:/`` URIs (default: ``evaluate_versions``)."""
     c = _client(uri)
     c.get_model_version(name, str(version))  # raises for a missing version
     evaluate = evaluate or evaluate_versions
     for round_ in range(1, max_rounds + 1):
         current = holder(uri, name, alias)
         result = _evaluate_and_record(c, uri, name, str(version), alias, gate, current, force, log, evaluate)
-        if not result["moved"]:
+        tags = verdict_tags(alias, gate.metric, result["status"], result["candidate"][gate.metric], current,
+                            result["run_id"])  # fmt: skip
+        if result["status"] == "failed":
+            for k, v in tags.items():
+                c.set_model_version_tag(name, str(version), k, v)
+            _outcome(c, result["run_id"], "refused")
             return result
         entry = {"by": "promote", "forced": result["status"] == "forced", "run_id": result["run_id"]}
-        if _move(uri, name, alias, str(version), entry, expected=current, check=not force):
-            return result
-        log(f"[raypeft] {name}@{alias} moved from {current or 'nothing'} to {holder(uri, name, alias)} while "
-            f"version {version} was evaluated; evaluating again against the new holder (round {round_ + 1})")  # fmt: skip
-    result.update(moved=False, status="failed", reasons=[f"{name}@{alias} kept moving during {max_rounds} evaluations"])
-    c.set_model_version_tag(name, str(version), "validation_status", "failed")
-    return result
+        try:
+            moved = _move(uri, name, alias, str(version), entry, expected=current, check=not force, tags=tags)
+        except AliasBusy as e:
+            _outcome(c, result["run_id"], f"not moved: {e}")
+            raise
+        if moved:
+            _outcome(c, result["run_id"], "moved")
+            return {**result, "moved": True}
+        now = holder(uri, name, alias)
+        _outcome(c, result["run_id"], f"not moved: {name}@{alias} moved from {current or 'nothing'} to {now}")
+        log(f"[raypeft] {name}@{alias} moved from {current or 'nothing'} to {now} while version {version} was "
+            f"evaluated; evaluating again against the new holder (round {round_ + 1})")  # fmt: skip
+    return {**result, "moved": False, "reasons": [f"{name}@{alias} kept moving during {max_rounds} evaluations"]}
+
+
+def _outcome(c, run_id: str, outcome: str) -> None:
+    c.set_tag(run_id, "raypeft.outcome", outcome[:5000])
 
 
 def _evaluate_and_record(c, uri, name, version, alias, gate, current, force, log, evaluate) -> dict[str, Any]:
-    """One evaluation of ``version`` against ``current``: scores, the gate's decision, a promotion run in
-    MLflow and the validation tags on the version. Moves nothing."""
+    """One evaluation of ``version`` against ``current``: scores, the gate's decision and a promotion run in
+    MLflow. Moves nothing and tags no version."""
     uris = {"candidate": f"models:/{name}/{version}"}
     if current is not None and current != version:
         uris["baseline"] = f"models:/{name}/{current}"
@@ -274,6 +384,7 @@ def _evaluate_and_record(c, uri, name, version, alias, gate, current, force, log
             "raypeft.alias": alias,
             "raypeft.baseline_version": current or "none",
             "validation_status": status,
+            "raypeft.outcome": "pending",
         },
     )
     for label, vals in scores.items():
@@ -281,13 +392,6 @@ def _evaluate_and_record(c, uri, name, version, alias, gate, current, force, log
             c.log_metric(run.info.run_id, f"{label}_{k}", float(v))
     c.log_param(run.info.run_id, "gate", gate.model_dump_json())
     c.set_terminated(run.info.run_id, "FINISHED")
-    for k, v in {
-        "validation_status": status,
-        f"validation.{gate.metric}": f"{cand:.6g}",
-        "validation.baseline_version": current or "none",
-        "validation.run_id": run.info.run_id,
-    }.items():
-        c.set_model_version_tag(name, version, k, v)
     return {
         "model": name,
         "version": version,
@@ -298,24 +402,25 @@ def _evaluate_and_record(c, uri, name, version, alias, gate, current, force, log
         "baseline": scores.get("baseline"),
         "reasons": reasons,
         "run_id": run.info.run_id,
-        "moved": passed or force,
+        "moved": False,
     }
 
 
 def rollback(uri: str, name: str, alias: str) -> dict[str, Any]:
     """Move ``alias`` back to the previous holder in its history (and drop the undone entry)."""
     c = _client(uri)
-    with alias_lease(uri, name, alias) as me:
+    with alias_lease(uri, name, alias) as lease:
         hist = history(uri, name, alias)
         current = holder(uri, name, alias)
-        _still_ours(c, name, alias, me)
         if len(hist) < 2:
             raise ValueError(
                 f"{name}@{alias} has no previous holder to roll back to (history: {[h['version'] for h in hist]})"
             )
         undone = hist.pop()
         target = hist[-1]["version"]
+        lease.check()
         c.set_registered_model_alias(name, alias, target)
+        lease.check()
         c.set_registered_model_tag(name, _history_tag(alias), json.dumps(hist))
         c.set_model_version_tag(name, undone["version"], f"raypeft.rolled_back.{alias}", str(time.time()))
     return {"model": name, "alias": alias, "from": current, "to": target}
@@ -344,6 +449,8 @@ def list_models(uri: str) -> list[dict[str, Any]]:
     c = _client(uri)
     out = []
     for m in c.search_registered_models():
+        if m.name.startswith(LEASE_PREFIX):  # a promotion lease's tickets, not a model
+            continue
         versions = c.search_model_versions(f"name='{m.name}'")
         out.append(
             {
@@ -379,7 +486,11 @@ def show(uri: str, ref: str) -> dict[str, Any]:
             {
                 "version": str(v.version),
                 "aliases": sorted(aliases_of.get(str(v.version), [])),
-                "validation_status": tags.get("validation_status", "unvalidated"),
+                "validation": {  # the gate's last verdict for each alias it was judged for
+                    k[len("validation.") : -len(".status")]: x
+                    for k, x in tags.items()
+                    if k.startswith("validation.") and k.endswith(".status")
+                },
                 "metrics": {k[len("metric.") :]: float(x) for k, x in tags.items() if k.startswith("metric.")},
                 "lineage": {k: tags[k] for k in LINEAGE if k in tags},
                 "run_id": v.run_id,

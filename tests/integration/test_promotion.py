@@ -101,15 +101,19 @@ def test_gate_accepts_better_refuses_worse_and_rollback_restores(setup, capsys):
     assert registry.holder(uri, "tiny-promo", "champion") == s["mid"]
     refused = json.loads(out.strip().splitlines()[-1])
     v = c.get_model_version("tiny-promo", s["worst"])
-    assert v.tags["validation_status"] == "failed" and v.tags["validation.baseline_version"] == s["mid"]
+    assert v.tags["validation.champion.status"] == "failed"
+    assert v.tags["validation.champion.baseline_version"] == s["mid"]
+    assert v.tags["validation.champion.run_id"] == refused["run_id"]
     run = c.get_run(refused["run_id"])  # both results are in MLflow, measured in one run
     assert run.data.metrics["candidate_eval_loss"] == pytest.approx(s["losses"][s["worst"]], rel=1e-4)
     assert run.data.metrics["baseline_eval_loss"] == pytest.approx(s["losses"][s["mid"]], rel=1e-4)
-    assert run.data.tags["validation_status"] == "failed"
+    assert run.data.tags["validation_status"] == "failed" and run.data.tags["raypeft.outcome"] == "refused"
 
     code, out, err = _cli("promote", "tiny-promo", "--version", s["best"], *common, capsys=capsys)
     assert code == 0 and registry.holder(uri, "tiny-promo", "champion") == s["best"]
-    assert c.get_model_version("tiny-promo", s["best"]).tags["validation_status"] == "passed"
+    assert c.get_model_version("tiny-promo", s["best"]).tags["validation.champion.status"] == "passed"
+    moved = json.loads(out.strip().splitlines()[-1])
+    assert c.get_run(moved["run_id"]).data.tags["raypeft.outcome"] == "moved"
 
     code, out, err = _cli("rollback", "tiny-promo", "--alias", "champion", "--tracking-uri", uri, capsys=capsys)
     assert code == 0 and registry.holder(uri, "tiny-promo", "champion") == s["mid"]
@@ -118,15 +122,18 @@ def test_gate_accepts_better_refuses_worse_and_rollback_restores(setup, capsys):
     shown = json.loads(out)
     assert shown["versions"][0]["version"] == s["mid"] and shown["versions"][0]["aliases"] == ["champion"]
     assert shown["versions"][0]["lineage"]["method"] == "lora"
+    assert shown["versions"][0]["validation"] == {"champion": "passed"}
     assert [h["version"] for h in shown["alias_history"]["champion"]] == [s["mid"]]
 
     code, out, err = _cli("promote", "tiny-promo", "--version", s["worst"], "--force", *common, capsys=capsys)
     assert code == 0 and registry.holder(uri, "tiny-promo", "champion") == s["worst"]
-    assert c.get_model_version("tiny-promo", s["worst"]).tags["validation_status"] == "forced"
+    tags = c.get_model_version("tiny-promo", s["worst"]).tags
+    assert tags["validation.champion.status"] == "forced"
     assert registry.history(uri, "tiny-promo", "champion")[-1]["forced"] is True
 
     code, out, err = _cli("models", "list", "--tracking-uri", uri, capsys=capsys)
     assert "tiny-promo" in out and f"@champion→{s['worst']}" in out
+    assert registry.LEASE_PREFIX not in out  # the lease's tickets are not a model
 
 
 def test_racing_promotions_leave_a_consistent_alias(setup):
@@ -213,13 +220,99 @@ def test_two_gated_promotions_racing_leave_the_alias_on_the_better_candidate(tmp
         t.join(timeout=120)
     assert registry.holder(uri, "racer", "champion") == "3"
     tags = {v: c.get_model_version("racer", v).tags for v in ("2", "3")}
-    assert tags["3"]["validation_status"] == "passed"
+    assert tags["3"]["validation.champion.status"] == "passed"
     hist = [h["version"] for h in registry.history(uri, "racer", "champion")]
     if first == "2":  # 2 moved first, 3 was evaluated again against 2 and displaced it
         assert results["2"]["moved"] and results["3"]["moved"] and results["3"]["previous"] == "2"
-        assert tags["3"]["validation.baseline_version"] == "2" and hist[-2:] == ["2", "3"]
+        assert tags["3"]["validation.champion.baseline_version"] == "2" and hist[-2:] == ["2", "3"]
     else:  # 3 moved first; 2 was evaluated again against 3 and refused
         assert not results["2"]["moved"] and results["2"]["previous"] == "3"
-        assert tags["2"]["validation_status"] == "failed" and tags["2"]["validation.baseline_version"] == "3"
+        assert tags["2"]["validation.champion.status"] == "failed"
+        assert tags["2"]["validation.champion.baseline_version"] == "3"
         assert hist[-1] == "3" and "2" not in hist
-    assert "raypeft.lease.champion" not in c.get_registered_model("racer").tags  # the lease is released
+    assert c.search_model_versions(f"name='{registry.lease_model('racer', 'champion')}'") == []  # released
+
+
+# --------------------------------------------------------------------------- the lease
+
+_LEASE_CLIENT = """
+import json, sys, time
+from mlflow import MlflowClient
+from pipelines import registry
+uri, out, stall, hold, start = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+if stall:  # a GC pause, an HTTP retry or a busy machine, between what this client read and what it writes
+    for name in ("set_registered_model_tag", "create_model_version"):
+        def slow(self, *a, _write=getattr(MlflowClient, name), **k):
+            time.sleep(stall)
+            return _write(self, *a, **k)
+        setattr(MlflowClient, name, slow)
+time.sleep(max(0.0, start - time.time()))
+with registry.alias_lease(uri, "leased", "champion"):
+    t0 = time.time()
+    time.sleep(hold)
+    t1 = time.time()
+open(out, "w").write(json.dumps([t0, t1]))
+"""
+
+
+def test_two_processes_never_hold_the_lease_at_once_even_when_one_stalls_between_read_and_write(tmp_path):
+    """Two clients in two processes take the same lease at the same moment; one stalls 2 s before each
+    write, longer than any settle time. Their times inside the lease must not overlap."""
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from tests.conftest import REPO
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri, registry_uri=uri).create_registered_model("leased")
+    start = time.time() + 8  # both interpreters have imported MLflow by then
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _LEASE_CLIENT, uri, str(tmp_path / f"{i}.json"), stall, "3", str(start)],
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, stall in enumerate(("2", "0"))
+    ]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()[-3000:]
+    (a0, a1), (b0, b1) = (json.loads((tmp_path / f"{i}.json").read_text()) for i in (0, 1))
+    assert a1 <= b0 or b1 <= a0, f"both held the lease: {a0:.2f}-{a1:.2f} and {b0:.2f}-{b1:.2f}"
+
+
+def test_a_silent_holder_is_taken_over_and_its_late_write_is_fenced(tmp_path):
+    """A ticket that stops beating (its process died or hung) is removed after the time to live, by the
+    waiter's own clock; the stalled holder then finds its ticket gone and writes nothing."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(uri, registry_uri=uri)
+    c.create_registered_model("leased")
+    said: list[str] = []
+    with registry.alias_lease(uri, "leased", "champion", ttl_s=60) as stalled:
+        stalled._stop.set()  # its heartbeat stops, as in a process that hangs
+        t0 = time.monotonic()
+        with registry.alias_lease(uri, "leased", "champion", ttl_s=1.0, log=said.append) as taker:
+            waited = time.monotonic() - t0
+            assert int(taker.ticket) > int(stalled.ticket)
+            taker.check()
+            with pytest.raises(registry.AliasBusy, match="lost the lease"):
+                stalled.check()
+    assert 1.0 < waited < 10, waited
+    assert said and "taking over the lease" in said[0] and f"ticket {stalled.ticket}" in said[0]
+    assert c.search_model_versions(f"name='{registry.lease_model('leased', 'champion')}'") == []
+
+
+def test_racing_pairs_from_two_processes_with_stalls_leave_the_alias_on_the_best(tmp_path):
+    """The promotion drill, short: three pairs of gated promotions race from two processes that stall at
+    random before every registry write; after each pair the alias is on the best version so far, and the
+    history holds every move (``python -m benchmarks.promotion_drill`` runs ten pairs)."""
+    from benchmarks.promotion_drill import drill
+
+    record = drill(f"sqlite:///{tmp_path / 'mlflow.db'}", pairs=3, stall=1.0, seed=1, work=tmp_path)
+    assert record["alias_right"] == 3, record
+    assert record["moves"] >= 1 and record["history_complete"] and record["history_entries"] == record["moves"]
+    assert record["leases_left"] == 0

@@ -266,10 +266,10 @@ def test_two_gated_promotions_race_from_two_machines(server, trained, chat_data,
     v1 = c.get_model_version("srv-adapter", "1").tags
     v2 = c.get_model_version("srv-adapter", "2").tags
     if codes[0] == 0:  # version 1 moved first (to an empty alias); 2 then beat it
-        assert v2.get("validation.baseline_version") == "1", v2
+        assert v2.get("validation.champion.baseline_version") == "1", v2
     else:  # 2 moved first; 1 was judged against 2 (again, if 2 moved meanwhile) and refused
         assert codes[0] == 1 and "refused" in outs[0][1], outs[0]
-        assert v1.get("validation.baseline_version") == "2", v1
+        assert v1.get("validation.champion.baseline_version") == "2", v1
     history = json.loads(c.get_registered_model("srv-adapter").tags["raypeft.alias_history.champion"])
     assert [h["version"] for h in history] == (["1", "2"] if codes[0] == 0 else ["2"]), history
 
@@ -340,3 +340,72 @@ def test_serve_follows_an_alias_on_the_server(server, trained, tiny_model_dir, t
 
 def _adapter_dir(root: Path) -> Path:
     return next(p.parent for p in root.rglob("adapter_config.json"))
+
+
+@contextlib.contextmanager
+def _faulty_proxy(upstream: str, status: int, failing: tuple[str, ...]):
+    """An HTTP proxy to the tracking server that answers ``status`` to every request whose path contains
+    one of ``failing``, as a registry behind a broken load balancer or a revoked permission would."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import requests
+
+    class Handler(BaseHTTPRequestHandler):
+        def _forward(self):
+            if any(f in self.path for f in failing):
+                body = json.dumps({"error_code": "INTERNAL_ERROR", "message": f"injected HTTP {status}"}).encode()
+                self.send_response(status)
+            else:
+                n = int(self.headers.get("Content-Length") or 0)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                r = requests.request(self.command, upstream + self.path, headers=headers,
+                                     data=self.rfile.read(n) if n else None, timeout=60)  # fmt: skip
+                body = r.content
+                self.send_response(r.status_code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PATCH = do_DELETE = _forward
+
+        def log_message(self, *_):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.parametrize("status", [503, 403])
+def test_a_registry_that_fails_to_say_who_holds_the_alias_moves_nothing(server, trained, tmp_path, status):
+    """Reading the alias's holder fails (5xx after the client's retries, or 403): the promotion stops with
+    exit 1 and a message naming the server and the error, and the alias stays where it was. A read that
+    failed is never taken for "no holder", which would let any candidate pass with no baseline."""
+    from mlflow import MlflowClient
+
+    url = server["url"]
+    env = _client_env(url, tmp_path / "home")
+    c = MlflowClient(url, registry_uri=url)
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            mp.setenv(k, env[k])
+        c.set_registered_model_alias("srv-adapter", "guarded", "1")
+        with _faulty_proxy(url, status, ("registered-models/get", "registered-models/alias")) as proxy:
+            proc = subprocess.run(
+                [str(BIN / "raypeft"), "promote", "srv-adapter", "--version", "2", "--alias", "guarded"],
+                env={**env, "MLFLOW_TRACKING_URI": proxy, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+        assert proc.returncode == 1, (proc.stdout[-2000:], proc.stderr[-3000:])
+        assert proxy in proc.stderr and f"{status}" in proc.stderr and "did not move" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert c.get_model_version_by_alias("srv-adapter", "guarded").version == "1"
