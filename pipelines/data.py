@@ -46,9 +46,55 @@ def resolve_source(source: str, split: str = "train") -> str:
     return source
 
 
-def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
-    """Read a .jsonl/.json/.parquet file, a ``save_to_disk`` directory, or a ``builtin:`` dataset."""
-    path = os.path.expanduser(resolve_source(source, split))
+def split_names(source: str) -> list[str] | None:
+    """The named splits of a local source: a ``save_to_disk`` DatasetDict directory (from its
+    ``dataset_dict.json``) or a ``{split: [records]}`` JSON file; None for a source of plain records (a list
+    JSON, JSONL, Parquet, a single saved Dataset), a ``builtin:`` one or a URL."""
+    if source.startswith("builtin:") or "://" in source:
+        return None
+    p = Path(os.path.expanduser(source))
+    if p.is_dir():
+        marker = p / "dataset_dict.json"
+        return list(json.loads(marker.read_text())["splits"]) if marker.is_file() else None
+    if p.suffix == ".json" and p.is_file():
+        with open(p) as f:
+            data = json.load(f)
+        return list(data) if isinstance(data, dict) else None
+    return None
+
+
+def pick_split(splits, name: str, source: str, field: str):
+    """The one rule for a source with named splits, for the trainer and the gate alike: the split named by
+    ``data.train_split`` / ``data.eval_split``, or a ``DataError`` naming the splits there are. Never a
+    fallback to another split: that would evaluate on training data without anyone asking for it."""
+    if name in splits:
+        return splits[name]
+    setting = "data.eval_split" if field == "data.eval" else "data.train_split"
+    raise DataError(
+        f"{setting}: {field} {source!r} has no split of this name; its splits are {sorted(splits)}: name the one "
+        f"to use, e.g. {setting}={sorted(splits)[0]} (got {name!r})"
+    )
+
+
+def eval_is_train_problem(data: DataSpec) -> str | None:
+    """``data.eval`` naming the very records ``data.train`` trains on (the same source and split, or the same
+    file of plain records): the job would report eval figures on its training data."""
+    if data.eval is None or "://" in data.eval or data.eval.startswith("builtin:"):
+        return None
+    same = Path(os.path.expanduser(data.eval)).resolve() == Path(os.path.expanduser(data.train)).resolve()
+    if same and (split_names(data.eval) is None or data.eval_split == data.train_split):
+        where = f"split {data.eval_split!r} of " if split_names(data.eval) is not None else ""
+        return (
+            f"evaluates on {where}the records data.train trains on: name another split (data.eval_split) or "
+            f"source, or leave data.eval unset to hold out data.eval_fraction (got {data.eval!r})"
+        )
+    return None
+
+
+def load_records(source: str, split: str = "train", field: str = "data.train") -> list[dict[str, Any]]:
+    """Read a .jsonl/.json/.parquet file, a ``save_to_disk`` directory, or a ``builtin:`` dataset. ``split``
+    names the split of a source that has them (``pick_split``); a builtin's file is chosen by ``field``."""
+    path = os.path.expanduser(resolve_source(source, "eval" if field == "data.eval" else "train"))
     if "://" in path:
         import fsspec
 
@@ -58,14 +104,15 @@ def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
             with fsspec.open(path, "rb") as f:
                 return pq.read_table(f).to_pylist()
         with fsspec.open(path, "rt") as f:
-            return [json.loads(line) for line in f if line.strip()] if path.endswith(".jsonl") else json.load(f)
+            data = [json.loads(line) for line in f if line.strip()] if path.endswith(".jsonl") else json.load(f)
+        return data if isinstance(data, list) else pick_split(data, split, source, field)
     p = Path(path)
     if p.is_dir():
         from datasets import DatasetDict, load_from_disk
 
         ds = load_from_disk(str(p))
         if isinstance(ds, DatasetDict):
-            ds = ds[split] if split in ds else ds[next(iter(ds))]
+            ds = pick_split(ds, split, source, field)
         return ds.to_list()
     if p.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -76,7 +123,7 @@ def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
             return [json.loads(line) for line in f if line.strip()]
     with open(p) as f:
         data = json.load(f)
-    return data if isinstance(data, list) else data[split]
+    return data if isinstance(data, list) else pick_split(data, split, source, field)
 
 
 SMALL_URL_BYTES = 64 << 20
@@ -99,11 +146,14 @@ def url_fingerprint(url: str) -> str:
 
 
 def train_eval_records(data: DataSpec, seed: int) -> tuple[list[dict], list[dict]]:
-    train = load_records(data.train, "train")
+    problem = eval_is_train_problem(data)
+    if problem:
+        raise DataError(f"data.eval: {problem}")
+    train = load_records(data.train, data.train_split, "data.train")
     if data.eval is not None:
-        return train, load_records(data.eval, "eval")
+        return train, load_records(data.eval, data.eval_split, "data.eval")
     if data.train.startswith("builtin:"):
-        return train, load_records(data.train, "eval")
+        return train, load_records(data.train, data.eval_split, "data.eval")
     rng = random.Random(seed)
     idx = list(range(len(train)))
     rng.shuffle(idx)

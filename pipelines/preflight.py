@@ -17,9 +17,11 @@ training worker before step 0 and in ``raypeft check``.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.targets import target_matches
@@ -266,12 +268,42 @@ def load_checked_spec(path, overrides=(), check_urls: bool = True) -> JobSpec:
     from pipelines.spec import SpecError, load_spec
 
     spec = load_spec(path, overrides, check_urls=check_urls)
-    problems = architecture_problems(spec)
+    problems = architecture_problems(spec) + split_problems(spec.data)
     if problems:
         raise SpecError(problems)
     for warning in data_warnings(spec):
         print(f"[raypeft] warning: {warning}", file=sys.stderr)
     return spec
+
+
+def split_problems(data, max_json_bytes: int = 64 << 20) -> list[tuple[str, str]]:
+    """Before Ray: a named split its source lacks (``data.train_split``/``data.eval_split``), and a
+    ``data.eval`` that is the training records. A JSON file over ``max_json_bytes`` is left to ``prepare``."""
+    from pipelines import data as D
+
+    problems = []
+    for where, source, name in (
+        ("data.train", data.train, data.train_split),
+        ("data.eval", data.eval, data.eval_split),
+    ):
+        if source is None:
+            continue
+        p = Path(os.path.expanduser(source))
+        if p.suffix == ".json" and p.is_file() and p.stat().st_size > max_json_bytes:
+            continue
+        try:
+            names = D.split_names(source)
+        except (OSError, ValueError):  # unreadable or not JSON: the data checks name it
+            continue
+        if names is not None and name not in names:
+            try:
+                D.pick_split(dict.fromkeys(names), name, source, where)
+            except D.DataError as e:  # "data.eval_split: data.eval '…' has the splits …"
+                problems.append(tuple(str(e).split(": ", 1)))
+    same = D.eval_is_train_problem(data)
+    if same:
+        problems.append(("data.eval", same))
+    return problems
 
 
 def data_warnings(spec: JobSpec, max_bytes: int = 256 << 20) -> list[str]:

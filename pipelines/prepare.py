@@ -20,6 +20,7 @@ dataset, and batches stay a pure function of ``(seed, step)`` through ``data.Sha
 from __future__ import annotations
 
 import array
+import filecmp
 import hashlib
 import json
 import os
@@ -74,11 +75,16 @@ def _open(path: str, mode: str = "rb"):
     return open(path, mode)
 
 
-def plan_chunks(source: str, split: str, target_chunks: int) -> list[dict[str, Any]]:
-    """The chunks one source is read in: ``target_chunks`` or more for a large file, never tiny ones."""
+def plan_chunks(source: str, split: str, target_chunks: int, name: str | None = None) -> list[dict[str, Any]]:
+    """The chunks one source is read in: ``target_chunks`` or more for a large file, never tiny ones.
+    ``split`` is the role (``train``/``eval``), ``name`` the split read from a source that has named splits
+    (``data.train_split``/``data.eval_split``): one it lacks is refused here, on the driver."""
     path = os.path.expanduser(D.resolve_source(source, split))
     kind = _kind(path)
-    base = {"split": split, "kind": kind, "path": path}
+    base = {"split": split, "name": name or split, "kind": kind, "path": path}
+    names = D.split_names(path) if kind in ("arrow", "json") else None
+    if names is not None:
+        D.pick_split(dict.fromkeys(names), base["name"], source, _field(split))
     if kind == "jsonl":
         size = _size(path)
         step = max(MIN_CHUNK_BYTES, min(CHUNK_BYTES, -(-size // max(1, target_chunks))))
@@ -95,19 +101,21 @@ def plan_chunks(source: str, split: str, target_chunks: int) -> list[dict[str, A
             first += n
         return out
     if kind == "arrow":
-        n = len(_load_arrow(path, split))
+        n = len(_load_arrow(path, base["name"], source, _field(split)))
         step = max(1, -(-n // max(1, target_chunks)))
         return [{**base, "start": s, "end": min(s + step, n), "first_row": s} for s in range(0, max(n, 1), step)]
     return [{**base, "start": 0, "end": 0, "first_row": 0}]
 
 
-def _load_arrow(path: str, split: str):
+def _field(split: str) -> str:
+    return "data.eval" if split == "eval" else "data.train"
+
+
+def _load_arrow(path: str, name: str, source: str, field: str):
     from datasets import DatasetDict, load_from_disk
 
     ds = load_from_disk(path)
-    if isinstance(ds, DatasetDict):
-        ds = ds[split] if split in ds else ds[next(iter(ds))]
-    return ds
+    return D.pick_split(ds, name, source, field) if isinstance(ds, DatasetDict) else ds
 
 
 def read_chunk(chunk: dict[str, Any]) -> Iterator[tuple[str, Any]]:
@@ -149,7 +157,8 @@ def read_chunk(chunk: dict[str, Any]) -> Iterator[tuple[str, Any]]:
             yield f"row {i + 1}", rec
         return
     if kind == "arrow":
-        rows = _load_arrow(path, chunk["split"]).select(range(chunk["start"], chunk["end"])).to_list()
+        ds = _load_arrow(path, chunk["name"], path, _field(chunk["split"]))
+        rows = ds.select(range(chunk["start"], chunk["end"])).to_list()
         for i, rec in enumerate(rows):
             yield f"row {i + 1}", rec
         return
@@ -162,7 +171,7 @@ def read_chunk(chunk: dict[str, Any]) -> Iterator[tuple[str, Any]]:
         yield where, D.DataError(f"not valid JSON ({e})")
         return
     if isinstance(data, dict):
-        data = data.get(chunk["split"], data.get("train"))
+        data = D.pick_split(data, chunk["name"], path, _field(chunk["split"]))  # plan_chunks checked it exists
     if not isinstance(data, list):
         yield "line 1", D.DataError("a .json dataset must be a list of records or a {split: [records]} mapping")
         return
@@ -335,6 +344,17 @@ def source_fingerprint(source: str | None, split: str, memo: Path | None = None)
     return digest
 
 
+def _same_records(train: str, evals: str, train_fp: str, eval_fp: str) -> bool:
+    """Whether two local sources hold the same bytes: a file and its copy under another name (whose
+    fingerprints differ by the name), or directories with the same fingerprint."""
+    a, b = (Path(os.path.expanduser(x)) for x in (train, evals))
+    if "://" in train or "://" in evals:
+        return False
+    if a.is_file() and b.is_file():
+        return a.stat().st_size == b.stat().st_size and filecmp.cmp(a, b, shallow=False)
+    return train_fp == eval_fp
+
+
 def eval_source(spec: JobSpec) -> str | None:
     """The source of the eval split when it is not held out of ``data.train``."""
     d = spec.data
@@ -398,7 +418,15 @@ def prepare(spec: JobSpec, log=print, progress_every_s: float = 5.0) -> Prepared
         "format": d.format,
         "max_length": d.max_length,
         "skip_invalid": d.skip_invalid,
+        "splits": [d.train_split, d.eval_split],
     }
+    if evals is not None and evals == d.eval and _same_records(d.train, d.eval, key_parts["train"], key_parts["eval"]):
+        if D.split_names(d.eval) is None or d.eval_split == d.train_split:  # a copy of the training records
+            raise D.DataError(
+                f"data.eval: {d.eval!r} holds the same records as data.train ({d.train!r}); evaluating on them "
+                "would report training figures as eval figures: name another split (data.eval_split) or source, "
+                "or leave data.eval unset to hold out data.eval_fraction"
+            )
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:24]
     shards = root / key
     hit = (shards / "meta.json").is_file()
@@ -426,9 +454,9 @@ def _tokenize(
 
     d = spec.data
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    chunks = plan_chunks(d.train, "train", 8 * cpus)
+    chunks = plan_chunks(d.train, "train", 8 * cpus, d.train_split)
     if eval_source is not None:
-        chunks += plan_chunks(eval_source, "eval", 8 * cpus)
+        chunks += plan_chunks(eval_source, "eval", 8 * cpus, d.eval_split)
     for i, c in enumerate(chunks):
         c["chunk"] = i
     total_bytes = sum(c["end"] - c["start"] for c in chunks if c["kind"] == "jsonl")

@@ -140,6 +140,21 @@ class DataSpec(Section):
     eval_fraction: Float = Field(
         0.1, ge=0, lt=1, description="Fraction of `train` held out for eval when `eval` is unset."
     )
+    train_split: str = Field(
+        "train",
+        min_length=1,
+        max_length=256,
+        description="The split of `train` to train on, when it has named splits (a `save_to_disk` DatasetDict, a "
+        "`{split: [records]}` JSON). A source without a split of this name is refused, naming its splits.",
+    )
+    eval_split: str = Field(
+        "eval",
+        min_length=1,
+        max_length=256,
+        description="The split of `eval` to evaluate on, when it has named splits (HF datasets often name it "
+        "`validation` or `test`). A source without a split of this name is refused, naming its splits; "
+        "an `eval` that is the training records is refused too.",
+    )
     format: Literal["text", "instruction", "chat"] = Field(
         "chat",
         description="`text` (field `text`), `instruction` (alpaca: instruction/input/output), or `chat` "

@@ -241,10 +241,10 @@ def validate(raw: dict[str, Any], base_dir=None) -> TunedJobSpec:
 def load(path, overrides=()) -> TunedJobSpec:
     """Read, override and validate a tuned job spec, target modules checked against the base: everything
     checkable before Ray starts."""
-    from pipelines.preflight import architecture_problems
+    from pipelines.preflight import architecture_problems, split_problems
 
     spec = load_file(path, overrides, lambda raw: validate(resolve_paths(raw)))
-    problems = architecture_problems(spec)
+    problems = architecture_problems(spec) + split_problems(spec.data)
     if problems:
         raise SpecError(problems)
     return spec

@@ -90,6 +90,19 @@ def test_nothing_usable_after_truncation_reports_the_counts(local_ray, tiny_mode
         prepare(_spec(tiny_model_dir, data, tmp_path / "store", max_length=9))
 
 
+def test_an_eval_file_that_copies_the_training_file_is_refused(local_ray, tiny_model_dir, tmp_path):
+    """Two paths, the same records (a copy): the content fingerprints match, and the job refuses to report
+    training figures as eval figures."""
+    import shutil
+
+    from pipelines.prepare import prepare
+
+    data = write_chat_data(tmp_path / "d.jsonl", n=20)
+    copy = shutil.copy(data, tmp_path / "eval.jsonl")
+    with pytest.raises(D.DataError, match=r"data.eval: .*eval.jsonl' holds the same records as data.train"):
+        prepare(_spec(tiny_model_dir, data, tmp_path / "store", eval=str(copy)))
+
+
 def test_the_cache_is_reused_and_a_changed_file_is_tokenized_again(local_ray, tiny_model_dir, tmp_path):
     from pipelines.prepare import prepare
 

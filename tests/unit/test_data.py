@@ -101,3 +101,57 @@ def test_lr_schedule():
     assert lr_factor(5, lin) == pytest.approx(0.5)
     const = validate({"train": {"max_steps": 10, "warmup_steps": 0, "scheduler": "constant"}})
     assert lr_factor(9, const) == 1.0
+
+
+def _splits_dir(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    rows = {s: [{"text": f"{s} {i}"} for i in range(n)] for s, n in (("train", 6), ("validation", 3))}
+    DatasetDict({s: Dataset.from_list(r) for s, r in rows.items()}).save_to_disk(str(tmp_path / "dd"))
+    (tmp_path / "dd.json").write_text(json.dumps(rows))
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["dd", "dd.json"])
+def test_a_source_with_splits_but_no_eval_split_is_refused_never_read_as_train(tmp_path, kind):
+    """A save_to_disk DatasetDict or a {split: [...]} JSON without an `eval` split: refused naming its splits
+    and data.eval_split, by the one rule the trainer (prepare) and the gate (train_eval_records) share."""
+    from pipelines.preflight import split_problems
+    from pipelines.prepare import plan_chunks
+
+    rows = _splits_dir(tmp_path)
+    src = str(tmp_path / kind)
+    spec = validate({"data": {"train": src, "eval": src, "format": "text"}})
+    with pytest.raises(D.DataError) as e:
+        D.train_eval_records(spec.data, seed=0)
+    msg = str(e.value)
+    assert msg.startswith("data.eval_split: ") and "['train', 'validation']" in msg and "(got 'eval')" in msg
+    with pytest.raises(D.DataError, match="data.eval_split: .*'validation'"):
+        plan_chunks(src, "eval", 4, spec.data.eval_split)  # the trainer's path, on the driver
+    assert [f for f, _ in split_problems(spec.data)] == ["data.eval_split"]  # and before Ray
+
+    named = validate({"data": {"train": src, "eval": src, "eval_split": "validation", "format": "text"}})
+    train, ev = D.train_eval_records(named.data, seed=0)
+    assert train == rows["train"] and ev == rows["validation"]
+    assert split_problems(named.data) == []
+    chunks = plan_chunks(src, "eval", 4, "validation")
+    assert {c["name"] for c in chunks} == {"validation"} and {c["split"] for c in chunks} == {"eval"}
+
+    no_train = validate({"data": {"train": src, "train_split": "training", "format": "text"}})
+    assert [f for f, _ in split_problems(no_train.data)] == ["data.train_split"]
+
+
+def test_an_eval_that_is_the_training_records_is_refused(tmp_path):
+    from pipelines.preflight import split_problems
+
+    _splits_dir(tmp_path)
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(10)))
+    same_file = validate({"data": {"train": str(p), "eval": str(p), "format": "text"}})
+    same_split = validate(
+        {"data": {"train": str(tmp_path / "dd"), "eval": str(tmp_path / "dd"), "eval_split": "train", "format": "text"}}
+    )
+    for spec in (same_file, same_split):
+        assert [f for f, _ in split_problems(spec.data)] == ["data.eval"]
+        with pytest.raises(D.DataError, match="data.eval: evaluates on .*the records data.train trains on"):
+            D.train_eval_records(spec.data, seed=0)
