@@ -42,6 +42,10 @@ from serving.fidelity import difference, record_of, served_record
 from serving.metrics import ServeMetrics, prometheus_text
 from serving.tenants import Tenant, identify, may_use, read_key, tenant
 
+#: A request that fails midway, by the backend's event kind: its HTTP status and error type. A stream sends
+#: the same as an error chunk after its 200 headers, and is counted with this status.
+FAILED = {"adapter_error": (424, "adapter_error"), "error": (500, "server_error"), "timeout": (504, "timeout_error")}
+
 api = FastAPI(title="raypeft serve", description="OpenAI-compatible multi-adapter serving")
 
 
@@ -471,8 +475,11 @@ class LoraServer:
             events = self._events(reqs, events, labels, started)
             if body.stream:
                 include_usage = body.stream_options is not None and body.stream_options.include_usage
-                sse = self._sse(reqs, events, meta, chat, n_prompt, include_usage)
-                return StreamingResponse(self._counted(sse, reqs, labels, started), media_type="text/event-stream")
+                outcome: dict[str, int] = {}  # the status of an error that ends the stream, set by _sse
+                sse = self._sse(reqs, events, meta, chat, n_prompt, include_usage, outcome)
+                return StreamingResponse(
+                    self._counted(sse, reqs, labels, started, outcome), media_type="text/event-stream"
+                )
             answer = await self._answer(body, chat, reqs, events, meta, n_prompt)
         except HttpError as e:
             self.stats.answered(labels, e.status, started, 0)
@@ -480,12 +487,14 @@ class LoraServer:
         self.stats.answered(labels, 200, started, answer["usage"]["completion_tokens"])
         return answer
 
-    async def _counted(self, sse, reqs, labels: dict[str, str], started: float):
+    async def _counted(self, sse, reqs, labels: dict[str, str], started: float, outcome: dict[str, int]):
+        """Count a stream when it ends: 200, the status of the error it ended with (a 504, 500 or 424 sent as
+        an SSE error chunk, after the 200 headers), or 499 if the client left first."""
         status = 499  # the client went away before the stream ended (nginx's code)
         try:
             async for chunk in sse:
                 yield chunk
-            status = 200
+            status = outcome.get("status", 200)
         finally:
             self.stats.answered(labels, status, started, sum(len(r.out_ids) for r in reqs))
 
@@ -511,6 +520,13 @@ class LoraServer:
         except Exception:  # noqa: BLE001 - a malformed name is simply unknown
             return "unknown"
 
+    def _failure(self, kind: str, value: str) -> HttpError:
+        """The HTTP error of a request that failed midway: streamed or not, the same status and type."""
+        status, type_ = FAILED[kind]
+        if kind == "timeout":
+            value = f"request did not finish within {self.spec.limits.request_timeout_s}s"
+        return HttpError(status, value, type_)
+
     async def _answer(self, body: _Body, chat: bool, reqs, events, meta, n_prompt: int) -> dict[str, Any]:
         text: list[list[str]] = [[] for _ in reqs]
         reason: list[str | None] = [None for _ in reqs]
@@ -522,14 +538,8 @@ class LoraServer:
                 lps[i].extend(value)
             elif kind == "done":
                 reason[i] = value
-            elif kind == "adapter_error":
-                raise HttpError(424, value, "adapter_error")
-            elif kind == "error":
-                raise HttpError(500, value, "server_error")
-            elif kind == "timeout":
-                raise HttpError(
-                    504, f"request did not finish within {self.spec.limits.request_timeout_s}s", "timeout_error"
-                )
+            elif kind in FAILED:
+                raise self._failure(kind, value)
         asked = body.top_logprobs_asked() is not None
         choices = [
             {
@@ -555,7 +565,7 @@ class LoraServer:
             "system_fingerprint": self._version(reqs[0].adapter),
         }
 
-    async def _sse(self, reqs, events, meta, chat: bool, n_prompt: int, include_usage: bool):
+    async def _sse(self, reqs, events, meta, chat: bool, n_prompt: int, include_usage: bool, outcome: dict):
         obj = "chat.completion.chunk" if chat else "text_completion"
         extra = {"usage": None} if include_usage else {}
 
@@ -582,7 +592,9 @@ class LoraServer:
             elif kind == "done":
                 yield chunk(i, None, value)
             else:
-                yield f"data: {json.dumps({'error': {'message': value, 'type': kind}})}\n\n"
+                e = self._failure(kind, value)
+                outcome.setdefault("status", e.status)
+                yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind, 'code': e.status}})}\n\n"
         if include_usage:  # the final chunk OpenAI sends with stream_options.include_usage: no choices
             final = {**meta, "object": obj, "choices": [], "usage": self._usage(reqs, n_prompt)}
             yield f"data: {json.dumps(final)}\n\n"

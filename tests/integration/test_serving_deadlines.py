@@ -128,3 +128,41 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
             break
         time.sleep(0.5)
     assert statuses.get("499") == 1, statuses  # a stream that had ended by itself would count 200
+
+
+def _request_counts(export: str, adapter: str = "tiny") -> dict[str, float]:
+    """status → requests counted for ``adapter`` in Ray's metrics export (summed over replicas)."""
+    import requests
+
+    counts: dict[str, float] = {}
+    for line in requests.get(export, timeout=10).text.splitlines():
+        if line.startswith("ray_raypeft_adapter_requests_total{") and f'adapter="{adapter}"' in line:
+            status = line.split('status="', 1)[1].split('"', 1)[0]
+            counts[status] = counts.get(status, 0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_a_stream_that_times_out_ends_with_a_504_chunk_and_is_counted_as_504(server):
+    """The 200 headers are sent before the failure; the stream then carries the error (code 504) and
+    [DONE], and the request metric records 504, not 200."""
+    import json
+
+    import requests
+
+    server, export = server
+    before = _request_counts(export)
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": LONG, "stream": True}
+    r = requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=120)
+    assert r.status_code == 200, r.text
+    lines = [x for x in r.iter_lines() if x.startswith(b"data: ")]
+    assert lines[-1] == b"data: [DONE]"
+    err = json.loads(lines[-2][len(b"data: ") :])["error"]
+    assert err["code"] == 504 and err["type"] == "timeout_error" and f"{TIMEOUT_S}s" in err["message"], err
+    deadline, after = time.time() + 60, before
+    while time.time() < deadline:
+        after = _request_counts(export)
+        if after.get("504", 0) > before.get("504", 0):
+            break
+        time.sleep(0.5)
+    assert after.get("504", 0) == before.get("504", 0) + 1, (before, after)
+    assert after.get("200", 0) == before.get("200", 0), (before, after)  # not counted as served
