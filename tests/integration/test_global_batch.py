@@ -1,10 +1,12 @@
 """The loss is normalized over the whole global batch: one optimizer step over the same 8 examples moves the
 adapter the same way, to 1e-5, whether it runs as 1 worker × 4 micro-steps, 2 workers × 2 or 4 workers × 1,
-under torch DDP and DeepSpeed ZeRO. Real process groups (gloo), real engines; SGD with lr 1 and no clipping,
-so the weights' change is the gradient itself. No Ray: the worker processes are this test's own."""
+under torch DDP and DeepSpeed ZeRO-1, 2 and 3, on the default padding-free rows and on padded rows. Real
+process groups (gloo), real engines; SGD with lr 1 and no clipping, so the weights' change is the gradient
+itself. No Ray: the worker processes are this test's own."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -33,13 +35,15 @@ def _data(path: Path) -> Path:
     return path
 
 
-def _worker(rank: int, world: int, accum: int, strategy: str, port: int, model_dir: str, data: str, out: str):
+def _worker(
+    rank: int, world: int, accum: int, strategy: str, padded: bool, port: int, model_dir: str, data: str, out: str
+):
     import torch.distributed as dist
 
     from pipelines import data as D
     from pipelines import methods
     from pipelines.engines import build_engine, deepspeed_setup
-    from pipelines.loop import accumulate
+    from pipelines.loop import accumulate, batch_layout
     from pipelines.loss import label_tokens
     from pipelines.models import load_base
 
@@ -67,14 +71,20 @@ def _worker(rank: int, world: int, accum: int, strategy: str, port: int, model_d
     trainable = {n: p for n, p in prepared.model.named_parameters() if p.requires_grad}
     prepared = replace(prepared, optimizer=torch.optim.SGD(list(trainable.values()), lr=1.0))
     engine = build_engine(spec, prepared, rank, world, cpu, ds)
-    before = {n: p.detach().clone() for n, p in trainable.items()}
+    whole = getattr(engine, "gather", contextlib.nullcontext)  # ZeRO-3 partitions the weights: gather on all ranks
+    with whole():
+        before = {n: p.detach().clone() for n, p in trainable.items()}
     examples = D.encode_all(D.load_records(data), spec.data, tok)
     sharder = D.Sharder(len(examples), MICRO, world, rank, spec.train.seed)
-    batches = [D.collate([examples[i] for i in sharder.indices(m)], tok.pad_token_id) for m in range(accum)]
+    layout = (False, False) if padded else batch_layout(spec, prepared.model)[:2]  # the run's own default
+    assert padded or layout[0], "the default layout of this run is padding-free"
+    batches = [D.collate([examples[i] for i in sharder.indices(m)], tok.pad_token_id, *layout) for m in range(accum)]
     loss, tokens = accumulate(engine, batches, world, cpu)
     engine.finish_step(0)
+    with whole():
+        after = {n: p.detach().clone() for n, p in trainable.items()}
     if rank == 0:
-        delta = {n: (p.detach() - before[n]) for n, p in trainable.items()}
+        delta = {n: after[n] - before[n] for n in trainable}
         counts = [label_tokens(b["labels"]) for b in batches]
         torch.save({"delta": delta, "counts": counts, "loss": loss, "tokens": tokens}, out)
     dist.barrier()
@@ -84,11 +94,11 @@ def _worker(rank: int, world: int, accum: int, strategy: str, port: int, model_d
     os._exit(0)
 
 
-def _step(tmp_path, tiny_model_dir, data, world: int, accum: int, strategy: str) -> dict:
+def _step(tmp_path, tiny_model_dir, data, world: int, accum: int, strategy: str, padded: bool = False) -> dict:
     import torch.multiprocessing as mp
 
-    out = tmp_path / f"{strategy}-{world}x{accum}.pt"
-    args = (world, accum, strategy, free_port(), str(tiny_model_dir), str(data), str(out))
+    out = tmp_path / f"{strategy}-{world}x{accum}{'-padded' if padded else ''}.pt"
+    args = (world, accum, strategy, padded, free_port(), str(tiny_model_dir), str(data), str(out))
     mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method="spawn")
     return torch.load(out, weights_only=False)
 
@@ -96,11 +106,18 @@ def _step(tmp_path, tiny_model_dir, data, world: int, accum: int, strategy: str)
 @pytest.mark.slow
 def test_one_step_is_the_same_for_every_split_of_the_global_batch(tiny_model_dir, tmp_path):
     data = _data(tmp_path / "d.jsonl")
-    ref = _step(tmp_path, tiny_model_dir, data, 1, 4, "ddp")
-    assert len(set(ref["counts"])) > 1, ref["counts"]  # the micro-batches differ: a per-micro mean would not match
-    assert any(float(d.abs().max()) > 1e-4 for d in ref["delta"].values())
-    for world, accum, strategy in [(2, 2, "ddp"), (4, 1, "ddp"), (2, 2, "zero2")]:
-        got = _step(tmp_path, tiny_model_dir, data, world, accum, strategy)
-        assert got["delta"].keys() == ref["delta"].keys()
-        for k, d in ref["delta"].items():
-            torch.testing.assert_close(got["delta"][k], d, rtol=1e-5, atol=1e-7, msg=f"{strategy} {world}×{accum}: {k}")
+    splits = {
+        False: [(2, 2, "ddp"), (4, 1, "ddp"), (2, 2, "zero1"), (2, 2, "zero2"), (2, 2, "zero3")],  # padding-free
+        True: [(2, 2, "zero3")],  # padded rows: ZeRO-3's micro-step on the other layout
+    }
+    for padded, runs in splits.items():
+        ref = _step(tmp_path, tiny_model_dir, data, 1, 4, "ddp", padded)
+        assert len(set(ref["counts"])) > 1, ref["counts"]  # the micro-batches differ: a per-micro mean would not match
+        assert any(float(d.abs().max()) > 1e-4 for d in ref["delta"].values())
+        for world, accum, strategy in runs:
+            got = _step(tmp_path, tiny_model_dir, data, world, accum, strategy, padded)
+            assert got["delta"].keys() == ref["delta"].keys()
+            for k, d in ref["delta"].items():
+                torch.testing.assert_close(
+                    got["delta"][k], d, rtol=1e-5, atol=1e-7, msg=f"{strategy} {world}×{accum} padded={padded}: {k}"
+                )
