@@ -6,9 +6,11 @@ worker memory with a large dataset, the first step on a warm cache, and packing 
 1. A deterministic synthetic chat dataset of ``--records`` records (JSONL) is written once.
 2. **Preparation**, each run in a fresh process, sides alternating, ``--repeats`` times:
    - ``raypeft``: ``pipelines.prepare.prepare`` on a local Ray cluster of all cores, cold cache
-     (Ray's start-up is not timed; hashing the file, tokenizing and writing the shards are);
+     (timed: Ray's start, as ``hf_map``'s worker pool's start is timed, hashing the file, tokenizing and
+     writing the shards);
    - ``hf_map``: ``datasets.load_dataset("json")`` + ``.map(batched=True, num_proc=<cores>)`` with the
-     same formatting function (``data.encode_batch``) and tokenizer, writing its Arrow cache;
+     same formatting function (``data.encode_ids``) and tokenizer, writing its Arrow cache of what
+     raypeft stores (the ids and the prompt's length, no labels column);
    - ``in_worker``: the pre-Ray-Data path (``train_eval_records`` + ``encode_all``, one thread) on the
      first ``--subset`` records, scaled linearly to ``--records``.
 3. **Worker memory**: a 2-step ``raypeft train`` job (1 worker, SmolLM2, batch 8, ``max_length`` 160) on
@@ -116,10 +118,10 @@ def side_raypeft(a: dict) -> dict:
     from pipelines.models import load_tokenizer, resolve_base
     from pipelines.prepare import prepare
 
-    init_ray(num_cpus=os.cpu_count(), include_dashboard=False)
     spec = job_spec(a["data"], a["storage"], a["home"])
     load_tokenizer(resolve_base(spec.model, log=lambda *_: None))  # loaded before the clock, as hf_map's is
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # Ray's start is timed, as hf_map's worker pool's is
+    init_ray(num_cpus=os.cpu_count(), include_dashboard=False)
     p = prepare(spec, log=lambda *_: None)
     wall = time.perf_counter() - t0
     ray.shutdown()
@@ -135,10 +137,10 @@ def side_hf_map(a: dict) -> dict:
     datasets.disable_progress_bars()
     tok = load_tokenizer(resolve_base(job_spec(a["data"], a["storage"], a["home"]).model, log=lambda *_: None))
 
-    def fn(batch):
+    def fn(batch):  # what preparation stores: the ids and the prompt's length (no labels column)
         records = [{"messages": m} for m in batch["messages"]]
-        enc = D.encode_batch(records, "chat", tok, 160)
-        return {"input_ids": [e["input_ids"] for e in enc], "labels": [e["labels"] for e in enc]}
+        enc = D.encode_ids(records, "chat", tok, 160)
+        return {"input_ids": [ids for ids, _ in enc], "masked": [m for _, m in enc]}
 
     t0 = time.perf_counter()
     ds = datasets.load_dataset("json", data_files=a["data"], split="train", cache_dir=a["storage"])
@@ -311,6 +313,7 @@ def main(argv=None) -> int:
         help="skip the preparation sides: reuse their figures from this JSON file (written by an earlier run "
         "into --out as prep.json) and a large run's warm cache",
     )
+    p.add_argument("--prep-only", action="store_true", help="run the preparation sides only, then end")
     p.add_argument("--side", help=argparse.SUPPRESS)
     p.add_argument("--args", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -356,6 +359,10 @@ def main(argv=None) -> int:
             print(f"prep {side:9s} repeat {r + 1}: {wall:8.1f}s" + (" (scaled)" if side == "in_worker" else ""))
     for side, xs in prep.items():
         print(f"prep {side:9s} {spread(xs)} s")
+    if a.prep_only:
+        ratio = statistics.median(prep["raypeft"]) / statistics.median(prep["hf_map"])
+        print(json.dumps({"prep_over_hf_map": round(ratio, 3), "records": a.records, "prep_s": prep}))
+        return 0
 
     if not a.prep_from:
         large_store = fresh("large")
