@@ -317,3 +317,34 @@ def test_racing_pairs_from_two_processes_with_stalls_leave_the_alias_on_the_best
     assert record["alias_right"] == 3, record
     assert record["moves"] >= 1 and record["history_complete"] and record["history_entries"] == record["moves"]
     assert record["leases_left"] == 0
+
+
+def test_a_promotion_that_never_gets_to_move_leaves_the_versions_tags_as_they_were(tmp_path):
+    """The alias moves during every one of the candidate's evaluations (another promotion keeps winning):
+    after max_rounds nothing moved, the version carries no verdict for the alias, and each promotion run
+    records the verdict and that the move did not happen."""
+    from mlflow import MlflowClient
+
+    from pipelines import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "adapter_config.json").write_text("{}")
+    for v in ("1", "2", "3", "4"):
+        tracking.register_directory(uri, str(files), "mover", f"v{v}", {"v": v})
+    c = MlflowClient(uri, registry_uri=uri)
+    c.set_registered_model_alias("mover", "champion", "1")
+    others = iter(["2", "3", "4"])
+
+    def evaluate(gate, uris, _uri):  # meanwhile, someone else moves the alias
+        c.set_registered_model_alias("mover", "champion", next(others))
+        return {k: {"eval_loss": 0.1 if k == "candidate" else 0.9} for k in uris}
+
+    result = registry.promote(uri, "mover", "4", "champion", registry.Gate(), log=lambda *_: None,
+                              evaluate=evaluate, max_rounds=2)  # fmt: skip
+    assert not result["moved"] and result["status"] == "passed" and "kept moving" in result["reasons"][0]
+    assert not any(k.startswith("validation.") for k in c.get_model_version("mover", "4").tags)
+    runs = c.search_runs([c.get_experiment_by_name(registry.PROMOTIONS_EXPERIMENT).experiment_id])
+    assert len(runs) == 2 and all(r.data.tags["raypeft.outcome"].startswith("not moved") for r in runs)
+    assert registry.holder(uri, "mover", "champion") == "3"
