@@ -39,7 +39,7 @@ def _tiny_setup(home: str) -> tuple[str, str]:
 
 
 def asha(args) -> dict:
-    from tuning.spec import validate
+    from pipelines.tunespec import validate
     from tuning.sweep import sweep
 
     home = tempfile.mkdtemp(prefix="bench-tune-")
@@ -128,9 +128,9 @@ def _lw_raw(steps: int, trials: int = 15, short_steps: int = 6) -> dict:
 
 def _plan_raw(raw: dict, layers, fields: dict) -> dict:
     """The benchmark job with ``layers`` as its base and adapter (uniform: a plain QLoRA-style job)."""
+    from pipelines.tunespec import trial_raw
     from tuning import layerwise as L
     from tuning.search import ALL_TARGETS
-    from tuning.spec import trial_raw
 
     if L.is_uniform(layers):  # one quantization, one rank
         ((bits, rank),) = set(layers)
@@ -173,9 +173,9 @@ def layerwise(args) -> dict:
     import dataclasses
 
     from cluster.memory import describe
+    from pipelines.tunespec import validate
     from tuning import layerwise as L
     from tuning.search import ALL_TARGETS, plan_memory, search
-    from tuning.spec import validate
 
     home = tempfile.mkdtemp(prefix="bench-layerwise-")
     os.environ["RAYPEFT_HOME"] = home

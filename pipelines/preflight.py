@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines.specbase import quote
 from pipelines.targets import target_matches
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -269,6 +270,8 @@ def load_checked_spec(path, overrides=(), check_urls: bool = True) -> JobSpec:
 
     spec = load_spec(path, overrides, check_urls=check_urls)
     problems = architecture_problems(spec) + split_problems(spec.data)
+    if not problems:
+        problems = sample_problems(spec)
     if problems:
         raise SpecError(problems)
     for warning in data_warnings(spec):
@@ -304,6 +307,75 @@ def split_problems(data, max_json_bytes: int = 64 << 20) -> list[tuple[str, str]
     if same:
         problems.append(("data.eval", same))
     return problems
+
+
+SAMPLE_RECORDS = 64
+
+
+def sample_problems(spec: JobSpec, n: int = SAMPLE_RECORDS) -> list[tuple[str, str]]:
+    """Before Ray: the first ``n`` records of each local source, read by the reader ``prepare`` uses and
+    formatted and tokenized as it will: an empty source, a record that is not JSON or does not match
+    ``data.format`` (unless ``data.skip_invalid``), and a sample none of whose records keeps a completion
+    token within ``data.max_length``. The full pass on Ray Data still checks every record. URLs, builtin
+    datasets and a base whose tokenizer cannot be loaded here are left to it."""
+    from pipelines import data as D
+    from pipelines.prepare import eval_source, plan_chunks, read_chunk
+
+    d = spec.data
+    sources = [("data.train", d.train, "train", d.train_split)]
+    if d.eval is not None:
+        sources.append(("data.eval", eval_source(spec), "eval", d.eval_split))
+    local = [x for x in sources if "://" not in x[1] and not x[1].startswith("builtin:")]
+    if not local:
+        return []
+    try:
+        from pipelines.models import load_tokenizer, resolve_base
+
+        tok = load_tokenizer(resolve_base(spec.model, lambda *_: None), spec.model.revision)
+    except Exception:  # noqa: BLE001 - a hub id without network, an unusable base: prepare reports it
+        return []
+    out: list[tuple[str, str]] = []
+    for where_, source, role, name in local:
+        try:
+            chunks = plan_chunks(source, role, 1024, name)
+        except D.DataError as e:
+            out.append(tuple(str(e).split(": ", 1)))  # a missing split: named by its own setting
+            continue
+        except Exception:  # noqa: BLE001 - unreadable: the full pass names it with its position
+            continue
+        sample: list[tuple[str, object]] = []
+        for where, rec in read_chunk(chunks[0]):
+            if rec is not None:
+                sample.append((where, rec))
+            if len(sample) == n:
+                break
+        if not sample:
+            if len(chunks) == 1:
+                out.append((where_, f"has no records (got {quote(source)})"))
+            continue
+        usable, bad = 0, None
+        for where, rec in sample:
+            if isinstance(rec, D.DataError):
+                bad = bad or (where, str(rec))
+                continue
+            try:
+                ids, masked = D.encode_ids([rec], d.format, tok, d.max_length)[0]
+            except D.FormatError as e:
+                bad = bad or (where, str(e))
+                continue
+            usable += len(ids) > masked
+        if bad and not d.skip_invalid:
+            where, why = bad
+            out.append((where_, f"{where}: {why}; fix it or set data.skip_invalid (got {quote(source)})"))
+        elif usable == 0:
+            out.append(
+                (
+                    "data.max_length",
+                    f"none of the first {len(sample)} records of {where_} keeps a completion token within "
+                    f"{d.max_length} tokens: raise it, or check data.format (got {d.max_length})",
+                )
+            )
+    return out
 
 
 def data_warnings(spec: JobSpec, max_bytes: int = 256 << 20) -> list[str]:

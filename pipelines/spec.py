@@ -10,8 +10,9 @@ depend on other fields (the effective quantization of a QLoRA job, say) are
 Each field's description is its one and only documentation: ``raypeft train
 --help``, ``raypeft spec`` and the docs' spec reference are generated from it.
 
-The ``tune`` section is read only by ``raypeft tune`` / ``raypeft layerwise``, which validate
-it with ``tuning.spec`` (``TunedJobSpec``); here it is an opaque mapping.
+The ``tune`` section is run only by ``raypeft tune`` / ``raypeft layerwise``; here it is an opaque
+mapping. A spec *file* is one document, though: ``load_spec`` validates a ``tune`` section with
+``pipelines.tunespec`` (``TunedJobSpec``) whichever command reads the file, ``raypeft train`` included.
 
 This module imports neither Ray nor torch, so validation is instant.
 """
@@ -22,7 +23,9 @@ import copy
 import functools
 import json
 import os
+import posixpath
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -298,8 +301,8 @@ class JobSpec(Section):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow tracking and registry.")
     tune: dict[str, Any] = Field(
         default_factory=dict,
-        description="Ray Tune sweep (`raypeft tune`) and layerwise search (`raypeft layerwise`): validated by those "
-        "commands (see the tune fields below); `raypeft train` does not read it.",
+        description="Ray Tune sweep (`raypeft tune`) and layerwise search (`raypeft layerwise`), validated by every "
+        "command that reads the file (see the tune fields below); `raypeft train` validates it but does not run it.",
     )
 
     # ---- derived values (never written back into the spec) ----
@@ -390,8 +393,19 @@ def validate(raw: dict[str, Any], base_dir: str | os.PathLike | None = None, che
 
 
 def load_spec(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), check_urls: bool = True) -> JobSpec:
-    """Read, override, resolve local paths (``resolve_paths``) and validate a job spec file. See ``validate``."""
-    return load_file(path, overrides, lambda raw: validate(resolve_paths(raw), check_urls=check_urls))
+    """Read, override, resolve local paths (``resolve_paths``) and validate a job spec file, ``tune`` section
+    included (``validate_document``)."""
+    return load_file(path, overrides, lambda raw: validate_document(resolve_paths(raw), check_urls=check_urls))
+
+
+def validate_document(raw: dict[str, Any], base_dir=None, check_urls: bool = True) -> JobSpec:
+    """``validate``, and when the document has a ``tune`` section, that section too: the result is then a
+    ``pipelines.tunespec.TunedJobSpec`` (a ``JobSpec``), so no section of a file goes unchecked."""
+    if isinstance(raw, dict) and raw.get("tune"):
+        from pipelines.tunespec import validate as validate_tuned  # builds on this module: imported late
+
+        return validate_tuned(raw, base_dir, check_urls=check_urls)
+    return validate(raw, base_dir, check_urls)
 
 
 PATH_FIELDS = (("data", "train"), ("data", "eval"), ("model", "base"), ("checkpoint", "storage"))
@@ -424,6 +438,64 @@ def resolve_paths(raw: dict[str, Any], base_dir: str | os.PathLike | None = None
 # --------------------------------------------------------------------------- semantic checks
 
 
+DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
+MAX_PATH_CHARS = 4096
+MAX_STORE_NAME = 256  # MLflow's SQL stores keep experiment and registered-model names in 256 characters
+
+
+def _path_value_problems(spec: JobSpec) -> list[Problem]:
+    """Each path field as a value: not blank, no NUL or control character, not absurdly long, and a local
+    ``checkpoint.storage`` that is a directory (or can become one), not a file."""
+    out: list[Problem] = []
+    fields = (
+        ("model.base", spec.model.base),
+        ("data.train", spec.data.train),
+        ("data.eval", spec.data.eval),
+        ("checkpoint.storage", spec.checkpoint.storage),
+    )
+    for field, value in fields:
+        if value is None:
+            continue
+        if not value.strip():
+            out.append((field, f"must not be empty or blank (got {quote(value)})"))
+        elif any(ord(c) < 32 or ord(c) == 127 for c in value):
+            out.append((field, f"has a NUL or control character (got {quote(value)})"))
+        elif len(value) > MAX_PATH_CHARS:
+            out.append((field, f"is longer than {MAX_PATH_CHARS} characters (got {quote(value)})"))
+    storage = spec.checkpoint.storage
+    if storage and "://" not in storage and not any(f == "checkpoint.storage" for f, _ in out):
+        p = Path(os.path.expanduser(storage))
+        if p.is_file():
+            out.append(("checkpoint.storage", f"is a file; checkpoints need a directory (got {quote(storage)})"))
+    return out
+
+
+def _name_problems(spec: JobSpec) -> list[Problem]:
+    """Names as MLflow's stores take them: within ``MAX_STORE_NAME`` characters, no control characters, and a
+    registered-model name with no '/' or ':' and no path segments ('..', a leading '/'), as MLflow's own
+    ``_validate_model_name`` requires (a unit test checks the two agree)."""
+    out: list[Problem] = []
+    for field, value in (("tracking.experiment", spec.tracking.experiment), ("tracking.registered_model",
+                                                                            spec.tracking.registered_model)):  # fmt: skip
+        if value is None:
+            continue
+        if len(value) > MAX_STORE_NAME:
+            out.append((field, f"is longer than the {MAX_STORE_NAME} characters MLflow stores (got {quote(value)})"))
+        elif any(ord(c) < 32 or ord(c) == 127 for c in value):
+            out.append((field, f"has a control character (got {quote(value)})"))
+    name = spec.tracking.registered_model
+    if name and name.strip() and not any(f == "tracking.registered_model" for f, _ in out):
+        norm = posixpath.normpath(name)
+        if "/" in name or ":" in name or norm != name or norm == "." or norm.startswith(".."):
+            out.append(
+                (
+                    "tracking.registered_model",
+                    f"must not contain '/' or ':', or be a path segment like '.' or '..' (got {quote(name)})",
+                )
+            )
+    return out
+
+
 def _data_source_problem(field: str, value: str, base_dir: Path, check_urls: bool = True) -> tuple[str, str] | None:
     if value.startswith("builtin:"):
         from pipelines.datasets import BUILTIN
@@ -439,6 +511,11 @@ def _data_source_problem(field: str, value: str, base_dir: Path, check_urls: boo
         return field, f"file or directory not found (got {quote(value)})"
     if p.is_file() and p.suffix not in (".jsonl", ".json", ".parquet"):
         return field, f"unsupported data file type {p.suffix!r}; use .jsonl, .json or .parquet (got {quote(value)})"
+    if p.is_dir() and not any((p / m).is_file() for m in DATASET_MARKERS):
+        return field, (
+            "is a directory but not a dataset saved by datasets.save_to_disk (no "
+            f"{', '.join(DATASET_MARKERS)}); point it at a .jsonl, .json or .parquet file or a saved dataset (got {quote(value)})"
+        )
     return None
 
 
@@ -475,10 +552,16 @@ def semantic_problems(
 
     base = Path(base_dir or os.getcwd())
     problems: list[tuple[str, str]] = []
+    bad_paths = _path_value_problems(spec)
+    problems += bad_paths
+    problems += _name_problems(spec)
+    bad = {f for f, _ in bad_paths}
 
     m = spec.model
-    if m.base not in BUILTIN_BASES and (
-        m.base.startswith((".", "/", "~")) or os.sep in m.base and Path(m.base).exists()
+    if (
+        "model.base" not in bad
+        and m.base not in BUILTIN_BASES
+        and (m.base.startswith((".", "/", "~")) or os.sep in m.base and Path(m.base).exists())
     ):
         path = Path(os.path.expanduser(m.base))
         if not path.is_absolute():
@@ -493,7 +576,7 @@ def semantic_problems(
     problems += _plan_problems(spec)
 
     for field, value in (("data.train", spec.data.train), ("data.eval", spec.data.eval)):
-        if value is not None:
+        if value is not None and field not in bad:
             p = _data_source_problem(field, value, base, check_urls)
             if p:
                 problems.append(p)
@@ -538,7 +621,11 @@ def semantic_problems(
         )
 
     uri = spec.tracking.tracking_uri
-    if uri is not None and not uri.startswith(
+    if uri is not None and uri.startswith(("http://", "https://")) and not urllib.parse.urlsplit(uri).hostname:
+        problems.append(
+            ("tracking.tracking_uri", f"an HTTP tracking URI needs a host, as in http://host:5000 (got {quote(uri)})")
+        )
+    elif uri is not None and not uri.startswith(
         ("sqlite:///", "http://", "https://", "postgresql", "mysql", "databricks")
     ):
         problems.append(
@@ -672,7 +759,7 @@ def _scaling_problems(spec: JobSpec) -> list[tuple[str, str]]:
 
 def field_reference(model: type[BaseModel] | None = None) -> list[tuple[str, str, str]]:
     """(dotted field, default, description) of every field of ``model`` (default: the job spec).
-    ``tuning.spec.TunedJobSpec`` gives the tune fields too."""
+    ``pipelines.tunespec.TunedJobSpec`` gives the tune fields too."""
     return _field_reference(model or JobSpec)
 
 

@@ -15,7 +15,7 @@ import traceback
 
 def _spec_help() -> str:
     from pipelines.spec import field_reference
-    from tuning.spec import TunedJobSpec
+    from pipelines.tunespec import TunedJobSpec
 
     rows = field_reference(TunedJobSpec)
     width = max(len(f) for f, _, _ in rows)
@@ -26,7 +26,7 @@ def _spec_help() -> str:
 
 def spec_reference(args) -> int:
     from pipelines.spec import reference_markdown
-    from tuning.spec import TunedJobSpec
+    from pipelines.tunespec import TunedJobSpec
 
     print(reference_markdown(TunedJobSpec) if args.markdown else _spec_help())
     return 0

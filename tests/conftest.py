@@ -95,7 +95,7 @@ def tiny_spec(model_dir: Path, data: Path, **sections):
     """A validated JobSpec for the tiny model; ``sections`` override whole-section dicts. With a ``tune``
     section it is a ``TunedJobSpec`` (what ``raypeft tune`` / ``raypeft layerwise`` run)."""
     if "tune" in sections:
-        from tuning.spec import validate
+        from pipelines.tunespec import validate
     else:
         from pipelines.spec import validate
 

@@ -24,7 +24,7 @@ SPEC_HEADER = """# Job spec reference
 
 Every field of a job spec, its default and its meaning, generated from the schema
 (`pipelines/spec.py`; the `tune.*` fields, read by `raypeft tune` and `raypeft layerwise`, from
-`tuning/spec.py`), and a test keeps it in sync. `raypeft spec --markdown` and the end of
+`pipelines/tunespec.py`), and a test keeps it in sync. `raypeft spec --markdown` and the end of
 `raypeft train --help` print the same descriptions. Override any field on the command line as
 `section.field=value` (see [Training](../training.md)).
 
@@ -83,7 +83,7 @@ def _env(**values: str):
 def _job_spec_model():
     """The job spec with its ``tune`` section expanded into fields, when the tuning package has one."""
     try:
-        from tuning.spec import TunedJobSpec
+        from pipelines.tunespec import TunedJobSpec
     except ImportError:  # reference_markdown's default: the job spec alone
         return None
     return TunedJobSpec

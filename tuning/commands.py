@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from pipelines.spec import SpecError
-from tuning.spec import load
+from pipelines.tunespec import load
 
 
 def validate(args) -> int:

@@ -21,8 +21,8 @@ from ray import tune
 
 from cluster.memory import Plan, describe
 from pipelines.spec import JobSpec, SpecError, validate
+from pipelines.tunespec import TunedJobSpec, trial_raw, with_tune
 from tuning import layerwise as L
-from tuning.spec import TunedJobSpec, trial_raw, with_tune
 from tuning.sweep import PENALTY, metric_batch, run_trials
 
 ALL_TARGETS = Plan.targets  # every linear of a decoder layer

@@ -3,7 +3,7 @@
 Each trial is one training-pipeline run: a Tune function trial (the Train V2 pattern) builds the job's
 ``TorchTrainer`` for its sampled spec and runs it with ``TuneReportCallback``, so every eval the workers
 report reaches the scheduler, which stops weak trials early. Concurrency is capped at what the cluster
-holds (``tuning.spec.concurrency``), so trials never wait on placement groups that cannot be placed.
+holds (``pipelines.tunespec.concurrency``), so trials never wait on placement groups that cannot be placed.
 
 MLflow: one parent run for the sweep and one child run per trial, all written by *this* process (a
 Tune callback on the driver), so the SQLite default never sees concurrent writers. The best trial's
@@ -23,7 +23,7 @@ from typing import Any
 from ray import tune
 
 from pipelines.spec import JobSpec, resolve_paths, validate
-from tuning.spec import TunedJobSpec, concurrency, trial_raw
+from pipelines.tunespec import TunedJobSpec, concurrency, trial_raw
 
 DRIVER_CPU = 0.01  # the Tune trial process only waits on its TorchTrainer; Train's workers hold the real resources
 PENALTY = 1e3  # the metric reported by a trial that was not trained (plan over budget)

@@ -286,3 +286,27 @@ def test_reference_markdown_has_a_row_for_every_field():
     for line in rows:
         assert line.count("|") == 5, f"a description's '|' would break the table: {line}"
         assert not line.endswith("|  |"), f"field without a description: {line}"
+
+
+@pytest.mark.parametrize(
+    "name", ["adapter", "team.adapter-v2", "a b", "../x", "x/../y", "/abs", "a/b", "a:b", "./x", "x/", ".", "..x"]
+)
+def test_registered_model_names_are_refused_exactly_when_mlflow_would_refuse_them(name):
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(name)
+        mlflow_refuses = False
+    except MlflowException:
+        mlflow_refuses = True
+    problems = [f for f, _ in semantic_problems_of({"tracking": {"registered_model": name}})]
+    assert ("tracking.registered_model" in problems) == mlflow_refuses, (name, problems)
+
+
+def semantic_problems_of(raw: dict) -> list[tuple[str, str]]:
+    try:
+        validate(raw)
+    except SpecError as e:
+        return e.problems
+    return []

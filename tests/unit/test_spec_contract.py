@@ -30,6 +30,9 @@ CLASSES = {  # one corpus file per class of problem
     "non-linear target": "target_regex_norms_only",
     "DeepSpeed would reject": "deepspeed_unknown_nested_key",
     "no plan": "qlora_plan_quantizes_nothing",
+    "a path as a value": "data_train_nul",
+    "a name the registry refuses": "registered_model_traversal",
+    "the whole document": "tune_unknown_key_under_train",
 }
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from cluster.memory import Shape, layerwise_estimate, linear_bytes
 from pipelines.spec import SpecError, pattern_bits
+from pipelines.tunespec import concurrency, trial_raw, validate
 from tuning import layerwise as L
-from tuning.spec import concurrency, trial_raw, validate
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -1,4 +1,5 @@
-"""The ``tune`` section of a job spec: a Ray Tune sweep and the layerwise bit-width × rank search.
+"""The ``tune`` section of a job spec: a Ray Tune sweep and the layerwise bit-width × rank search. Every command
+that reads a spec file validates it (``pipelines.spec.validate_document``); ``tuning`` runs it.
 
 Pure: no Ray, no torch. The sweep's search space names spec fields by their dotted path::
 
@@ -155,7 +156,7 @@ def trial_raw(raw: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def space_problems(raw: dict[str, Any], tune: TuneSpec, base_dir=None) -> list[Problem]:
+def space_problems(raw: dict[str, Any], tune: TuneSpec, base_dir=None, check_urls: bool = True) -> list[Problem]:
     """Problems with the sweep: malformed domains, and values the job spec would refuse."""
     from pipelines.spec import validate as validate_job
 
@@ -181,7 +182,7 @@ def space_problems(raw: dict[str, Any], tune: TuneSpec, base_dir=None) -> list[P
     seen: set[tuple[str, str]] = set()
     for config in checks:
         try:
-            validate_job(trial_raw(raw, config), base_dir)
+            validate_job(trial_raw(raw, config), base_dir, check_urls)
         except SpecError as e:
             for field, msg in e.problems:
                 key = (field, msg)
@@ -201,18 +202,18 @@ class TunedJobSpec(JobSpec):
 
     tune: TuneSpec = Field(
         default_factory=TuneSpec,
-        description="Ray Tune sweep (`raypeft tune`) and layerwise search (`raypeft layerwise`); `raypeft train` does not read it.",
+        description="Ray Tune sweep (`raypeft tune`) and layerwise search (`raypeft layerwise`); `raypeft train` validates it but does not run it.",
     )
 
 
-def tune_problems(spec: TunedJobSpec, base_dir=None) -> list[Problem]:
+def tune_problems(spec: TunedJobSpec, base_dir=None, check_urls: bool = True) -> list[Problem]:
     """The job's own cross-field checks, plus the sweep's and the layerwise search's."""
     from cluster.memory import parse_bytes
 
-    out = semantic_problems(spec, base_dir)
+    out = semantic_problems(spec, base_dir, check_urls)
     tune = spec.tune
     if tune.space:
-        out += space_problems(spec.model_dump(mode="json", exclude={"tune"}), tune, base_dir)
+        out += space_problems(spec.model_dump(mode="json", exclude={"tune"}), tune, base_dir, check_urls)
         if tune.scheduler != "fifo" and not spec.train.eval_every:
             out.append(
                 (
@@ -233,9 +234,9 @@ def tune_problems(spec: TunedJobSpec, base_dir=None) -> list[Problem]:
     return out
 
 
-def validate(raw: dict[str, Any], base_dir=None) -> TunedJobSpec:
+def validate(raw: dict[str, Any], base_dir=None, check_urls: bool = True) -> TunedJobSpec:
     """Validate a job spec with its ``tune`` section (``SpecError`` listing every problem)."""
-    return validate_spec(TunedJobSpec, raw, lambda spec: tune_problems(spec, base_dir))
+    return validate_spec(TunedJobSpec, raw, lambda spec: tune_problems(spec, base_dir, check_urls))
 
 
 def load(path, overrides=()) -> TunedJobSpec:
