@@ -313,11 +313,12 @@ SAMPLE_RECORDS = 64
 
 
 def sample_problems(spec: JobSpec, n: int = SAMPLE_RECORDS) -> list[tuple[str, str]]:
-    """Before Ray: the first ``n`` records of each local source, read by the reader ``prepare`` uses and
-    formatted and tokenized as it will: an empty source, a record that is not JSON or does not match
-    ``data.format`` (unless ``data.skip_invalid``), and a sample none of whose records keeps a completion
-    token within ``data.max_length``. The full pass on Ray Data still checks every record. URLs, builtin
-    datasets and a base whose tokenizer cannot be loaded here are left to it."""
+    """Before Ray: a local base's tokenizer, loaded as the workers load it, and the first ``n`` records of
+    each local source, read by the reader ``prepare`` uses and formatted and tokenized as it will: an
+    empty source, a record that is not JSON or does not match ``data.format`` (unless
+    ``data.skip_invalid``), and a sample none of whose records keeps a completion token within
+    ``data.max_length``. The full pass on Ray Data still checks every record. URLs, builtin datasets and a
+    hub base that cannot be reached from here are left to the job."""
     from pipelines import data as D
     from pipelines.prepare import eval_source, plan_chunks, read_chunk
 
@@ -326,13 +327,17 @@ def sample_problems(spec: JobSpec, n: int = SAMPLE_RECORDS) -> list[tuple[str, s
     if d.eval is not None:
         sources.append(("data.eval", eval_source(spec), "eval", d.eval_split))
     local = [x for x in sources if "://" not in x[1] and not x[1].startswith("builtin:")]
-    if not local:
+    base_dir = Path(os.path.expanduser(spec.model.base)).is_dir()
+    if not local and not base_dir:
         return []
     try:
         from pipelines.models import load_tokenizer, resolve_base
 
         tok = load_tokenizer(resolve_base(spec.model, lambda *_: None), spec.model.revision)
-    except Exception:  # noqa: BLE001 - a hub id without network, an unusable base: prepare reports it
+    except Exception as e:  # noqa: BLE001 - a local base the workers could not load either: say so now
+        if base_dir:  # (a hub id without network is left to the workers, which may reach the hub)
+            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            return [("model.base", f"its tokenizer cannot be loaded ({why}) (got {quote(spec.model.base)})")]
         return []
     out: list[tuple[str, str]] = []
     for where_, source, role, name in local:
