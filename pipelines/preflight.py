@@ -320,7 +320,7 @@ def sample_problems(spec: JobSpec, n: int = SAMPLE_RECORDS) -> list[tuple[str, s
     ``data.max_length``. The full pass on Ray Data still checks every record. URLs, builtin datasets and a
     hub base that cannot be reached from here are left to the job."""
     from pipelines import data as D
-    from pipelines.prepare import eval_source, plan_chunks, read_chunk
+    from pipelines.prepare import _global_where, eval_source, plan_chunks, read_chunk
 
     d = spec.data
     sources = [("data.train", d.train, "train", d.train_split)]
@@ -369,9 +369,15 @@ def sample_problems(spec: JobSpec, n: int = SAMPLE_RECORDS) -> list[tuple[str, s
                 bad = bad or (where, str(e))
                 continue
             usable += len(ids) > masked
-        if bad and not d.skip_invalid:
+        if bad and not d.skip_invalid:  # worded as the full pass words it, with the record's place in the file
             where, why = bad
-            out.append((where_, f"{where}: {why}; fix it or set data.skip_invalid (got {quote(source)})"))
+            out.append(
+                (
+                    where_,
+                    f"bad record(s): {_global_where(chunks[0], where, 0)}: {why}; fix the data or set "
+                    f"data.skip_invalid: true to skip such records (got {quote(source)})",
+                )
+            )
         elif usable == 0:
             out.append(
                 (
