@@ -208,12 +208,37 @@ class Lease:
             self.c.delete_model_version(self.lock, self.ticket)
 
 
+ANCHOR_TAG = "raypeft.lease_anchor"
+
+
+def _ticket_source(c, uri: str, lock: str, what: str) -> dict[str, str]:
+    """The lease model (created the first time) and what its tickets name as their source. A tracking server
+    registers a version only with a source it can resolve, and a ticket has no artifacts of its own: there,
+    the lease's own LoggedModel, made once and kept in a tag (two first-timers racing may each make one;
+    either serves). A database store takes any string."""
+    try:
+        c.create_registered_model(lock, description=f"raypeft's promotion lease of {what}: one version per ticket")
+    except Exception as e:  # noqa: BLE001 - created by an earlier lease: the expected case
+        if getattr(e, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+            raise
+    if not uri.startswith(("http://", "https://")):
+        return {"source": f"raypeft-lease:{lock}"}
+    anchor = (c.get_registered_model(lock).tags or {}).get(ANCHOR_TAG)
+    if not anchor:
+        from pipelines.tracking import experiment_id
+
+        anchor = c.create_logged_model(experiment_id(uri, PROMOTIONS_EXPERIMENT), name="raypeft-lease").model_id
+        c.set_registered_model_tag(lock, ANCHOR_TAG, anchor)
+    return {"source": f"models:/{anchor}", "model_id": anchor}
+
+
 @contextlib.contextmanager
 def alias_lease(uri: str, name: str, alias: str, ttl_s: float = 60.0, wait_s: float = 300.0, log=print):
     """Hold ``name@alias`` exclusively across processes and machines, through the tracking server itself.
 
-    A ticket is a new version of the registered model ``raypeft-lease.NAME.ALIAS``: the store gives each
-    version a unique, increasing number in one transaction, so taking a ticket is atomic. The lowest ticket
+    A ticket is a new version of the registered model ``raypeft-lease.NAME.ALIAS`` (its source: the lease's
+    source: ``_ticket_source``): the store gives each version a unique, increasing number in one
+    transaction, so taking a ticket is atomic. The lowest ticket
     holds the lease; the others wait in order. Every ticket's heartbeat bumps a tag every ``ttl_s / 4``;
     a waiter that sees a ticket ahead of it not beat for ``ttl_s`` of its own clock deletes it (its holder
     died or stalled), so no two machines' clocks are ever compared. The holder deletes its own ticket on
@@ -221,16 +246,9 @@ def alias_lease(uri: str, name: str, alias: str, ttl_s: float = 60.0, wait_s: fl
     """
     c = _client(uri)
     lock = lease_model(name, alias)
-    try:
-        c.create_registered_model(
-            lock, description=f"raypeft's promotion lease of {name}@{alias}: one version per ticket"
-        )
-    except Exception as e:  # noqa: BLE001 - created by an earlier lease: the expected case
-        if getattr(e, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
-            raise
+    source = _ticket_source(c, uri, lock, f"{name}@{alias}")
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    v = c.create_model_version(lock, source=f"raypeft-lease:{owner}", tags={"owner": owner, "beat": "0"},
-                               await_creation_for=0)  # fmt: skip
+    v = c.create_model_version(lock, **source, tags={"owner": owner, "beat": "0"}, await_creation_for=0)
     lease = Lease(c, lock, str(v.version), owner, ttl_s / 4)
     seen: dict[str, tuple[str | None, float]] = {}  # ticket → (its last beat, when this process saw it change)
     deadline = time.monotonic() + wait_s
