@@ -24,12 +24,6 @@ from pipelines.spec import JobSpec, SpecError
 
 JOB_STATE = "raypeft_job.json"
 
-#: How often Ray Train's controller polls its workers, unless ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` is set.
-#: Ray's default of 2 s idles through polls at the start and end of every run: a tiny 8-step job's
-#: ``fit()`` took 16.8-18.9 s at 2 s and 12.7-12.9 s at 0.2 s (2 CPUs, 2026-12-04), and a reported
-#: checkpoint is registered sooner. A poll is one status call per worker.
-HEALTH_CHECK_INTERVAL_S = "0.2"
-
 
 def storage_dir(spec: JobSpec) -> str:
     from pipelines.tracking import raypeft_home
@@ -90,8 +84,6 @@ def make_trainer(spec: JobSpec, loop_config: dict[str, Any], run_name: str, stor
     from cluster.connect import mlflow_runtime_env
     from pipelines.loop import train_worker
 
-    # Ray Train copies this variable from the driver's environment to its controller and workers
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
     sc = spec.scaling
     return TorchTrainer(
         train_worker,

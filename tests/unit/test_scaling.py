@@ -1,8 +1,6 @@
-"""Strategies and batching: the derived DeepSpeed config, overrides, and the global batch. No Ray cluster starts."""
+"""Strategies and batching: the derived DeepSpeed config, overrides, and the global batch. Pure, no Ray."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 
@@ -117,23 +115,3 @@ def test_global_batch_is_the_same_whatever_the_worker_count(workers):
 def test_workers_see_disjoint_shards():
     shards = [set(Sharder(64, 4, 2, r, seed=0).indices(3)) for r in range(2)]
     assert shards[0].isdisjoint(shards[1]) and all(len(s) == 4 for s in shards)
-
-
-@pytest.mark.parametrize("user_value", [None, "1.5"])
-def test_the_trainer_polls_its_workers_every_fifth_of_a_second_unless_the_user_chose(
-    user_value, tiny_model_dir, chat_data, monkeypatch
-):
-    """Ray Train's 2 s default idles 4-6 s at the start and end of every run; a user's own setting wins."""
-    from pipelines.train import HEALTH_CHECK_INTERVAL_S, make_trainer
-    from tests.conftest import tiny_spec
-
-    var = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-    monkeypatch.delenv(var, raising=False)
-    if user_value:
-        monkeypatch.setenv(var, user_value)
-    trainer = make_trainer(tiny_spec(tiny_model_dir, chat_data), {}, "hc", "/tmp/raypeft-hc")
-    assert type(trainer).__name__ == "TorchTrainer"
-    assert os.environ[var] == (user_value or HEALTH_CHECK_INTERVAL_S) and float(HEALTH_CHECK_INTERVAL_S) == 0.2
-    from ray.train.v2._internal.constants import get_env_vars_to_propagate
-
-    assert get_env_vars_to_propagate()[var] == os.environ[var]  # what the controller and workers receive
