@@ -76,6 +76,14 @@ def pick_split(splits, name: str, source: str, field: str):
     )
 
 
+def check_split(source: str, name: str, field: str) -> None:
+    """``pick_split``'s rule applied to a source's split names alone (no records read): a ``DataError`` when
+    ``source`` has named splits and none is ``name``."""
+    names = split_names(source)
+    if names is not None:
+        pick_split(dict.fromkeys(names), name, source, field)
+
+
 def eval_is_train_problem(data: DataSpec) -> str | None:
     """``data.eval`` naming the very records ``data.train`` trains on (the same source and split, or the same
     file of plain records): the job would report eval figures on its training data."""

@@ -279,6 +279,12 @@ def load_checked_spec(path, overrides=(), check_urls: bool = True) -> JobSpec:
     return spec
 
 
+def _as_problem(e: Exception) -> tuple[str, str]:
+    """A ``DataError`` worded ``FIELD: message`` as a spec problem."""
+    field, _, message = str(e).partition(": ")
+    return field, message
+
+
 def split_problems(data, max_json_bytes: int = 64 << 20) -> list[tuple[str, str]]:
     """Before Ray: a named split its source lacks (``data.train_split``/``data.eval_split``), and a
     ``data.eval`` that is the training records. A JSON file over ``max_json_bytes`` is left to ``prepare``."""
@@ -295,14 +301,11 @@ def split_problems(data, max_json_bytes: int = 64 << 20) -> list[tuple[str, str]
         if p.suffix == ".json" and p.is_file() and p.stat().st_size > max_json_bytes:
             continue
         try:
-            names = D.split_names(source)
+            D.check_split(source, name, where)
+        except D.DataError as e:
+            problems.append(_as_problem(e))
         except (OSError, ValueError):  # unreadable or not JSON: the data checks name it
             continue
-        if names is not None and name not in names:
-            try:
-                D.pick_split(dict.fromkeys(names), name, source, where)
-            except D.DataError as e:  # "data.eval_split: data.eval '…' has the splits …"
-                problems.append(tuple(str(e).split(": ", 1)))
     same = D.eval_is_train_problem(data)
     if same:
         problems.append(("data.eval", same))
@@ -343,8 +346,8 @@ def sample_problems(spec: JobSpec, n: int = SAMPLE_RECORDS) -> list[tuple[str, s
     for where_, source, role, name in local:
         try:
             chunks = plan_chunks(source, role, 1024, name)
-        except D.DataError as e:
-            out.append(tuple(str(e).split(": ", 1)))  # a missing split: named by its own setting
+        except D.DataError as e:  # a missing split: named by its own setting
+            out.append(_as_problem(e))
             continue
         except Exception:  # noqa: BLE001 - unreadable: the full pass names it with its position
             continue

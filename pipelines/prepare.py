@@ -82,9 +82,8 @@ def plan_chunks(source: str, split: str, target_chunks: int, name: str | None = 
     path = os.path.expanduser(D.resolve_source(source, split))
     kind = _kind(path)
     base = {"split": split, "name": name or split, "kind": kind, "path": path}
-    names = D.split_names(path) if kind in ("arrow", "json") else None
-    if names is not None:
-        D.pick_split(dict.fromkeys(names), base["name"], source, _field(split))
+    if kind in ("arrow", "json"):
+        D.check_split(source, base["name"], _field(split))
     if kind == "jsonl":
         size = _size(path)
         step = max(MIN_CHUNK_BYTES, min(CHUNK_BYTES, -(-size // max(1, target_chunks))))

@@ -443,6 +443,11 @@ MAX_PATH_CHARS = 4096
 MAX_STORE_NAME = 256  # MLflow's SQL stores keep experiment and registered-model names in 256 characters
 
 
+def _has_control(value: str) -> bool:
+    """A NUL or another ASCII control character: never part of a path or a name."""
+    return any(ord(c) < 32 or ord(c) == 127 for c in value)
+
+
 def _path_value_problems(spec: JobSpec) -> list[Problem]:
     """Each path field as a value: not blank, no NUL or control character, not absurdly long, and a local
     ``checkpoint.storage`` that is a directory (or can become one), not a file."""
@@ -458,7 +463,7 @@ def _path_value_problems(spec: JobSpec) -> list[Problem]:
             continue
         if not value.strip():
             out.append((field, f"must not be empty or blank (got {quote(value)})"))
-        elif any(ord(c) < 32 or ord(c) == 127 for c in value):
+        elif _has_control(value):
             out.append((field, f"has a NUL or control character (got {quote(value)})"))
         elif len(value) > MAX_PATH_CHARS:
             out.append((field, f"is longer than {MAX_PATH_CHARS} characters (got {quote(value)})"))
@@ -481,7 +486,7 @@ def _name_problems(spec: JobSpec) -> list[Problem]:
             continue
         if len(value) > MAX_STORE_NAME:
             out.append((field, f"is longer than the {MAX_STORE_NAME} characters MLflow stores (got {quote(value)})"))
-        elif any(ord(c) < 32 or ord(c) == 127 for c in value):
+        elif _has_control(value):
             out.append((field, f"has a control character (got {quote(value)})"))
     name = spec.tracking.registered_model
     if name and name.strip() and not any(f == "tracking.registered_model" for f, _ in out):
