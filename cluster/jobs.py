@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +38,54 @@ def client(addr: str | None = None):
     return JobSubmissionClient(address(addr))
 
 
-def entrypoint(spec_path: str, overrides: list[str], working_dir: str) -> str:
-    """``python -m pipelines.train SPEC k=v ...`` with SPEC relative to the working dir it ships with."""
+# The job's interpreter. Ray runs an entrypoint with /bin/sh and the head's PATH, so `python` there may be a
+# system one without raypeft (a head started as `.venv/bin/ray start` without activating the venv). The
+# Python that Ray runs its own workers with is the one that has Ray, and raypeft beside it: the raylet names
+# it in its `--python_worker_command`, and the raylet is an ancestor of the job's shell (shell → JobSupervisor
+# → raylet). RAYPEFT_JOB_PYTHON (`raypeft submit --python`) overrides it; `python` on PATH is the fallback
+# where /proc can't be read.
+_FIND_PYTHON = (
+    "p=$PPID; py=; "
+    'while [ -z "$py" ] && [ "${p:-0}" -gt 1 ]; do '
+    "py=$(tr '\\0' '\\n' </proc/$p/cmdline 2>/dev/null | sed -n 's/^--python_worker_command=\\([^ ]*\\).*/\\1/p'); "
+    "p=$(cut -d' ' -f4 /proc/$p/stat 2>/dev/null); done; "
+)
+
+# Run by that interpreter before anything of raypeft's is imported, so it must be plain Python 3: checks
+# that what the job needs imports there, then runs the module as `python -m` would.
+NEEDS = ("ray", "torch", "transformers", "peft", "mlflow", "pipelines")
+_CHECK = (
+    "import importlib.util as u, runpy, sys\n"
+    f"lack = [n for n in {NEEDS!r} if u.find_spec(n) is None]\n"
+    "if lack:\n"
+    "    sys.stderr.write('raypeft: the job\\'s interpreter %s (Python %s) lacks %s, so it cannot run the job. '\n"
+    "        'Fix: start the Ray head from the environment raypeft is installed in (activate it, or run its '\n"
+    "        'bin/ray start), or name that Python with raypeft submit --python PATH (RAYPEFT_JOB_PYTHON)\\n'\n"
+    "        % (sys.executable, sys.version.split()[0], ', '.join(lack)))\n"
+    "    sys.exit(2)\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
+)
+
+
+def command(spec_path: str, overrides: list[str], working_dir: str) -> list[str]:
+    """``pipelines.train SPEC k=v ...``, with SPEC relative to the working dir it ships with."""
     rel = os.path.relpath(Path(spec_path).resolve(), Path(working_dir).resolve())
     if rel.startswith(".."):
         raise ValueError(
             f"the spec must be inside the working dir that is shipped to the cluster ({working_dir}); got {spec_path!r}"
         )
-    return " ".join(shlex.quote(a) for a in ["python", "-m", "pipelines.train", rel, *overrides])
+    return ["pipelines.train", rel, *overrides]
+
+
+def entrypoint(spec_path: str, overrides: list[str], working_dir: str) -> str:
+    """A shell command that runs ``python -m pipelines.train SPEC k=v ...`` with the cluster's own Python
+    (see ``_FIND_PYTHON``), after checking that it has what the job imports."""
+    args = " ".join(shlex.quote(a) for a in ["-c", _CHECK, *command(spec_path, overrides, working_dir)])
+    return _FIND_PYTHON + f'exec "${{RAYPEFT_JOB_PYTHON:-${{py:-python}}}}" {args}'
+
+
+AGENT_WAIT_S = 60  # how long a submit waits for a just-started head's job agent
 
 
 def submit(
@@ -54,20 +95,39 @@ def submit(
     working_dir: str = ".",
     env: dict[str, str] | None = None,
     job_id: str | None = None,
+    python: str | None = None,
+    say=print,
 ) -> str:
-    """Submit a training job; returns the submission id."""
+    """Submit a training job; returns the submission id. ``python`` names the job's interpreter on the
+    cluster (default: the one Ray runs its workers with). A head started seconds ago answers "No available
+    agent to submit job" until its job agent is up: that is retried for ``AGENT_WAIT_S``, saying so once."""
     env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **(env or {})}
     for key in ("MLFLOW_TRACKING_URI", *MLFLOW_CLIENT_ENV, "RAYPEFT_HOME"):
         if key in os.environ and key not in env_vars:
             env_vars[key] = os.environ[key]
+    if python:
+        env_vars["RAYPEFT_JOB_PYTHON"] = python
     runtime_env = {
         "working_dir": str(Path(working_dir).resolve()),
         "excludes": [".venv", ".git", "**/__pycache__", "mlruns", "*.db", "methods-compare"],
         "env_vars": env_vars,
     }
-    return client(addr).submit_job(
-        entrypoint=entrypoint(spec_path, overrides, working_dir), runtime_env=runtime_env, submission_id=job_id
-    )
+    c = client(addr)
+    deadline, said = time.monotonic() + AGENT_WAIT_S, False
+    while True:
+        try:
+            return c.submit_job(
+                entrypoint=entrypoint(spec_path, overrides, working_dir), runtime_env=runtime_env, submission_id=job_id
+            )
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            if not said:
+                say(
+                    f"[raypeft] {address(addr)}: no job agent up yet (a head just started?); retrying for {AGENT_WAIT_S} s"
+                )
+                said = True
+            time.sleep(1)
 
 
 def follow(job_id: str, addr: str | None = None, out=print) -> str:

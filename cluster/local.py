@@ -40,12 +40,14 @@ def head_env(token: str, **extra) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _own_group(cmd: list[str], token: str, temp: str) -> Iterator[tuple[subprocess.Popen, Path]]:
+def _own_group(cmd: list[str], token: str, temp: str, **env) -> Iterator[tuple[subprocess.Popen, Path]]:
     """Run ``cmd`` (a ``ray start --block``) in a process group of its own, logging to ``temp``; on exit
     signal that group only (TERM, then KILL for anything left) and remove ``temp``."""
     log_path = Path(temp) / "ray-start.log"
     log = open(log_path, "wb")  # noqa: SIM115 - open for the process's lifetime
-    proc = subprocess.Popen(cmd, env=head_env(token), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=head_env(token, **env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         yield proc, log_path
     finally:
@@ -63,14 +65,15 @@ def _own_group(cmd: list[str], token: str, temp: str) -> Iterator[tuple[subproce
 
 
 @contextlib.contextmanager
-def ray_start_head(token: str, num_cpus: int, dashboard: bool = True) -> Iterator[str]:
-    """Yields the dashboard URL once the job server answers (or the GCS address without a dashboard)."""
-    with ray_head(token, num_cpus, dashboard) as (gcs, url):
+def ray_start_head(token: str, num_cpus: int, dashboard: bool = True, **env) -> Iterator[str]:
+    """Yields the dashboard URL once the job server answers (or the GCS address without a dashboard). ``env``
+    adds to or replaces the head's environment (e.g. a ``PATH``)."""
+    with ray_head(token, num_cpus, dashboard, **env) as (gcs, url):
         yield url if dashboard else gcs
 
 
 @contextlib.contextmanager
-def ray_head(token: str, num_cpus: int, dashboard: bool = True) -> Iterator[tuple[str, str | None]]:
+def ray_head(token: str, num_cpus: int, dashboard: bool = True, **env) -> Iterator[tuple[str, str | None]]:
     """``ray_start_head``, yielding both the GCS address (what a driver's ``RAY_ADDRESS`` names) and the
     dashboard URL (None without one)."""
     import requests
@@ -83,7 +86,7 @@ def ray_head(token: str, num_cpus: int, dashboard: bool = True) -> Iterator[tupl
         f"--dashboard-port={port}", f"--ray-client-server-port={free_port()}",
         f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp}", "--disable-usage-stats",
     ]  # fmt: skip
-    with _own_group(cmd, token, temp) as (head, log_path):
+    with _own_group(cmd, token, temp, **env) as (head, log_path):
         url = f"http://127.0.0.1:{port}" if dashboard else f"127.0.0.1:{gcs}"
         for _ in range(120):  # the job server comes up a little after the head
             assert head.poll() is None, log_path.read_text(errors="replace")[-3000:]

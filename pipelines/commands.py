@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from functools import partial
 
 from pipelines.specbase import UserError
 
@@ -214,11 +215,18 @@ def submit(args) -> int:
     # job's own driver, which runs where the cluster's credentials are
     spec = load_checked_spec(args.spec, args.overrides, check_urls=False)
     try:
-        entry = jobs.entrypoint(args.spec, args.overrides, args.working_dir)
+        cmd = jobs.command(args.spec, args.overrides, args.working_dir)  # the spec must travel with the working dir
     except ValueError as e:
         raise UserError(str(e)) from None
-    job_id = jobs.submit(args.spec, args.overrides, args.address, args.working_dir, job_id=args.job_id)
-    print(f"[raypeft] submitted {spec.name!r} as {job_id} to {jobs.address(args.address)}: {entry}", file=sys.stderr)
+    say = partial(print, file=sys.stderr)
+    try:
+        job_id = jobs.submit(
+            args.spec, args.overrides, args.address, args.working_dir, job_id=args.job_id, python=args.python, say=say
+        )
+    except ConnectionError as e:  # no dashboard there: the cluster's state, not bad input
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    say(f"[raypeft] submitted {spec.name!r} as {job_id} to {jobs.address(args.address)}: python -m {' '.join(cmd)}")
     if not args.follow:
         print(json.dumps({"job_id": job_id, "address": jobs.address(args.address)}))
         return 0

@@ -94,6 +94,7 @@ COMMANDS = [
         ADDRESS,
         ("--working-dir", "folder shipped to the workers (default: . = the repo)", {"default": "."}),
         ("--job-id", "submission id (default: generated)", {}),
+        ("--python", "the job's interpreter on the cluster (default: the Python Ray runs its workers with)", {}),
         ("--follow", "stream the job's logs until it ends; exit 1 unless it succeeded", {"action": "store_true"}),
     ]),
     ("status", "cluster.jobs:status_command", "jobs, Serve applications and resources of a Ray cluster", None, [

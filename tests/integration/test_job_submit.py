@@ -33,6 +33,19 @@ def ray_head():
         yield url
 
 
+@pytest.fixture(scope="module")
+def unactivated_head(tmp_path_factory):
+    """A head started as `.venv/bin/ray start --head` without activating the venv: the `python` on its PATH
+    is another one, without raypeft (a bare venv here, standing in for the system's)."""
+    import venv
+
+    bare = tmp_path_factory.mktemp("bare-python")
+    venv.create(bare, with_pip=False, symlinks=True)
+    path = os.pathsep.join([str(bare / "bin"), *(d for d in os.environ["PATH"].split(os.pathsep) if d != str(BIN))])
+    with ray_start_head(TOKEN, num_cpus=2, PATH=path) as url:
+        yield url, str(bare / "bin" / "python")
+
+
 def _last_json(text: str) -> dict:
     for line in reversed(text.splitlines()):
         line = line.strip()
@@ -166,8 +179,10 @@ def _rmdir_if_empty(d: Path) -> None:
         pass
 
 
-def test_raypeft_submit_follows_to_success_and_status_lists_it(ray_head, tmp_path, tiny_model_dir, chat_data):
-    """`raypeft submit --follow` against the real head: validated locally, shipped, run, followed to SUCCEEDED."""
+def test_raypeft_submit_follows_to_success_and_status_lists_it(unactivated_head, tmp_path, tiny_model_dir, chat_data):
+    """`raypeft submit --follow` against the real head: validated locally, shipped, run in the Python Ray runs
+    its workers with although `python` on the head's PATH lacks raypeft, followed to SUCCEEDED."""
+    ray_head, _ = unactivated_head
     spec = {
         "name": "via-raypeft-submit",
         "model": {"base": str(tiny_model_dir)},
@@ -225,6 +240,24 @@ def test_raypeft_submit_follows_to_success_and_status_lists_it(ray_head, tmp_pat
     status = json.loads(st.stdout)
     assert any(j["id"] == "raypeft-submit-test" and j["status"] == "SUCCEEDED" for j in status["jobs"])
     assert status["resources"]["CPU"]["total"] == 2
+
+
+def test_raypeft_submit_to_an_interpreter_without_raypeft_fails_at_once_naming_it(unactivated_head, tmp_path):
+    """`--python` naming a Python that lacks raypeft's dependencies: the job ends before any import of
+    raypeft, with one message that names the interpreter, what it lacks and the fix."""
+    ray_head, bare = unactivated_head
+    env = _env(RAYPEFT_HOME=str(tmp_path / "home"))
+    proc = subprocess.run(
+        [str(BIN / "raypeft"), "submit", "pipelines/configs/demo.yaml", "--address", ray_head, "--follow",
+         "--python", bare],
+        env=env, capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["status"] == "FAILED"
+    assert f"the job's interpreter {bare} (Python " in proc.stdout
+    assert "lacks ray, torch, transformers, peft, mlflow" in proc.stdout and "--python PATH" in proc.stdout
+    assert "Traceback" not in proc.stdout
+    assert not (tmp_path / "home").exists()  # nothing of a run was started
 
 
 def test_raypeft_submit_rejects_a_bad_spec_before_the_cluster(tmp_path):
