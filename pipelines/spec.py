@@ -25,6 +25,7 @@ import json
 import os
 import posixpath
 import re
+import tempfile
 import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -422,7 +423,9 @@ def resolve_paths(raw: dict[str, Any], base_dir: str | os.PathLike | None = None
     for section, key in PATH_FIELDS:
         node = out.get(section)
         value = node.get(key) if isinstance(node, dict) else None
-        if not isinstance(value, str) or not value or "://" in value or value.startswith("builtin:"):
+        if not isinstance(value, str) or not value.strip() or _has_control(value) or "://" in value:
+            continue  # a blank or control-character path is refused as it is, not resolved
+        if value.startswith("builtin:"):
             continue
         if (section, key) == ("model", "base") and value in BUILTIN_BASES:
             continue
@@ -469,10 +472,29 @@ def _path_value_problems(spec: JobSpec) -> list[Problem]:
             out.append((field, f"is longer than {MAX_PATH_CHARS} characters (got {quote(value)})"))
     storage = spec.checkpoint.storage
     if storage and "://" not in storage and not any(f == "checkpoint.storage" for f, _ in out):
-        p = Path(os.path.expanduser(storage))
-        if p.is_file():
-            out.append(("checkpoint.storage", f"is a file; checkpoints need a directory (got {quote(storage)})"))
+        problem = _storage_problem(Path(os.path.expanduser(storage)))
+        if problem:
+            out.append(("checkpoint.storage", f"{problem} (got {quote(storage)})"))
     return out
+
+
+def _storage_problem(p: Path) -> str | None:
+    """A local checkpoint location the driver can't use: not a directory, or one where no directory can be
+    made. Where it doesn't exist yet, its nearest existing parent is tried: a directory is made there and
+    removed at once (permissions alone don't say it: root may write anywhere but in /proc)."""
+    if p.exists():
+        if not p.is_dir():
+            return "is not a directory; checkpoints need one"
+        where = p
+    else:
+        where = next((a for a in p.parents if a.exists()), Path("/"))
+        if not where.is_dir():
+            return f"can't be made: {where} is not a directory"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".raypeft-check-", dir=where))
+    except OSError as e:
+        return f"is not writable: can't make a directory in {where} ({e.strerror})"
+    return None
 
 
 def _name_problems(spec: JobSpec) -> list[Problem]:
@@ -484,7 +506,9 @@ def _name_problems(spec: JobSpec) -> list[Problem]:
                                                                             spec.tracking.registered_model)):  # fmt: skip
         if value is None:
             continue
-        if len(value) > MAX_STORE_NAME:
+        if not value.strip():
+            out.append((field, f"must not be empty or blank (got {quote(value)})"))
+        elif len(value) > MAX_STORE_NAME:
             out.append((field, f"is longer than the {MAX_STORE_NAME} characters MLflow stores (got {quote(value)})"))
         elif _has_control(value):
             out.append((field, f"has a control character (got {quote(value)})"))
@@ -563,15 +587,11 @@ def semantic_problems(
     bad = {f for f, _ in bad_paths}
 
     m = spec.model
-    if (
-        "model.base" not in bad
-        and m.base not in BUILTIN_BASES
-        and (m.base.startswith((".", "/", "~")) or os.sep in m.base and Path(m.base).exists())
-    ):
-        path = Path(os.path.expanduser(m.base))
-        if not path.is_absolute():
-            path = base / path
-        if not (path / "config.json").is_file():
+    local = base / os.path.expanduser(m.base) if "model.base" not in bad else None
+    if local is not None and m.base not in BUILTIN_BASES and (m.base.startswith((".", "/", "~")) or local.exists()):
+        if local.exists() and not local.is_dir():  # a hub id never names a local file
+            problems.append(("model.base", f"is a file, not a model directory (got {quote(m.base)})"))
+        elif not (local / "config.json").is_file():
             problems.append(("model.base", f"local model directory has no config.json (got {quote(m.base)})"))
 
     targets = _target_problems(spec)

@@ -136,3 +136,77 @@ def test_every_field_refuses_a_value_of_the_wrong_shape_naming_it(field, value):
         )
     else:
         raise AssertionError(f"{field}={value!r} was accepted")
+
+
+# --------------------------------------------------------------------------- paths and names as values
+
+PATHS = ("model.base", "data.train", "data.eval", "checkpoint.storage")
+NAMES = ("name", "tracking.experiment", "tracking.registered_model")
+CONTROL = st.sampled_from([chr(i) for i in range(32)] + ["\x7f"])
+TEXT = st.text(st.characters(min_codepoint=33, max_codepoint=0x2FF, exclude_characters="/\\:"), max_size=12)
+# each class of bad string, and the fields it is bad for (a '..' path to nowhere is a fine storage location,
+# and MLflow takes any experiment name that is not blank)
+BAD_STRINGS = {
+    "empty or blank": (PATHS + NAMES, st.text(alphabet=" \t\n\r", max_size=4)),
+    "a NUL or control character": (PATHS + NAMES, st.builds("{}{}{}".format, TEXT, CONTROL, TEXT)),
+    "very long": (PATHS, st.integers(4097, 9000).map(lambda n: "/" + "p" * (n - 1))),
+    "a very long name": (NAMES, st.integers(257, 2000).map(lambda n: "n" * n)),
+    "'..' segments to nowhere": (
+        ("model.base", "data.train", "data.eval", "name", "tracking.registered_model"),
+        st.builds(lambda k, s: "../" * k + "raypeft-nowhere-" + s + ".jsonl", st.integers(1, 8), TEXT),
+    ),
+    "a file where a directory belongs": (
+        ("model.base", "checkpoint.storage"),
+        st.sampled_from(["pyproject.toml", "README.md", "/dev/null", "pipelines/configs/demo.yaml"]),
+    ),
+    "a directory where a file belongs": (("data.train", "data.eval"), st.sampled_from(["pipelines", "/tmp", "."])),
+}
+CASES = st.sampled_from(sorted(BAD_STRINGS)).flatmap(
+    lambda c: st.tuples(st.just(c), st.sampled_from(BAD_STRINGS[c][0]), BAD_STRINGS[c][1])
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=CASES)
+def test_every_path_and_name_field_refuses_each_class_of_bad_string_naming_the_field(case):
+    from pipelines.spec import validate_document
+
+    what, field, value = case
+    with pytest.raises(SpecError) as e:
+        validate_document(_set(DEMO, field, value), base_dir=REPO)
+    assert field in [f for f, _ in e.value.problems], (what, field, value, e.value.problems)
+
+
+def _one_of_each(what: str, tmp_path: Path) -> dict[str, str]:
+    """A value of class ``what`` for every field it is bad for (drawn once, by hand, for the subprocess)."""
+    fields, _ = BAD_STRINGS[what]
+    value = {
+        "empty or blank": " ",
+        "a NUL or control character": "bad\x01value",
+        "very long": "/" + "p" * 5000,
+        "a very long name": "n" * 300,
+        "'..' segments to nowhere": "../../raypeft-nowhere.jsonl",
+        "a file where a directory belongs": str(REPO / "pyproject.toml"),
+        "a directory where a file belongs": str(tmp_path),
+    }[what]
+    return dict.fromkeys(fields, value)
+
+
+@pytest.mark.parametrize("what", sorted(BAD_STRINGS))
+def test_each_class_of_bad_string_through_the_real_cli_exits_2_naming_every_field(what, tmp_path):
+    raw = DEMO
+    bad = _one_of_each(what, tmp_path)
+    for field, value in bad.items():
+        raw = _set(raw, field, value)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "RAYPEFT_HOME": str(tmp_path / "home"), "RAY_TMPDIR": str(tmp_path / "ray")}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [str(BIN / "raypeft"), "train", str(path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for field in bad:
+        assert f"- {field}: " in proc.stderr, (field, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "home").exists() and not (tmp_path / "ray").exists()
