@@ -33,6 +33,9 @@ CLASSES = {  # one corpus file per class of problem
     "a path as a value": "data_train_nul",
     "a name the registry refuses": "registered_model_traversal",
     "the whole document": "tune_unknown_key_under_train",
+    "a tracking URI with no host": "tracking_uri_no_host",
+    "records that don't match data.format": "data_records_do_not_match_format",
+    "a base whose tokenizer won't load": "model_base_tokenizer_unusable",
 }
 
 
