@@ -6,13 +6,16 @@
 ``asha``: the same 12-point grid (learning rate × rank) runs twice, once to completion (FIFO) and once
 under ASHA; prints the best eval loss of each, their ratio, and the training steps each spent.
 
-``layerwise``: on SmolLM2-135M with the shipped json_extract task, the budget is what uniform 4-bit rank 8
-needs: by default its training peak (``--memory peak``: weights, adapter, its gradients and AdamW states,
-and the activations of a full micro batch), or weights + adapter + its states only (``--memory weights``,
-QR-Adaptor's measure). The search chooses on training seed 0, so its own eval loss is biased in its
-favour; a non-uniform choice, the uniform baseline, and the uniform baseline with gradient checkpointing (the
-standard QLoRA recipe) are then retrained on fresh seeds (``--seeds``, default 1 2 3), compared seed by seed,
-and their peaks are measured in fresh processes (``benchmarks.memory``). Every figure is in MiB.
+``layerwise``: on SmolLM2-135M with the shipped json_extract task, the search runs as ``raypeft layerwise``
+does by default: under its baseline's settings (``--baseline qlora_gc``: uniform NF4 rank 8 with gradient
+checkpointing, the standard QLoRA recipe), with that baseline's modelled peak as the budget (``--budget
+105%`` allows 5 % more). The search chooses on training seed 0, so its own eval loss is biased in its
+favour. The trade-off is then retrained on fresh seeds (``--seeds``, default 1 2 3): uniform QLoRA with
+checkpointing (without it the math is the same, so its runs stand for both), uniform int8 and 16-bit LoRA
+at the baseline's rank, and every promoted plan of the search's front. Each plan's peak is measured in a
+fresh process (``benchmarks.memory``) beside its modelled one. The table and a memory-against-loss plot
+go to the search's MLflow parent run. The last line holds ``loss_ratio_vs_qlora_gc`` (goal ≤ 0.8) and
+``memory_ratio_vs_qlora_gc`` (measured peaks; goal ≤ 1.05). Every figure is in MiB.
 
 ``plan``: one full-length run of the same job, uniform NF4 rank 8 changed by ``--layers`` (``b8:29,11``:
 layers 29 and 11 in int8; ``r0:24,25``: no adapter on layers 24 and 25; ``r16:11``: rank 16) and/or
@@ -169,107 +172,151 @@ def _mean(runs: list[dict], key: str) -> float | None:
 MIB = 2**20
 
 
+def _plot(rows: list[dict], out: str) -> str:
+    """Measured peak against mean eval loss (min–max over the seeds), one point per plan."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        losses = r["losses"]
+        mean = sum(losses) / len(losses)
+        ax.errorbar(
+            r["measured"] / MIB, mean, yerr=[[mean - min(losses)], [max(losses) - mean]], fmt="o", capsize=3,
+            color="red" if r["key"] == "chosen" else ("black" if r["key"] == "qlora_gc" else "tab:blue"),
+        )  # fmt: skip
+        ax.annotate(r["key"], (r["measured"] / MIB, mean), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("measured training peak (MiB)")
+    ax.set_ylabel("eval loss, mean and min–max over seeds")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def layerwise(args) -> dict:
+    """The search under the baseline's settings (default: QLoRA with gradient checkpointing, its modelled peak
+    as the budget), then every plan of the trade-off retrained on fresh seeds with its peak measured."""
     import dataclasses
 
     from cluster.memory import describe
+    from pipelines.tracking import client
     from pipelines.tunespec import validate
     from tuning import layerwise as L
-    from tuning.search import ALL_TARGETS, plan_memory, search
+    from tuning.search import ALL_TARGETS, plan_memory, search, under_baseline
 
     home = tempfile.mkdtemp(prefix="bench-layerwise-")
     os.environ["RAYPEFT_HOME"] = home
     raw = _lw_raw(args.steps, args.trials, args.short_steps)
-    raw["tune"]["layerwise"]["memory"] = args.memory
-    spec = validate(raw)
-    mem = plan_memory(spec)
+    raw["tune"]["layerwise"].update({"memory": args.memory, "baseline": args.baseline})
+    if args.budget:
+        raw["tune"]["layerwise"]["budget"] = args.budget
+    spec, baseline = under_baseline(validate(raw))
+    mem = plan_memory(spec)  # with the baseline's checkpointing
     weights = L.Memory(mem.shape, ALL_TARGETS)  # weights + adapter + its states, whatever the budget counts
-    uniform = L.uniform(mem.shape, 4, 8)
-    budget = int(mem(uniform))
+    gc = {"model.gradient_checkpointing": spec.model.gradient_checkpointing}
     t0 = time.time()
-    found = search(spec, budget, out=os.path.join(home, "plan.yaml"), log=lambda m: print(m, file=sys.stderr))
+    found = search(validate(raw), out=os.path.join(home, "plan.yaml"), log=lambda m: print(m, file=sys.stderr))
     search_s = time.time() - t0
-    chosen = found["chosen"]
-    what = (
-        f"training peak at {spec.train.micro_batch_size} × {spec.data.max_length} tokens"
-        if mem.tokens
-        else "weights + adapter + its AdamW states"
-    )
+    budget, chosen = found["budget_bytes"], found["chosen"]
     print(
-        f"\nbudget {budget / MIB:.1f} MiB ({what}) = uniform NF4 rank 8; search {search_s / 60:.1f} min, "
-        f"{found['plans_trained']} plans trained\n\nplans trained for {args.steps} steps on seed 0 (the search's choice):\n"
+        f"\nbudget {budget / MIB:.1f} MiB ({args.memory}), baseline {args.baseline}; search {search_s / 60:.1f} min, "
+        f"{found['plans_trained']} plans trained\n\nplans promoted to {args.steps} steps on seed 0 (the search's own):\n"
     )
-    print(
-        "| plan | modelled peak (MiB) | weights + adapter + states (MiB) | eval_loss (seed 0) | exact_match (seed 0) |\n|---|---|---|---|---|"
-    )
+    print("| plan | modelled (MiB) | eval_loss (seed 0) | exact_match (seed 0) |\n|---|---|---|---|")
     for p in found["promoted"]:
         mark = " (chosen)" if p["layers"] == chosen["layers"] else ""
         em = p.get("exact_match")
         print(
-            f"| {describe(p['layers'])}{mark} | {p['memory_bytes'] / MIB:.1f} | {weights(p['layers']) / MIB:.1f} | "
+            f"| {describe(p['layers'])}{mark} | {p['memory_bytes'] / MIB:.1f} | "
             f"{p.get('eval_loss', float('nan')):.4f} | {'—' if em is None else f'{em:.3f}'} |"
         )
-    out = {
-        "budget": budget,
-        "memory": args.memory,
-        "search_s": search_s,
-        "chosen": describe(chosen["layers"]),
-        "chosen_layers": chosen["layers"],
-        "promoted": [
-            {k: v for k, v in p.items() if k != "layers"} | {"plan": describe(p["layers"])} for p in found["promoted"]
-        ],
-    }
-    if chosen["layers"] == uniform:
-        print("\nthe search chose uniform NF4 rank 8 itself: no searched plan beat it (a tie, not a win)")
-        return {**out, "verdict": "tie"}
-    # an unbiased comparison: fresh seeds the search never saw, and the peaks measured, not modelled; beside
-    # uniform QLoRA as configured, the standard QLoRA recipe: the same plan with gradient checkpointing
-    gc = {"model.gradient_checkpointing": True}
-    rows = (
-        ("uniform", "uniform NF4, rank 8 (QLoRA)", uniform, {}),
-        ("uniform_gc", "uniform NF4, rank 8, gradient checkpointing", uniform, gc),
-        ("chosen", f"searched: {describe(chosen['layers'])}", chosen["layers"], {}),
-    )
+    # an unbiased comparison: fresh seeds the search never saw, peaks measured in fresh processes. The
+    # trade-off: uniform QLoRA with and without checkpointing, uniform int8 and 16-bit LoRA (the baseline's
+    # checkpointing), and every promoted plan of the search's front
+    r = spec.method.r
+    rows = [
+        ("qlora", f"uniform NF4 r{r} (QLoRA), no checkpointing", L.uniform(mem.shape, 4, r), {"model.gradient_checkpointing": False}),
+        ("qlora_gc", f"uniform NF4 r{r}, gradient checkpointing", L.uniform(mem.shape, 4, r), {"model.gradient_checkpointing": True}),
+        ("int8", f"uniform int8 r{r}", L.uniform(mem.shape, 8, r), gc),
+        ("lora16", f"uniform 16-bit r{r} (LoRA)", L.uniform(mem.shape, 16, r), gc),
+    ]  # fmt: skip
+    searched = [p for p in found["promoted"] if p["layers"] != baseline]
+    for k, p in enumerate(sorted(searched, key=lambda p: p["layers"] != chosen["layers"])):
+        key = "chosen" if p["layers"] == chosen["layers"] else f"front{k}"
+        rows.append((key, f"searched ({key}): {describe(p['layers'])}", p["layers"], gc))
+    if not any(key == "chosen" for key, *_ in rows):
+        print("\nthe search chose the baseline itself: no searched plan beat it after the full-length run")
     runs: dict[str, list[dict]] = {key: [] for key, *_ in rows}
     for seed in args.seeds:
         for key, _, layers, fields in rows:
+            if key == "qlora":  # checkpointing doesn't change the math: qlora_gc's losses
+                continue
             t1 = time.time()
             metrics = _train_layers(raw, layers, {"train.seed": seed, **fields}, f"bench-{key}-s{seed}")
-            runs[key].append({**metrics, "wall_s": round(time.time() - t1, 1)})  # load + steps + eval, one at a time
+            runs[key].append({**metrics, "wall_s": round(time.time() - t1, 1)})
+    runs["qlora"] = runs["qlora_gc"]
     measured = {key: _measured_peak(raw, layers, fields) for key, _, layers, fields in rows}
     modelled = {
-        key: (dataclasses.replace(mem, checkpointing=True) if fields else mem)(layers)
+        key: dataclasses.replace(mem, checkpointing=fields["model.gradient_checkpointing"])(layers)
         for key, _, layers, fields in rows
     }
-    print(
-        f"\nretrained on fresh seeds {args.seeds}; budget {budget / MIB:.1f} MiB:\n\n| plan | modelled peak (MiB) | "
-        "measured training peak (MiB) | weights + adapter + states (MiB) | eval_loss per seed | mean eval_loss (min–max) | "
-        "mean exact_match | mean wall per run |\n|---|---|---|---|---|---|---|---|"
-    )
+    table = [
+        "| plan | modelled peak (MiB) | measured peak (MiB) | model error | weights + adapter + states (MiB) | "
+        "eval_loss per seed | mean eval_loss (min–max) | mean exact_match | mean wall per run |",
+        "|---|---:|---:|---:|---:|---|---|---:|---:|",
+    ]
+    points = []
     for key, label, layers, _ in rows:
-        losses = [r["eval_loss"] for r in runs[key]]
-        print(
-            f"| {label} | {modelled[key] / MIB:.1f} | {measured[key] / MIB:.0f} | {weights(layers) / MIB:.1f} | "
-            f"{', '.join(f'{x:.4f}' for x in losses)} | {_mean(runs[key], 'eval_loss'):.4f} ({min(losses):.4f}–{max(losses):.4f}) | "
+        losses = [x["eval_loss"] for x in runs[key]]
+        err = modelled[key] / measured[key] - 1
+        table.append(
+            f"| {label} | {modelled[key] / MIB:.1f} | {measured[key] / MIB:.0f} | {100 * err:+.1f} % | "
+            f"{weights(layers) / MIB:.1f} | {' / '.join(f'{x:.4f}' for x in losses)} | "
+            f"{_mean(runs[key], 'eval_loss'):.4f} ({min(losses):.4f}–{max(losses):.4f}) | "
             f"{_mean(runs[key], 'exact_match'):.3f} | {_mean(runs[key], 'wall_s'):.0f} s |"
         )
-    verdicts = {}
-    for ref in ("uniform", "uniform_gc"):
-        paired = [c["eval_loss"] < u["eval_loss"] for c, u in zip(runs["chosen"], runs[ref])]
-        ratio = _mean(runs["chosen"], "eval_loss") / _mean(runs[ref], "eval_loss")
-        verdicts[ref] = {
-            "loss_ratio": ratio,
-            "lower_on_seeds": sum(paired),
-            "peak_ratio": measured["chosen"] / measured[ref],
-            "verdict": "win" if all(paired) and measured["chosen"] <= measured[ref] else "no win",
-        }
-        print(
-            f"searched vs {ref}: mean eval_loss {ratio:.3f}×, lower on {sum(paired)} of {len(paired)} seeds, measured peak "
-            f"{measured['chosen'] / measured[ref]:.3f}×: {verdicts[ref]['verdict']}"
-        )
-    over = [key for key in measured if measured[key] > budget]
-    print(f"measured peaks over the {budget / MIB:.1f} MiB budget: {', '.join(over) or 'none'}")
-    return {**out, "runs": runs, "measured_peak": measured, "modelled_peak": modelled, "against": verdicts}
+        points.append({"key": key, "measured": measured[key], "losses": losses})
+    print(f"\nretrained on fresh seeds {args.seeds} (qlora: qlora_gc's runs, the same math):\n")
+    print("\n".join(table))
+    best = "chosen" if "chosen" in runs else "qlora_gc"
+    paired = [c["eval_loss"] < u["eval_loss"] for c, u in zip(runs[best], runs["qlora_gc"])]
+    loss_ratio = _mean(runs[best], "eval_loss") / _mean(runs["qlora_gc"], "eval_loss")
+    memory_ratio = measured[best] / measured["qlora_gc"]
+    em_ok = (_mean(runs[best], "exact_match") or 0) >= (_mean(runs["qlora_gc"], "exact_match") or 0)
+    win = best == "chosen" and all(paired) and memory_ratio <= 1.05 and em_ok
+    print(
+        f"\nsearched vs QLoRA + checkpointing: mean eval_loss {loss_ratio:.3f}× (goal ≤ 0.8), lower on {sum(paired)} "
+        f"of {len(paired)} seeds, exact match {'no worse' if em_ok else 'worse'}, measured peak {memory_ratio:.3f}× "
+        f"(goal ≤ 1.05): {'win' if win else 'no win'}"
+    )
+    png = _plot(points, os.path.join(home, "tradeoff.png"))
+    with open(os.path.join(home, "tradeoff.md"), "w") as f:
+        f.write("\n".join(table) + "\n")
+    c = client(found["tracking_uri"])
+    c.log_artifact(found["parent_run_id"], png)
+    c.log_artifact(found["parent_run_id"], os.path.join(home, "tradeoff.md"))
+    return {
+        "budget": budget,
+        "baseline": args.baseline,
+        "memory": args.memory,
+        "search_s": round(search_s, 1),
+        "chosen": describe(chosen["layers"]),
+        "chosen_layers": chosen["layers"],
+        "runs": runs,
+        "measured_peak": measured,
+        "modelled_peak": modelled,
+        "lower_on_seeds": sum(paired),
+        "exact_match_no_worse": em_ok,
+        "verdict": "win" if win else "no win",
+        "loss_ratio_vs_qlora_gc": round(loss_ratio, 4),
+        "memory_ratio_vs_qlora_gc": round(memory_ratio, 4),
+        "tradeoff_png": png,
+        "mlflow_parent_run": found["parent_run_id"],
+    }
 
 
 def plan(args) -> dict:
@@ -320,6 +367,13 @@ def main(argv=None) -> int:
         default="peak",
         help="layerwise: what the budget (uniform NF4 rank 8's) counts (tune.layerwise.memory)",
     )
+    p.add_argument(
+        "--baseline",
+        choices=["qlora_gc", "qlora", "none"],
+        default="qlora_gc",
+        help="layerwise: the plan the search must beat and whose checkpointing it takes (tune.layerwise.baseline)",
+    )
+    p.add_argument("--budget", help="layerwise: the budget (default: the baseline's modelled memory), e.g. 105%%")
     p.add_argument("--layers", help="plan: per-layer changes to uniform NF4 rank 8, e.g. 'b8:29,11 r0:24,25'")
     p.add_argument("--set", action="append", default=[], help="plan: a spec override field=value (repeatable)")
     args = p.parse_args(argv)

@@ -39,8 +39,18 @@ DOMAINS = {
 class LayerwiseSpec(Section):
     budget: Int | str | None = Field(
         None,
-        description="Memory budget per worker, in bytes or with a unit (`60MB`, `1.2GiB`): what `memory` counts. "
-        "Required by `raypeft layerwise` (or pass `--budget`).",
+        description="Memory budget per worker, in bytes, with a unit (`60MB`, `1.2GiB`) or as a share of the "
+        "baseline's (`105%`): what `memory` counts. Default: the baseline's own (`baseline`); required when "
+        "`baseline` is `none` (or pass `--budget`).",
+    )
+    baseline: Literal["qlora_gc", "qlora", "none"] = Field(
+        "qlora_gc",
+        description="The plan the search must beat, whose settings it searches under. `qlora_gc`: uniform NF4 at "
+        "`method.r` with gradient checkpointing (the standard QLoRA recipe): every plan then trains with "
+        "checkpointing, and the default budget is this plan's memory. `qlora`: the same without checkpointing. "
+        "Either is always trained in full and chosen unless a searched plan beats it; `method.r` joins `ranks`. "
+        "`none`: the job's settings "
+        "as given, the largest uniform plan within budget as the reference; `budget` required.",
     )
     memory: Literal["peak", "weights"] = Field(
         "peak",
@@ -226,12 +236,33 @@ def tune_problems(spec: TunedJobSpec, base_dir=None, check_urls: bool = True) ->
             out.append(
                 ("tune.grace_period", f"must be <= train.max_steps ({spec.train.max_steps}) (got {tune.grace_period})")
             )
-    if tune.layerwise.budget is not None:
+    lw = tune.layerwise
+    if lw.budget is not None:
         try:
-            parse_bytes(tune.layerwise.budget)
+            budget_share(lw.budget) if str(lw.budget).strip().endswith("%") else parse_bytes(lw.budget)
         except ValueError as e:
             out.append(("tune.layerwise.budget", str(e)))
+        if lw.baseline == "none" and str(lw.budget).strip().endswith("%"):
+            out.append(
+                (
+                    "tune.layerwise.budget",
+                    f"a share needs a baseline; tune.layerwise.baseline is 'none' (got {lw.budget!r})",
+                )
+            )
+    if lw.baseline != "none" and 4 not in lw.bits:  # the baseline's rank joins the ranks searched
+        out.append(("tune.layerwise.bits", f"baseline {lw.baseline!r} is uniform NF4: include 4 (got {lw.bits})"))
     return out
+
+
+def budget_share(value: str) -> float:
+    """``105%`` → 1.05: a budget as a share of the baseline's memory. Raises ValueError naming the form."""
+    try:
+        share = float(str(value).strip()[:-1]) / 100
+    except ValueError:
+        share = 0.0
+    if not 0 < share <= 100:
+        raise ValueError(f"expected a share of the baseline's memory like 100% or 105% (got {value!r})")
+    return share
 
 
 def validate(raw: dict[str, Any], base_dir=None, check_urls: bool = True) -> TunedJobSpec:

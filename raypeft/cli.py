@@ -111,7 +111,8 @@ COMMANDS = [
     ]),
     ("tune", "tuning.commands:tune", "Ray Tune sweep over the spec's tune.space (ASHA / HyperBand / median)", JOB, []),
     ("layerwise", "tuning.commands:layerwise", "search per-layer bit-widths and LoRA ranks under a memory budget", JOB, [
-        ("--budget", "memory budget per worker, e.g. 1.5GB (tune.layerwise.budget; see tune.layerwise.memory)", {}),
+        ("--budget", "memory budget per worker, e.g. 1.5GB or 105%% of the baseline's (default: the baseline's; "
+         "tune.layerwise.budget, .baseline, .memory)", {}),
         ("--out", "where to write the chosen plan as a job spec (default: <name>-layerwise.yaml)", {}),
     ]),
     ("spec", "raypeft.cli:spec_reference", "print the job spec reference (every field, default and meaning)", None, [

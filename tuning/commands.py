@@ -32,15 +32,11 @@ def tune(args) -> int:
 
 def layerwise(args) -> int:
     """Run the layerwise bit-width × rank search; exit 1 if no plan was found."""
-    from cluster.memory import parse_bytes
-
     overrides = list(args.overrides) + ([f"tune.layerwise.budget={args.budget}"] if args.budget else [])
     spec = load(args.spec, overrides)
-    if spec.tune.layerwise.budget is None:
-        raise SpecError([("tune.layerwise.budget", "required: pass --budget 60MB or set it in the spec (got None)")])
-    budget = parse_bytes(spec.tune.layerwise.budget)
-    from tuning.search import search
+    from tuning.search import budget_of, search, under_baseline
 
-    result = search(spec, budget, out=args.out)
+    budget_of(*under_baseline(spec))  # no budget and no baseline: exit 2 before Ray starts
+    result = search(spec, out=args.out)
     print(json.dumps({k: v for k, v in result.items() if k != "front"}, default=str), flush=True)
     return 0 if result.get("plan_spec") else 1

@@ -11,6 +11,7 @@ job spec that ``raypeft train`` consumes unchanged.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -61,6 +62,44 @@ def _with(spec: TunedJobSpec, fields: dict[str, Any]) -> TunedJobSpec:
     return with_tune(validate(trial_raw(spec.model_dump(mode="json", exclude={"tune"}), fields)), spec.tune)
 
 
+def under_baseline(spec: TunedJobSpec) -> tuple[TunedJobSpec, L.Layers | None]:
+    """The spec the search runs under, and the baseline plan (None for ``baseline: none``). ``qlora_gc`` and
+    ``qlora`` are uniform NF4 at ``method.r``, with gradient checkpointing on and off: every plan the search
+    trains and writes gets the baseline's checkpointing, and ``method.r`` joins the ranks searched, so the
+    baseline is a plan of the search's own space."""
+    from pipelines.plan import shape_of
+
+    lw = spec.tune.layerwise
+    if lw.baseline == "none":
+        return spec, None
+    ranks = sorted(set(lw.ranks) | {spec.method.r})
+    tune_ = spec.tune.model_copy(update={"layerwise": lw.model_copy(update={"ranks": ranks})})
+    job = _with(spec, {"model.gradient_checkpointing": lw.baseline == "qlora_gc"})
+    return with_tune(job, tune_), L.uniform(shape_of(spec), 4, spec.method.r)
+
+
+def budget_of(spec: TunedJobSpec, baseline: L.Layers | None) -> int:
+    """``tune.layerwise.budget`` in bytes of what ``tune.layerwise.memory`` counts: as given, as a share of the
+    baseline's memory (``105%``), or, unset, the baseline's own memory.
+
+    Raises:
+        SpecError: no budget and no baseline to take it from.
+    """
+    from cluster.memory import parse_bytes
+    from pipelines.tunespec import budget_share
+
+    b = spec.tune.layerwise.budget
+    if baseline is None and (b is None or str(b).strip().endswith("%")):
+        raise SpecError(
+            [("tune.layerwise.budget", f"required with baseline 'none': pass --budget 60MB or set it (got {b!r})")]
+        )
+    if b is None:
+        return math.ceil(plan_memory(spec)(baseline))
+    if str(b).strip().endswith("%"):
+        return math.ceil(budget_share(b) * plan_memory(spec)(baseline))
+    return parse_bytes(b)
+
+
 class PlanSpace:
     """Optuna define-by-run space: a bit-width and a rank per layer. A proposal over budget is repaired
     (``layerwise.repair``) and the repaired plan is what trains; the budget also goes to NSGA-II as a
@@ -96,7 +135,9 @@ def _constraints(trial) -> list[float]:
     return trial.user_attrs.get("constraint", [0.0, 0.0])
 
 
-def search(spec: TunedJobSpec, budget: int, out: str | None = None, log=print) -> dict[str, Any]:
+def search(spec: TunedJobSpec, budget: int | None = None, out: str | None = None, log=print) -> dict[str, Any]:
+    """The search, under the baseline's settings (``under_baseline``); ``budget`` in bytes, default
+    ``budget_of`` the spec."""
     import ray
     from optuna.samplers import NSGAIISampler
     from ray.tune.search.optuna import OptunaSearch
@@ -106,6 +147,8 @@ def search(spec: TunedJobSpec, budget: int, out: str | None = None, log=print) -
     from pipelines.train import job_lineage
     from tuning.calibrate import calibrate
 
+    spec, baseline = under_baseline(spec)
+    budget = budget_of(spec, baseline) if budget is None else budget
     lw = spec.tune.layerwise
     mem = plan_memory(spec)
     shape, targets = mem.shape, mem.targets
@@ -136,9 +179,15 @@ def search(spec: TunedJobSpec, budget: int, out: str | None = None, log=print) -
     parent = tracking.start_run(spec, uri, name, {**job_lineage(spec), "raypeft.layerwise": name})
     c = tracking.client(uri)
     c.log_batch(parent, metrics=metric_batch({"budget_bytes": budget}))
+    against = (
+        f"baseline {lw.baseline} ({describe(baseline)}, {mem(baseline) / MIB:.1f} MiB"
+        f"{', gradient checkpointing' if spec.model.gradient_checkpointing else ''})"
+        if baseline
+        else "no baseline"
+    )
     log(
         f"[raypeft] layerwise search {name}: {shape.layers} layers × bits {lw.bits} × ranks {lw.ranks}, "
-        f"budget {budget / MIB:.1f} MiB of {what}; MLflow parent run {parent}"
+        f"budget {budget / MIB:.1f} MiB of {what}, {against}; MLflow parent run {parent}"
     )
     t0 = time.time()
 
@@ -162,6 +211,8 @@ def search(spec: TunedJobSpec, budget: int, out: str | None = None, log=print) -
         f"{sorted(range(shape.layers), key=lambda i: -cal['importance'][i])[:5]}"
     )
     seeds = L.seed_plans(cal["sensitivity"], cal["importance"], lw.bits, lw.ranks, fits)
+    if baseline is not None and fits(baseline):  # trained first, whatever the trial count
+        seeds = [baseline, *(s for s in seeds if s != baseline)]
     log(f"[raypeft] {len(seeds)} seed plan(s) from the calibration: " + "; ".join(describe(s) for s in seeds[:4]))
 
     # ---- phase 2: NSGA-II over (eval loss, memory), short trials
@@ -220,11 +271,14 @@ def search(spec: TunedJobSpec, budget: int, out: str | None = None, log=print) -
     front = [rows[i] for i in L.pareto_front([(r["short_eval_loss"], r["memory_bytes"]) for r in rows])]
     log(f"[raypeft] {len(rows)} plan(s) trained within budget, {len(front)} on the Pareto front")
 
-    # ---- promote the best few to full-length trials, plus the reference: the largest uniform plan within
-    # budget (what one would train without the search), so the search never returns a plan worse than it
+    # ---- promote the best few to full-length trials, plus the reference: the baseline, or without one the
+    # largest uniform plan within budget (what one would train without the search), so the search never
+    # returns a plan worse than it
     promoted = sorted(front, key=lambda r: r["short_eval_loss"])[: lw.promote]
     uniform = [r for r in rows if L.is_uniform(r["layers"])]
-    reference = max(uniform, key=lambda r: (r["memory_bytes"], -r["short_eval_loss"])) if uniform else None
+    reference = next((r for r in rows if r["layers"] == baseline), None)
+    if reference is None and uniform:
+        reference = max(uniform, key=lambda r: (r["memory_bytes"], -r["short_eval_loss"]))
     if reference is not None and all(p["layers"] != reference["layers"] for p in promoted):
         promoted.append(reference)
     long_space = {
@@ -289,9 +343,12 @@ def search(spec: TunedJobSpec, budget: int, out: str | None = None, log=print) -
                 "chosen_short_eval_loss": chosen["short_eval_loss"],
                 "plans_trained": len(rows),
                 "pareto_size": len(front),
+                **({"reference_eval_loss": reference["eval_loss"]} if reference and "eval_loss" in reference else {}),
+                **({"reference_memory_bytes": reference["memory_bytes"]} if reference else {}),
             }
         ),
     )
+    c.set_tag(parent, "raypeft.baseline", lw.baseline)
     c.set_tag(parent, "raypeft.plan", describe(chosen["layers"]))
     c.set_terminated(parent, "FINISHED")
     log(
@@ -303,6 +360,8 @@ def search(spec: TunedJobSpec, budget: int, out: str | None = None, log=print) -
         "parent_run_id": parent,
         "tracking_uri": uri,
         "budget_bytes": budget,
+        "baseline": lw.baseline,
+        "gradient_checkpointing": spec.model.gradient_checkpointing,
         "wall_s": round(time.time() - t0, 1),
         "plan_spec": str(out_path),
         "chosen": {**chosen, "describe": describe(chosen["layers"])},

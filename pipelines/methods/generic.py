@@ -11,6 +11,7 @@ from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from pipelines.methods import Method, Prepared, adamw, config_problem, trainable
+from pipelines.models import CHECKPOINTING
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
@@ -86,7 +87,7 @@ def _build(spec: JobSpec, model) -> Prepared:
     from peft import get_peft_model
 
     if spec.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
         model.enable_input_require_grads()
     peft_model = get_peft_model(model, peft_config(spec, model))
     return Prepared(peft_model, adamw(trainable(peft_model), spec))

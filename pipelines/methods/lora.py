@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pipelines.methods import Method, Prepared, adamw, config_problem, register, trainable
+from pipelines.models import CHECKPOINTING
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
@@ -35,9 +36,13 @@ def _peft_wrap(spec: JobSpec, model, **switches):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.model.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=spec.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs=CHECKPOINTING,
+        )
     elif spec.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
         model.enable_input_require_grads()
     return get_peft_model(model, lora_config(spec, **switches))
 

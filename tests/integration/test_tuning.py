@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def test_layerwise_search_plans_fit_the_budget_and_the_plan_trains(
     from pipelines.preflight import load_checked_spec
     from pipelines.train import run
     from tuning import layerwise as L
-    from tuning.search import plan_memory, search
+    from tuning.search import plan_memory, search, under_baseline
 
     spec = tiny_spec(
         tiny_model_dir,
@@ -124,20 +125,21 @@ def test_layerwise_search_plans_fit_the_budget_and_the_plan_trains(
         tune={"layerwise": {"trials": 4, "population": 2, "short_steps": 3, "promote": 1, "calibration_samples": 8}},
     )
     shape = Shape.from_config(json.loads((tiny_model_dir / "config.json").read_text()))
-    budget = int(
-        plan_memory(spec)(L.uniform(shape, 8, 4))
-    )  # the training peak (the default) of uniform int8 rank 4: it just fits
     out = tmp_path / "plan.yaml"
-    result = search(spec, budget, out=str(out))
+    result = search(spec, out=str(out))  # the default: QLoRA with checkpointing as the baseline and its budget
 
+    searched, baseline = under_baseline(spec)
+    assert baseline == L.uniform(shape, 4, 4) and result["gradient_checkpointing"]
+    budget = result["budget_bytes"]
+    assert budget == math.ceil(plan_memory(searched)(baseline))
     assert result["front"], "no plan on the Pareto front"
     assert all(r["memory_bytes"] <= budget for r in result["front"])
     chosen = result["chosen"]
     assert chosen["memory_bytes"] <= budget and "eval_loss" in chosen
-    # the largest uniform plan within budget (here int8 rank 4) is always trained in full as the reference,
-    # and the search never returns a plan that did worse than it
+    # the baseline is always trained in full as the reference, and the search never returns a plan that did
+    # worse than it
     ref = result["reference"]
-    assert ref["layers"] == L.uniform(shape, 8, 4) and "eval_loss" in ref
+    assert ref["layers"] == baseline and "eval_loss" in ref
     assert chosen["eval_loss"] <= ref["eval_loss"]
     c = _client(result["tracking_uri"])
     assert {"pareto_front.png", "pareto_front.md", "calibration.json", "plan.yaml"} <= {
@@ -147,6 +149,7 @@ def test_layerwise_search_plans_fit_the_budget_and_the_plan_trains(
     # the written spec trains unchanged through the training pipeline
     written = yaml.safe_load(out.read_text())
     assert written["model"]["quantization_plan"] and written["method"]["rank_pattern"]
+    assert written["model"]["gradient_checkpointing"] is True  # the baseline's setting, which the plan was fitted under
     plan_spec = load_checked_spec(str(out), ["name=lw-plan", "train.max_steps=4"])
     trained = run(plan_spec)
     assert trained["metrics"]["eval_loss"] < 100

@@ -382,3 +382,56 @@ def test_ranks_without_an_adapter_are_refused():
     with pytest.raises(SpecError) as e:
         validate({"tune": {"layerwise": {"ranks": [0]}}})
     assert any(f == "tune.layerwise.ranks" and "rank > 0" in m for f, m in e.value.problems)
+
+
+# --------------------------------------------------------------------------- the baseline the search must beat
+
+
+def test_the_search_runs_under_its_baselines_checkpointing_with_its_rank_in_the_space(tiny_model_dir, chat_data):
+    from pipelines.plan import shape_of
+    from tests.conftest import tiny_spec
+    from tuning.search import under_baseline
+
+    spec = tiny_spec(tiny_model_dir, chat_data, method={"name": "lora", "r": 6}, tune={"layerwise": {}})
+    assert not spec.model.gradient_checkpointing and spec.tune.layerwise.baseline == "qlora_gc"  # the defaults
+    searched, baseline = under_baseline(spec)
+    n = shape_of(spec).layers
+    assert baseline == [(4, 6)] * n
+    assert searched.model.gradient_checkpointing and 6 in searched.tune.layerwise.ranks
+    assert searched.tune.layerwise.ranks == sorted(searched.tune.layerwise.ranks)
+    assert not spec.model.gradient_checkpointing  # the job's spec is not touched
+
+    plain = validate({**spec.model_dump(mode="json"), "tune": {"layerwise": {"baseline": "qlora"}}})
+    assert not under_baseline(plain)[0].model.gradient_checkpointing
+    job = spec.model_dump(mode="json")
+    job["model"]["gradient_checkpointing"] = True
+    job["tune"] = {"layerwise": {"baseline": "none", "budget": "1GB"}}
+    as_given, none = under_baseline(validate(job))
+    assert none is None and as_given.model.gradient_checkpointing and 6 not in as_given.tune.layerwise.ranks
+
+
+def test_the_budget_defaults_to_the_baselines_memory_and_may_be_a_share_of_it(tiny_model_dir, chat_data):
+    from tests.conftest import tiny_spec
+    from tuning.search import budget_of, plan_memory, under_baseline
+
+    spec, baseline = under_baseline(tiny_spec(tiny_model_dir, chat_data, tune={"layerwise": {}}))
+    own = plan_memory(spec)(baseline)
+    assert budget_of(spec, baseline) >= own and budget_of(spec, baseline) - own < 1  # the baseline fits its own
+    raw = spec.model_dump(mode="json")
+    raw["tune"]["layerwise"]["budget"] = "110%"
+    assert budget_of(validate(raw), baseline) == pytest.approx(1.1 * own, abs=1)
+    raw["tune"]["layerwise"]["budget"] = "3MB"
+    assert budget_of(validate(raw), baseline) == 3 * 2**20
+    raw["tune"]["layerwise"].update({"budget": None, "baseline": "none"})
+    with pytest.raises(SpecError) as e:
+        budget_of(*under_baseline(validate(raw)))
+    assert dict(e.value.problems)["tune.layerwise.budget"].startswith("required with baseline 'none'")
+
+
+def test_a_baseline_the_space_cannot_hold_or_a_share_without_one_is_refused():
+    p = _problems({"tune": {"layerwise": {"bits": [8, 16]}}})
+    assert "uniform NF4: include 4" in p["tune.layerwise.bits"] and "[8, 16]" in p["tune.layerwise.bits"]
+    assert "like 100% or 105%" in _problems({"tune": {"layerwise": {"budget": "x%"}}})["tune.layerwise.budget"]
+    p = _problems({"tune": {"layerwise": {"budget": "105%", "baseline": "none"}}})
+    assert "needs a baseline" in p["tune.layerwise.budget"]
+    assert validate({"tune": {"layerwise": {"bits": [8, 16], "baseline": "none"}}}).tune.layerwise.bits == [8, 16]
