@@ -74,7 +74,7 @@ def _builder(variant: str):
         from galore_torch import GaLoreAdamW, GaLoreAdamW8bit
 
         if spec.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=CHECKPOINTING)
         groups = galore_param_groups(spec, model)
         cls = GaLoreAdamW8bit if variant == "galore_8bit" else GaLoreAdamW
         kw = dict(lr=spec.train.lr, weight_decay=spec.train.weight_decay)

@@ -87,7 +87,7 @@ def _build(spec: JobSpec, model) -> Prepared:
     from peft import get_peft_model
 
     if spec.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=CHECKPOINTING)
         model.enable_input_require_grads()
     peft_model = get_peft_model(model, peft_config(spec, model))
     return Prepared(peft_model, adamw(trainable(peft_model), spec))

@@ -36,13 +36,9 @@ def _peft_wrap(spec: JobSpec, model, **switches):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=spec.model.gradient_checkpointing,
-            gradient_checkpointing_kwargs=CHECKPOINTING,
-        )
-    elif spec.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # checkpointing: below
+    if spec.model.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=CHECKPOINTING)
         model.enable_input_require_grads()
     return get_peft_model(model, lora_config(spec, **switches))
 

@@ -96,7 +96,15 @@ def test_plan_cli(tmp_path, capsys):
 
 
 def _saved_bytes(
-    model_dir, layers_cfg: dict, method: str, rank: int, b: int, s: int, targets=None, quantization_plan=None
+    model_dir,
+    layers_cfg: dict,
+    method: str,
+    rank: int,
+    b: int,
+    s: int,
+    targets=None,
+    quantization_plan=None,
+    checkpointing: bool = False,
 ) -> int:
     """Bytes of the tensors autograd keeps for backward after one training forward (weights and buffers
     excluded): the saved tensors, and the inputs bitsandbytes' int8 matmul keeps on its context."""
@@ -113,6 +121,7 @@ def _saved_bytes(
         {
             "model": {
                 "base": str(model_dir),
+                "gradient_checkpointing": checkpointing,
                 **({"quantization_plan": quantization_plan} if quantization_plan else {}),
             },
             "method": {"name": method, "r": rank, "dropout": 0.0, **({"target_modules": targets} if targets else {})},
@@ -177,6 +186,29 @@ def test_saved_activations_per_layer_are_what_autograd_saves(tmp_path, tiny_mode
         vocab=512,
     )
     assert sizes[1] - sizes[0] == saved_per_token(shape, Plan(method=method, rank=rank)) * b * s * 4
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_with_checkpointing_a_layer_keeps_only_its_input_whatever_its_bits(tmp_path, tiny_model_dir, bits):
+    """Gradient checkpointing as the memory model counts it (``activation_bytes``): one more decoder layer
+    keeps its input, hidden × tokens, and nothing else, at any bit-width. bitsandbytes' int8 matmul keeps its
+    input on its autograd context (``ctx.A``), which only reentrant checkpointing (``pipelines.models.
+    CHECKPOINTING``) drops: non-reentrant, an int8 layer would keep 3·hidden + intermediate more."""
+    import shutil
+
+    cfg = {"hidden_size": 96, "intermediate_size": 352, "num_attention_heads": 6, "num_key_value_heads": 2}
+    b, s = 2, 48
+    sizes = []
+    for layers in (1, 2):
+        d = tmp_path / f"m{layers}"
+        shutil.copytree(tiny_model_dir, d)
+        plan = {rf"model\.layers\.{i}\..*": bits for i in range(layers)} if bits != 16 else None
+        sizes.append(
+            _saved_bytes(
+                d, {**cfg, "num_hidden_layers": layers}, "lora", 4, b, s, quantization_plan=plan, checkpointing=True
+            )
+        )
+    assert sizes[1] - sizes[0] == cfg["hidden_size"] * b * s * 4
 
 
 @pytest.mark.parametrize(
