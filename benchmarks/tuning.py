@@ -19,7 +19,9 @@ go to the search's MLflow parent run. The last line holds ``loss_ratio_vs_qlora_
 
 ``plan``: one full-length run of the same job, uniform NF4 rank 8 changed by ``--layers`` (``b8:29,11``:
 layers 29 and 11 in int8; ``r0:24,25``: no adapter on layers 24 and 25; ``r16:11``: rank 16) and/or
-``--set field=value`` overrides, e.g. ``--set model.quantization=int8``; prints its memory and metrics.
+``--set field=value`` overrides, e.g. ``--set model.quantization=int8``; prints its memory and metrics. With
+``--measure-only`` it trains nothing and prints the plan's modelled peak beside the one measured in a fresh
+process.
 """
 
 from __future__ import annotations
@@ -337,6 +339,19 @@ def plan(args) -> dict:
             b, r = layers[i]
             layers[i] = (int(kind[1:]), r) if kind[0] == "b" else (b, int(kind[1:]))
     fields = dict(kv.split("=", 1) for kv in args.set)
+    if args.measure_only:  # no training: the modelled peak beside the one measured in a fresh process
+        spec = validate(raw)
+        gc = str(fields.get("model.gradient_checkpointing", "false")).lower() == "true"
+        memory = L.Memory(
+            shape, ALL_TARGETS, tokens=spec.train.micro_batch_size * spec.data.max_length, checkpointing=gc,
+            loss_chunk=spec.train.loss_chunk_tokens,
+        )  # fmt: skip
+        modelled, measured = memory(layers), _measured_peak(raw, layers, fields)
+        print(
+            f"\n{describe(layers)} {' '.join(args.set)}: modelled peak {modelled / MIB:.1f} MiB, measured "
+            f"{measured / MIB:.1f} MiB ({100 * (modelled / measured - 1):+.1f} %)"
+        )
+        return {"plan": describe(layers), "set": fields, "modelled_peak": modelled, "measured_peak": measured}
     metrics = _train_layers(raw, layers, fields, "bench-plan")
     spec = validate(raw)
     tokens = spec.train.micro_batch_size * spec.data.max_length
@@ -376,6 +391,9 @@ def main(argv=None) -> int:
     p.add_argument("--budget", help="layerwise: the budget (default: the baseline's modelled memory), e.g. 105%%")
     p.add_argument("--layers", help="plan: per-layer changes to uniform NF4 rank 8, e.g. 'b8:29,11 r0:24,25'")
     p.add_argument("--set", action="append", default=[], help="plan: a spec override field=value (repeatable)")
+    p.add_argument(
+        "--measure-only", action="store_true", help="plan: no training; the modelled and measured (fresh process) peak"
+    )
     args = p.parse_args(argv)
     args.steps = args.steps or (24 if args.which == "asha" else 20)
     result = {"asha": asha, "layerwise": layerwise, "plan": plan}[args.which](args)

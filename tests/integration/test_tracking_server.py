@@ -202,9 +202,17 @@ def test_a_sweep_records_every_trial_on_the_server(server, trained, tiny_model_d
         chat_data,
         name="srv-sweep",
         train={"max_steps": 2, "eval_every": 1},
-        scaling={"cpus_per_worker": 0.9},  # two trials at once on the 2 CPUs
+        scaling={"cpus_per_worker": 0.9},
         tracking={"registered_model": "srv-sweep-best"},
-        tune={"space": {"train.lr": {"grid": [1e-4, 0.02]}}, "num_samples": 1, "scheduler": "fifo"},
+        # one trial at a time: what this test checks is the records. Run two at once here, a trial twice (of
+        # 4 CI runs) never logged a step while the other finished, and the sweep waited until the timeout;
+        # not understood yet. Trials at once are the ASHA test's (tests/integration/test_tuning.py).
+        tune={
+            "space": {"train.lr": {"grid": [1e-4, 0.02]}},
+            "num_samples": 1,
+            "scheduler": "fifo",
+            "max_concurrent_trials": 1,
+        },
     )
     result = sweep(spec)
     url = server["url"]
