@@ -269,7 +269,7 @@ def load_checked_spec(path, overrides=(), check_urls: bool = True) -> JobSpec:
     from pipelines.spec import SpecError, load_spec
 
     spec = load_spec(path, overrides, check_urls=check_urls)
-    problems = architecture_problems(spec) + split_problems(spec.data)
+    problems = architecture_problems(spec) + split_problems(spec.data) + storage_problems(spec)
     if not problems:
         problems = sample_problems(spec)
     if problems:
@@ -277,6 +277,31 @@ def load_checked_spec(path, overrides=(), check_urls: bool = True) -> JobSpec:
     for warning in data_warnings(spec):
         print(f"[raypeft] warning: {warning}", file=sys.stderr)
     return spec
+
+
+def storage_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """Before Ray, on the driver: a local ``checkpoint.storage`` where no directory can be made. A directory is
+    made in it (or its nearest existing parent) and removed at once; permissions alone don't say it (root
+    may write anywhere but in /proc)."""
+    import tempfile
+
+    storage = spec.checkpoint.storage
+    if not storage or "://" in storage:
+        return []
+    p = Path(os.path.expanduser(storage))
+    where = p if p.is_dir() else next((a for a in p.parents if a.is_dir()), None)
+    if where is None:  # the spec's own check names it
+        return []
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".raypeft-check-", dir=where))
+    except OSError as e:
+        return [
+            (
+                "checkpoint.storage",
+                f"is not writable: can't make a directory in {where} ({e.strerror}) (got {quote(storage)})",
+            )
+        ]
+    return []
 
 
 def _as_problem(e: Exception) -> tuple[str, str]:

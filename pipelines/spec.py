@@ -25,7 +25,6 @@ import json
 import os
 import posixpath
 import re
-import tempfile
 import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -479,22 +478,13 @@ def _path_value_problems(spec: JobSpec) -> list[Problem]:
 
 
 def _storage_problem(p: Path) -> str | None:
-    """A local checkpoint location the driver can't use: not a directory, or one where no directory can be
-    made. Where it doesn't exist yet, its nearest existing parent is tried: a directory is made there and
-    removed at once (permissions alone don't say it: root may write anywhere but in /proc)."""
+    """A local checkpoint location that is not a directory, or whose nearest existing parent is not one.
+    Whether a directory can really be made there is the driver's check (``preflight.storage_problems``):
+    validation also runs in every Tune trial, which must not write."""
     if p.exists():
-        if not p.is_dir():
-            return "is not a directory; checkpoints need one"
-        where = p
-    else:
-        where = next((a for a in p.parents if a.exists()), Path("/"))
-        if not where.is_dir():
-            return f"can't be made: {where} is not a directory"
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".raypeft-check-", dir=where))
-    except OSError as e:
-        return f"is not writable: can't make a directory in {where} ({e.strerror})"
-    return None
+        return None if p.is_dir() else "is not a directory; checkpoints need one"
+    where = next((a for a in p.parents if a.exists()), Path("/"))
+    return None if where.is_dir() else f"can't be made: {where} is not a directory"
 
 
 def _name_problems(spec: JobSpec) -> list[Problem]:
