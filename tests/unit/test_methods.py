@@ -244,3 +244,36 @@ def test_an_eval_between_qlora_steps_leaves_the_training_path_as_it_was(tiny_mod
     a, b = train(probe=False), train(probe=True)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_without_args_every_lora_family_config_the_schema_accepts_builds(tiny_model_dir, chat_data):
+    """The LoRA family's validation imports PEFT only for free-form ``method.args`` (a bad spec is refused in
+    well under a second): that is sound only while every method section the schema and the target checks
+    accept builds a ``LoraConfig``, with each method's switches. Drawn here, so a PEFT upgrade that adds a
+    check of its own fails this test rather than a job on its workers."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    family = ["lora", "rslora", "lora_plus", "dora", "qlora", "qdora"]
+
+    regex = st.sampled_from([r".*\.q_proj", r"model\.layers\.[0-3]\..*_proj", r".*(up|down)_proj"])
+    suffixes = st.lists(st.sampled_from(["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj"]), min_size=1)
+    section = st.fixed_dictionaries(
+        {
+            "name": st.sampled_from(family),
+            "r": st.integers(1, 65536),
+            "alpha": st.floats(1e-6, 1e6, allow_nan=False),
+            "dropout": st.floats(0, 0.999),
+            "target_modules": st.one_of(st.just("all-linear"), regex, suffixes),
+            "rank_pattern": st.dictionaries(regex, st.integers(1, 65536), max_size=2),
+            "alpha_pattern": st.dictionaries(regex, st.floats(1e-6, 1e6, allow_nan=False), max_size=2),
+        }
+    )
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(section)
+    def check(method):
+        spec = tiny_spec(tiny_model_dir, chat_data, method=method)  # validates: no PEFT config built
+        methods.get_method(method["name"]).peft_config(spec, None)  # raises if PEFT would refuse it
+
+    check()
