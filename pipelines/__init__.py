@@ -6,7 +6,10 @@ absent, in every command, whether or not anything is quantized. Training never u
 
 It also quiets transformers' FutureWarning that ``is_gradient_checkpointing`` is deprecated, which PEFT's
 ``get_peft_model`` triggers by reading that attribute, in every command that checks a spec: a notice about
-two libraries' versions, nothing a user can act on."""
+two libraries' versions, nothing a user can act on.
+
+And it loads the method registry, whose check of the method section every ``pipelines.spec.validate`` runs
+(``register_check``): the spec imports none of its consumers."""
 
 import logging
 import warnings
@@ -18,3 +21,5 @@ def _not_the_hub_kernel_notice(record: logging.LogRecord) -> bool:
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_hub_kernel_notice)
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+from pipelines import methods as _methods  # noqa: E402,F401 - registers the methods' spec checks

@@ -238,7 +238,7 @@ def submit(args) -> int:
 def plan(args) -> int:
     from cluster.memory import parse_bytes
     from pipelines.plan import CPU_NOTE, breakdown_of, plan_of, render, shape_of
-    from pipelines.spec import load_spec
+    from pipelines.tunespec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
     try:

@@ -28,11 +28,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from pipelines.methods import Prepared
     from pipelines.spec import JobSpec
 
-ADAPTER_DIR = "adapter"
+from pipelines.storage import ADAPTER_DIR, PROBE_FILE  # noqa: F401 - PROBE_FILE: the worker writes it
+
 STATE_FILE = "state.pt"
 DS_DIR = "deepspeed"
 DS_TAG = "state"
-PROBE_FILE = "probe.pt"
 
 
 def save_adapter(model, directory: Path, spec: JobSpec, state_dict: dict | None = None) -> None:

@@ -30,6 +30,7 @@ from pipelines.targets import target_matches
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.methods import Prepared
     from pipelines.spec import JobSpec
+    from pipelines.tunespec import TunedJobSpec
 
 
 class PreflightError(RuntimeError):
@@ -266,7 +267,8 @@ def load_checked_spec(path, overrides=(), check_urls: bool = True) -> JobSpec:
     Raises:
         SpecError: listing every problem (the CLI exits 2).
     """
-    from pipelines.spec import SpecError, load_spec
+    from pipelines.spec import SpecError
+    from pipelines.tunespec import load_spec
 
     spec = load_spec(path, overrides, check_urls=check_urls)
     problems = architecture_problems(spec) + split_problems(spec.data) + storage_problems(spec)
@@ -276,6 +278,20 @@ def load_checked_spec(path, overrides=(), check_urls: bool = True) -> JobSpec:
         raise SpecError(problems)
     for warning in data_warnings(spec):
         print(f"[raypeft] warning: {warning}", file=sys.stderr)
+    return spec
+
+
+def load_tuned(path, overrides=()) -> TunedJobSpec:
+    """Read, override and validate a tuned job spec (its ``tune`` section required), target modules checked
+    against the base: everything checkable before Ray starts (``raypeft tune``, ``layerwise``, ``validate``)."""
+    from pipelines.spec import SpecError, resolve_paths
+    from pipelines.specbase import load_file
+    from pipelines.tunespec import validate
+
+    spec = load_file(path, overrides, lambda raw: validate(resolve_paths(raw)))
+    problems = architecture_problems(spec) + split_problems(spec.data)
+    if problems:
+        raise SpecError(problems)
     return spec
 
 

@@ -390,8 +390,8 @@ class Prepared:
 def cache_root(spec: JobSpec) -> Path:
     """``<checkpoint.storage>/data-cache`` (storage every node sees, like the checkpoints), or under
     ``$RAYPEFT_HOME`` when the checkpoint storage is a URL (workers memory-map local files)."""
+    from pipelines.storage import storage_dir
     from pipelines.tracking import raypeft_home
-    from pipelines.train import storage_dir
 
     storage = storage_dir(spec)
     return Path(storage) / "data-cache" if "://" not in storage else raypeft_home() / "data-cache"
@@ -447,7 +447,6 @@ def prepare(spec: JobSpec, log=print, progress_every_s: float = 5.0) -> Prepared
 def _tokenize(
     spec: JobSpec, tok, eval_source: str | None, out: Path, key_parts: dict, log, progress_every_s: float
 ) -> None:
-    import numpy as np
     import ray
     import ray.data
 
@@ -458,7 +457,6 @@ def _tokenize(
         chunks += plan_chunks(eval_source, "eval", 8 * cpus, d.eval_split)
     for i, c in enumerate(chunks):
         c["chunk"] = i
-    total_bytes = sum(c["end"] - c["start"] for c in chunks if c["kind"] == "jsonl")
     staging = out.parent / f".staging-{out.name}-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     job = _Job(tok, d.format, d.max_length, str(staging))
@@ -470,30 +468,54 @@ def _tokenize(
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
         _map_chunks, batch_size=1, fn_kwargs={"job": job}, num_cpus=1
     )
-    t0 = last = time.perf_counter()
-    results: list[dict[str, Any]] = []
-    done_bytes = records = 0
     try:
-        for row in ds.iter_rows():
-            r = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-            results.append(r)
-            records += r["records"]
-            done_bytes += r["bytes"]
-            if r["invalid"] and not d.skip_invalid:
-                raise _bad_records(chunks, results, d)
-            now = time.perf_counter()
-            if now - last >= progress_every_s:
-                last = now
-                rate = records / (now - t0)
-                frac = done_bytes / total_bytes if total_bytes else len(results) / len(chunks)
-                eta = (now - t0) * (1 - frac) / frac if frac > 0 else 0
-                log(
-                    f"[raypeft] data: {len(results)}/{len(chunks)} chunks, {records:,} records, "
-                    f"{rate:,.0f} records/s, ETA {eta:.0f}s"
-                )
+        results, stats = _run_chunks(ds, chunks, d, log, progress_every_s)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    seconds, records = stats["tokenize_s"], int(stats["records"])
+    if stats["skipped_records"]:
+        shown = _bad_records(chunks, results, d)
+        log(f"[raypeft] data: skipped {int(stats['skipped_records'])} invalid record(s) (data.skip_invalid): {shown}")
+    splits = _merge_splits(staging, chunks, results)
+    meta = {"key": key_parts, "splits": splits, "stats": stats, "chunks": chunks, "created": time.time()}
+    (staging / "meta.json").write_text(json.dumps(meta, indent=1))
+    try:
+        os.rename(staging, out)  # atomic: a concurrent trial's identical result may have won
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(
+        f"[raypeft] data: {records:,} records → {int(stats['tokens']):,} tokens in {seconds:.1f}s "
+        f"({stats['records_per_s']:,.0f} records/s on {int(stats['nodes'])} node(s))"
+    )
+
+
+def _run_chunks(
+    ds, chunks: list[dict], d, log, progress_every_s: float
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Each chunk's result, in chunk order, with progress every ``progress_every_s``; the run's stats. Invalid
+    records end it (``DataError``) unless ``data.skip_invalid``."""
+    total_bytes = sum(c["end"] - c["start"] for c in chunks if c["kind"] == "jsonl")
+    t0 = last = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    done_bytes = records = 0
+    for row in ds.iter_rows():
+        r = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+        results.append(r)
+        records += r["records"]
+        done_bytes += r["bytes"]
+        if r["invalid"] and not d.skip_invalid:
+            raise _bad_records(chunks, results, d)
+        now = time.perf_counter()
+        if now - last >= progress_every_s:
+            last = now
+            rate = records / (now - t0)
+            frac = done_bytes / total_bytes if total_bytes else len(results) / len(chunks)
+            eta = (now - t0) * (1 - frac) / frac if frac > 0 else 0
+            log(
+                f"[raypeft] data: {len(results)}/{len(chunks)} chunks, {records:,} records, "
+                f"{rate:,.0f} records/s, ETA {eta:.0f}s"
+            )
     seconds = time.perf_counter() - t0
     results.sort(key=lambda r: r["chunk"])
     stats: dict[str, float] = {
@@ -505,9 +527,14 @@ def _tokenize(
         "records_per_s": records / max(seconds, 1e-9),
         "nodes": float(len({r["node"] for r in results})),
     }
-    if stats["skipped_records"]:
-        shown = _bad_records(chunks, results, d)
-        log(f"[raypeft] data: skipped {int(stats['skipped_records'])} invalid record(s) (data.skip_invalid): {shown}")
+    return results, stats
+
+
+def _merge_splits(staging: Path, chunks: list[dict], results: list[dict]) -> dict[str, Any]:
+    """Each split's per-chunk lengths and masks joined into one array each, with the offsets; its token shards
+    stay one file per chunk."""
+    import numpy as np
+
     splits: dict[str, Any] = {}
     for split in ("train", "eval"):
         mine = [r for r in results if chunks[r["chunk"]]["split"] == split]
@@ -530,16 +557,7 @@ def _tokenize(
             "records": int(len(lens)),
             "usable": int((lens > 0).sum()),
         }
-    meta = {"key": key_parts, "splits": splits, "stats": stats, "chunks": chunks, "created": time.time()}
-    (staging / "meta.json").write_text(json.dumps(meta, indent=1))
-    try:
-        os.rename(staging, out)  # atomic: a concurrent trial's identical result may have won
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-    log(
-        f"[raypeft] data: {records:,} records → {int(stats['tokens']):,} tokens in {seconds:.1f}s "
-        f"({stats['records_per_s']:,.0f} records/s on {int(stats['nodes'])} node(s))"
-    )
+    return splits
 
 
 def _bad_records(chunks: list[dict], results: list[dict], d) -> D.DataError:

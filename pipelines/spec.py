@@ -1,7 +1,7 @@
 """The job spec: one typed, validated description of a training job.
 
 A spec is YAML. It is parsed and validated exactly once, on the driver, before any
-Ray resource starts (``load_spec``). Every problem is collected and reported at
+Ray resource starts (``pipelines.tunespec.load_spec``). Every problem is collected and reported at
 once, each naming the dotted field and quoting the bad value. The validated
 ``JobSpec`` is frozen and passed through unmutated to the workers; values that
 depend on other fields (the effective quantization of a QLoRA job, say) are
@@ -11,7 +11,7 @@ Each field's description is its one and only documentation: ``raypeft train
 --help``, ``raypeft spec`` and the docs' spec reference are generated from it.
 
 The ``tune`` section is run only by ``raypeft tune`` / ``raypeft layerwise``; here it is an opaque
-mapping. A spec *file* is one document, though: ``load_spec`` validates a ``tune`` section with
+mapping. A spec *file* is one document, though: ``pipelines.tunespec.load_spec`` validates a ``tune`` section with
 ``pipelines.tunespec`` (``TunedJobSpec``) whichever command reads the file, ``raypeft train`` included.
 
 This module imports neither Ray nor torch, so validation is instant.
@@ -26,6 +26,7 @@ import os
 import posixpath
 import re
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -392,22 +393,6 @@ def validate(raw: dict[str, Any], base_dir: str | os.PathLike | None = None, che
     return validate_spec(JobSpec, raw, lambda spec: semantic_problems(spec, base_dir, check_urls))
 
 
-def load_spec(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), check_urls: bool = True) -> JobSpec:
-    """Read, override, resolve local paths (``resolve_paths``) and validate a job spec file, ``tune`` section
-    included (``validate_document``)."""
-    return load_file(path, overrides, lambda raw: validate_document(resolve_paths(raw), check_urls=check_urls))
-
-
-def validate_document(raw: dict[str, Any], base_dir=None, check_urls: bool = True) -> JobSpec:
-    """``validate``, and when the document has a ``tune`` section, that section too: the result is then a
-    ``pipelines.tunespec.TunedJobSpec`` (a ``JobSpec``), so no section of a file goes unchecked."""
-    if isinstance(raw, dict) and raw.get("tune"):
-        from pipelines.tunespec import validate as validate_tuned  # builds on this module: imported late
-
-        return validate_tuned(raw, base_dir, check_urls=check_urls)
-    return validate(raw, base_dir, check_urls)
-
-
 PATH_FIELDS = (("data", "train"), ("data", "eval"), ("model", "base"), ("checkpoint", "storage"))
 
 
@@ -563,33 +548,51 @@ def _url_exists(url: str) -> tuple[bool, str | None]:
         return False, f"{type(e).__name__}: {e}"
 
 
+_CHECKS: list[Callable[[JobSpec], list[Problem]]] = []
+
+
+def register_check(check: Callable[[JobSpec], list[Problem]]) -> Callable[[JobSpec], list[Problem]]:
+    """Add a consumer's own cross-field check (the methods register theirs: ``pipelines.methods``), run by
+    every ``validate`` once the spec's own target patterns are sound, as PEFT's configs check themselves:
+    the spec asks no consumer anything, and imports none."""
+    _CHECKS.append(check)
+    return check
+
+
 def semantic_problems(
     spec: JobSpec, base_dir: str | os.PathLike | None = None, check_urls: bool = True
 ) -> list[tuple[str, str]]:
-    """Cross-field checks that a schema cannot express. Pure: reads only the filesystem."""
-    from pipelines.methods import method_problems
-
+    """Cross-field checks that a schema cannot express, then the registered ones (``register_check``). Pure:
+    reads only the filesystem."""
     base = Path(base_dir or os.getcwd())
-    problems: list[tuple[str, str]] = []
     bad_paths = _path_value_problems(spec)
-    problems += bad_paths
-    problems += _name_problems(spec)
     bad = {f for f, _ in bad_paths}
+    problems = [*bad_paths, *_name_problems(spec), *_base_problems(spec, base, bad)]
+    targets = _target_problems(spec)
+    problems += targets
+    if not targets:  # PEFT's config classes would raise on a bad regex
+        for check in _CHECKS:
+            problems += check(spec)
+    problems += _plan_problems(spec)
+    problems += _data_problems(spec, base, bad, check_urls)
+    problems += _train_problems(spec)
+    problems += _tracking_problems(spec)
+    return problems
 
+
+def _base_problems(spec: JobSpec, base: Path, bad: set[str]) -> list[Problem]:
     m = spec.model
     local = base / os.path.expanduser(m.base) if "model.base" not in bad else None
     if local is not None and m.base not in BUILTIN_BASES and (m.base.startswith((".", "/", "~")) or local.exists()):
         if local.exists() and not local.is_dir():  # a hub id never names a local file
-            problems.append(("model.base", f"is a file, not a model directory (got {quote(m.base)})"))
+            return [("model.base", f"is a file, not a model directory (got {quote(m.base)})")]
         elif not (local / "config.json").is_file():
-            problems.append(("model.base", f"local model directory has no config.json (got {quote(m.base)})"))
+            return [("model.base", f"local model directory has no config.json (got {quote(m.base)})")]
+    return []
 
-    targets = _target_problems(spec)
-    problems += targets
-    if not targets:  # PEFT's config classes would raise on a bad regex
-        problems += method_problems(spec)
-    problems += _plan_problems(spec)
 
+def _data_problems(spec: JobSpec, base: Path, bad: set[str], check_urls: bool) -> list[Problem]:
+    problems = []
     for field, value in (("data.train", spec.data.train), ("data.eval", spec.data.eval)):
         if value is not None and field not in bad:
             p = _data_source_problem(field, value, base, check_urls)
@@ -601,7 +604,11 @@ def semantic_problems(
         )
     if spec.data.eval is None and spec.data.eval_fraction == 0 and (spec.train.eval_every or spec.data.task != "none"):
         problems.append(("data.eval_fraction", "0 leaves no eval split; set data.eval or a fraction > 0 (got 0)"))
+    return problems
 
+
+def _train_problems(spec: JobSpec) -> list[Problem]:
+    problems = []
     t = spec.train
     if t.warmup_steps >= t.max_steps:
         problems.append(("train.warmup_steps", f"must be < train.max_steps ({t.max_steps}) (got {t.warmup_steps})"))
@@ -629,12 +636,15 @@ def semantic_problems(
                 f"must be <= train.max_steps ({t.max_steps}) (got {spec.checkpoint.every_steps})",
             )
         )
-
     if not spec.scaling.use_gpu and spec.model.dtype == "float16":
         problems.append(
             ("model.dtype", "float16 training is not supported on CPU; use float32 or bfloat16 (got 'float16')")
         )
+    return problems
 
+
+def _tracking_problems(spec: JobSpec) -> list[Problem]:
+    problems = []
     uri = spec.tracking.tracking_uri
     if uri is not None and uri.startswith(("http://", "https://")) and not urllib.parse.urlsplit(uri).hostname:
         problems.append(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -21,17 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.spec import JobSpec, SpecError
+from pipelines.storage import ADAPTER_DIR, storage_dir  # noqa: F401 - storage_dir: also the tuner's
 
 JOB_STATE = "raypeft_job.json"
-
-
-def storage_dir(spec: JobSpec) -> str:
-    from pipelines.tracking import raypeft_home
-
-    if spec.checkpoint.storage is None:
-        return str(raypeft_home() / "runs")
-    s = spec.checkpoint.storage
-    return s if "://" in s else str(Path(os.path.expanduser(s)).resolve())
 
 
 def _run_name(spec: JobSpec, storage: str) -> tuple[str, dict[str, Any] | None]:
@@ -127,7 +118,6 @@ def run(spec: JobSpec, log=print) -> dict[str, Any]:
         run_id = tracking.start_run(spec, uri, run_name, {**lineage, "raypeft.job": run_name})
     _write_state(storage, run_name, {"status": "running", "mlflow_run_id": run_id, "tracking_uri": uri})
     log(f"[raypeft] MLflow run {run_id} at {uri}")
-    from pipelines.loop import ADAPTER_DIR
 
     loop = {"spec": spec, "run_id": run_id, "tracking_uri": uri, "data_dir": data.layout}
     trainer = make_trainer(spec, loop, run_name, storage)

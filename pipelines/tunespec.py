@@ -1,5 +1,5 @@
 """The ``tune`` section of a job spec: a Ray Tune sweep and the layerwise bit-width × rank search. Every command
-that reads a spec file validates it (``pipelines.spec.validate_document``); ``tuning`` runs it.
+that reads a spec file validates it (``load_spec``, ``validate_document``); ``tuning`` runs it.
 
 Pure: no Ray, no torch. The sweep's search space names spec fields by their dotted path::
 
@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 
 from pipelines.spec import JobSpec, Problem, SpecError, resolve_paths, semantic_problems
+from pipelines.spec import validate as validate_job
 from pipelines.specbase import SEED_MAX, STEPS_MAX, Float, Int, Section, load_file, set_path, validate_spec
 
 Rank = Annotated[Int, Field(ge=0)]
@@ -168,8 +169,6 @@ def trial_raw(raw: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
 
 def space_problems(raw: dict[str, Any], tune: TuneSpec, base_dir=None, check_urls: bool = True) -> list[Problem]:
     """Problems with the sweep: malformed domains, and values the job spec would refuse."""
-    from pipelines.spec import validate as validate_job
-
     out: list[tuple[str, str]] = []
     values: dict[str, list[Any]] = {}
     for field, dom in tune.space.items():
@@ -270,16 +269,18 @@ def validate(raw: dict[str, Any], base_dir=None, check_urls: bool = True) -> Tun
     return validate_spec(TunedJobSpec, raw, lambda spec: tune_problems(spec, base_dir, check_urls))
 
 
-def load(path, overrides=()) -> TunedJobSpec:
-    """Read, override and validate a tuned job spec, target modules checked against the base: everything
-    checkable before Ray starts."""
-    from pipelines.preflight import architecture_problems, split_problems
+def load_spec(path, overrides: list[str] | tuple[str, ...] = (), check_urls: bool = True) -> JobSpec:
+    """Read, override, resolve local paths (``resolve_paths``) and validate a job spec file, ``tune`` section
+    included (``validate_document``): what every command that reads a spec file does."""
+    return load_file(path, overrides, lambda raw: validate_document(resolve_paths(raw), check_urls=check_urls))
 
-    spec = load_file(path, overrides, lambda raw: validate(resolve_paths(raw)))
-    problems = architecture_problems(spec) + split_problems(spec.data)
-    if problems:
-        raise SpecError(problems)
-    return spec
+
+def validate_document(raw: dict[str, Any], base_dir=None, check_urls: bool = True) -> JobSpec:
+    """``pipelines.spec.validate``, and when the document has a ``tune`` section, that section too: the result
+    is then a ``TunedJobSpec`` (a ``JobSpec``), so no section of a file goes unchecked."""
+    if isinstance(raw, dict) and raw.get("tune"):
+        return validate(raw, base_dir, check_urls=check_urls)
+    return validate_job(raw, base_dir, check_urls)
 
 
 def with_tune(job: JobSpec, tune: TuneSpec) -> TunedJobSpec:

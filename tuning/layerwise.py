@@ -133,51 +133,62 @@ def seed_plans(
     def three(hi: int, mid: int, lo: int) -> Layers:
         return [(bits[0], (hi, mid, lo)[tier[i]]) for i in range(n)]
 
-    def upgrade_bits(plan: Layers) -> Layers:
-        plan = list(plan)
-        while True:
-            gains = []
-            for i, (b, _r) in enumerate(plan):
-                if b != bits[-1]:
-                    nxt = bits[bits.index(b) + 1]
-                    gain = sensitivity.get(b, [0.0] * n)[i] - sensitivity.get(nxt, [0.0] * n)[i]
-                    gains.append((gain, i, nxt))
-            for _gain, i, nxt in sorted(gains, reverse=True):
-                trial = plan[:i] + [(nxt, plan[i][1])] + plan[i + 1 :]
-                if fits(trial):
-                    plan = trial
-                    break
-            else:
-                return plan
-
-    def upgrade_ranks(plan: Layers) -> Layers:
-        plan = list(plan)
-        for i in order:  # most important first, one step each, while the plan fits
-            b, r = plan[i]
-            if 0 < r < nz[-1]:
-                trial = plan[:i] + [(b, nz[nz.index(r) + 1])] + plan[i + 1 :]
-                if fits(trial):
-                    plan = trial
-        return plan
-
     lo, mid, hi = sorted(ranks)[0], nz[len(nz) // 2], nz[-1]
     starts = []
     if lo == 0:
         for k in sorted({max(1, n // 8), max(1, n // 4), max(1, n // 3)}):  # the bottom k layers
             if k < n:
-                starts.append(upgrade_ranks([(bits[0], 0 if i < k else mid) for i in range(n)]))
+                starts.append(_upgrade_ranks([(bits[0], 0 if i < k else mid) for i in range(n)], order, nz, fits))
         for k in sorted({1, 2, max(3, n // 8)}):  # the k least important layers
             if k < n:
-                starts.append(upgrade_ranks([(bits[0], 0 if order.index(i) >= n - k else mid) for i in range(n)]))
+                starts.append(
+                    _upgrade_ranks(
+                        [(bits[0], 0 if order.index(i) >= n - k else mid) for i in range(n)], order, nz, fits
+                    )
+                )
     starts += [two(mid, nz[0]), two(hi, mid), two(hi, nz[0]), three(hi, mid, lo), three(hi, mid, nz[0])]
     for start in [*(s for s in seeds if s[0][0] == bits[0]), *starts]:
         if fits(start):
-            seeds += [start, upgrade_bits(start)]
+            seeds += [start, _upgrade_bits(start, bits, sensitivity, fits)]
     unique: list[Layers] = []
     for s in seeds:
         if s not in unique and any(r for _, r in s):
             unique.append(s)
     return unique
+
+
+def _upgrade_bits(
+    plan: Layers, bits: list[int], sensitivity: dict[int, list[float]], fits: Callable[[Layers], bool]
+) -> Layers:
+    """``plan`` with bits raised greedily: the layer whose quantization hurts most (per step up) moves up one
+    bit-width, while the plan fits."""
+    plan, n = list(plan), len(plan)
+    while True:
+        gains = []
+        for i, (b, _r) in enumerate(plan):
+            if b != bits[-1]:
+                nxt = bits[bits.index(b) + 1]
+                gain = sensitivity.get(b, [0.0] * n)[i] - sensitivity.get(nxt, [0.0] * n)[i]
+                gains.append((gain, i, nxt))
+        for _gain, i, nxt in sorted(gains, reverse=True):
+            trial = plan[:i] + [(nxt, plan[i][1])] + plan[i + 1 :]
+            if fits(trial):
+                plan = trial
+                break
+        else:
+            return plan
+
+
+def _upgrade_ranks(plan: Layers, order: list[int], nz: list[int], fits: Callable[[Layers], bool]) -> Layers:
+    """``plan`` with ranks raised one step each, most important layer (``order``) first, while it fits."""
+    plan = list(plan)
+    for i in order:
+        b, r = plan[i]
+        if 0 < r < nz[-1]:
+            trial = plan[:i] + [(b, nz[nz.index(r) + 1])] + plan[i + 1 :]
+            if fits(trial):
+                plan = trial
+    return plan
 
 
 def repair(

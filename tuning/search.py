@@ -14,6 +14,7 @@ import json
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,33 +136,74 @@ def _constraints(trial) -> list[float]:
     return trial.user_attrs.get("constraint", [0.0, 0.0])
 
 
+@dataclass
+class _Search:
+    """One search's fixed parts, passed from phase to phase: the spec under the baseline's settings, the
+    baseline plan, the budget and memory model, and its MLflow parent run."""
+
+    spec: TunedJobSpec
+    baseline: L.Layers | None
+    budget: int
+    mem: Any  # the spec's memory model (plan_memory)
+    name: str
+    uri: str
+    parent: str
+    client: Any
+    log: Any
+
+    def fits(self, layers: L.Layers) -> bool:
+        return self.mem(layers) <= self.budget and any(r for _, r in layers)
+
+
 def search(spec: TunedJobSpec, budget: int | None = None, out: str | None = None, log=print) -> dict[str, Any]:
     """The search, under the baseline's settings (``under_baseline``); ``budget`` in bytes, default
-    ``budget_of`` the spec."""
-    import ray
-    from optuna.samplers import NSGAIISampler
-    from ray.tune.search.optuna import OptunaSearch
+    ``budget_of`` the spec. Phases: calibrate, short trials (NSGA-II), full-length trials of the best few
+    and the reference, outputs."""
+    s = _start(spec, budget, log)
+    t0 = time.time()
+    seeds, cal = _calibrate(s)
+    rows = _short_trials(s, seeds, cal)
+    if not rows:
+        from pipelines import tracking
 
-    from cluster.connect import init_ray
+        tracking.fail_run(s.uri, s.parent, "no plan within budget trained")
+        return {"name": s.name, "parent_run_id": s.parent, "front": [], "plan_spec": None}
+    front = [rows[i] for i in L.pareto_front([(r["short_eval_loss"], r["memory_bytes"]) for r in rows])]
+    log(f"[raypeft] {len(rows)} plan(s) trained within budget, {len(front)} on the Pareto front")
+    promoted, reference, chosen = _full_trials(s, rows, front)
+    out_path = _outputs(s, rows, front, promoted, reference, chosen, out)
+    return {
+        "name": s.name,
+        "parent_run_id": s.parent,
+        "tracking_uri": s.uri,
+        "budget_bytes": s.budget,
+        "baseline": s.spec.tune.layerwise.baseline,
+        "gradient_checkpointing": s.spec.model.gradient_checkpointing,
+        "wall_s": round(time.time() - t0, 1),
+        "plan_spec": str(out_path),
+        "chosen": {**chosen, "describe": describe(chosen["layers"])},
+        "front": front,
+        "reference": reference,
+        "promoted": promoted,
+        "plans_trained": len(rows),
+    }
+
+
+def _start(spec: TunedJobSpec, budget: int | None, log) -> _Search:
+    """The baseline's settings and the budget; a budget no plan fits is refused before the parent run."""
     from pipelines import tracking
     from pipelines.train import job_lineage
-    from tuning.calibrate import calibrate
 
     spec, baseline = under_baseline(spec)
     budget = budget_of(spec, baseline) if budget is None else budget
     lw = spec.tune.layerwise
     mem = plan_memory(spec)
-    shape, targets = mem.shape, mem.targets
     what = (
         f"peak memory ({spec.train.micro_batch_size} × {spec.data.max_length} tokens)"
         if mem.tokens
         else "weights + adapter memory"
     )
-
-    def fits(layers: L.Layers) -> bool:
-        return mem(layers) <= budget and any(r for _, r in layers)
-
-    smallest = mem(L.uniform(shape, min(lw.bits), min([r for r in lw.ranks if r] or [1])))
+    smallest = mem(L.uniform(mem.shape, min(lw.bits), min([r for r in lw.ranks if r] or [1])))
     if smallest > budget:
         raise SpecError(
             [
@@ -186,12 +228,21 @@ def search(spec: TunedJobSpec, budget: int | None = None, out: str | None = None
         else "no baseline"
     )
     log(
-        f"[raypeft] layerwise search {name}: {shape.layers} layers × bits {lw.bits} × ranks {lw.ranks}, "
+        f"[raypeft] layerwise search {name}: {mem.shape.layers} layers × bits {lw.bits} × ranks {lw.ranks}, "
         f"budget {budget / MIB:.1f} MiB of {what}, {against}; MLflow parent run {parent}"
     )
-    t0 = time.time()
+    return _Search(spec, baseline, budget, mem, name, uri, parent, c, log)
 
-    # ---- phase 1: calibration (a Ray task, so it runs on the cluster like the trials)
+
+def _calibrate(s: _Search) -> tuple[list[L.Layers], dict[str, Any]]:
+    """Phase 1, calibration (a Ray task, so it runs on the cluster like the trials), and the seed plans it
+    gives, the baseline first."""
+    import ray
+
+    from cluster.connect import init_ray
+    from tuning.calibrate import calibrate
+
+    spec, lw, shape = s.spec, s.spec.tune.layerwise, s.mem.shape
     # nothing of the search runs during calibration: it is scheduled on one CPU, so it never waits for a
     # whole free node, and uses as many threads as the cluster has free CPUs (at most one node's)
     init_ray()
@@ -200,83 +251,87 @@ def search(spec: TunedJobSpec, budget: int | None = None, out: str | None = None
     cal = ray.get(
         ray.remote(calibrate)
         .options(num_cpus=1)
-        .remote(spec, lw.bits, targets, lw.calibration_samples, threads=threads)
+        .remote(spec, lw.bits, s.mem.targets, lw.calibration_samples, threads=threads)
     )
-    c.log_text(parent, json.dumps(cal, indent=1), "calibration.json")
+    s.client.log_text(s.parent, json.dumps(cal, indent=1), "calibration.json")
     order = sorted(
         range(shape.layers), key=lambda i: -max(cal["sensitivity"].get(min(lw.bits), [0] * shape.layers)[i], 0)
     )
-    log(
+    s.log(
         f"[raypeft] most quantization-sensitive layers: {order[:5]}; most rank-important: "
         f"{sorted(range(shape.layers), key=lambda i: -cal['importance'][i])[:5]}"
     )
-    seeds = L.seed_plans(cal["sensitivity"], cal["importance"], lw.bits, lw.ranks, fits)
-    if baseline is not None and fits(baseline):  # trained first, whatever the trial count
-        seeds = [baseline, *(s for s in seeds if s != baseline)]
-    log(f"[raypeft] {len(seeds)} seed plan(s) from the calibration: " + "; ".join(describe(s) for s in seeds[:4]))
+    seeds = L.seed_plans(cal["sensitivity"], cal["importance"], lw.bits, lw.ranks, s.fits)
+    if s.baseline is not None and s.fits(s.baseline):  # trained first, whatever the trial count
+        seeds = [s.baseline, *(x for x in seeds if x != s.baseline)]
+    s.log(f"[raypeft] {len(seeds)} seed plan(s) from the calibration: " + "; ".join(describe(x) for x in seeds[:4]))
+    return seeds, cal
 
-    # ---- phase 2: NSGA-II over (eval loss, memory), short trials
+
+def _short_trials(s: _Search, seeds: list[L.Layers], cal: dict[str, Any]) -> list[dict[str, Any]]:
+    """Phase 2: NSGA-II over (eval loss, memory), short trials. The plans that trained within budget."""
+    from optuna.samplers import NSGAIISampler
+    from ray.tune.search.optuna import OptunaSearch
+
+    lw = s.spec.tune.layerwise
     # short trials rank plans by eval loss only: no generation-based task metric
     short = _with(
-        spec,
+        s.spec,
         {
             "train.max_steps": lw.short_steps,
             "train.eval_every": lw.short_steps,
             "data.task": "none",
-            "train.warmup_steps": min(spec.train.warmup_steps, lw.short_steps - 1),
+            "train.warmup_steps": min(s.spec.train.warmup_steps, lw.short_steps - 1),
             "checkpoint.every_steps": 0,
         },
     )
-
-    space = PlanSpace(mem, lw.bits, lw.ranks, budget, cal["sensitivity"], cal["importance"])
+    space = PlanSpace(s.mem, lw.bits, lw.ranks, s.budget, cal["sensitivity"], cal["importance"])
     sampler = NSGAIISampler(population_size=lw.population, seed=lw.seed, constraints_func=_constraints)
     searcher = OptunaSearch(
         space=space,
         metric=["eval_loss", "memory_bytes"],
         mode=["min", "min"],
         sampler=sampler,
-        points_to_evaluate=[L.to_point(s) for s in seeds[: max(1, 2 * lw.trials // 3)]],
+        points_to_evaluate=[L.to_point(x) for x in seeds[: max(1, 2 * lw.trials // 3)]],
     )  # a third left to NSGA-II
-    grid, logger = run_trials(
+    grid, _ = run_trials(
         short,
-        f"{name}-short",
+        f"{s.name}-short",
         {},
         metric=None,
         mode=None,
         num_samples=lw.trials,
         searcher=searcher,
-        parent_run_id=parent,
-        uri=uri,
+        parent_run_id=s.parent,
+        uri=s.uri,
         max_steps=lw.short_steps,
         verbose=0,
-        log=log,
+        log=s.log,
     )
     rows = []
     for r in grid:
         cfg, last = r.config, (r.metrics or {})
         if r.error or last.get("over_budget") or not isinstance(last.get("eval_loss"), (int, float)):
             continue
-        layers = L.from_point(cfg)
         rows.append(
             {
                 "trial": last.get("trial_id"),
-                "layers": layers,
+                "layers": L.from_point(cfg),
                 "memory_bytes": cfg["memory_bytes"],
                 "short_eval_loss": last["eval_loss"],
             }
         )
-    if not rows:
-        tracking.fail_run(uri, parent, "no plan within budget trained")
-        return {"name": name, "parent_run_id": parent, "front": [], "plan_spec": None}
-    front = [rows[i] for i in L.pareto_front([(r["short_eval_loss"], r["memory_bytes"]) for r in rows])]
-    log(f"[raypeft] {len(rows)} plan(s) trained within budget, {len(front)} on the Pareto front")
+    return rows
 
-    # ---- promote the best few to full-length trials, plus the reference: the baseline, or without one the
-    # largest uniform plan within budget (what one would train without the search), so the search never
-    # returns a plan worse than it
+
+def _full_trials(s: _Search, rows: list[dict], front: list[dict]) -> tuple[list[dict], dict | None, dict]:
+    """Promote the best few to full-length trials, plus the reference: the baseline, or without one the
+    largest uniform plan within budget (what one would train without the search), so the search never
+    returns a plan worse than it. Returns (promoted, reference, chosen)."""
+    spec, lw = s.spec, s.spec.tune.layerwise
     promoted = sorted(front, key=lambda r: r["short_eval_loss"])[: lw.promote]
     uniform = [r for r in rows if L.is_uniform(r["layers"])]
-    reference = next((r for r in rows if r["layers"] == baseline), None)
+    reference = next((r for r in rows if r["layers"] == s.baseline), None)
     if reference is None and uniform:
         reference = max(uniform, key=lambda r: (r["memory_bytes"], -r["short_eval_loss"]))
     if reference is not None and all(p["layers"] != reference["layers"] for p in promoted):
@@ -284,23 +339,27 @@ def search(spec: TunedJobSpec, budget: int | None = None, out: str | None = None
     long_space = {
         "plan": tune.grid_search(
             [
-                {**L.plan_fields(p["layers"], targets), **L.to_point(p["layers"]), "memory_bytes": p["memory_bytes"]}
+                {
+                    **L.plan_fields(p["layers"], s.mem.targets),
+                    **L.to_point(p["layers"]),
+                    "memory_bytes": p["memory_bytes"],
+                }
                 for p in promoted
             ]
         )
     }
-    grid2, logger2 = run_trials(
+    grid2, _ = run_trials(
         spec,
-        f"{name}-long",
+        f"{s.name}-long",
         long_space,
         metric=None,
         mode=None,
         num_samples=1,
-        parent_run_id=parent,
-        uri=uri,
+        parent_run_id=s.parent,
+        uri=s.uri,
         max_steps=spec.train.max_steps,
         verbose=0,
-        log=log,
+        log=s.log,
     )
     for r in grid2:
         layers = L.from_point(r.config["plan"])
@@ -313,18 +372,22 @@ def search(spec: TunedJobSpec, budget: int | None = None, out: str | None = None
     if reference is not None:
         reference = next(p for p in promoted if p["layers"] == reference["layers"])
         if chosen["layers"] == reference["layers"]:
-            log(
+            s.log(
                 f"[raypeft] no searched plan beat the uniform reference ({describe(reference['layers'])}) after "
                 f"{spec.train.max_steps} steps: choosing it"
             )
+    return promoted, reference, chosen
 
-    # ---- phase 3: outputs
+
+def _outputs(s: _Search, rows, front, promoted, reference, chosen, out: str | None) -> Path:
+    """Phase 3: the front's table and plot and the chosen plan's spec, to MLflow and to ``out``."""
+    spec, budget, c, parent = s.spec, s.budget, s.client, s.parent
     table = front_table(front + [p for p in promoted if p not in front], chosen, budget, reference)
     print(table, flush=True)
-    plan_spec = _with(spec, L.plan_fields(chosen["layers"], targets))
+    plan_spec = _with(spec, L.plan_fields(chosen["layers"], s.mem.targets))
     out_path = Path(out or f"{spec.name}-layerwise.yaml")
     header = (
-        f"# written by `raypeft layerwise` ({name}): {describe(chosen['layers'])}\n"
+        f"# written by `raypeft layerwise` ({s.name}): {describe(chosen['layers'])}\n"
         f"# memory {chosen['memory_bytes'] / MIB:.2f} MiB of a {budget / MIB:.2f} MiB budget; "
         f"eval_loss {chosen.get('eval_loss', chosen['short_eval_loss']):.4f}\n"
     )
@@ -348,28 +411,14 @@ def search(spec: TunedJobSpec, budget: int | None = None, out: str | None = None
             }
         ),
     )
-    c.set_tag(parent, "raypeft.baseline", lw.baseline)
+    c.set_tag(parent, "raypeft.baseline", spec.tune.layerwise.baseline)
     c.set_tag(parent, "raypeft.plan", describe(chosen["layers"]))
     c.set_terminated(parent, "FINISHED")
-    log(
+    s.log(
         f"[raypeft] chosen plan: {describe(chosen['layers'])}, {chosen['memory_bytes'] / MIB:.2f} MiB, "
         f"eval_loss {chosen.get('eval_loss', chosen['short_eval_loss']):.4f} → {out_path}  (train it: raypeft train {out_path})"
     )
-    return {
-        "name": name,
-        "parent_run_id": parent,
-        "tracking_uri": uri,
-        "budget_bytes": budget,
-        "baseline": lw.baseline,
-        "gradient_checkpointing": spec.model.gradient_checkpointing,
-        "wall_s": round(time.time() - t0, 1),
-        "plan_spec": str(out_path),
-        "chosen": {**chosen, "describe": describe(chosen["layers"])},
-        "front": front,
-        "reference": reference,
-        "promoted": promoted,
-        "plans_trained": len(rows),
-    }
+    return out_path
 
 
 def front_table(

@@ -226,8 +226,8 @@ def run_trials(
     import ray
 
     from cluster.connect import init_ray
+    from pipelines.storage import storage_dir
     from pipelines.tracking import StepLogger, client
-    from pipelines.train import storage_dir
 
     init_ray()
     from pipelines.prepare import prepare
@@ -352,7 +352,7 @@ def metric_png(
 def register_trial(spec: JobSpec, row: dict[str, Any], uri: str, dest: Path, log=print) -> dict[str, Any]:
     """Log the trial's final adapter on its child run (a LoggedModel) and register it."""
     from pipelines import tracking
-    from pipelines.loop import ADAPTER_DIR
+    from pipelines.storage import ADAPTER_DIR
     from pipelines.train import job_lineage
 
     if dest.exists():
@@ -369,7 +369,7 @@ def register_trial(spec: JobSpec, row: dict[str, Any], uri: str, dest: Path, log
 def sweep(spec: TunedJobSpec, log=print) -> dict[str, Any]:
     """Run the spec's ``tune`` sweep end to end and return the result record."""
     from pipelines import tracking
-    from pipelines.train import job_lineage, storage_dir
+    from pipelines.train import job_lineage
 
     t, fields = spec.tune, list(spec.tune.space)
     name = f"{spec.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -402,12 +402,7 @@ def sweep(spec: TunedJobSpec, log=print) -> dict[str, Any]:
     print(table, flush=True)
 
     c = tracking.client(uri)
-    logs = [f for f, d in t.space.items() if "loguniform" in d]
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "sweep_results.md").write_text(table + "\n")
-        c.log_artifact(parent, str(Path(tmp) / "sweep_results.md"))
-        c.log_artifact(parent, str(metric_png(rows, fields, t.metric, max_steps, Path(tmp) / "sweep.png", logs)))
-
+    _log_results(c, parent, spec, rows, table)
     finished = [
         r for r in rows if r["checkpoint"] and r["steps"] >= max_steps and isinstance(r[t.metric], (int, float))
     ]
@@ -431,6 +426,31 @@ def sweep(spec: TunedJobSpec, log=print) -> dict[str, Any]:
     if not finished:
         tracking.fail_run(uri, parent, "no trial finished")
         return result
+    result["best"] = _register_best(spec, finished, uri, parent, name, summary, log)
+    return result
+
+
+def _log_results(c, parent: str, spec: TunedJobSpec, rows: list[dict], table: str) -> None:
+    """The results table and the metric plot, to the sweep's parent run."""
+    t, fields = spec.tune, list(spec.tune.space)
+    logs = [f for f, d in t.space.items() if "loguniform" in d]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "sweep_results.md").write_text(table + "\n")
+        c.log_artifact(parent, str(Path(tmp) / "sweep_results.md"))
+        c.log_artifact(
+            parent, str(metric_png(rows, fields, t.metric, spec.train.max_steps, Path(tmp) / "sweep.png", logs))
+        )
+
+
+def _register_best(
+    spec: TunedJobSpec, finished: list[dict], uri: str, parent: str, name: str, summary: dict, log
+) -> dict[str, Any]:
+    """The best finished trial's adapter registered, the parent run ended with the sweep's summary."""
+    from pipelines import tracking
+    from pipelines.storage import storage_dir
+
+    t, fields = spec.tune, list(spec.tune.space)
+    c = tracking.client(uri)
     best = (min if t.mode == "min" else max)(finished, key=lambda r: r[t.metric])
     best_spec = validate(trial_raw(spec.model_dump(mode="json", exclude={"tune"}), {f: best[f] for f in fields}))
     reg = register_trial(best_spec, best, uri, Path(storage_dir(spec)) / name / "best_adapter", log)
@@ -438,7 +458,7 @@ def sweep(spec: TunedJobSpec, log=print) -> dict[str, Any]:
     c.set_tag(parent, "raypeft.best_trial", best["trial"])
     c.set_tag(parent, "raypeft.best_model", f"models:/{reg['registered_model']}/{reg['version']}")
     c.set_terminated(parent, "FINISHED")
-    result["best"] = {
+    best_record = {
         "trial": best["trial"],
         "config": {f: best[f] for f in fields},
         t.metric: best[t.metric],
@@ -448,9 +468,10 @@ def sweep(spec: TunedJobSpec, log=print) -> dict[str, Any]:
     log(
         f"[raypeft] best trial {best['trial']}: {t.metric} {best[t.metric]:.4f} with "
         + ", ".join(f"{f}={_fmt(best[f])}" for f in fields)
-        + f"; {summary['stopped_early']} of {len(rows)} trials stopped early, {total} of {summary['full_grid_steps']} steps trained"
+        + f"; {summary['stopped_early']} of {summary['trials']} trials stopped early, {summary['total_steps']} of "
+        f"{summary['full_grid_steps']} steps trained"
     )
-    return result
+    return best_record
 
 
 def metric_batch(d: dict[str, float]):

@@ -12,49 +12,21 @@ built by ``generic.py`` from its PEFT type name and ``method.args``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pipelines.methods.base import (  # noqa: F401 - the registry's public names
+    REGISTRY,
+    Method,
+    Prepared,
+    adamw,
+    config_problem,
+    register,
+    trainable,
+)
+from pipelines.spec import register_check
+
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
     from pipelines.spec import JobSpec
-
-
-@dataclass
-class Prepared:
-    """What a method builder hands the training loop."""
-
-    model: Any
-    optimizer: torch.optim.Optimizer
-    after_step: Callable[[int], None] | None = None  # called after optimizer.step(), before zero_grad()
-    steps_in_backward: bool = False  # layerwise optimizers step inside backward hooks
-    is_peft: bool = True  # False: full-parameter method (save the whole model)
-    # a term added to each optimizer step's loss (once per step: the engines add 1/accumulation of it per
-    # micro-step), for a method whose model adds it to ``outputs.loss`` only when given labels (AdaLoRA)
-    regularizer: Callable[[], Any] | None = None
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    summary: str
-    build: Callable[[JobSpec, Any], Prepared]
-    problems: Callable[[JobSpec], list[tuple[str, str]]] = field(default=lambda spec: [])
-    needs_quantization: str | None = None  # "4bit" for qlora/qdora
-    # the PEFT config a spec builds (None: not a PEFT method); the driver builds it on a meta model first
-    peft_config: Callable[[JobSpec, Any], Any] | None = None
-
-
-REGISTRY: dict[str, Method] = {}
-
-
-def register(method: Method) -> Method:
-    if method.name in REGISTRY:
-        raise ValueError(f"method {method.name!r} registered twice")
-    REGISTRY[method.name] = method
-    return method
 
 
 def _load_builtin() -> None:
@@ -68,9 +40,15 @@ def get_method(name: str) -> Method:
     _load_builtin()
     if name in REGISTRY:
         return REGISTRY[name]
+    from peft import PeftType
+
     from pipelines.methods.generic import generic_method
 
-    return generic_method(name)
+    try:
+        return generic_method(name)
+    except KeyError:
+        known = sorted(set(REGISTRY) | {t.name.lower() for t in PeftType})
+        raise KeyError(f"unknown method (got {name!r}); known: {', '.join(known)}") from None
 
 
 def method_names() -> list[str]:
@@ -157,25 +135,9 @@ def prompt_learning(name: str) -> bool:
         return False
 
 
-def config_problem(spec: JobSpec, error: Exception, who: str) -> tuple[str, str]:
-    """A PEFT config class's complaint about ``method.args`` as a spec problem naming the argument it is about."""
-    message = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
-    key = next((k for k in spec.method.args if k in message), None)
-    field = f"method.args.{key}" if key else "method.args"
-    value = spec.method.args[key] if key else dict(spec.method.args)
-    return field, f"{who} rejected it: {message} (got {value!r})"
-
-
 def build(spec: JobSpec, model: Any) -> Prepared:
     """Build the trainable model + optimizer for ``spec.method`` on ``model``."""
     return get_method(spec.method.name).build(spec, model)
 
 
-def adamw(params, spec: JobSpec):
-    import torch
-
-    return torch.optim.AdamW(params, lr=spec.train.lr, weight_decay=spec.train.weight_decay)
-
-
-def trainable(model) -> list:
-    return [p for p in model.parameters() if p.requires_grad]
+register_check(method_problems)  # every validate runs it: the spec itself asks no method anything

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipelines.methods import Method, Prepared, register
+from pipelines.methods.base import Method, Prepared, register
 from pipelines.models import CHECKPOINTING
 
 if TYPE_CHECKING:  # pragma: no cover

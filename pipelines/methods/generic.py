@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
-from pipelines.methods import Method, Prepared, adamw, config_problem, trainable
+from pipelines.methods.base import Method, Prepared, adamw, config_problem, trainable
 from pipelines.models import CHECKPOINTING
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,10 +33,7 @@ def config_class(name: str):
     try:
         peft_type = PeftType[name.upper()]
     except KeyError:
-        from pipelines.methods import method_names
-
-        known = sorted(set(method_names()) | {t.name.lower() for t in PeftType})
-        raise KeyError(f"unknown method (got {name!r}); known: {', '.join(known)}") from None
+        raise KeyError(f"unknown method (got {name!r})") from None  # pipelines.methods.get_method names the known
     return PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
 
 
@@ -119,5 +116,5 @@ def _problems(spec: JobSpec) -> list[tuple[str, str]]:
 
 
 def generic_method(name: str) -> Method:
-    config_class(name)  # raises KeyError naming the known methods
+    config_class(name)  # raises KeyError for a name PEFT doesn't know
     return Method(name, f"PEFT {name}", _build, _problems, peft_config=peft_config)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pipelines.methods import Method, Prepared, adamw, config_problem, register, trainable
+from pipelines.methods.base import Method, Prepared, adamw, config_problem, register, trainable
 from pipelines.models import CHECKPOINTING
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -109,7 +109,7 @@ def test_pod_templates_in_kuberay_manifests_are_valid_pods():
 
 
 def test_rayjob_entrypoint_runs_code_and_config_that_exist():
-    from pipelines.spec import load_spec
+    from pipelines.tunespec import load_spec
 
     doc = _docs(INFRA / "kuberay" / "rayjob.yaml")[0]
     argv = shlex.split(doc["spec"]["entrypoint"])

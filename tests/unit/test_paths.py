@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from pipelines.data import url_fingerprint
-from pipelines.spec import SpecError, load_spec, resolve_paths, validate
+from pipelines.spec import SpecError, resolve_paths, validate
+from pipelines.tunespec import load_spec
 from tests.conftest import write_chat_data
 
 BIN = Path(sys.executable).parent

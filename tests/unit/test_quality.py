@@ -43,3 +43,70 @@ def test_no_package_imports_another_packages_private_names():
                 if other in PACKAGES and other != pkg and re.search(r"(^|[\s,(])_\w", names):
                     offenders.append(f"{f.relative_to(REPO)}: {m.group(0).strip()}")
     assert not offenders, offenders
+
+
+def _import_circles(graph) -> list[list[str]]:
+    """Every set of the product's modules that import one another in a circle (strongly connected components
+    of more than one module), lazy imports inside functions included, imports only for type checking not."""
+    edges = {
+        m: {i for i in graph.find_modules_directly_imported_by(m) if i.split(".")[0] in PACKAGES} for m in graph.modules
+    }
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for m in sorted(edges):
+        if m not in index:
+            visit(m)
+    return circles
+
+
+def test_no_module_of_the_product_imports_itself_through_others():
+    import grimp
+
+    graph = grimp.build_graph(*PACKAGES, exclude_type_checking_imports=True)
+    assert not _import_circles(graph), _import_circles(graph)
+
+
+def test_the_circle_finder_finds_a_circle():
+    class Graph:  # a → b → c → a, and d on its own
+        modules = {"pipelines.a", "pipelines.b", "pipelines.c", "pipelines.d"}
+        imports = {"pipelines.a": {"pipelines.b"}, "pipelines.b": {"pipelines.c"}, "pipelines.c": {"pipelines.a"}}
+
+        def find_modules_directly_imported_by(self, m):
+            return self.imports.get(m, set())
+
+    assert _import_circles(Graph()) == [["pipelines.a", "pipelines.b", "pipelines.c"]]
+
+
+def test_no_product_function_is_longer_than_80_lines():
+    import ast
+
+    long = []
+    for pkg in PACKAGES:
+        for f in (REPO / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    if (n := node.end_lineno - node.lineno + 1) > 80:
+                        long.append(f"{f.relative_to(REPO)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, long

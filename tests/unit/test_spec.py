@@ -16,11 +16,11 @@ from pipelines.spec import (
     JobSpec,
     SpecError,
     apply_overrides,
-    load_spec,
     parse_override,
     reference_markdown,
     validate,
 )
+from pipelines.tunespec import load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 BAD_SPECS = sorted((REPO / "tests" / "bad_specs").glob("*.yaml"))

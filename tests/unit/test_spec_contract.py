@@ -63,7 +63,7 @@ def test_a_duplicate_key_names_both_lines(tmp_path):
 
 
 def test_a_problem_names_its_line_unless_an_override_set_it(tmp_path):
-    from pipelines.spec import load_spec
+    from pipelines.tunespec import load_spec
 
     (tmp_path / "s.yaml").write_text("name: x\ntrain:\n  max_steps: 10\n  lr: -1\n")
     with pytest.raises(SpecError) as e:
@@ -172,7 +172,7 @@ CASES = st.sampled_from(sorted(BAD_STRINGS)).flatmap(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=CASES)
 def test_every_path_and_name_field_refuses_each_class_of_bad_string_naming_the_field(case):
-    from pipelines.spec import validate_document
+    from pipelines.tunespec import validate_document
 
     what, field, value = case
     with pytest.raises(SpecError) as e:
