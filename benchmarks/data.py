@@ -5,7 +5,7 @@ worker memory with a large dataset, the first step on a warm cache, and packing 
 
 1. A deterministic synthetic chat dataset of ``--records`` records (JSONL) is written once.
 2. **Preparation**, each run in a fresh process, sides alternating, ``--repeats`` times:
-   - ``raypeft``: ``pipelines.prepare.prepare`` on a local Ray cluster of all cores, cold cache
+   - ``raypeft``: ``pipelines.data.prepare.prepare`` on a local Ray cluster of all cores, cold cache
      (timed: Ray's start, as ``hf_map``'s worker pool's start is timed, hashing the file, tokenizing and
      writing the shards);
    - ``hf_map``: ``datasets.load_dataset("json")`` + ``.map(batched=True, num_proc=<cores>)`` with the
@@ -115,8 +115,8 @@ def side_raypeft(a: dict) -> dict:
     import ray
 
     from cluster.connect import init_ray
-    from pipelines.models import load_tokenizer, resolve_base
-    from pipelines.prepare import prepare
+    from pipelines.data.prepare import prepare
+    from pipelines.model import load_tokenizer, resolve_base
 
     spec = job_spec(a["data"], a["storage"], a["home"])
     load_tokenizer(resolve_base(spec.model, log=lambda *_: None))  # loaded before the clock, as hf_map's is
@@ -132,7 +132,7 @@ def side_hf_map(a: dict) -> dict:
     import datasets
 
     from pipelines import data as D
-    from pipelines.models import load_tokenizer, resolve_base
+    from pipelines.model import load_tokenizer, resolve_base
 
     datasets.disable_progress_bars()
     tok = load_tokenizer(resolve_base(job_spec(a["data"], a["storage"], a["home"]).model, log=lambda *_: None))
@@ -151,7 +151,7 @@ def side_hf_map(a: dict) -> dict:
 
 def side_in_worker(a: dict) -> dict:
     from pipelines import data as D
-    from pipelines.models import load_tokenizer, resolve_base
+    from pipelines.model import load_tokenizer, resolve_base
 
     spec = job_spec(a["subset"], a["storage"], a["home"])
     tok = load_tokenizer(resolve_base(spec.model, log=lambda *_: None))
@@ -193,7 +193,7 @@ def _layout(a: dict, packing: bool):
     import ray
 
     from cluster.connect import init_ray
-    from pipelines.prepare import open_layout, prepare
+    from pipelines.data.prepare import open_layout, prepare
 
     init_ray(num_cpus=os.cpu_count(), include_dashboard=False)
     spec = job_spec("builtin:json_extract", a["storage"], a["home"], packing=packing, max_length=512)
@@ -232,9 +232,9 @@ def side_packed_step(a: dict) -> dict:
     forward + backward + optimizer step of ``a["steps"]`` micro-batches after one warm-up, collation timed."""
     import torch
 
-    from pipelines import attention, methods
     from pipelines import data as D
-    from pipelines.models import load_base
+    from pipelines.model import load_base, methods
+    from pipelines.train import attention
 
     spec, _, rows = _layout(a, True)
     torch.set_num_threads(os.cpu_count() or 1)

@@ -50,10 +50,9 @@ def child(raw: dict) -> dict:
     import torch
     import transformers  # noqa: F401
 
-    from pipelines import methods
-    from pipelines.loss import token_loss_sum
-    from pipelines.models import load_base
+    from pipelines.model import load_base, methods
     from pipelines.spec import validate
+    from pipelines.train import token_loss_sum
 
     torch.set_num_threads(2)
     spec = validate(raw)
@@ -96,7 +95,7 @@ def _measure(raw: dict, env: dict) -> dict:
 
 
 def planned(raw: dict) -> int:
-    from pipelines.plan import breakdown_of, plan_of, shape_of
+    from pipelines.lifecycle import breakdown_of, plan_of, shape_of
     from pipelines.spec import validate
 
     spec = validate(raw)
@@ -112,7 +111,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(json.loads(args.child))))
         return 0
     tmp = tempfile.mkdtemp(prefix="bench-mem-")
-    from pipelines.models import tiny_llama
+    from pipelines.model import tiny_llama
 
     tiny = str(tiny_llama(os.path.join(tmp, "tiny"), vocab_size=4096, hidden=256, layers=4))
     rows = []

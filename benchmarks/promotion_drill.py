@@ -28,7 +28,7 @@ _CLIENT = """
 import json, random, sys, time
 from pathlib import Path
 from mlflow import MlflowClient
-from pipelines import registry
+from pipelines.lifecycle import registry
 uri, work, me, pairs, stall, seed = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), \\
     float(sys.argv[5]), int(sys.argv[6])
 model, alias, stalled = sys.argv[7], sys.argv[8], sys.argv[9].split(",")
@@ -68,7 +68,7 @@ def drill(uri: str, pairs: int = 10, stall: float = 1.5, seed: int = 0, work: Pa
     """Run the drill against the registry at ``uri`` and return its record (see the module docstring)."""
     from mlflow import MlflowClient
 
-    from pipelines import registry
+    from pipelines.lifecycle import registry
 
     work = Path(work or tempfile.mkdtemp(prefix="raypeft-drill-"))
     rng = random.Random(seed)

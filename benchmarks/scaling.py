@@ -2,7 +2,7 @@
 
     python -m benchmarks.scaling [--base smollm2-135m] [--steps 8] [--seq 128] [--batch 4] [--gpu]
 
-Every configuration runs the real pipeline (``pipelines.train.run``) on the same spec:
+Every configuration runs the real pipeline (``pipelines.train.driver.run``) on the same spec:
 LoRA r=16 on all linear layers, the same global batch (``--batch`` × 2 examples of
 ``--seq`` packed tokens per optimizer step, so 1 worker accumulates 2 micro-batches),
 fp32 on CPU (bf16 with ``--gpu``). Steady-state tokens/s is the mean of the per-step
@@ -84,9 +84,8 @@ def checkpoint_worker(config: dict) -> None:
     import torch
 
     from pipelines import data as D
-    from pipelines import methods
-    from pipelines.engines import build_engine, deepspeed_setup
-    from pipelines.models import load_base
+    from pipelines.model import load_base, methods
+    from pipelines.train import build_engine, deepspeed_setup
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

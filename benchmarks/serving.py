@@ -330,7 +330,7 @@ def side_itl(args, tok, dirs) -> dict:
 def run_side(args) -> dict:
     import torch
 
-    from pipelines.models import load_tokenizer
+    from pipelines.model import load_tokenizer
 
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.base_path)
@@ -381,7 +381,7 @@ def main(argv=None) -> int:
         print(json.dumps(run_side(args)))
         return 0
 
-    from pipelines.models import resolve_base
+    from pipelines.model import resolve_base
     from pipelines.spec import validate
 
     base_path = resolve_base(validate({"model": {"base": args.base}}).model)

@@ -42,8 +42,7 @@ def _status_kb(field: str) -> int:
 
 
 def bench_spec(args, overrides: list[str]):
-    from pipelines.spec import validate
-    from pipelines.specbase import apply_overrides
+    from pipelines.spec import apply_overrides, validate
 
     raw = {
         "name": "bench-throughput",
@@ -71,7 +70,7 @@ def child(side: str, args, overrides: list[str]) -> dict:
 
     torch.set_num_threads(args.threads)
     spec = bench_spec(args, overrides)
-    from pipelines.models import load_tokenizer, resolve_base
+    from pipelines.model import load_tokenizer, resolve_base
 
     path = resolve_base(spec.model)
     tok = load_tokenizer(path)
@@ -111,10 +110,8 @@ def child(side: str, args, overrides: list[str]) -> dict:
             opt.zero_grad(set_to_none=True)
             return loss.item(), sum(len(e["input_ids"]) for e in examples)
     else:
-        from pipelines import methods
-        from pipelines.engines import build_engine
-        from pipelines.loop import accumulate, batch_layout
-        from pipelines.models import load_base
+        from pipelines.model import load_base, methods
+        from pipelines.train import accumulate, batch_layout, build_engine
 
         base, _, _ = load_base(spec, device=device, log=lambda *_: None)
         torch.manual_seed(spec.train.seed)

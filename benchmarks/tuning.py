@@ -37,14 +37,14 @@ import time
 def _tiny_setup(home: str) -> tuple[str, str]:
     from pathlib import Path
 
-    from pipelines.models import tiny_llama
+    from pipelines.model import tiny_llama
     from tests.conftest import write_chat_data
 
     return str(tiny_llama(Path(home) / "tiny")), str(write_chat_data(Path(home) / "chat.jsonl", n=96))
 
 
 def asha(args) -> dict:
-    from pipelines.tunespec import validate
+    from pipelines.spec.tune import validate
     from tuning.sweep import sweep
 
     home = tempfile.mkdtemp(prefix="bench-tune-")
@@ -133,7 +133,7 @@ def _lw_raw(steps: int, trials: int = 15, short_steps: int = 6) -> dict:
 
 def _plan_raw(raw: dict, layers, fields: dict) -> dict:
     """The benchmark job with ``layers`` as its base and adapter (uniform: a plain QLoRA-style job)."""
-    from pipelines.tunespec import trial_raw
+    from pipelines.spec import trial_raw
     from tuning import layerwise as L
     from tuning.search import ALL_TARGETS
 
@@ -205,8 +205,8 @@ def layerwise(args) -> dict:
     import dataclasses
 
     from cluster.memory import describe
+    from pipelines.spec.tune import validate
     from pipelines.tracking import client
-    from pipelines.tunespec import validate
     from tuning import layerwise as L
     from tuning.search import ALL_TARGETS, plan_memory, search, under_baseline
 
@@ -324,7 +324,7 @@ def layerwise(args) -> dict:
 def plan(args) -> dict:
     """One full-length run of the benchmark job: uniform NF4 rank 8 changed by ``--layers`` / ``--set``."""
     from cluster.memory import describe
-    from pipelines.plan import shape_of
+    from pipelines.lifecycle import shape_of
     from pipelines.spec import validate
     from tuning import layerwise as L
     from tuning.search import ALL_TARGETS

@@ -2,13 +2,13 @@
 of bitsandbytes: on a CPU with AVX512-BF16, importing bitsandbytes (which PEFT and transformers do) logs
 "Failed to load CPU gemm_4bit_forward from kernels-community" when the optional ``kernels`` package is
 absent, in every command, whether or not anything is quantized. Training never uses that kernel
-(``pipelines.models.one_4bit_layout``); a quantized job on CPU says in its own log which kernels it uses.
+(``pipelines.model.loading.one_4bit_layout``); a quantized job on CPU says in its own log which kernels it uses.
 
 It also quiets transformers' FutureWarning that ``is_gradient_checkpointing`` is deprecated, which PEFT's
 ``get_peft_model`` triggers by reading that attribute, in every command that checks a spec: a notice about
 two libraries' versions, nothing a user can act on.
 
-And it loads the method registry, whose check of the method section every ``pipelines.spec.validate`` runs
+And it loads the method registry, whose check of the method section every ``pipelines.spec.job.validate`` runs
 (``register_check``): the spec imports none of its consumers."""
 
 import logging
@@ -22,4 +22,4 @@ def _not_the_hub_kernel_notice(record: logging.LogRecord) -> bool:
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_hub_kernel_notice)
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
-from pipelines import methods as _methods  # noqa: E402,F401 - registers the methods' spec checks
+from pipelines.model import methods as _methods  # noqa: E402,F401 - registers the methods' spec checks

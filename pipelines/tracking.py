@@ -19,16 +19,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.specbase import UserError
+from pipelines.spec import (
+    UserError,
+    raypeft_home,  # noqa: F401 - and the home's MLflow store is tracking's default
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
 
 ADAPTER_MODEL_TYPE = "peft-adapter"
-
-
-def raypeft_home() -> Path:
-    return Path(os.environ.get("RAYPEFT_HOME", Path.home() / ".raypeft")).expanduser().resolve()
 
 
 def tracking_uri(spec: JobSpec | None = None) -> str:

@@ -1,5 +1,5 @@
 """The ``raypeft`` command: a thin face. Each subcommand parses its arguments and calls one entry point
-in its package (``pipelines.commands``, ``tuning.commands``, ``serving.commands``, ``cluster.jobs``).
+in its package (``pipelines.lifecycle.commands``, ``tuning.commands``, ``serving.commands``, ``cluster.jobs``).
 
 Exit codes: 0 success, 1 runtime failure, 2 bad input (``UserError``: spec, override, argument, or a
 registry entry that does not exist), mapped here in one place.
@@ -14,8 +14,7 @@ import traceback
 
 
 def _spec_help() -> str:
-    from pipelines.spec import field_reference
-    from pipelines.tunespec import TunedJobSpec
+    from pipelines.spec import TunedJobSpec, field_reference
 
     rows = field_reference(TunedJobSpec)
     width = max(len(f) for f, _, _ in rows)
@@ -25,8 +24,7 @@ def _spec_help() -> str:
 
 
 def spec_reference(args) -> int:
-    from pipelines.spec import reference_markdown
-    from pipelines.tunespec import TunedJobSpec
+    from pipelines.spec import TunedJobSpec, reference_markdown
 
     print(reference_markdown(TunedJobSpec) if args.markdown else _spec_help())
     return 0
@@ -40,9 +38,9 @@ ADDRESS = ("--address", "dashboard address (default: $RAY_ADDRESS or http://127.
 # name, "module:function" it runs, help, positional spec (help text) or None, then (flag, help, argparse kwargs)
 # fmt: off
 COMMANDS = [
-    ("train", "pipelines.train:command", "train an adapter from a job spec (prints one JSON line)", JOB, []),
+    ("train", "pipelines.train.driver:command", "train an adapter from a job spec (prints one JSON line)", JOB, []),
     ("validate", "tuning.commands:validate", "validate a job spec, tune section included (exit 2 on problems)", JOB, []),
-    ("methods", "pipelines.commands:methods", "list the fine-tuning methods, or compare their parameter budgets", None, [
+    ("methods", "pipelines.lifecycle.commands:methods", "list the fine-tuning methods, or compare their parameter budgets", None, [
         ("action", "list, or compare", {"nargs": "?", "choices": ["list", "compare"], "default": "list"}),
         ("--model", "compare: base model (built-in name, local dir or hub id)", {"default": "smollm2-135m"}),
         ("--methods", "compare: comma-separated methods (default: LoRA family, PEFT's main ones)", {"default": ""}),
@@ -52,8 +50,8 @@ COMMANDS = [
          {"default": ""}),
         ("--out", "compare: folder for methods.md, methods.csv, methods.png", {"default": "methods-compare"}),
     ]),
-    ("check", "pipelines.commands:check", "pre-flight checks on the model a spec builds (no training)", JOB, []),
-    ("export", "pipelines.commands:export", "export an adapter, or merge it into its (dequantized) base", None, [
+    ("check", "pipelines.lifecycle.commands:check", "pre-flight checks on the model a spec builds (no training)", JOB, []),
+    ("export", "pipelines.lifecycle.commands:export", "export an adapter, or merge it into its (dequantized) base", None, [
         ("ref", "adapter directory or MLflow URI (models:/name@alias, models:/name/version)", {}),
         ("out", "output directory (must be empty or new)", {}),
         ("--merge", "merge into the base; 4-/8-bit bases are dequantized first", {"action": "store_true"}),
@@ -61,7 +59,7 @@ COMMANDS = [
         ("--register", "register the export as a new version of this MLflow model", {"metavar": "NAME"}),
         TRACKING,
     ]),
-    ("combine", "pipelines.commands:combine", "weighted combination of LoRA adapters, registered as a new one", None, [
+    ("combine", "pipelines.lifecycle.commands:combine", "weighted combination of LoRA adapters, registered as a new one", None, [
         ("adapters", "adapter directories or MLflow URIs", {"nargs": "+"}),
         ("--weights", "one weight per adapter, e.g. 0.7,0.3", {"required": True}),
         ("--method", "linear, cat, ties, dare_linear, dare_ties or svd (PEFT add_weighted_adapter)",
@@ -72,12 +70,12 @@ COMMANDS = [
         ("--no-register", "write the adapter only; do not register it", {"action": "store_true"}),
         TRACKING,
     ]),
-    ("models", "pipelines.commands:models", "registered adapters: versions, aliases, metrics, lineage", None, [
+    ("models", "pipelines.lifecycle.commands:models", "registered adapters: versions, aliases, metrics, lineage", None, [
         ("action", "list or show", {"choices": ["list", "show"]}),
         ("ref", "show: NAME, NAME@alias or NAME/version", {"nargs": "?"}),
         TRACKING,
     ]),
-    ("promote", "pipelines.commands:promote", "move an alias to a version if it passes the evaluation gate", None, [
+    ("promote", "pipelines.lifecycle.commands:promote", "move an alias to a version if it passes the evaluation gate", None, [
         ("name", "registered model", {}),
         ("--version", "candidate version", {"required": True}),
         ("--alias", "alias to move (default: champion)", {"default": "champion"}),
@@ -85,12 +83,12 @@ COMMANDS = [
         ("--force", "move the alias even if the gate fails (recorded as forced)", {"action": "store_true"}),
         TRACKING,
     ]),
-    ("rollback", "pipelines.commands:rollback", "move an alias back to its previous holder", None, [
+    ("rollback", "pipelines.lifecycle.commands:rollback", "move an alias back to its previous holder", None, [
         ("name", "registered model", {}),
         ("--alias", "alias to move back (default: champion)", {"default": "champion"}),
         TRACKING,
     ]),
-    ("submit", "pipelines.commands:submit", "submit a training job to a Ray cluster (JobSubmissionClient)", JOB, [
+    ("submit", "pipelines.lifecycle.commands:submit", "submit a training job to a Ray cluster (JobSubmissionClient)", JOB, [
         ADDRESS,
         ("--working-dir", "folder shipped to the workers (default: . = the repo)", {"default": "."}),
         ("--job-id", "submission id (default: generated)", {}),
@@ -101,7 +99,7 @@ COMMANDS = [
         ADDRESS,
         ("--json", "print JSON", {"action": "store_true"}),
     ]),
-    ("plan", "pipelines.commands:plan", "estimate per-GPU memory of a job and whether it fits (exit 1 if not)", JOB, [
+    ("plan", "pipelines.lifecycle.commands:plan", "estimate per-GPU memory of a job and whether it fits (exit 1 if not)", JOB, [
         ("--gpus", "GPUs (default: scaling.num_workers)", {"type": int}),
         ("--gpu-memory", "memory per GPU, e.g. 80GB or 24GiB; prints a verdict and fixes", {}),
         ("--json", "also print the breakdown as JSON", {"action": "store_true"}),
@@ -141,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipelines.specbase import UserError
+    from pipelines.spec import UserError
 
     module, function = args.fn.split(":")
     try:

@@ -261,7 +261,7 @@ class LoraServer:
     """One replica: the base once, the adapter tiers, the batched engine thread."""
 
     def __init__(self, raw_spec: dict[str, Any]):
-        from pipelines.models import load_base
+        from pipelines.model import load_base
         from pipelines.spec import validate as job_validate
         from serving.engine import Engine
         from serving.lora_batch import MultiLoraModel
@@ -278,7 +278,7 @@ class LoraServer:
         device = "cuda" if s.deployment.gpus_per_replica else "cpu"
         base, self.tok, _ = load_base(job, device=device, log=lambda *_: None)
         base.eval()
-        from pipelines.models import one_4bit_layout
+        from pipelines.model import one_4bit_layout
 
         one_4bit_layout(base)
         self.multi = MultiLoraModel(

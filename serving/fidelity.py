@@ -2,7 +2,7 @@
 
 Every adapter raypeft writes carries ``raypeft.json``, which records how training loaded its
 base: the model id, the quantization, double quantization and the per-layer plan
-(``pipelines.adapters.adapter_meta``). The served base is described by the serving spec's
+(``pipelines.lifecycle.adapters.adapter_meta``). The served base is described by the serving spec's
 ``model`` section, or taken whole from one adapter's record (``model.from_adapter``).
 
 * ``fidelity_problems(spec)``: at start (exit 2, before Ray starts), the served base against every
@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipelines.specbase import Problem, quote
+from pipelines.spec import Problem, quote
 
 FIELDS = ("base", "quantization", "double_quant", "quantization_plan")
 

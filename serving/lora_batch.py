@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipelines.targets import is_target, pattern_value
+from pipelines.spec import is_target, pattern_value
 
 IN_PLACE_TOKEN_SLOTS = 4096  # a pass's tokens × its slot range, up to which every token is read in place
 

@@ -108,7 +108,7 @@ class AdapterSources:
             registered = src[len("models:/") :].split("@")[0].split("/")[0]
             dst = self.cache_dir / "registry" / registered / version
             if not (dst / "adapter_config.json").is_file():
-                from pipelines.adapters import resolve as download
+                from pipelines.lifecycle import resolve as download
 
                 with self._lock:
                     tmp = Path(str(dst) + ".tmp")

@@ -1,6 +1,6 @@
 """The serving spec: one base model per replica, the adapters it may serve, cache sizes and limits.
 
-Validated like the job spec (``pipelines.spec``): unknown keys rejected, every problem
+Validated like the job spec (``pipelines.spec.job``): unknown keys rejected, every problem
 listed at once naming the field and quoting the value, exit code 2, before Ray starts.
 
     raypeft serve serving/configs/demo.yaml [section.field=value ...]
@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pipelines.specbase import Float, Int, Problem, Section, load_file, quote, validate_spec
+from pipelines.spec import Float, Int, Problem, Section, load_file, quote, validate_spec
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 

@@ -53,7 +53,7 @@ def _home_kept(_isolated_home):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from pipelines.models import tiny_llama
+    from pipelines.model import tiny_llama
 
     return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
 
@@ -95,7 +95,7 @@ def tiny_spec(model_dir: Path, data: Path, **sections):
     """A validated JobSpec for the tiny model; ``sections`` override whole-section dicts. With a ``tune``
     section it is a ``TunedJobSpec`` (what ``raypeft tune`` / ``raypeft layerwise`` run)."""
     if "tune" in sections:
-        from pipelines.tunespec import validate
+        from pipelines.spec.tune import validate
     else:
         from pipelines.spec import validate
 

@@ -42,7 +42,7 @@ def calibrate(
         torch.set_num_threads(threads)
 
     from pipelines import data as D
-    from pipelines.models import load_base
+    from pipelines.model import load_base
 
     t0 = time.perf_counter()
     plain = spec.model_copy(

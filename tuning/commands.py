@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from pipelines.preflight import load_tuned as load
-from pipelines.spec import SpecError
+from pipelines.spec.job import SpecError
+from pipelines.train import load_tuned as load
 
 
 def validate(args) -> int:

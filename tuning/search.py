@@ -22,8 +22,8 @@ import yaml
 from ray import tune
 
 from cluster.memory import Plan, describe
-from pipelines.spec import JobSpec, SpecError, validate
-from pipelines.tunespec import TunedJobSpec, trial_raw, with_tune
+from pipelines.spec import TunedJobSpec, trial_raw, with_tune
+from pipelines.spec.job import JobSpec, SpecError, validate
 from tuning import layerwise as L
 from tuning.sweep import PENALTY, metric_batch, run_trials
 
@@ -42,7 +42,7 @@ def _targets(spec: JobSpec) -> tuple[str, ...]:
 def plan_memory(spec: TunedJobSpec) -> L.Memory:
     """How the spec's ``tune.layerwise.memory`` counts a plan's bytes: the training step's peak (activations of
     ``train.micro_batch_size`` × ``data.max_length`` tokens included) or weights + adapter + its states only."""
-    from pipelines.plan import DTYPE_BYTES, shape_of
+    from pipelines.lifecycle import DTYPE_BYTES, shape_of
 
     lw = spec.tune.layerwise
     # a plan with 4/8-bit layers trains its unquantized parameters and activations in fp32 (``plan.param_bytes``)
@@ -68,7 +68,7 @@ def under_baseline(spec: TunedJobSpec) -> tuple[TunedJobSpec, L.Layers | None]:
     ``qlora`` are uniform NF4 at ``method.r``, with gradient checkpointing on and off: every plan the search
     trains and writes gets the baseline's checkpointing, and ``method.r`` joins the ranks searched, so the
     baseline is a plan of the search's own space."""
-    from pipelines.plan import shape_of
+    from pipelines.lifecycle import shape_of
 
     lw = spec.tune.layerwise
     if lw.baseline == "none":
@@ -87,7 +87,7 @@ def budget_of(spec: TunedJobSpec, baseline: L.Layers | None) -> int:
         SpecError: no budget and no baseline to take it from.
     """
     from cluster.memory import parse_bytes
-    from pipelines.tunespec import budget_share
+    from pipelines.spec import budget_share
 
     b = spec.tune.layerwise.budget
     if baseline is None and (b is None or str(b).strip().endswith("%")):

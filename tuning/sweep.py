@@ -3,7 +3,7 @@
 Each trial is one training-pipeline run: a Tune function trial (the Train V2 pattern) builds the job's
 ``TorchTrainer`` for its sampled spec and runs it with ``TuneReportCallback``, so every eval the workers
 report reaches the scheduler, which stops weak trials early. Concurrency is capped at what the cluster
-holds (``pipelines.tunespec.concurrency``), so trials never wait on placement groups that cannot be placed.
+holds (``pipelines.spec.tune.concurrency``), so trials never wait on placement groups that cannot be placed.
 
 MLflow: one parent run for the sweep and one child run per trial, all written by *this* process (a
 Tune callback on the driver), so the SQLite default never sees concurrent writers. The best trial's
@@ -22,8 +22,7 @@ from typing import Any
 
 from ray import tune
 
-from pipelines.spec import JobSpec, resolve_paths, validate
-from pipelines.tunespec import TunedJobSpec, concurrency, trial_raw
+from pipelines.spec import JobSpec, TunedJobSpec, concurrency, resolve_paths, trial_raw, validate
 
 DRIVER_CPU = 0.01  # the Tune trial process only waits on its TorchTrainer; Train's workers hold the real resources
 PENALTY = 1e3  # the metric reported by a trial that was not trained (plan over budget)
@@ -54,7 +53,7 @@ def run_trial(config: dict[str, Any], raw: dict[str, Any], storage: str) -> None
     if plan.get("over_budget"):
         tune.report({"eval_loss": PENALTY, "step": 0, "over_budget": True, **extra})
         return
-    from pipelines.prepare import prepare
+    from pipelines.data.prepare import prepare
 
     spec = validate(trial_raw(raw, {k: v for k, v in plan.items() if "." in k}))
     data = prepare(spec)  # the driver prepared it: a cache hit unless the trial samples a data field
@@ -226,11 +225,11 @@ def run_trials(
     import ray
 
     from cluster.connect import init_ray
-    from pipelines.storage import storage_dir
+    from pipelines.spec import storage_dir
     from pipelines.tracking import StepLogger, client
 
     init_ray()
-    from pipelines.prepare import prepare
+    from pipelines.data.prepare import prepare
 
     data = prepare(spec, log)  # tokenize once here, not in every trial
     sc = spec.scaling
@@ -352,7 +351,7 @@ def metric_png(
 def register_trial(spec: JobSpec, row: dict[str, Any], uri: str, dest: Path, log=print) -> dict[str, Any]:
     """Log the trial's final adapter on its child run (a LoggedModel) and register it."""
     from pipelines import tracking
-    from pipelines.storage import ADAPTER_DIR
+    from pipelines.spec import ADAPTER_DIR
     from pipelines.train import job_lineage
 
     if dest.exists():
@@ -447,7 +446,7 @@ def _register_best(
 ) -> dict[str, Any]:
     """The best finished trial's adapter registered, the parent run ended with the sweep's summary."""
     from pipelines import tracking
-    from pipelines.storage import storage_dir
+    from pipelines.spec import storage_dir
 
     t, fields = spec.tune, list(spec.tune.space)
     c = tracking.client(uri)

@@ -1,7 +1,7 @@
 """The shipped ``json_extract`` task: pull name, age, city and job out of one sentence as JSON.
 
 Deterministic (stdlib ``random.Random(seed)`` only). Every record carries all three
-formats understood by :mod:`pipelines.data`::
+formats understood by :mod:`pipelines.data.records`::
 
     {"messages": [{"role": "user", "content": "<INSTRUCTION>\\nText: <sentence>"},
                   {"role": "assistant", "content": "<json>"}],

@@ -98,7 +98,7 @@ def test_qlora_zero3_adapter_reproduces_the_trained_model(local_ray, raypeft_hom
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pipelines.models import quantization_config
+    from pipelines.model import quantization_config
     from pipelines.train import run
 
     spec = _two_workers(tiny_model_dir, chat_data, "qlora-z3", "zero3", method="qlora")

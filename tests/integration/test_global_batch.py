@@ -41,11 +41,8 @@ def _worker(
     import torch.distributed as dist
 
     from pipelines import data as D
-    from pipelines import methods
-    from pipelines.engines import build_engine, deepspeed_setup
-    from pipelines.loop import accumulate, batch_layout
-    from pipelines.loss import label_tokens
-    from pipelines.models import load_base
+    from pipelines.model import load_base, methods
+    from pipelines.train import accumulate, batch_layout, build_engine, deepspeed_setup, label_tokens
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)

@@ -59,7 +59,7 @@ def _runs(home: Path):
 
 
 def test_a_missing_field_is_named_and_skip_invalid_counts_what_it_skips(local_ray, tiny_model_dir, tmp_path):
-    from pipelines.prepare import open_layout, prepare
+    from pipelines.data.prepare import open_layout, prepare
 
     data = write_chat_data(tmp_path / "d.jsonl", n=40)
     lines = data.read_text().splitlines()
@@ -81,7 +81,7 @@ def test_a_missing_field_is_named_and_skip_invalid_counts_what_it_skips(local_ra
 
 
 def test_nothing_usable_after_truncation_reports_the_counts(local_ray, tiny_model_dir, tmp_path):
-    from pipelines.prepare import prepare
+    from pipelines.data.prepare import prepare
 
     data = write_chat_data(tmp_path / "d.jsonl", n=20)
     with pytest.raises(
@@ -95,7 +95,7 @@ def test_an_eval_file_that_copies_the_training_file_is_refused(local_ray, tiny_m
     training figures as eval figures."""
     import shutil
 
-    from pipelines.prepare import prepare
+    from pipelines.data.prepare import prepare
 
     data = write_chat_data(tmp_path / "d.jsonl", n=20)
     copy = shutil.copy(data, tmp_path / "eval.jsonl")
@@ -104,7 +104,7 @@ def test_an_eval_file_that_copies_the_training_file_is_refused(local_ray, tiny_m
 
 
 def test_the_cache_is_reused_and_a_changed_file_is_tokenized_again(local_ray, tiny_model_dir, tmp_path):
-    from pipelines.prepare import prepare
+    from pipelines.data.prepare import prepare
 
     data = write_chat_data(tmp_path / "d.jsonl", n=50)
     spec = _spec(tiny_model_dir, data, tmp_path / "store")
@@ -125,8 +125,8 @@ def test_the_cache_is_reused_and_a_changed_file_is_tokenized_again(local_ray, ti
 def test_every_source_kind_gives_what_the_in_process_path_gives(local_ray, tiny_model_dir, tmp_path, kind):
     import datasets
 
-    from pipelines.models import load_tokenizer
-    from pipelines.prepare import open_layout, prepare
+    from pipelines.data.prepare import open_layout, prepare
+    from pipelines.model import load_tokenizer
 
     records = [json.loads(x) for x in write_chat_data(tmp_path / "d.jsonl", n=60).read_text().splitlines()]
     path = tmp_path / {"parquet": "d.parquet", "save_to_disk": "saved", "json": "d.json"}[kind]
@@ -150,7 +150,7 @@ def test_preparation_runs_on_both_nodes_of_a_two_node_cluster(tiny_model_dir, tm
     the chunks over both, and the result equals the in-process path's."""
     import ray
 
-    from pipelines.prepare import open_layout, prepare
+    from pipelines.data.prepare import open_layout, prepare
 
     ray.shutdown()
     token = os.environ["RAY_AUTH_TOKEN"]
@@ -169,7 +169,7 @@ def test_preparation_runs_on_both_nodes_of_a_two_node_cluster(tiny_model_dir, tm
     assert p.stats["data_nodes"] == 2, p.stats
     meta = json.loads((Path(p.shards) / "meta.json").read_text())
     assert len(meta["chunks"]) >= 4
-    from pipelines.models import load_tokenizer
+    from pipelines.model import load_tokenizer
 
     train, _, _, _ = open_layout(p.layout)
     old_train, _ = D.train_eval_records(spec.data, spec.train.seed)
@@ -182,7 +182,7 @@ def test_preparation_runs_on_both_nodes_of_a_two_node_cluster(tiny_model_dir, tm
 def test_the_task_metric_scores_the_eval_records_it_scored_before(local_ray, tiny_model_dir, tmp_path, train):
     """The raw eval records handed to the task metric are the first ``eval_task_samples`` of the same
     eval split the in-process path makes (a builtin's own eval file, or the held-out fraction)."""
-    from pipelines.prepare import open_layout, prepare
+    from pipelines.data.prepare import open_layout, prepare
     from pipelines.spec import validate
 
     if train == "held-out":

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from cluster.connect import init_ray
-from pipelines import registry
+from pipelines.lifecycle import registry
 from tests.unit.test_toolbox import _trained_adapter
 
 pytestmark = pytest.mark.integration
@@ -239,7 +239,7 @@ def test_two_gated_promotions_racing_leave_the_alias_on_the_better_candidate(tmp
 _LEASE_CLIENT = """
 import json, sys, time
 from mlflow import MlflowClient
-from pipelines import registry
+from pipelines.lifecycle import registry
 uri, out, stall, hold, start = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
 if stall:  # a GC pause, an HTTP retry or a busy machine, between what this client read and what it writes
     for name in ("set_registered_model_tag", "create_model_version"):

@@ -17,7 +17,7 @@ def smollm2_adapter(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from pipelines.models import resolve_base
+    from pipelines.model import resolve_base
     from pipelines.spec import validate
 
     base_path = resolve_base(validate({"model": {"base": "smollm2-135m"}}).model, log=lambda *_: None)

@@ -70,7 +70,7 @@ def test_one_worker_job_end_to_end(local_ray, raypeft_home, tiny_model_dir, chat
     runs = c.search_runs([run_.info.experiment_id])
     assert len(runs) == 1
 
-    from pipelines.registry import show
+    from pipelines.lifecycle import show
 
     shown = show(result["tracking_uri"], f"tiny-adapter/{result['version']}")["versions"][0]
     assert "max_steps: 8" in shown["spec"] and shown["lineage"]["method"] == "lora"

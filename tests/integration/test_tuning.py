@@ -108,9 +108,8 @@ def test_layerwise_search_plans_fit_the_budget_and_the_plan_trains(
     from peft import PeftModel
 
     from cluster.memory import Shape
-    from pipelines.adapters import load_base_as_trained
-    from pipelines.preflight import load_checked_spec
-    from pipelines.train import run
+    from pipelines.lifecycle import load_base_as_trained
+    from pipelines.train import load_checked_spec, run
     from tuning import layerwise as L
     from tuning.search import plan_memory, search, under_baseline
 

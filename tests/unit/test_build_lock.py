@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.engines import STALE_BUILD_S, _clear_stale_build_lock, stale_build_lock
+from pipelines.train.engines import STALE_BUILD_S, _clear_stale_build_lock, stale_build_lock
 
 
 def test_only_a_lock_older_than_any_build_is_stale(tmp_path):
@@ -38,12 +38,12 @@ def test_the_worker_removes_a_stale_deepspeed_shm_lock_and_keeps_a_fresh_one(tmp
 
 
 def test_install_prebuilds_the_op_a_zero_job_would_build(capsys):
-    """``make install`` runs ``python -m pipelines.engines``; afterwards the op is in torch's extension cache,
+    """``make install`` runs ``pipelines.train.prebuild_ops``; afterwards the op is in torch's extension cache,
     where ``deepspeed.init_distributed`` loads it instead of compiling it in the first ZeRO job."""
     from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory
 
-    from pipelines.engines import prebuild_ops
+    from pipelines.train import prebuild_ops
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None:

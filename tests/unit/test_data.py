@@ -7,13 +7,13 @@ import json
 import pytest
 
 from pipelines import data as D
-from pipelines.loop import lr_factor
 from pipelines.spec import validate
+from pipelines.train import lr_factor
 
 
 @pytest.fixture(scope="module")
 def tok(tiny_model_dir):
-    from pipelines.models import load_tokenizer
+    from pipelines.model import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
 
@@ -116,8 +116,8 @@ def _splits_dir(tmp_path):
 def test_a_source_with_splits_but_no_eval_split_is_refused_never_read_as_train(tmp_path, kind):
     """A save_to_disk DatasetDict or a {split: [...]} JSON without an `eval` split: refused naming its splits
     and data.eval_split, by the one rule the trainer (prepare) and the gate (train_eval_records) share."""
-    from pipelines.preflight import split_problems
-    from pipelines.prepare import plan_chunks
+    from pipelines.data import plan_chunks
+    from pipelines.train import split_problems
 
     rows = _splits_dir(tmp_path)
     src = str(tmp_path / kind)
@@ -142,7 +142,7 @@ def test_a_source_with_splits_but_no_eval_split_is_refused_never_read_as_train(t
 
 
 def test_an_eval_that_is_the_training_records_is_refused(tmp_path):
-    from pipelines.preflight import split_problems
+    from pipelines.train import split_problems
 
     _splits_dir(tmp_path)
     p = tmp_path / "d.jsonl"

@@ -208,8 +208,8 @@ def test_exact_match_averages():
 
 
 def test_evaluate_uses_this_metric():
-    # pipelines.evaluate imports pipelines.data (stdlib at import time); the task hook must resolve here
-    from pipelines.evaluate import task_metric
+    # pipelines.train.evaluate imports pipelines.data.records (stdlib at import time); the task hook must resolve here
+    from pipelines.train import task_metric
 
     name, fn = task_metric("json_extract")
     assert name == "exact_match"

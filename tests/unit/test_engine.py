@@ -322,7 +322,7 @@ def test_sliding_window_models_match_generate(tmp_path, family):
     """Masks for sliding-window layers: every layer (Mistral) or some of them (layer_types)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Qwen2Config
 
-    from pipelines.models import tiny_llama
+    from pipelines.model import tiny_llama
 
     tok_dir = tiny_llama(tmp_path / "tok")
     tok = AutoTokenizer.from_pretrained(tok_dir)

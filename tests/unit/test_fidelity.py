@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.specbase import SpecError
+from pipelines.spec import SpecError
 from serving.fidelity import difference, record_of, served_record
 from serving.spec import validate
 from tests.unit.test_lora_batch import _make_adapter
@@ -81,7 +81,7 @@ def test_a_layerwise_planned_adapter_is_served_exactly(tiny_model_dir, planned):
     """``from_adapter`` rebuilds the mixed 4/8/16-bit base; the engine's greedy output equals PEFT's on it."""
     from peft import PeftModel
 
-    from pipelines.models import load_base, trained_base_spec
+    from pipelines.model import load_base, trained_base_spec
     from pipelines.spec import validate as job_validate
     from serving.engine import Engine, Request
     from serving.lora_batch import MultiLoraModel

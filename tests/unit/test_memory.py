@@ -111,8 +111,7 @@ def _saved_bytes(
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipelines import methods
-    from pipelines.models import load_base
+    from pipelines.model import load_base, methods
     from pipelines.spec import validate
 
     torch.manual_seed(0)
@@ -192,7 +191,7 @@ def test_saved_activations_per_layer_are_what_autograd_saves(tmp_path, tiny_mode
 def test_with_checkpointing_a_layer_keeps_only_its_input_whatever_its_bits(tmp_path, tiny_model_dir, bits):
     """Gradient checkpointing as the memory model counts it (``activation_bytes``): one more decoder layer
     keeps its input, hidden × tokens, and nothing else, at any bit-width. bitsandbytes' int8 matmul keeps its
-    input on its autograd context (``ctx.A``), which only reentrant checkpointing (``pipelines.models.
+    input on its autograd context (``ctx.A``), which only reentrant checkpointing (``pipelines.model.loading.
     CHECKPOINTING``) drops: non-reentrant, an int8 layer would keep 3·hidden + intermediate more."""
     import shutil
 
@@ -253,9 +252,8 @@ def test_planner_counts_the_dtype_a_bf16_job_really_trains_in(tiny_model_dir, me
     weight to fp32, so the embeddings, norms and activations are fp32: the planner must count 4 bytes there."""
     import torch
 
-    from pipelines import methods
-    from pipelines.models import load_base
-    from pipelines.plan import plan_of
+    from pipelines.lifecycle import plan_of
+    from pipelines.model import load_base, methods
     from pipelines.spec import validate
 
     spec = validate(

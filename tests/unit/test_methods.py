@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from pipelines import data as D
-from pipelines import methods
-from pipelines.models import load_base
-from pipelines.spec import SpecError
+from pipelines.model import load_base, methods
+from pipelines.spec.job import SpecError
 from tests.conftest import tiny_spec
 
 GALORE = {"galore": {"rank": 4, "update_proj_gap": 2}}
@@ -220,8 +219,8 @@ def test_an_eval_between_qlora_steps_leaves_the_training_path_as_it_was(tiny_mod
     a probe between steps changes nothing, so a run resumed from a checkpoint matches the run uninterrupted."""
     import random
 
-    from pipelines.engines import probe_logits
-    from pipelines.models import one_4bit_layout
+    from pipelines.model import one_4bit_layout
+    from pipelines.train import probe_logits
 
     spec = tiny_spec(tiny_model_dir, chat_data, method={"name": "qlora", "r": 4, "dropout": 0.1})
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines import methods
-from pipelines.models import load_base
-from pipelines.preflight import PreflightError, check, module_names, preflight, target_matches
+from pipelines.model import load_base, methods
+from pipelines.train.preflight import PreflightError, check, module_names, preflight, target_matches
 from tests.conftest import tiny_spec
 from tests.unit.test_methods import CASES
 

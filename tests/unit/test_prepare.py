@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from pipelines import data as D
-from pipelines import prepare as P
+from pipelines.data import prepare as P
 
 
 @pytest.fixture(scope="module")
 def tok(tiny_model_dir):
-    from pipelines.models import load_tokenizer
+    from pipelines.model import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
 
@@ -79,7 +79,7 @@ def test_packed_examples_do_not_see_each_other(tiny_model_dir, tok, impl):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipelines import attention
+    from pipelines.train import attention
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
     if impl == "varlen":
@@ -128,7 +128,7 @@ def test_varlen_bounds_follow_each_new_batch_even_at_a_reused_address():
     over one buffer stand in for the allocator reusing freed memory.)"""
     import torch
 
-    from pipelines import attention
+    from pipelines.train import attention
 
     buf = bytearray(8 * 5)
     for lengths in ([3, 2], [2, 3], [1, 4], [5]):
@@ -145,7 +145,7 @@ def test_varlen_attention_never_attends_beyond_one_example(tiny_model_dir, tok):
     from torch.utils._python_dispatch import TorchDispatchMode
     from transformers import AutoModelForCausalLM
 
-    from pipelines import attention
+    from pipelines.train import attention
 
     exs = [D.encode(_chat(i), "chat", tok, 64) for i in (3, 11, 24, 7, 30)]
     batch = D.collate(D.pack(exs, 96), tok.pad_token_id)
@@ -186,8 +186,7 @@ def test_padding_free_unpacked_batch_equals_the_padded_batch(tiny_model_dir, tok
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipelines import attention
-    from pipelines.loss import label_tokens
+    from pipelines.train import attention, label_tokens
 
     exs = [D.encode(_chat(i), "chat", tok, 64) for i in (3, 11, 24, 7)]
     padded, flat = D.collate(exs, tok.pad_token_id), D.collate(exs, tok.pad_token_id, padding_free=True)
@@ -240,8 +239,7 @@ def test_shared_prefix_row_gives_the_padded_batch_loss_and_gradients(tiny_model_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipelines import attention
-    from pipelines.loss import label_tokens
+    from pipelines.train import attention, label_tokens
 
     exs = [D.encode(_instructed(i), "chat", tok, 96) for i in (3, 11, 24, 7, 30)]
     p = D.shared_prefix([(e["input_ids"], e["labels"]) for e in exs])
@@ -273,7 +271,7 @@ def test_shared_prefix_row_gives_the_padded_batch_loss_and_gradients(tiny_model_
 
 
 def test_varlen_refuses_a_suffix_without_its_prefix():
-    from pipelines import attention
+    from pipelines.train import attention
 
     assert attention.segments([0, 1, 2, 3, 2, 3]) == [(0, 4, 0), (4, 6, 2)]
     with pytest.raises(ValueError, match="starts at position 3"):
@@ -285,7 +283,7 @@ def test_varlen_refuses_a_suffix_without_its_prefix():
 def test_share_prefix_follows_the_spec_and_the_attention():
     from types import SimpleNamespace
 
-    from pipelines import methods
+    from pipelines.model import methods
 
     spec = lambda v: SimpleNamespace(data=SimpleNamespace(share_prefix=v))  # noqa: E731
     assert methods.share_prefix(spec(None), True, True) is True

@@ -16,11 +16,11 @@ from pipelines.spec import (
     JobSpec,
     SpecError,
     apply_overrides,
+    load_spec,
     parse_override,
     reference_markdown,
     validate,
 )
-from pipelines.tunespec import load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 BAD_SPECS = sorted((REPO / "tests" / "bad_specs").glob("*.yaml"))
@@ -66,7 +66,7 @@ def test_corpus_is_large_and_well_formed():
 
 @pytest.mark.parametrize("path", BAD_SPECS, ids=[p.stem for p in BAD_SPECS])
 def test_bad_spec_is_rejected_naming_the_field(path: Path):
-    from pipelines.preflight import load_checked_spec
+    from pipelines.train import load_checked_spec
 
     expected = expected_fields(path)
     with pytest.raises(SpecError) as info:

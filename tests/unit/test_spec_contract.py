@@ -15,7 +15,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.spec import JobSpec, SpecError, field_reference, validate
+from pipelines.spec.job import JobSpec, SpecError, field_reference, validate
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
@@ -54,7 +54,7 @@ def test_raypeft_train_subprocess_exits_2_naming_the_field_and_starts_nothing(na
 
 
 def test_a_duplicate_key_names_both_lines(tmp_path):
-    from pipelines.specbase import read_yaml
+    from pipelines.spec import read_yaml
 
     (tmp_path / "s.yaml").write_text("train:\n  lr: 0.1\n  max_steps: 3\n  lr: 0.2\n")
     with pytest.raises(SpecError) as e:
@@ -63,7 +63,7 @@ def test_a_duplicate_key_names_both_lines(tmp_path):
 
 
 def test_a_problem_names_its_line_unless_an_override_set_it(tmp_path):
-    from pipelines.tunespec import load_spec
+    from pipelines.spec import load_spec
 
     (tmp_path / "s.yaml").write_text("name: x\ntrain:\n  max_steps: 10\n  lr: -1\n")
     with pytest.raises(SpecError) as e:
@@ -107,7 +107,7 @@ WRONG_TYPE = st.one_of(
 
 
 def _set(raw: dict, field: str, value) -> dict:
-    from pipelines.specbase import set_path
+    from pipelines.spec import set_path
 
     return set_path(raw, field, value)
 
@@ -172,7 +172,7 @@ CASES = st.sampled_from(sorted(BAD_STRINGS)).flatmap(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=CASES)
 def test_every_path_and_name_field_refuses_each_class_of_bad_string_naming_the_field(case):
-    from pipelines.tunespec import validate_document
+    from pipelines.spec import validate_document
 
     what, field, value = case
     with pytest.raises(SpecError) as e:

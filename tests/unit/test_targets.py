@@ -7,7 +7,7 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 
-from pipelines.targets import is_target, pattern_key, pattern_value, target_matches
+from pipelines.spec import is_target, pattern_key, pattern_value, target_matches
 
 NAMES = [
     f"model.layers.{i}.{block}.{lin}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.specbase import SpecError
+from pipelines.spec import SpecError
 from serving.spec import validate
 from serving.tenants import identify, may_use, read_key, tenant
 

@@ -12,11 +12,10 @@ import pytest
 import torch
 
 from pipelines import data as D
-from pipelines import methods
-from pipelines.adapters import AdapterError, combine, compatibility_problems, export, load_base_as_trained
-from pipelines.engines import save_adapter
-from pipelines.methods.compare import compare
-from pipelines.models import load_base
+from pipelines.lifecycle import AdapterError, combine, compatibility_problems, export, load_base_as_trained
+from pipelines.model import load_base, methods
+from pipelines.model.methods.compare import compare
+from pipelines.train import save_adapter
 from tests.conftest import tiny_spec
 
 # --------------------------------------------------------------------------- budgets vs formulas
@@ -52,7 +51,7 @@ def _expected(cfg, r: int) -> dict[str, int]:
 def test_compare_counts_match_formulas(which, tiny_model_dir):
     from transformers import AutoConfig
 
-    from pipelines.models import resolve_base
+    from pipelines.model import resolve_base
     from pipelines.spec import validate
 
     base = str(tiny_model_dir) if which == "tiny" else "smollm2-135m"

@@ -8,10 +8,10 @@ import os
 
 import pytest
 
-from pipelines.methods.generic import peft_config
-from pipelines.models import trained_base_spec
-from pipelines.spec import SpecError, validate
-from pipelines.specbase import apply_overrides
+from pipelines.model import trained_base_spec
+from pipelines.model.methods.generic import peft_config
+from pipelines.spec import apply_overrides
+from pipelines.spec.job import SpecError, validate
 
 
 @pytest.mark.parametrize(
@@ -107,7 +107,7 @@ def test_a_local_tracking_store_is_not_probed():
 
 def test_an_unreachable_tracking_server_is_named_at_once():
     from cluster.connect import free_port
-    from pipelines.specbase import UserError
+    from pipelines.spec import UserError
     from pipelines.tracking import check_server
 
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens

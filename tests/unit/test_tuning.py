@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from cluster.memory import Shape, layerwise_estimate, linear_bytes
-from pipelines.spec import SpecError, pattern_bits
-from pipelines.tunespec import concurrency, trial_raw, validate
+from pipelines.spec.job import SpecError, pattern_bits
+from pipelines.spec.tune import concurrency, trial_raw, validate
 from tuning import layerwise as L
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -209,8 +209,7 @@ def _plan_spec(model_dir: Path, data: Path, layers):
 
 @pytest.mark.parametrize("layers", [[(4, 8), (8, 4)], [(16, 0), (4, 16)], [(8, 8), (8, 8)]])
 def test_memory_model_matches_the_measured_bytes_of_the_quantized_model_and_adapter(tiny_model_dir, chat_data, layers):
-    from pipelines import methods
-    from pipelines.models import load_base, model_bytes
+    from pipelines.model import load_base, methods, model_bytes
 
     spec = _plan_spec(tiny_model_dir, chat_data, layers)
     base, _, _ = load_base(spec, log=lambda *_: None)
@@ -229,10 +228,9 @@ def test_mixed_4_8_16_bit_base_trains_on_cpu_and_survives_save_and_load(tiny_mod
     from peft import PeftModel
 
     from pipelines import data as D
-    from pipelines import methods, preflight
-    from pipelines.adapters import load_base_as_trained
-    from pipelines.engines import save_adapter
-    from pipelines.models import load_base
+    from pipelines.lifecycle import load_base_as_trained
+    from pipelines.model import load_base, methods
+    from pipelines.train import preflight, save_adapter
 
     layers = [(4, 8), (8, 4)]
     spec = _plan_spec(tiny_model_dir, chat_data, layers)
@@ -272,8 +270,8 @@ def test_mixed_4_8_16_bit_base_trains_on_cpu_and_survives_save_and_load(tiny_mod
 
 
 def test_a_base_that_does_not_follow_its_plan_fails_preflight(tiny_model_dir, chat_data):
-    from pipelines import methods, preflight
-    from pipelines.models import load_base
+    from pipelines.model import load_base, methods
+    from pipelines.train import preflight
 
     spec = _plan_spec(tiny_model_dir, chat_data, [(4, 8), (8, 4)])
     other = _plan_spec(tiny_model_dir, chat_data, [(8, 8), (8, 4)])
@@ -333,7 +331,7 @@ def test_raypeft_plan_on_a_written_layerwise_spec_counts_what_the_search_counted
     """`raypeft plan` on the spec the search writes reads the per-layer plan back and gives the search's own peak."""
     import yaml
 
-    from pipelines.plan import layers_of, shape_of
+    from pipelines.lifecycle import layers_of, shape_of
     from raypeft.cli import main
     from tests.conftest import tiny_spec
     from tuning.search import plan_memory
@@ -358,7 +356,7 @@ def test_raypeft_plan_on_a_written_layerwise_spec_counts_what_the_search_counted
 
 
 def test_layers_of_reads_targets_as_peft_does(tiny_model_dir, chat_data):
-    from pipelines.plan import layers_of, shape_of
+    from pipelines.lifecycle import layers_of, shape_of
     from tests.conftest import tiny_spec
 
     spec = tiny_spec(tiny_model_dir, chat_data)
@@ -388,7 +386,7 @@ def test_ranks_without_an_adapter_are_refused():
 
 
 def test_the_search_runs_under_its_baselines_checkpointing_with_its_rank_in_the_space(tiny_model_dir, chat_data):
-    from pipelines.plan import shape_of
+    from pipelines.lifecycle import shape_of
     from tests.conftest import tiny_spec
     from tuning.search import under_baseline
 

@@ -58,9 +58,9 @@ def compare(
     log=print,
 ) -> list[Row]:
     """Build each method on ``base`` and count its parameters. A method that cannot be built gets its error."""
-    from pipelines import methods as registry
-    from pipelines.models import load_base
-    from pipelines.spec import SpecError, validate
+    from pipelines.model import methods as registry
+    from pipelines.model.loading import load_base
+    from pipelines.spec.job import SpecError, validate
 
     args = args or {}
     base_spec = validate({"model": {"base": base, "quantization": "none"}, "method": {"name": "lora"}})

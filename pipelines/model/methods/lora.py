@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pipelines.methods.base import Method, Prepared, adamw, config_problem, register, trainable
-from pipelines.models import CHECKPOINTING
+from pipelines.model.loading import CHECKPOINTING
+from pipelines.model.methods.base import Method, Prepared, adamw, config_problem, register, trainable
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec

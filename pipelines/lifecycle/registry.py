@@ -29,8 +29,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pipelines.spec import DataSpec
-from pipelines.specbase import SEED_MAX, Float, Int, Section, read_yaml, validate_spec
+from pipelines.spec import SEED_MAX, DataSpec, Float, Int, Section, read_yaml, validate_spec
 
 PROMOTIONS_EXPERIMENT = "raypeft-promotions"
 
@@ -81,8 +80,8 @@ def _evaluate(gate: Gate, uris: dict[str, str], tracking_uri: str) -> dict[str, 
     from peft import PeftModel
 
     from pipelines import data as D
-    from pipelines.adapters import load_base_as_trained, resolve
-    from pipelines.evaluate import eval_loss, task_score
+    from pipelines.lifecycle.adapters import load_base_as_trained, resolve
+    from pipelines.train import eval_loss, task_score
 
     out = {}
     for label, uri in uris.items():

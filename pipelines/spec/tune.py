@@ -22,9 +22,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from pipelines.spec import JobSpec, Problem, SpecError, resolve_paths, semantic_problems
-from pipelines.spec import validate as validate_job
-from pipelines.specbase import SEED_MAX, STEPS_MAX, Float, Int, Section, load_file, set_path, validate_spec
+from pipelines.spec.base import SEED_MAX, STEPS_MAX, Float, Int, Section, load_file, set_path, validate_spec
+from pipelines.spec.job import JobSpec, Problem, SpecError, resolve_paths, semantic_problems
+from pipelines.spec.job import validate as validate_job
 
 Rank = Annotated[Int, Field(ge=0)]
 
@@ -276,7 +276,7 @@ def load_spec(path, overrides: list[str] | tuple[str, ...] = (), check_urls: boo
 
 
 def validate_document(raw: dict[str, Any], base_dir=None, check_urls: bool = True) -> JobSpec:
-    """``pipelines.spec.validate``, and when the document has a ``tune`` section, that section too: the result
+    """``pipelines.spec.job.validate``, and when the document has a ``tune`` section, that section too: the result
     is then a ``TunedJobSpec`` (a ``JobSpec``), so no section of a file goes unchecked."""
     if isinstance(raw, dict) and raw.get("tune"):
         return validate(raw, base_dir, check_urls=check_urls)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipelines.methods.base import Method, Prepared, register
-from pipelines.models import CHECKPOINTING
+from pipelines.model.loading import CHECKPOINTING
+from pipelines.model.methods.base import Method, Prepared, register
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
 def galore_param_groups(spec: JobSpec, model) -> list[dict]:
     import torch
 
-    from pipelines.targets import is_target
+    from pipelines.spec import is_target
 
     g = spec.method.galore
     galore_params, regular = [], []

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pipelines.methods import Prepared
+    from pipelines.model import Prepared
     from pipelines.spec import JobSpec
 
-from pipelines.storage import ADAPTER_DIR, PROBE_FILE  # noqa: F401 - PROBE_FILE: the worker writes it
+from pipelines.spec import ADAPTER_DIR, PROBE_FILE  # noqa: F401 - PROBE_FILE: the worker writes it
 
 STATE_FILE = "state.pt"
 DS_DIR = "deepspeed"
@@ -40,7 +40,7 @@ def save_adapter(model, directory: Path, spec: JobSpec, state_dict: dict | None 
     loaded, so export and serving can rebuild exactly the base the adapter was trained against."""
     import json
 
-    from pipelines.adapters import META_FILE, adapter_meta
+    from pipelines.spec import META_FILE, adapter_meta
 
     kwargs = {"state_dict": state_dict} if state_dict is not None else {}
     model.save_pretrained(directory, safe_serialization=True, **kwargs)
@@ -100,7 +100,7 @@ class TorchEngine:
     def micro_step(self, batch: dict, last: bool, tokens: int):
         """Forward and backward of one micro-batch; ``tokens``: the label tokens of the whole global batch,
         so the step's gradient is that of the global batch's mean token loss (DDP averages over ranks)."""
-        from pipelines.loss import token_loss_sum
+        from pipelines.train.loss import token_loss_sum
 
         sync = self.ddp is None or last
         with self.ddp.no_sync() if not sync else contextlib.nullcontext():
@@ -160,7 +160,7 @@ class DeepSpeedEngine:
         self.spec, self.prepared, self.rank, self.world = spec, prepared, rank, world
         self.stage = config["zero_optimization"]["stage"]
         if self.stage == 3:
-            from pipelines.models import one_4bit_layout
+            from pipelines.model import one_4bit_layout
 
             one_4bit_layout(prepared.model)  # ZeRO-3 re-gathers the original layout
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -197,7 +197,7 @@ class DeepSpeedEngine:
         scaling is off (the global token count already normalizes). Under ZeRO-3 every rank calls the LM head
         the same number of times (the most a micro-batch can need), as each call gathers its weights, and the
         chunks' logits are kept for backward rather than recomputed (the weights are partitioned again by then)."""
-        from pipelines.loss import token_loss_sum
+        from pipelines.train.loss import token_loss_sum
 
         chunk, chunks = self.spec.train.loss_chunk_tokens, None
         if self.stage == 3 and chunk > 0:
@@ -325,9 +325,3 @@ def prebuild_ops(log=print) -> str | None:
         return None
     log(f"[raypeft] DeepSpeed op {builder.NAME} ready in {time.perf_counter() - t0:.0f}s")
     return builder.NAME
-
-
-if __name__ == "__main__":  # python -m pipelines.engines: build DeepSpeed's JIT op now, not in the first job
-    import sys
-
-    prebuild_ops(lambda m: print(m, file=sys.stderr))

@@ -1,5 +1,5 @@
 """The method registry's parts that every method module builds on: what a builder returns (``Prepared``),
-what a method is (``Method``), the registry, and the helpers builders share. ``pipelines.methods`` loads
+what a method is (``Method``), the registry, and the helpers builders share. ``pipelines.model.methods`` loads
 the built-in methods into it and answers for them."""
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pipelines.methods.base import (  # noqa: F401 - the registry's public names
+from pipelines.model.methods.base import (  # noqa: F401 - the registry's public names
     REGISTRY,
     Method,
     Prepared,
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 def _load_builtin() -> None:
     if REGISTRY:
         return
-    from pipelines.methods import adalora, galore, lora  # noqa: F401  (they register themselves)
+    from pipelines.model.methods import adalora, galore, lora  # noqa: F401  (they register themselves)
 
 
 def get_method(name: str) -> Method:
@@ -42,7 +42,7 @@ def get_method(name: str) -> Method:
         return REGISTRY[name]
     from peft import PeftType
 
-    from pipelines.methods.generic import generic_method
+    from pipelines.model.methods.generic import generic_method
 
     try:
         return generic_method(name)
@@ -127,7 +127,7 @@ def share_prefix(spec, padding_free_rows: bool, varlen: bool) -> bool:
 def prompt_learning(name: str) -> bool:
     from peft import PromptLearningConfig
 
-    from pipelines.methods.generic import config_class
+    from pipelines.model.methods.generic import config_class
 
     try:
         return issubclass(config_class(name), PromptLearningConfig)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines import data as D
+from pipelines.data import records as D
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
@@ -390,8 +390,7 @@ class Prepared:
 def cache_root(spec: JobSpec) -> Path:
     """``<checkpoint.storage>/data-cache`` (storage every node sees, like the checkpoints), or under
     ``$RAYPEFT_HOME`` when the checkpoint storage is a URL (workers memory-map local files)."""
-    from pipelines.storage import storage_dir
-    from pipelines.tracking import raypeft_home
+    from pipelines.spec import raypeft_home, storage_dir
 
     storage = storage_dir(spec)
     return Path(storage) / "data-cache" if "://" not in storage else raypeft_home() / "data-cache"
@@ -400,7 +399,7 @@ def cache_root(spec: JobSpec) -> Path:
 def prepare(spec: JobSpec, log=print, progress_every_s: float = 5.0) -> Prepared:
     """Tokenize ``spec.data`` once (a cache hit re-tokenizes nothing) and lay out this run. Ray must be up.
     Bad data raises ``DataError`` naming the file and line (or row) before any training starts."""
-    from pipelines.models import load_tokenizer, resolve_base
+    from pipelines.model import load_tokenizer, resolve_base
 
     t0 = time.perf_counter()
     root = cache_root(spec)

@@ -12,7 +12,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -382,7 +381,3 @@ def tiny_llama(
     )
     tok.save_pretrained(path)
     return path
-
-
-if __name__ == "__main__":  # python -m pipelines.models: materialize the built-in base
-    print(materialize_smollm2(lambda m: print(m, file=sys.stderr)))

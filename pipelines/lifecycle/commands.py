@@ -10,7 +10,7 @@ import json
 import sys
 from functools import partial
 
-from pipelines.specbase import UserError
+from pipelines.spec import UserError
 
 
 def _log(message: str) -> None:
@@ -20,7 +20,7 @@ def _log(message: str) -> None:
 def methods(args) -> int:
     if args.action == "compare":
         return methods_compare(args)
-    from pipelines.methods import REGISTRY, method_names
+    from pipelines.model import REGISTRY, method_names
 
     for name in method_names():
         m = REGISTRY[name]
@@ -37,7 +37,7 @@ def methods_compare(args) -> int:
 
     import yaml
 
-    from pipelines.methods.compare import DEFAULT_METHODS, compare, markdown, write
+    from pipelines.model.methods.compare import DEFAULT_METHODS, compare, markdown, write
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(DEFAULT_METHODS)
     target = args.target if args.target == "all-linear" or "," not in args.target else args.target.split(",")
@@ -55,8 +55,8 @@ def methods_compare(args) -> int:
 
 
 def check(args) -> int:
-    from pipelines import methods, preflight
-    from pipelines.models import load_base
+    from pipelines.model import load_base, methods
+    from pipelines.train import preflight
 
     spec = preflight.load_checked_spec(args.spec, args.overrides)
     base, _, _ = load_base(spec, log=_log)
@@ -79,7 +79,7 @@ def _register(out_dir: str, name: str, run_name: str, tags: dict, tracking_uri) 
 
 
 def export(args) -> int:
-    from pipelines.adapters import export
+    from pipelines.lifecycle.adapters import export
 
     report = export(args.ref, args.out, merge=args.merge, dtype=args.dtype, tracking_uri=args.tracking_uri, log=_log)
     if "max_abs_logit_diff" in report:
@@ -101,7 +101,7 @@ def export(args) -> int:
 
 
 def combine(args) -> int:
-    from pipelines.adapters import combine
+    from pipelines.lifecycle.adapters import combine
 
     try:
         weights = [float(w) for w in args.weights.split(",")]
@@ -149,7 +149,7 @@ def _uri(args) -> str:
 
 
 def models(args) -> int:
-    from pipelines import registry
+    from pipelines.lifecycle import registry
 
     uri = _uri(args)
     with _missing_is_user_error(args.ref or "registry"):
@@ -167,7 +167,7 @@ def models(args) -> int:
 
 
 def promote(args) -> int:
-    from pipelines import registry
+    from pipelines.lifecycle import registry
 
     gate = registry.load_gate(args.gate)
     uri = _uri(args)
@@ -194,7 +194,7 @@ def promote(args) -> int:
 
 
 def rollback(args) -> int:
-    from pipelines import registry
+    from pipelines.lifecycle import registry
 
     try:
         with _missing_is_user_error(args.name):
@@ -209,7 +209,7 @@ def rollback(args) -> int:
 
 def submit(args) -> int:
     from cluster import jobs
-    from pipelines.preflight import load_checked_spec
+    from pipelines.train import load_checked_spec
 
     # the same validation as a local run, before anything reaches the cluster; data URLs are checked by the
     # job's own driver, which runs where the cluster's credentials are
@@ -237,8 +237,8 @@ def submit(args) -> int:
 
 def plan(args) -> int:
     from cluster.memory import parse_bytes
-    from pipelines.plan import CPU_NOTE, breakdown_of, plan_of, render, shape_of
-    from pipelines.tunespec import load_spec
+    from pipelines.lifecycle.plan import CPU_NOTE, breakdown_of, plan_of, render, shape_of
+    from pipelines.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
     try:

@@ -24,13 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.specbase import quote
-from pipelines.targets import target_matches
+from pipelines.spec import quote, target_matches
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pipelines.methods import Prepared
-    from pipelines.spec import JobSpec
-    from pipelines.tunespec import TunedJobSpec
+    from pipelines.model import Prepared
+    from pipelines.spec import JobSpec, TunedJobSpec
 
 
 class PreflightError(RuntimeError):
@@ -156,7 +154,7 @@ def preflight(spec: JobSpec, prepared: Prepared, base_module_names: list[str]) -
 def _quantization_problems(spec: JobSpec, model) -> list[str]:
     import torch
 
-    from pipelines.models import torch_dtype
+    from pipelines.model import torch_dtype
 
     out: list[str] = []
     q = spec.quantization()
@@ -219,7 +217,7 @@ def architecture_problems(spec: JobSpec) -> list[tuple[str, str]]:
     import torch
 
     try:
-        from pipelines.models import meta_model
+        from pipelines.model import meta_model
 
         model = meta_model(spec.model)
     except Exception:  # noqa: BLE001 - the worker's pre-flight checks it with the real model
@@ -238,7 +236,7 @@ def architecture_problems(spec: JobSpec) -> list[tuple[str, str]]:
 
 def _peft_problems(spec: JobSpec, model) -> list[tuple[str, str]]:
     """What PEFT says when it wraps the meta model with the spec's config, as spec problems naming the field."""
-    from pipelines.methods import get_method
+    from pipelines.model import get_method
 
     method = get_method(spec.method.name)
     if method.peft_config is None:
@@ -248,7 +246,7 @@ def _peft_problems(spec: JobSpec, model) -> list[tuple[str, str]]:
     try:
         get_peft_model(model, method.peft_config(spec, model))
     except (ValueError, TypeError, KeyError, IndexError, re.error) as e:
-        from pipelines.methods import config_problem
+        from pipelines.model import config_problem
 
         field, message = config_problem(spec, e, f"PEFT ({spec.method.name} on this base)")
         if field == "method.args" and not spec.method.args:
@@ -267,8 +265,8 @@ def load_checked_spec(path, overrides=(), check_urls: bool = True) -> JobSpec:
     Raises:
         SpecError: listing every problem (the CLI exits 2).
     """
-    from pipelines.spec import SpecError
-    from pipelines.tunespec import load_spec
+    from pipelines.spec import load_spec
+    from pipelines.spec.job import SpecError
 
     spec = load_spec(path, overrides, check_urls=check_urls)
     problems = architecture_problems(spec) + split_problems(spec.data) + storage_problems(spec)
@@ -284,9 +282,9 @@ def load_checked_spec(path, overrides=(), check_urls: bool = True) -> JobSpec:
 def load_tuned(path, overrides=()) -> TunedJobSpec:
     """Read, override and validate a tuned job spec (its ``tune`` section required), target modules checked
     against the base: everything checkable before Ray starts (``raypeft tune``, ``layerwise``, ``validate``)."""
-    from pipelines.spec import SpecError, resolve_paths
-    from pipelines.specbase import load_file
-    from pipelines.tunespec import validate
+    from pipelines.spec import load_file
+    from pipelines.spec.job import SpecError, resolve_paths
+    from pipelines.spec.tune import validate
 
     spec = load_file(path, overrides, lambda raw: validate(resolve_paths(raw)))
     problems = architecture_problems(spec) + split_problems(spec.data)
@@ -364,7 +362,7 @@ def sample_problems(spec: JobSpec, n: int = SAMPLE_RECORDS) -> list[tuple[str, s
     ``data.max_length``. The full pass on Ray Data still checks every record. URLs, builtin datasets and a
     hub base that cannot be reached from here are left to the job."""
     from pipelines import data as D
-    from pipelines.prepare import _global_where, eval_source, plan_chunks, read_chunk
+    from pipelines.data.prepare import _global_where, eval_source, plan_chunks, read_chunk
 
     d = spec.data
     sources = [("data.train", d.train, "train", d.train_split)]
@@ -375,7 +373,7 @@ def sample_problems(spec: JobSpec, n: int = SAMPLE_RECORDS) -> list[tuple[str, s
     if not local and not base_dir:
         return []
     try:
-        from pipelines.models import load_tokenizer, resolve_base
+        from pipelines.model import load_tokenizer, resolve_base
 
         tok = load_tokenizer(resolve_base(spec.model, lambda *_: None), spec.model.revision)
     except Exception as e:  # noqa: BLE001 - a local base the workers could not load either: say so now

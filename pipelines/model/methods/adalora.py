@@ -9,7 +9,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
-from pipelines.methods.base import Method, Prepared, adamw, config_problem, register, trainable
+from pipelines.model.methods.base import Method, Prepared, adamw, config_problem, register, trainable
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec

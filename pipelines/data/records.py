@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.specbase import UserError
+from pipelines.spec import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import DataSpec

@@ -30,7 +30,7 @@ CPU_NOTE = (
 
 
 def shape_of(spec: JobSpec) -> Shape:
-    from pipelines.models import resolve_base
+    from pipelines.model import resolve_base
 
     base = spec.model.base
     path = Path(os.path.expanduser(base))
@@ -105,7 +105,7 @@ def layers_of(spec: JobSpec, shape: Shape) -> tuple[list[tuple[int, int]], tuple
     ``model.quantization_plan`` (what ``raypeft layerwise`` writes), resolved the way the loader and
     PEFT resolve them; None otherwise. A layer's bit-width is its first linear's, its rank the largest
     of its targeted linears' (0: none)."""
-    from pipelines.targets import is_target, pattern_value
+    from pipelines.spec import is_target, pattern_value
 
     if not spec.model.quantization_plan:
         return None

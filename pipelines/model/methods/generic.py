@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
-from pipelines.methods.base import Method, Prepared, adamw, config_problem, trainable
-from pipelines.models import CHECKPOINTING
+from pipelines.model.loading import CHECKPOINTING
+from pipelines.model.methods.base import Method, Prepared, adamw, config_problem, trainable
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
@@ -33,7 +33,7 @@ def config_class(name: str):
     try:
         peft_type = PeftType[name.upper()]
     except KeyError:
-        raise KeyError(f"unknown method (got {name!r})") from None  # pipelines.methods.get_method names the known
+        raise KeyError(f"unknown method (got {name!r})") from None  # pipelines.model.methods.get_method names the known
     return PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
 
 

@@ -1,7 +1,7 @@
 """The job spec: one typed, validated description of a training job.
 
 A spec is YAML. It is parsed and validated exactly once, on the driver, before any
-Ray resource starts (``pipelines.tunespec.load_spec``). Every problem is collected and reported at
+Ray resource starts (``pipelines.spec.tune.load_spec``). Every problem is collected and reported at
 once, each naming the dotted field and quoting the bad value. The validated
 ``JobSpec`` is frozen and passed through unmutated to the workers; values that
 depend on other fields (the effective quantization of a QLoRA job, say) are
@@ -11,8 +11,8 @@ Each field's description is its one and only documentation: ``raypeft train
 --help``, ``raypeft spec`` and the docs' spec reference are generated from it.
 
 The ``tune`` section is run only by ``raypeft tune`` / ``raypeft layerwise``; here it is an opaque
-mapping. A spec *file* is one document, though: ``pipelines.tunespec.load_spec`` validates a ``tune`` section with
-``pipelines.tunespec`` (``TunedJobSpec``) whichever command reads the file, ``raypeft train`` included.
+mapping. A spec *file* is one document, though: ``pipelines.spec.tune.load_spec`` validates a ``tune`` section with
+``pipelines.spec.tune`` (``TunedJobSpec``) whichever command reads the file, ``raypeft train`` included.
 
 This module imports neither Ray nor torch, so validation is instant.
 """
@@ -32,7 +32,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from pipelines.specbase import (  # noqa: F401 - re-exported: the job spec's public toolkit
+from pipelines.spec.base import (  # noqa: F401 - re-exported: the job spec's public toolkit
     SEED_MAX,
     STEPS_MAX,
     Float,
@@ -48,9 +48,9 @@ from pipelines.specbase import (  # noqa: F401 - re-exported: the job spec's pub
     read_yaml,
     validate_spec,
 )
-from pipelines.specbase import field_reference as _field_reference
-from pipelines.specbase import reference_markdown as _reference_markdown
-from pipelines.targets import pattern_value
+from pipelines.spec.base import field_reference as _field_reference
+from pipelines.spec.base import reference_markdown as _reference_markdown
+from pipelines.spec.targets import pattern_value
 
 BUILTIN_BASES = ("smollm2-135m",)
 
@@ -552,7 +552,7 @@ _CHECKS: list[Callable[[JobSpec], list[Problem]]] = []
 
 
 def register_check(check: Callable[[JobSpec], list[Problem]]) -> Callable[[JobSpec], list[Problem]]:
-    """Add a consumer's own cross-field check (the methods register theirs: ``pipelines.methods``), run by
+    """Add a consumer's own cross-field check (the methods register theirs: ``pipelines.model.methods``), run by
     every ``validate`` once the spec's own target patterns are sound, as PEFT's configs check themselves:
     the spec asks no consumer anything, and imports none."""
     _CHECKS.append(check)
@@ -784,7 +784,7 @@ def _scaling_problems(spec: JobSpec) -> list[tuple[str, str]]:
 
 def field_reference(model: type[BaseModel] | None = None) -> list[tuple[str, str, str]]:
     """(dotted field, default, description) of every field of ``model`` (default: the job spec).
-    ``pipelines.tunespec.TunedJobSpec`` gives the tune fields too."""
+    ``pipelines.spec.tune.TunedJobSpec`` gives the tune fields too."""
     return _field_reference(model or JobSpec)
 
 

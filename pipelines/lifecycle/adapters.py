@@ -26,9 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipelines.specbase import UserError
+from pipelines.spec import META_FILE, UserError, adapter_meta, read_meta  # noqa: F401 - the toolbox reads and writes them
 
-META_FILE = "raypeft.json"
 PROBE_TEXT = "Extract the person as JSON: Maria Lopez, 34, is a nurse in Porto."
 COMBINATIONS = ("linear", "cat", "ties", "dare_linear", "dare_ties", "svd")
 
@@ -38,26 +37,6 @@ class AdapterError(UserError, ValueError):
 
 
 # --------------------------------------------------------------------------- metadata
-
-
-def adapter_meta(spec) -> dict[str, Any]:
-    """What ``raypeft.json`` records for an adapter trained from ``spec``."""
-    return {
-        "base": spec.model.base,
-        "revision": spec.model.revision,
-        "quantization": spec.quantization(),
-        "double_quant": spec.model.double_quant,
-        "dtype": spec.model.dtype,
-        "compute_dtype": spec.model.compute_dtype,
-        "quantization_plan": dict(spec.model.quantization_plan),
-        "method": spec.method.name,
-        "job": spec.name,
-    }
-
-
-def read_meta(adapter_dir: Path) -> dict[str, Any]:
-    f = Path(adapter_dir) / META_FILE
-    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def read_config(adapter_dir: Path) -> dict[str, Any]:
@@ -108,7 +87,7 @@ def _dtype(name: str):
 def load_base_as_trained(adapter_dir: Path):
     """The base exactly as the adapter's training loaded it (``trained_base_spec``), its tokenizer, and its
     quantization (``nf4``, ``int8``, ``none`` or ``mixed`` for a per-layer plan)."""
-    from pipelines.models import load_base, one_4bit_layout, trained_base_spec
+    from pipelines.model import load_base, one_4bit_layout, trained_base_spec
 
     spec = trained_base_spec(adapter_dir)
     model, tok, _ = load_base(spec, log=lambda *_: None)
@@ -162,7 +141,7 @@ def export(
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipelines.models import resolve_base, trained_base_spec
+    from pipelines.model import resolve_base, trained_base_spec
 
     src = resolve(ref, tracking_uri)
     out = Path(out)
@@ -251,7 +230,7 @@ def combine(
     """Write the weighted combination of ``refs`` as a new standard PEFT adapter in ``out``."""
     from peft import PeftModel
 
-    from pipelines.models import load_base, trained_base_spec
+    from pipelines.model import load_base, trained_base_spec
 
     if method not in COMBINATIONS:
         raise AdapterError(f"--method must be one of {', '.join(COMBINATIONS)} (got {method!r})")

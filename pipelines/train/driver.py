@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.spec import JobSpec, SpecError
-from pipelines.storage import ADAPTER_DIR, storage_dir  # noqa: F401 - storage_dir: also the tuner's
+from pipelines.spec import ADAPTER_DIR, storage_dir  # noqa: F401 - storage_dir: also the tuner's
+from pipelines.spec.job import JobSpec, SpecError
 
 JOB_STATE = "raypeft_job.json"
 
@@ -55,8 +55,8 @@ def _write_state(storage: str, name: str, state: dict[str, Any]) -> None:
 
 def job_lineage(spec: JobSpec) -> dict[str, str]:
     """Tags that tie a run to its exact base weights, data and method."""
-    from pipelines.models import base_lineage
-    from pipelines.prepare import dataset_hash
+    from pipelines.data import dataset_hash
+    from pipelines.model import base_lineage
 
     return {
         **base_lineage(spec.model),
@@ -73,7 +73,7 @@ def make_trainer(spec: JobSpec, loop_config: dict[str, Any], run_name: str, stor
     from ray.train.torch import TorchTrainer
 
     from cluster.connect import mlflow_runtime_env
-    from pipelines.loop import train_worker
+    from pipelines.train.worker import train_worker
 
     sc = spec.scaling
     return TorchTrainer(
@@ -99,7 +99,7 @@ def run(spec: JobSpec, log=print) -> dict[str, Any]:
     """Run a validated job end to end and return the result record (see module docstring)."""
     from cluster.connect import init_ray
     from pipelines import tracking
-    from pipelines.prepare import prepare
+    from pipelines.data.prepare import prepare
 
     storage = storage_dir(spec)
     run_name, prior = _run_name(spec, storage)
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from pipelines.preflight import load_checked_spec
+        from pipelines.train.preflight import load_checked_spec
 
         spec = load_checked_spec(args.spec, args.overrides)  # + target_modules vs the base, before Ray starts
     except SpecError as e:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
 
-from pipelines.storage import PROBE_FILE
+from pipelines.spec import PROBE_FILE
 
 
 def lr_factor(step: int, spec: JobSpec) -> float:
@@ -50,7 +50,7 @@ def accumulate(engine, batches: list[dict], world: int, device) -> tuple[float, 
     import torch.distributed as dist
 
     from pipelines.data import model_inputs
-    from pipelines.loss import label_tokens
+    from pipelines.train.loss import label_tokens
 
     local = [label_tokens(b["labels"]) for b in batches]
     counted = torch.tensor([float(sum(local))], dtype=torch.float64, device=device)  # NCCL: a device tensor
@@ -88,7 +88,8 @@ def batch_layout(spec: JobSpec, model) -> Layout:
     """Whether this run's micro-batches are padding-free (``methods.padding_free``), switching ``model`` to
     per-example SDPA when they are and it can, and whether they compute a shared prefix once
     (``methods.share_prefix``)."""
-    from pipelines import attention, methods
+    from pipelines.model import methods
+    from pipelines.train import attention
 
     flash = str(getattr(model.config, "_attn_implementation", "")).startswith("flash_attention")
     if not methods.padding_free(spec, attention.supported(model) or flash):
@@ -132,7 +133,7 @@ class Worker:
 class ModelSetup:
     """``setup_model``'s result: the method's model, the tokenizer and the engine that steps it."""
 
-    prepared: Any  # pipelines.methods.Prepared
+    prepared: Any  # pipelines.model.methods.Prepared
     tok: Any
     engine: Any
     lockstep: bool  # ZeRO-3 gathers weights collectively inside every forward: all ranks run the same forwards
@@ -152,7 +153,7 @@ class DataSetup:
     eval_ex: Any
     eval_records: list
     layout: Layout
-    sharder: Any  # pipelines.data.Sharder
+    sharder: Any  # pipelines.data.records.Sharder
     pad_id: int
     data_open_s: float
 
@@ -201,9 +202,9 @@ def start_worker(config: dict[str, Any]) -> Worker:
 
 def setup_model(w: Worker) -> ModelSetup:
     """The base (partitioned as it loads under ZeRO-3), the method on it, its pre-flight, and the engine."""
-    from pipelines import methods, preflight
-    from pipelines.engines import build_engine, deepspeed_setup
-    from pipelines.models import load_base, one_4bit_layout
+    from pipelines.model import load_base, methods, one_4bit_layout
+    from pipelines.train import preflight
+    from pipelines.train.engines import build_engine, deepspeed_setup
 
     spec, device = w.spec, w.device
     ds_config = spec.deepspeed_config()
@@ -237,10 +238,10 @@ def setup_model(w: Worker) -> ModelSetup:
 
 
 def open_data(w: Worker, m: ModelSetup) -> DataSetup:
-    """The splits the driver tokenized once (pipelines.prepare), memory-mapped here and read a batch at a
+    """The splits the driver tokenized once (pipelines.data.prepare), memory-mapped here and read a batch at a
     time; the micro-batch layout; this rank's sharder; and where the group's workers run."""
     from pipelines import data as D
-    from pipelines.prepare import open_layout
+    from pipelines.data import open_layout
 
     spec = w.spec
     t_data = time.perf_counter()
@@ -262,7 +263,7 @@ def open_data(w: Worker, m: ModelSetup) -> DataSetup:
 
 def evaluate(w: Worker, m: ModelSetup, d: DataSetup, step: int, prefix: str = "") -> dict[str, float]:
     """Eval loss over the eval split (and the task's score where the spec names one), logged at ``step``."""
-    from pipelines.evaluate import eval_loss, task_score
+    from pipelines.train.evaluate import eval_loss, task_score
 
     spec = w.spec
     out = eval_loss(
@@ -324,7 +325,7 @@ def report_checkpoint(w: Worker, m: ModelSetup, d: DataSetup, step: int, metrics
     import ray.train
     import torch
 
-    from pipelines.engines import probe_logits
+    from pipelines.train.engines import probe_logits
 
     t0 = time.perf_counter()
     probe = probe_logits(m.model, d.eval_ex[0] if d.eval_ex else d.train_ex[0], w.device)
