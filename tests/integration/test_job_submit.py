@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,25 @@ def ray_head():
 
     ray.shutdown()  # this process's own local cluster, if an earlier test started one
     with ray_start_head(TOKEN, num_cpus=2) as url:
+        _wait_for_job_agent(url)
         yield url
+
+
+def _wait_for_job_agent(url: str, timeout: float = 120) -> None:
+    """A fresh head answers on its dashboard before its job agent has registered, and a `ray job submit` in
+    between fails with "No available agent" (HTTP 500): seen under load. A no-op job until one is taken, so
+    the tests' own submissions meet a head that is ready, as a user's would a minute later."""
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", url, "--", "true"],
+            env=_env(), capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        if proc.returncode == 0:
+            return
+        if "No available agent" not in proc.stdout + proc.stderr or time.monotonic() > deadline:
+            raise AssertionError(proc.stdout[-2000:] + proc.stderr[-2000:])
+        time.sleep(2)
 
 
 @pytest.fixture(scope="module")
