@@ -1,5 +1,5 @@
 """Follow a job spec through the code from the Ray Train worker, and count how often its path comes back to a
-file it had left. ``python tests/spec_path.py [--show]``.
+file it had left. ``python tests/spec_path.py [--show] [--no-spec-methods]``.
 
 Static, from the source: starting at ``train_worker(config)``, every call in source order that is handed the
 spec (``config``, ``spec``, or anything assigned from them, as an argument or as the object of an attribute
@@ -80,8 +80,8 @@ def _jobspec() -> tuple[_Module, dict[str, ast.AST]]:
     raise SystemExit("JobSpec not found")
 
 
-def follow(start_module: str, start: str, carrying: set[str]) -> list[tuple[str, str]]:
-    """The stops, in order: (file, function)."""
+def follow(start_module: str, start: str, carrying: set[str], spec_methods_too: bool = True) -> list[tuple[str, str]]:
+    """The stops, in order: (file, function). ``spec_methods_too`` False: ``JobSpec``'s own methods are not stops."""
     stops: list[tuple[str, str]] = []
     visited: set[tuple[str, str]] = set()
     spec_module, spec_methods = _jobspec()
@@ -104,6 +104,8 @@ def follow(start_module: str, start: str, carrying: set[str]) -> list[tuple[str,
             f = node.func
             target = None
             if isinstance(f, ast.Attribute) and _mentions(f.value, carrying) and f.attr in spec_methods:
+                if not spec_methods_too:
+                    continue
                 target = (spec_module, spec_methods[f.attr])  # spec.deepspeed_config() and the like
             elif not any(_mentions(a, carrying) for a in args):
                 continue
@@ -153,7 +155,7 @@ def returns(stops: list[tuple[str, str]]) -> int:
 
 def main() -> int:
     worker = next(m for m in ("pipelines.train.worker", "pipelines.loop") if _module_file(m))
-    stops = follow(worker, "train_worker", {"config"})
+    stops = follow(worker, "train_worker", {"config"}, spec_methods_too="--no-spec-methods" not in sys.argv)
     if "--show" in sys.argv:
         for file, fn in stops:
             print(f"  {file}: {fn}")
