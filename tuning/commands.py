@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pipelines.spec.job import SpecError
+from pipelines.spec import SpecError
 from pipelines.train import load_tuned as load
 
 

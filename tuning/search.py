@@ -22,8 +22,7 @@ import yaml
 from ray import tune
 
 from cluster.memory import Plan, describe
-from pipelines.spec import TunedJobSpec, trial_raw, with_tune
-from pipelines.spec.job import JobSpec, SpecError, validate
+from pipelines.spec import JobSpec, SpecError, TunedJobSpec, trial_raw, validate, with_tune
 from tuning import layerwise as L
 from tuning.sweep import PENALTY, metric_batch, run_trials
 

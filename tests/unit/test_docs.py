@@ -67,7 +67,7 @@ def test_quickstart_commands_exist_and_ci_runs_the_readme_test_command():
 
 def test_docs_show_a_real_bad_spec_error():
     """The error example in docs/training.md is what the validator really prints."""
-    from pipelines.spec.job import SpecError, apply_overrides, read_yaml, validate
+    from pipelines.spec import SpecError, apply_overrides, read_yaml, validate
 
     page = (REPO / "docs" / "training.md").read_text()
     raw = apply_overrides(

@@ -10,7 +10,7 @@ import torch
 
 from pipelines import data as D
 from pipelines.model import load_base, methods
-from pipelines.spec.job import SpecError
+from pipelines.spec import SpecError
 from tests.conftest import tiny_spec
 
 GALORE = {"galore": {"rank": 4, "update_proj_gap": 2}}

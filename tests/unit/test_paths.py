@@ -13,8 +13,7 @@ import pytest
 import yaml
 
 from pipelines.data import url_fingerprint
-from pipelines.spec import load_spec
-from pipelines.spec.job import SpecError, resolve_paths, validate
+from pipelines.spec import SpecError, load_spec, resolve_paths, validate
 from tests.conftest import write_chat_data
 
 BIN = Path(sys.executable).parent

@@ -6,7 +6,7 @@ import pytest
 
 from cluster.deepspeed import STRATEGIES, deep_merge, ds_config, offloads, override_problems, zero_stage
 from pipelines.data import Sharder
-from pipelines.spec.job import SpecError, validate
+from pipelines.spec import SpecError, validate
 
 
 def _spec(**sections):

@@ -15,7 +15,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.spec.job import JobSpec, SpecError, field_reference, validate
+from pipelines.spec import JobSpec, SpecError, field_reference, validate
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent

@@ -10,8 +10,7 @@ import pytest
 
 from pipelines.model import trained_base_spec
 from pipelines.model.methods.generic import peft_config
-from pipelines.spec import apply_overrides
-from pipelines.spec.job import SpecError, validate
+from pipelines.spec import SpecError, apply_overrides, validate
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cluster.memory import Shape, layerwise_estimate, linear_bytes
-from pipelines.spec.job import SpecError, pattern_bits
+from pipelines.spec import SpecError, pattern_bits
 from pipelines.spec.tune import concurrency, trial_raw, validate
 from tuning import layerwise as L
 
