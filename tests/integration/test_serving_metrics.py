@@ -96,7 +96,8 @@ def test_per_adapter_metrics_from_both_replicas_sum_in_rays_export(two_replicas)
             counts[key] = counts.get(key, 0) + value
         replicas = {t.get("replica") for t, _ in _series(text, "ray_raypeft_engine_kv_cache_bytes")}
         served = [(t, v) for t, v in _series(text, "ray_raypeft_adapter_requests_total") if t.get("status") == "200"]
-        if counts.get(("m0", "200")) == 24 and counts.get(("m1", "200")) == 8 and len(replicas) == 2:
+        done = counts.get(("m0", "200")) == 24 and counts.get(("m1", "200")) == 8
+        if done and counts.get(("unknown", "403")) == 1 and len(replicas) == 2:  # the 403 was asked last
             break
         time.sleep(1)
     assert counts.get(("m0", "200")) == 24 and counts.get(("m1", "200")) == 8, counts
