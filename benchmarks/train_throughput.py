@@ -10,7 +10,7 @@ The demo task (``builtin:json_extract``, chat, SmolLM2-135M-Instruct, fp32, LoRA
   prompt and padding included), ``backward``, ``clip_grad_norm_``, ``AdamW.step``.
 * **raypeft**: what a Ray Train worker runs per step, in-process: ``load_base``, ``methods.build``, the
   ``TorchEngine`` and ``loop.accumulate`` (the loss only on completion tokens, in chunks, normalized over
-  the global batch), padding-free batches when the worker would run them (``loop.batch_layout``), with the job spec's settings (``--set`` changes them, e.g. gradient checkpointing).
+  the global batch), padding-free batches when the worker would run them (``attention.batch_layout``), with the job spec's settings (``--set`` changes them, e.g. gradient checkpointing).
   Ray's start-up and the worker's Ray runtime are not in it: this compares the training step.
 
 Both sides see the same batches (the same tokenized rows, the same sampler), start from the same adapter

@@ -19,6 +19,7 @@ from pipelines.data.records import (  # noqa: F401
     encode_all,
     encode_batch,
     encode_ids,
+    eval_batches,
     eval_is_train_problem,
     eval_shard,
     load_records,
@@ -31,6 +32,7 @@ from pipelines.data.records import (  # noqa: F401
     resolve_source,
     shared_prefix,
     split_names,
+    task_prompts,
     train_eval_records,
     url_fingerprint,
 )

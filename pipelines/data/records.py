@@ -212,6 +212,13 @@ def reference_of(record: dict[str, Any], fmt: str) -> str:
     return record["text"]
 
 
+def task_prompts(records: list[dict[str, Any]], fmt: str, n: int, tokenizer) -> tuple[list[str], list[str]]:
+    """The prompts and reference completions of the first ``n`` records (all of them for 0), for a task's
+    score by generation."""
+    subset = records[: n or len(records)]
+    return [prompt_and_completion(r, fmt, tokenizer)[0] for r in subset], [reference_of(r, fmt) for r in subset]
+
+
 def encode(record: dict[str, Any], fmt: str, tokenizer, max_length: int) -> dict[str, list[int]]:
     """Token ids and labels; prompt tokens are masked with -100 for instruction/chat."""
     prompt, completion = prompt_and_completion(record, fmt, tokenizer)
@@ -455,3 +462,16 @@ def _permutation(n: int, seed: int, epoch: int) -> list[int]:
 
 def eval_shard(n: int, rank: int, world_size: int) -> range:
     return range(rank, n, world_size)
+
+
+def eval_batches(
+    examples: list[dict], batch_size: int, pad_id: int, rank: int = 0, world: int = 1, lockstep: bool = False
+):
+    """This rank's eval batches (``collate``'s padded rows, on the CPU), each with its weight: 1, or 0 for a
+    batch run only to keep pace. ``lockstep``: every rank runs as many batches as the largest shard has
+    (ZeRO-3 gathers weights collectively in each forward); a rank whose shard ran out repeats one example."""
+    shard = [examples[i] for i in eval_shard(len(examples), rank, world)]
+    largest = -(-len(examples) // world) if lockstep else len(shard)
+    for b in range(-(-largest // batch_size)):
+        rows = shard[b * batch_size : (b + 1) * batch_size]
+        yield collate(rows or examples[:1], pad_id), (1.0 if rows else 0.0)

@@ -7,6 +7,7 @@ from pipelines.model.loading import (  # noqa: F401
     load_tokenizer,
     meta_model,
     model_bytes,
+    module_names,
     one_4bit_layout,
     quantization_config,
     resolve_base,

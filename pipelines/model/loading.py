@@ -126,6 +126,11 @@ def base_lineage(model: ModelSpec) -> dict[str, str]:
 CHECKPOINTING = {"use_reentrant": True}
 
 
+def module_names(model: Any) -> list[str]:
+    """Every module's name in ``model``: the base's, taken before an adapter wraps it, for the pre-flight."""
+    return [n for n, _ in model.named_modules()]
+
+
 def torch_dtype(name: str):
     import torch
 

@@ -40,6 +40,7 @@ from pipelines.spec.storage import (  # noqa: F401
 )
 from pipelines.spec.targets import (  # noqa: F401
     is_target,
+    missing_targets_message,
     pattern_key,
     pattern_value,
     target_matches,

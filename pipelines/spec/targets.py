@@ -51,3 +51,9 @@ def pattern_value(patterns: Mapping[str, V], name: str, default: V) -> V:
     """``patterns[key]`` for the first key matching ``name`` (``pattern_key``), else ``default``."""
     key = pattern_key(patterns, name)
     return default if key is None else patterns[key]
+
+
+def missing_targets_message(missing: list[str], names: list[str], what: str = "module") -> str:
+    """What a pre-flight says of ``target_modules`` entries that matched none of the base's ``names``."""
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names if n})
+    return f"{missing!r} matched no {what} of the base; its {what}s end in: {', '.join(suffixes[:40])}"

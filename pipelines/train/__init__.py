@@ -1,8 +1,12 @@
-"""The training job: the driver that validates, prepares and launches it on Ray Train (``driver``), the worker's
-phases (``worker``), the engines that step it under DDP or DeepSpeed ZeRO (``engines``), the loss (``loss``),
-attention per example (``attention``), evaluation (``evaluate``) and the pre-flight checks (``preflight``).
+"""The training job: the driver that validates, prepares and launches it on Ray Train (``driver``), the worker
+(``worker``) and its phases (``setup``, ``inputs``, ``checkpoint``, ``loop``; what passes between them is
+``state``'s), the engines that step it under DDP or DeepSpeed ZeRO (``engines``), the loss (``loss``),
+attention per example and the micro-batch layout (``attention``), evaluation (``evaluate``) and the
+pre-flight checks (``preflight``).
 The only part of ``pipelines`` that imports ``data`` and ``model`` together."""
 
+from pipelines.train.attention import batch_layout  # noqa: F401
+from pipelines.train.checkpoint import probe_logits  # noqa: F401
 from pipelines.train.driver import (  # noqa: F401
     job_lineage,
     main,
@@ -14,7 +18,6 @@ from pipelines.train.engines import (  # noqa: F401
     build_engine,
     deepspeed_setup,
     prebuild_ops,
-    probe_logits,
     save_adapter,
     stale_build_lock,
 )
@@ -23,6 +26,7 @@ from pipelines.train.evaluate import (  # noqa: F401
     task_metric,
     task_score,
 )
+from pipelines.train.loop import accumulate, lr_factor  # noqa: F401
 from pipelines.train.loss import (  # noqa: F401
     label_tokens,
     token_loss_sum,
@@ -34,9 +38,4 @@ from pipelines.train.preflight import (  # noqa: F401
     module_names,
     split_problems,
 )
-from pipelines.train.worker import (  # noqa: F401
-    accumulate,
-    batch_layout,
-    lr_factor,
-    train_worker,
-)
+from pipelines.train.worker import train_worker  # noqa: F401

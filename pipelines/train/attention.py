@@ -22,7 +22,10 @@ flash-attention already has a varlen path, and eager attention may carry soft-ca
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipelines.spec import JobSpec
 
 VARLEN = "raypeft_sdpa_varlen"
 
@@ -152,3 +155,58 @@ def enable(model) -> bool:
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
     target.set_attn_implementation(VARLEN)
     return getattr(target.config, "_attn_implementation", None) == VARLEN
+
+
+# --------------------------------------------------------------------------- a run's micro-batch layout
+
+
+class Layout(NamedTuple):
+    """How a run's micro-batches are laid out (``batch_layout``): ``data.collate``'s switches and a line
+    for the log."""
+
+    padding_free: bool
+    share_prefix: bool
+    how: str
+
+
+def padding_free(spec: JobSpec, attention_ok: bool, prompt_learning: bool) -> bool:
+    """Whether micro-batches run padding-free (``data.collate``): ``data.padding_free`` when set, else for
+    packed runs, and for unpacked ones when attention can split the row per example (``attention_ok``)
+    and the method adds no virtual tokens (``prompt_learning`` False)."""
+    if spec.data.padding_free is not None:
+        return spec.data.padding_free
+    return spec.data.packing or (attention_ok and not prompt_learning)
+
+
+def share_prefix(spec: JobSpec, padding_free_rows: bool, varlen: bool) -> bool:
+    """Whether micro-batches compute their examples' shared prefix once (``data.collate``): ``data.share_prefix``
+    when set, else whenever they can: padding-free rows with raypeft's per-example SDPA (``varlen``,
+    ``VARLEN``). ``true`` where they can't is a ``ValueError`` naming the field."""
+    can = padding_free_rows and varlen
+    if spec.data.share_prefix and not can:
+        raise ValueError(
+            "data.share_prefix: true needs padding-free rows with raypeft's per-example SDPA (attention.VARLEN), "
+            "and this model's attention is not sdpa without a sliding window: unset data.share_prefix (got true)"
+        )
+    return can and spec.data.share_prefix is not False
+
+
+def batch_layout(spec: JobSpec, model) -> Layout:
+    """Whether this run's micro-batches are padding-free (``padding_free``), switching ``model`` (the method's
+    model) to per-example SDPA when they are and it can, and whether they compute a shared prefix once
+    (``share_prefix``). A prompt-learning method's model prepends virtual tokens to every row: one row per
+    example."""
+    flash = str(getattr(model.config, "_attn_implementation", "")).startswith("flash_attention")
+    prompt_learning = any(getattr(c, "is_prompt_learning", False) for c in getattr(model, "peft_config", {}).values())
+    if not padding_free(spec, supported(model) or flash, prompt_learning):
+        share_prefix(spec, False, False)  # data.share_prefix: true raises here, naming the field
+        return Layout(False, False, "padded rows, one per example")
+    varlen = enable(model)
+    share = share_prefix(spec, True, varlen)
+    if varlen:
+        how = f"attention per example ({VARLEN})" + (", a shared prefix computed once" if share else "")
+    elif flash:
+        how = "attention per example (flash-attention varlen)"
+    else:
+        how = "attention through transformers' block-diagonal mask"
+    return Layout(True, share, "padding-free rows; " + how)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from pipelines.model import Prepared
     from pipelines.spec import JobSpec
 
-from pipelines.spec import ADAPTER_DIR, PROBE_FILE  # noqa: F401 - PROBE_FILE: the worker writes it
+from pipelines.spec import ADAPTER_DIR
 
 STATE_FILE = "state.pt"
 DS_DIR = "deepspeed"
@@ -288,19 +288,6 @@ def build_engine(spec: JobSpec, prepared: Prepared, rank: int, world: int, devic
     if ds_config is None:
         return TorchEngine(spec, prepared, rank, world, device)
     return DeepSpeedEngine(spec, prepared, rank, world, device, ds_config)
-
-
-def probe_logits(model, example: dict, device, max_tokens: int = 32):
-    """(input_ids, logits) of ``model`` on the first ``max_tokens`` tokens of ``example``. Collective under ZeRO-3."""
-    import torch
-
-    ids = torch.tensor([example["input_ids"][:max_tokens]], device=device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().cpu()
-    model.train(was_training)
-    return ids.cpu(), logits
 
 
 def prebuild_ops(log=print) -> str | None:

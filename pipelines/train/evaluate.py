@@ -1,16 +1,35 @@
-"""Evaluation: token-weighted eval loss / perplexity (sharded across ranks) and task metrics by greedy generation."""
+"""Evaluation: token-weighted eval loss / perplexity (sharded across ranks) and task metrics by greedy
+generation; ``evaluate`` runs both for a training run at a step and logs them."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipelines.data import collate, eval_shard, prompt_and_completion, reference_of
+from pipelines.data import eval_batches, task_prompts
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipelines.train.state import DataSetup, ModelSetup, Worker
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return (a + b - 1) // b
+def evaluate(w: Worker, m: ModelSetup, d: DataSetup, step: int, prefix: str = "") -> dict[str, float]:
+    """Eval loss over the eval split (and the task's score where the spec names one), logged at ``step``."""
+    spec = w.spec
+    scores: dict[str, Any] = {}
+    if d.task_prompts and (w.is_main or m.lockstep):
+        prompts, refs = d.task_prompts
+        scores = score_completions(m.model, m.tok, prompts, refs, spec.data.task, w.device, synced=m.lockstep)
+        for _prompt, pred, ref in scores.pop("_examples", []):
+            w.log(f"  sample → {pred.strip()[:100]!r} (expected {ref[:100]!r})")
+    loss = eval_loss(
+        m.model, d.eval_ex, spec.train.micro_batch_size, d.pad_id, w.device, w.rank, w.world, lockstep=m.lockstep
+    )
+    out = {prefix + k: v for k, v in {**loss, **scores}.items()}
+    w.log(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
+    if w.logger:
+        w.logger.log(out, step)
+    return out
 
 
 def task_metric(task: str) -> tuple[str, Callable[[list[str], list[str]], float]] | None:
@@ -43,17 +62,10 @@ def eval_loss(
     import torch.distributed as dist
 
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    shard = [examples[i] for i in eval_shard(len(examples), rank, world)]
-    n_batches = _ceil_div(len(shard), batch_size)
-    if lockstep:
-        n_batches = _ceil_div(_ceil_div(len(examples), world), batch_size)  # batches of the largest shard
     model.eval()
     with torch.no_grad():
-        for b in range(n_batches):
-            rows = shard[b * batch_size : (b + 1) * batch_size]
-            weight = 1.0 if rows else 0.0
-            rows = rows or examples[:1]
-            batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+        for rows, weight in eval_batches(examples, batch_size, pad_id, rank, world, lockstep):
+            batch = {k: v.to(device) for k, v in rows.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             labels = batch["labels"]
             if logits.shape[1] != labels.shape[1]:  # prompt-learning methods prepend virtual tokens
@@ -119,13 +131,17 @@ def task_score(
 
     ``synced``: every rank calls this on the same records (ZeRO-3), generating in lockstep.
     """
-    metric = task_metric(task)
-    if metric is None or not records:
+    if task_metric(task) is None or not records:
         return {}
-    name, fn = metric
-    subset = records[: n or len(records)]
-    prompts = [prompt_and_completion(r, fmt, tokenizer)[0] for r in subset]
-    refs = [reference_of(r, fmt) for r in subset]
+    prompts, refs = task_prompts(records, fmt, n, tokenizer)
+    return score_completions(model, tokenizer, prompts, refs, task, device, batch_size, synced)
+
+
+def score_completions(
+    model, tokenizer, prompts: list[str], refs: list[str], task: str, device, batch_size: int = 16, synced: bool = False
+) -> dict[str, Any]:
+    """Greedy completions of ``prompts`` scored against ``refs`` with the task's metric, and two examples."""
+    name, fn = task_metric(task)
     longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs)
     preds = generate_completions(model, tokenizer, prompts, longest + 8, batch_size, device, synced)
     return {name: fn(preds, refs), "_examples": list(zip(prompts[:2], preds[:2], refs[:2]))}

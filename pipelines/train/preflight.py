@@ -22,9 +22,10 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from pipelines.spec import quote, target_matches
+from pipelines.model import module_names  # noqa: F401 - the pre-flight's input, named here too
+from pipelines.spec import missing_targets_message, quote, target_matches
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.model import Prepared
@@ -81,6 +82,7 @@ def preflight(spec: JobSpec, prepared: Prepared, base_module_names: list[str]) -
     import torch
 
     model, rep = prepared.model, Report()
+    quantization = _quantization_problems(spec, model)  # dtype and quantization as specified: listed last
     params = list(model.named_parameters())
     rep.total = sum(p.numel() for _, p in params)
     trainable = [(n, p) for n, p in params if p.requires_grad]
@@ -127,7 +129,7 @@ def preflight(spec: JobSpec, prepared: Prepared, base_module_names: list[str]) -
     rep.matched = target_matches(spec.method.target_modules, base_module_names)
     missing = [t for t, n in rep.matched.items() if n == 0]
     if missing:
-        rep.problems.append(f"method.target_modules: {_missing_targets_message(missing, base_module_names)}")
+        rep.problems.append(f"method.target_modules: {missing_targets_message(missing, base_module_names)}")
 
     # LoRA B starts at zero (the adapter is a no-op at step 0) unless another init was asked for
     # (AdaLoRA's no-op factor is its singular values E; A and B start random)
@@ -146,15 +148,12 @@ def preflight(spec: JobSpec, prepared: Prepared, base_module_names: list[str]) -
                 f"LoRA {zero_factor.strip('.').split('_')[1]} is not zero at init in {len(nonzero)} module(s), e.g. {nonzero[0]!r}"
             )
 
-    # dtype and quantization as specified
-    rep.problems += _quantization_problems(spec, model)
+    rep.problems += quantization
     return rep
 
 
 def _quantization_problems(spec: JobSpec, model) -> list[str]:
     import torch
-
-    from pipelines.model import torch_dtype
 
     out: list[str] = []
     q = spec.quantization()
@@ -176,7 +175,7 @@ def _quantization_problems(spec: JobSpec, model) -> list[str]:
         out.append(f"model.quantization: {q!r} was asked for, but the model has no bitsandbytes {want} layer")
     if q == "none" and kinds:
         out.append(f"model.quantization: 'none' was asked for, but the model has quantized layers {kinds}")
-    dtype = torch_dtype(spec.model.dtype)
+    dtype = getattr(torch, spec.model.dtype)  # the spec's dtypes are torch's names
     wrong = [
         n
         for n, p in model.named_parameters()
@@ -200,15 +199,6 @@ def check(spec: JobSpec, prepared: Prepared, base_module_names: list[str]) -> Re
     return rep
 
 
-def module_names(model: Any) -> list[str]:
-    return [n for n, _ in model.named_modules()]
-
-
-def _missing_targets_message(missing: list[str], names: list[str], what: str = "module") -> str:
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names if n})
-    return f"{missing!r} matched no {what} of the base; its {what}s end in: {', '.join(suffixes[:40])}"
-
-
 def architecture_problems(spec: JobSpec) -> list[tuple[str, str]]:
     """Driver-side, before Ray starts, on the base architecture built on the meta device (no weights are
     read): every ``target_modules`` entry must match a linear layer, and PEFT must accept the method's
@@ -229,7 +219,7 @@ def architecture_problems(spec: JobSpec) -> list[tuple[str, str]]:
     if missing:
         others = [t for t, n in target_matches(target, names).items() if n and t in missing]
         why = f"; {others!r} match only non-linear modules" if others else ""
-        message = _missing_targets_message(missing, linears, "linear layer")
+        message = missing_targets_message(missing, linears, "linear layer")
         return [("method.target_modules", f"{message}{why} (got {target!r})")]
     return _peft_problems(spec, model)
 

@@ -283,17 +283,17 @@ def test_varlen_refuses_a_suffix_without_its_prefix():
 def test_share_prefix_follows_the_spec_and_the_attention():
     from types import SimpleNamespace
 
-    from pipelines.model import methods
+    from pipelines.train import attention
 
     spec = lambda v: SimpleNamespace(data=SimpleNamespace(share_prefix=v))  # noqa: E731
-    assert methods.share_prefix(spec(None), True, True) is True
-    assert methods.share_prefix(spec(None), True, False) is False  # flash-attention / a mask: not possible, off
-    assert methods.share_prefix(spec(None), False, False) is False
-    assert methods.share_prefix(spec(False), True, True) is False
-    assert methods.share_prefix(spec(True), True, True) is True
+    assert attention.share_prefix(spec(None), True, True) is True
+    assert attention.share_prefix(spec(None), True, False) is False  # flash-attention / a mask: not possible, off
+    assert attention.share_prefix(spec(None), False, False) is False
+    assert attention.share_prefix(spec(False), True, True) is False
+    assert attention.share_prefix(spec(True), True, True) is True
     for pf, varlen in ((True, False), (False, False)):
         with pytest.raises(ValueError, match="data.share_prefix: true needs"):
-            methods.share_prefix(spec(True), pf, varlen)
+            attention.share_prefix(spec(True), pf, varlen)
 
 
 def test_rows_read_back_what_encode_gives(tmp_path, tok):

@@ -110,3 +110,22 @@ def test_no_product_function_is_longer_than_80_lines():
                     if (n := node.end_lineno - node.lineno + 1) > 80:
                         long.append(f"{f.relative_to(REPO)}:{node.lineno} {node.name} ({n} lines)")
     assert not long, long
+
+
+def test_the_specs_path_through_the_worker_comes_back_to_a_file_at_most_six_times():
+    """``tests/spec_path.py``: from ``train_worker``, the calls handed the spec or anything computed from it
+    visit the worker's phases in order (docs/development.md, "How often the spec's path comes back")."""
+    from tests import spec_path
+
+    stops = spec_path.follow("pipelines.train.worker", "train_worker", {"config"}, spec_methods_too=False)
+    files = list(dict.fromkeys(f for f, _ in stops))
+    assert spec_path.returns(stops) <= 6, "\n".join(f"{f}: {fn}" for f, fn in stops)
+    order = [f.split("/")[2 if f.startswith("pipelines/train/") else 1] for f in files]
+    assert order.index("setup.py") < order.index("model") < order.index("inputs.py") < order.index("data")
+    assert order.index("data") < order.index("checkpoint.py") < order.index("loop.py"), order
+
+
+def test_the_path_counter_counts_a_return():
+    from tests import spec_path
+
+    assert spec_path.returns([("a", "f"), ("b", "g"), ("a", "h"), ("a", "i"), ("c", "j"), ("b", "k")]) == 2

@@ -102,28 +102,6 @@ def method_problems(spec: JobSpec) -> list[tuple[str, str]]:
     return problems
 
 
-def padding_free(spec, attention_ok: bool) -> bool:
-    """Whether micro-batches run padding-free (``data.collate``): ``data.padding_free`` when set, else for
-    packed runs, and for unpacked ones when attention can split the row per example (``attention_ok``)
-    and the method adds no virtual tokens."""
-    if spec.data.padding_free is not None:
-        return spec.data.padding_free
-    return spec.data.packing or (attention_ok and not prompt_learning(spec.method.name))
-
-
-def share_prefix(spec, padding_free_rows: bool, varlen: bool) -> bool:
-    """Whether micro-batches compute their examples' shared prefix once (``data.collate``): ``data.share_prefix``
-    when set, else whenever they can: padding-free rows with raypeft's per-example SDPA (``varlen``,
-    ``attention.VARLEN``). ``true`` where they can't is a ``ValueError`` naming the field."""
-    can = padding_free_rows and varlen
-    if spec.data.share_prefix and not can:
-        raise ValueError(
-            "data.share_prefix: true needs padding-free rows with raypeft's per-example SDPA (attention.VARLEN), "
-            "and this model's attention is not sdpa without a sliding window: unset data.share_prefix (got true)"
-        )
-    return can and spec.data.share_prefix is not False
-
-
 def prompt_learning(name: str) -> bool:
     from peft import PromptLearningConfig
 
