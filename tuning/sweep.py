@@ -225,6 +225,7 @@ def run_trials(
     import ray
 
     from cluster.connect import init_ray
+    from cluster.waits import watch_pending
     from pipelines.spec import storage_dir
     from pipelines.tracking import StepLogger, client
 
@@ -257,7 +258,8 @@ def run_trials(
         ),
         run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[logger], verbose=verbose),
     )
-    grid = tuner.fit()
+    with watch_pending(log):  # a trial waiting for CPUs nobody frees says so
+        grid = tuner.fit()
     return grid, logger
 
 

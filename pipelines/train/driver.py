@@ -98,6 +98,7 @@ def make_trainer(spec: JobSpec, loop_config: dict[str, Any], run_name: str, stor
 def run(spec: JobSpec, log=print) -> dict[str, Any]:
     """Run a validated job end to end and return the result record (see module docstring)."""
     from cluster.connect import init_ray
+    from cluster.waits import watch_pending
     from pipelines import tracking
     from pipelines.data.prepare import prepare
 
@@ -129,7 +130,8 @@ def run(spec: JobSpec, log=print) -> dict[str, Any]:
     tracking.StepLogger(uri, run_id).log({**data.stats, **startup}, 0)
     t0 = time.time()
     try:
-        result = trainer.fit()
+        with watch_pending(log):  # workers waiting for the cluster say so, and what it has free
+            result = trainer.fit()
     except Exception as e:
         tracking.fail_run(uri, run_id, f"{type(e).__name__}: {e}")
         _write_state(

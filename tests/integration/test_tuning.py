@@ -30,6 +30,32 @@ def local_ray():
         ray.shutdown()
 
 
+def test_a_placement_group_the_cluster_cannot_place_is_reported_while_it_waits(local_ray):
+    """``watch_pending`` beside a blocking call: a group asking more CPUs than any node has is logged with
+    what it asks, Ray's reason and what is free, and again while it goes on waiting; a placed one is not."""
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from cluster.waits import watch_pending
+
+    lines: list[str] = []
+    placed = placement_group([{"CPU": 0.5}])
+    ray.get(placed.ready(), timeout=60)
+    stuck = placement_group([{"CPU": 64}, {"CPU": 64}])
+    try:
+        with watch_pending(lines.append, every_s=1):
+            deadline = time.time() + 60
+            while len(lines) < 2 and time.time() < deadline:
+                time.sleep(0.2)
+    finally:
+        remove_placement_group(stuck)
+        remove_placement_group(placed)
+    assert len(lines) >= 2, lines
+    assert all("asks CPU 64 ×2" in x and "INFEASIBLE" in x and "free now: CPU 1.5 of 2" in x for x in lines), lines
+
+
 def test_the_state_api_in_our_workers_reaches_our_cluster_beside_another(local_ray):
     import ray
 
