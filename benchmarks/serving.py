@@ -2,6 +2,11 @@
 
     python -m benchmarks.serving [--base smollm2-135m] [--rank 16] [--tokens 32] [--repeats 3]
                                  [--prefill-chunk 256] [--sides a,b,…] [--gpu]
+                                 [--random-base smollm2-135m|llama-1b|llama-8b]
+
+``--random-base SHAPE`` serves a random-init base of that shape instead of ``--base``
+(``benchmarks/random_base.py``, built once on the benchmark's device, no download); its greedy
+tokens are noise, but every side generates the same ``--tokens`` of them.
 
 Sides (every one on SmolLM2 with the same prompts, greedy, ``ignore_eos``/``min_new_tokens`` so
 every request generates ``--tokens`` tokens; the clock covers submit → last token, prefill included):
@@ -43,6 +48,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.random_base import SHAPES
 
 PROMPTS = [
     "Extract the person as JSON: Ana Silva, 41, is a teacher in Lisbon.",
@@ -358,6 +365,9 @@ def _spread(values: list[float]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default="smollm2-135m")
+    p.add_argument(
+        "--random-base", choices=list(SHAPES), metavar="SHAPE", help=f"instead of --base: {', '.join(SHAPES)}"
+    )
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
@@ -384,7 +394,13 @@ def main(argv=None) -> int:
     from pipelines.model import resolve_base
     from pipelines.spec import validate
 
-    base_path = resolve_base(validate({"model": {"base": args.base}}).model)
+    if args.random_base:
+        from benchmarks.random_base import build
+
+        base_path = build(args.random_base, "cuda:0" if args.gpu else "cpu")
+        args.base = f"random {args.random_base}"
+    else:
+        base_path = resolve_base(validate({"model": {"base": args.base}}).model)
     sides = [s for s in args.sides.split(",") if s]
     unknown = set(sides) - set(SIDES)
     if unknown:

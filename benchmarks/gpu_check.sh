@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU check, prepared as one command for a lent machine that has CUDA PyTorch, transformers and pytest but
+# no package index, no Ray, MLflow or DeepSpeed, and no SmolLM2 (issues 33 and 35). About 10 minutes on one
+# H100/H200; every step has its own time limit, so one that hangs costs only its share.
+#
+#   ../shared/offline-cuda/pack.sh                    # here, once: the wheels it lacks into .whl/ (~46 MiB)
+#   bash benchmarks/gpu_check.sh                      # there (device tool: carry [".whl"]); logs under $OUT
+#   bash benchmarks/gpu_check.sh                      # here, without CUDA: the same steps, short (no 1B), a dry run
+#
+# What it runs, each benchmark in fresh processes, sides alternating, each ending in one JSON line
+# (gathered into summary.jsonl):
+#   gpu_tests          the `gpu` tests (the engine's bf16 adapters on the device)
+#   train_135m         benchmarks.train_throughput on a random-init SmolLM2-135M shape: raypeft's step vs a bare
+#                      PEFT loop, the defaults (padding-free rows, shared prefix, chunked loss)
+#   train_135m_padded  the same with data.padding_free=false
+#   train_1b           the same defaults on a Llama-1B shape
+#   serve_135m         benchmarks.serving: the engine's mixed-adapter decode vs its base-only rows vs HF generate
+set -uo pipefail
+out=${OUT:-gpu-check}
+mkdir -p "$out"
+PY=${PY:-python3}
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  gpu=(--gpu); train=(--steps 20 --warmup 3); serve=(--tokens 64 --repeats 3); limit=240
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
+else
+  gpu=(); train=(--steps 2 --warmup 1); serve=(--tokens 4 --repeats 1); limit=300
+  echo "no CUDA: a dry run of the same steps on the CPU" | tee "$out/device.txt"
+fi
+"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" >> "$out/device.txt"
+
+step() {  # name, then the python arguments; the log keeps everything, the console the lines that matter
+  local name=$1; shift
+  echo "== $name: $PY $*  ($(date -u +%H:%M:%S))"
+  timeout "$limit" "$PY" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  grep -v "Loading weights\|Writing model shards\|^\s*$" "$out/$name.log" | tail -12
+  echo "== $name: exit $rc"
+}
+
+step gpu_tests -m pytest -q -p no:cacheprovider -o addopts= tests/unit/test_engine_cuda.py
+step train_135m -m benchmarks.train_throughput "${gpu[@]}" --random-base smollm2-135m "${train[@]}" --repeats 3
+step train_135m_padded -m benchmarks.train_throughput "${gpu[@]}" --random-base smollm2-135m "${train[@]}" --repeats 2 \
+  --set data.padding_free=false
+if [ ${#gpu[@]} -gt 0 ]; then  # a 1B fp32 step takes about a minute on 2 CPU cores: the dry run skips it
+  step train_1b -m benchmarks.train_throughput "${gpu[@]}" --random-base llama-1b "${train[@]}" --repeats 2
+fi
+step serve_135m -m benchmarks.serving "${gpu[@]}" --random-base smollm2-135m --sides engine_mixed,engine_base,hf_base \
+  "${serve[@]}"
+for f in "$out"/train_*.log "$out"/serve_*.log; do
+  printf '{"step": "%s", "result": %s}\n' "$(basename "$f" .log)" "$(grep '^{' "$f" | tail -1 || echo null)"
+done > "$out/summary.jsonl"
+cat "$out/summary.jsonl"
