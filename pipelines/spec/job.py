@@ -187,8 +187,10 @@ class DataSpec(Section):
         description="In a padding-free micro-batch, compute the leading tokens all its examples share before any "
         "label (a chat template's system prompt, a task's instruction) once, each example attending to them and "
         "then to itself: the same loss and gradient for less compute and memory. Unset: on whenever the batches "
-        "are padding-free with raypeft's per-example SDPA; it needs that attention (not flash-attention, eager or "
-        "a sliding window), which `true` requires.",
+        "are padding-free with raypeft's per-example SDPA and no dropout acts on every token (`method.dropout` 0, "
+        "and none in the base's config): computed once, the prefix would get one dropout mask for all its "
+        "examples. `true` requires that attention (not flash-attention, eager or a sliding window) and no such "
+        "dropout.",
     )
     skip_invalid: bool = Field(
         False,

@@ -178,17 +178,44 @@ def padding_free(spec: JobSpec, attention_ok: bool, prompt_learning: bool) -> bo
     return spec.data.packing or (attention_ok and not prompt_learning)
 
 
-def share_prefix(spec: JobSpec, padding_free_rows: bool, varlen: bool) -> bool:
+def share_prefix(spec: JobSpec, padding_free_rows: bool, varlen: bool, dropouts: list[str] = ()) -> bool:
     """Whether micro-batches compute their examples' shared prefix once (``data.collate``): ``data.share_prefix``
-    when set, else whenever they can: padding-free rows with raypeft's per-example SDPA (``varlen``,
-    ``VARLEN``). ``true`` where they can't is a ``ValueError`` naming the field."""
+    when set, else whenever they can and it gives the padded batch's gradient: padding-free rows with raypeft's
+    per-example SDPA (``varlen``, ``VARLEN``) and no dropout acting on the prefix's tokens (``dropouts``,
+    ``active_dropouts``: computed once, the prefix would get one dropout mask for all its examples). ``true``
+    where they can't is a ``ValueError`` naming the field."""
     can = padding_free_rows and varlen
     if spec.data.share_prefix and not can:
         raise ValueError(
             "data.share_prefix: true needs padding-free rows with raypeft's per-example SDPA (attention.VARLEN), "
             "and this model's attention is not sdpa without a sliding window: unset data.share_prefix (got true)"
         )
-    return can and spec.data.share_prefix is not False
+    if spec.data.share_prefix and dropouts:
+        raise ValueError(
+            f"data.share_prefix: true, and dropout acts on every token ({', '.join(dropouts)}): computed once, the "
+            "prefix would share one dropout mask across its examples; set the dropout to 0 or unset "
+            "data.share_prefix (got true)"
+        )
+    return can and spec.data.share_prefix is not False and not dropouts
+
+
+def active_dropouts(model) -> list[str]:
+    """The dropouts that act on every token in training, as ``'name p'``: dropout modules with ``p > 0`` (an
+    adapter's ``lora_dropout``, a model's own) and the model config's dropout rates above 0."""
+    import torch
+
+    found = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            parts = [p for p in name.split(".") if not p.isdigit()]
+            found.add(
+                f"{next((p for p in reversed(parts) if 'dropout' in p), parts[-1] if parts else name)} {module.p:g}"
+            )
+    config = getattr(model, "config", None)
+    for key, value in (config.to_dict() if config is not None else {}).items():
+        if "dropout" in key and isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            found.add(f"{key} {value:g}")
+    return sorted(found)
 
 
 def batch_layout(spec: JobSpec, model) -> Layout:
@@ -202,9 +229,12 @@ def batch_layout(spec: JobSpec, model) -> Layout:
         share_prefix(spec, False, False)  # data.share_prefix: true raises here, naming the field
         return Layout(False, False, "padded rows, one per example")
     varlen = enable(model)
-    share = share_prefix(spec, True, varlen)
+    dropouts = active_dropouts(model) if varlen and spec.data.share_prefix is not False else []
+    share = share_prefix(spec, True, varlen, dropouts)
     if varlen:
         how = f"attention per example ({VARLEN})" + (", a shared prefix computed once" if share else "")
+        if dropouts and not share:
+            how += f", no shared prefix (dropout acts on its tokens: {', '.join(dropouts)})"
     elif flash:
         how = "attention per example (flash-attention varlen)"
     else:

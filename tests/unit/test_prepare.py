@@ -296,6 +296,37 @@ def test_share_prefix_follows_the_spec_and_the_attention():
             attention.share_prefix(spec(True), pf, varlen)
 
 
+def test_a_shared_prefix_is_on_by_default_only_where_no_dropout_acts_on_it(tiny_model_dir, chat_data):
+    """Computed once, a shared prefix would get one adapter-dropout mask for all its examples, where a padded
+    batch draws one per example: unset ``data.share_prefix`` is off when dropout acts on the prefix's tokens,
+    and an explicit ``true`` with dropout is refused, naming both fields."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.model import methods
+    from pipelines.spec import SpecError, validate
+    from pipelines.train import attention
+    from tests.conftest import tiny_spec
+
+    def layout(dropout: float, share=None):
+        raw = tiny_spec(tiny_model_dir, chat_data, method={"dropout": dropout}).model_dump(mode="json")
+        spec = validate({**raw, "data": {**raw["data"], "share_prefix": share}})
+        torch.manual_seed(0)
+        model = methods.build(spec, AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))).model
+        return attention.batch_layout(spec, model)
+
+    on = layout(0.0)
+    assert on.share_prefix and on.how.endswith("a shared prefix computed once"), on
+    off = layout(0.05)
+    assert off.padding_free and not off.share_prefix, off
+    assert "no shared prefix (dropout acts on its tokens: lora_dropout 0.05)" in off.how
+    with pytest.raises(SpecError) as e:
+        layout(0.05, share=True)
+    assert [f for f, _ in e.value.problems] == ["data.share_prefix"]
+    assert "method.dropout is 0.05" in e.value.problems[0][1] and "(got true)" in e.value.problems[0][1]
+    assert layout(0.0, share=True).share_prefix
+
+
 def test_rows_read_back_what_encode_gives(tmp_path, tok):
     """The memory-mapped rows a worker reads equal ``encode``'s output, packed or not, across shards."""
     exs = [D.encode(_chat(i), "chat", tok, 96) for i in range(30)]

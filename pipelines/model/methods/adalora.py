@@ -9,7 +9,15 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
-from pipelines.model.methods.base import Method, Prepared, adamw, config_problem, register, trainable
+from pipelines.model.methods.base import (
+    Method,
+    Prepared,
+    adamw,
+    config_problem,
+    prefix_dropout_problems,
+    register,
+    trainable,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
@@ -79,7 +87,7 @@ def _problems(spec: JobSpec) -> list[tuple[str, str]]:
     from peft import AdaLoraConfig
 
     known = {f.name for f in fields(AdaLoraConfig)}
-    out = [
+    out = prefix_dropout_problems(spec, spec.method.dropout) + [
         (f"method.args.{k}", f"not an AdaLoraConfig field (got {v!r})")
         for k, v in spec.method.args.items()
         if k not in known

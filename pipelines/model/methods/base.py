@@ -58,6 +58,20 @@ def config_problem(spec: JobSpec, error: Exception, who: str) -> tuple[str, str]
     return field, f"{who} rejected it: {message} (got {value!r})"
 
 
+def prefix_dropout_problems(spec: JobSpec, dropout: float) -> list[tuple[str, str]]:
+    """``data.share_prefix: true`` with an adapter dropout of ``dropout`` that acts on every token: refused. The
+    prefix is computed once per micro-batch, so one dropout mask would serve every example's copy of it, where a
+    padded batch draws one per example: not the same gradient (``attention.batch_layout`` decides the unset case
+    from the built model)."""
+    if not (spec.data.share_prefix and dropout > 0):
+        return []
+    why = (
+        f"method.dropout is {dropout!r}, and a shared prefix is computed once per micro-batch, so all its examples "
+        "would share one dropout mask on it (a padded batch draws one per example)"
+    )
+    return [("data.share_prefix", f"{why}: set method.dropout: 0 or unset data.share_prefix (got true)")]
+
+
 def adamw(params, spec: JobSpec):
     import torch
 

@@ -11,7 +11,7 @@ from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from pipelines.model.loading import CHECKPOINTING
-from pipelines.model.methods.base import Method, Prepared, adamw, config_problem, trainable
+from pipelines.model.methods.base import Method, Prepared, adamw, config_problem, prefix_dropout_problems, trainable
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
@@ -101,8 +101,14 @@ def _problems(spec: JobSpec) -> list[tuple[str, str]]:
         for k, v in spec.method.args.items()
         if k not in names
     ]
-    if "dropout" in spec.method.model_fields_set and dropout_field(cls) is None:
+    drop = dropout_field(cls)
+    if "dropout" in spec.method.model_fields_set and drop is None:
         out.append(("method.dropout", f"{spec.method.name} has no dropout (got {spec.method.dropout!r})"))
+    elif drop is not None:  # set: method.dropout; unset: the class's own default
+        acting = (
+            spec.method.dropout if "dropout" in spec.method.model_fields_set else cls.__dataclass_fields__[drop].default
+        )
+        out += prefix_dropout_problems(spec, float(acting or 0))
     if spec.method.rank_pattern and "rank_pattern" not in names:
         out.append(
             ("method.rank_pattern", f"{spec.method.name} has no rank_pattern (got {spec.method.rank_pattern!r})")

@@ -9,7 +9,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pipelines.model.loading import CHECKPOINTING
-from pipelines.model.methods.base import Method, Prepared, adamw, config_problem, register, trainable
+from pipelines.model.methods.base import (
+    Method,
+    Prepared,
+    adamw,
+    config_problem,
+    prefix_dropout_problems,
+    register,
+    trainable,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
@@ -67,6 +75,10 @@ def _build_lora_plus(spec: JobSpec, model) -> Prepared:
 
 
 def _args_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    return prefix_dropout_problems(spec, spec.method.dropout) + _lora_args_problems(spec)
+
+
+def _lora_args_problems(spec: JobSpec) -> list[tuple[str, str]]:
     if not spec.method.args:
         # LoraConfig raises only on fields that args alone can set (layers_to_transform/_pattern, lora_bias,
         # init_lora_weights, megatron_config); the rest are bounded by the spec's schema and target checks.
