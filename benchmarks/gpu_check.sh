@@ -11,9 +11,10 @@
 # (gathered into summary.jsonl):
 #   gpu_tests          the `gpu` tests (the engine's bf16 adapters on the device)
 #   train_135m         benchmarks.train_throughput on a random-init SmolLM2-135M shape: raypeft's step vs a bare
-#                      PEFT loop, the defaults (padding-free rows, shared prefix, chunked loss)
-#   train_135m_padded  the same with data.padding_free=false
+#                      PEFT loop, the device's defaults (on a GPU: padded rows, chunked loss)
+#   train_135m_padding_free  the same with data.padding_free=true (per-example SDPA, the shared prefix)
 #   train_1b           the same defaults on a Llama-1B shape
+#   attention          benchmarks.attention on both shapes: per-example SDPA vs one FlexAttention call vs padded SDPA
 #   serve_135m         benchmarks.serving: the engine's mixed-adapter decode vs its base-only rows vs HF generate
 set -uo pipefail
 out=${OUT:-gpu-check}
@@ -27,10 +28,10 @@ else
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  gpu=(--gpu); train=(--steps 20 --warmup 3); serve=(--tokens 64 --repeats 3); limit=240
+  gpu=(--gpu); train=(--steps 20 --warmup 3); serve=(--tokens 64 --repeats 2); attn=(--repeats 2); limit=240
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
 else
-  gpu=(); train=(--steps 2 --warmup 1); serve=(--tokens 4 --repeats 1); limit=300
+  gpu=(); train=(--steps 2 --warmup 1); serve=(--tokens 4 --repeats 1); attn=(--repeats 1 --iters 1 --warmup 1); limit=300
   echo "no CUDA: a dry run of the same steps on the CPU" | tee "$out/device.txt"
 fi
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" >> "$out/device.txt"
@@ -46,14 +47,16 @@ step() {  # name, then the python arguments; the log keeps everything, the conso
 
 step gpu_tests -m pytest -q -p no:cacheprovider -o addopts= tests/unit/test_engine_cuda.py
 step train_135m -m benchmarks.train_throughput "${gpu[@]}" --random-base smollm2-135m "${train[@]}" --repeats 3
-step train_135m_padded -m benchmarks.train_throughput "${gpu[@]}" --random-base smollm2-135m "${train[@]}" --repeats 2 \
-  --set data.padding_free=false
+step train_135m_padding_free -m benchmarks.train_throughput "${gpu[@]}" --random-base smollm2-135m "${train[@]}" \
+  --repeats 2 --set data.padding_free=true
 if [ ${#gpu[@]} -gt 0 ]; then  # a 1B fp32 step takes about a minute on 2 CPU cores: the dry run skips it
   step train_1b -m benchmarks.train_throughput "${gpu[@]}" --random-base llama-1b "${train[@]}" --repeats 2
 fi
+step attention -c "import sys; from benchmarks.attention import main; \
+sys.exit(max(main([*sys.argv[1:], '--random-base', s]) for s in ('smollm2-135m', 'llama-1b')))" "${gpu[@]}" "${attn[@]}"
 step serve_135m -m benchmarks.serving "${gpu[@]}" --random-base smollm2-135m --sides engine_mixed,engine_base,hf_base \
   "${serve[@]}"
-for f in "$out"/train_*.log "$out"/serve_*.log; do
-  printf '{"step": "%s", "result": %s}\n' "$(basename "$f" .log)" "$(grep '^{' "$f" | tail -1 || echo null)"
+for f in "$out"/train_*.log "$out"/attention.log "$out"/serve_*.log; do
+  grep '^{' "$f" | sed "s/^/{\"step\": \"$(basename "$f" .log)\", \"result\": /; s/\$/}/" || echo "{\"step\": \"$(basename "$f" .log)\", \"result\": null}"
 done > "$out/summary.jsonl"
 cat "$out/summary.jsonl"

@@ -130,7 +130,7 @@ def child(side: str, args, overrides: list[str]) -> dict:
         prepared.model.to(device)  # as the worker does for an unquantized base
         prepared.model.train()
         engine = build_engine(spec, prepared, 0, 1, device, None)
-        layout = batch_layout(spec, prepared.model)  # as the worker decides
+        layout = batch_layout(spec, prepared.model, device)  # as the worker decides
 
         def step(k: int) -> tuple[float, int]:
             examples = [rows[i] for i in sharder.indices(k)]

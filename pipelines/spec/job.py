@@ -180,7 +180,9 @@ class DataSpec(Section):
         description="Run each micro-batch as one row of its examples back to back, with no pad token, each example "
         "attending only to itself. Unset: on for packed runs and for every method but the prompt-learning ones "
         "(prompt, prefix, p-tuning), whose virtual tokens need padded rows; off with attention that has neither "
-        "raypeft's per-example SDPA nor flash-attention (eager, sliding windows), which would need a dense mask.",
+        "raypeft's per-example SDPA nor flash-attention (eager, sliding windows), which would need a dense mask; "
+        "off on a GPU with SDPA, where one attention call per example is launch-bound (on with "
+        "`data.share_prefix: true`).",
     )
     share_prefix: bool | None = Field(
         None,

@@ -169,13 +169,18 @@ class Layout(NamedTuple):
     how: str
 
 
-def padding_free(spec: JobSpec, attention_ok: bool, prompt_learning: bool) -> bool:
+def padding_free(spec: JobSpec, attention_ok: bool, prompt_learning: bool, launch_bound: bool = False) -> bool:
     """Whether micro-batches run padding-free (``data.collate``): ``data.padding_free`` when set, else for
-    packed runs, and for unpacked ones when attention can split the row per example (``attention_ok``)
-    and the method adds no virtual tokens (``prompt_learning`` False)."""
+    packed runs, and for unpacked ones when attention can split the row per example (``attention_ok``),
+    the method adds no virtual tokens (``prompt_learning`` False), and splitting it is not slower than
+    padding on this device (``launch_bound`` False; ``True`` for raypeft's per-example SDPA on a GPU, where
+    one kernel launch per example per layer made the step 0.28-0.32x a padded bare loop's on an H200,
+    issue 33) or ``data.share_prefix: true`` asks for it."""
     if spec.data.padding_free is not None:
         return spec.data.padding_free
-    return spec.data.packing or (attention_ok and not prompt_learning)
+    if spec.data.packing:
+        return True
+    return attention_ok and not prompt_learning and (not launch_bound or bool(spec.data.share_prefix))
 
 
 def share_prefix(spec: JobSpec, padding_free_rows: bool, varlen: bool, dropouts: list[str] = ()) -> bool:
@@ -218,16 +223,21 @@ def active_dropouts(model) -> list[str]:
     return sorted(found)
 
 
-def batch_layout(spec: JobSpec, model) -> Layout:
+def batch_layout(spec: JobSpec, model, device) -> Layout:
     """Whether this run's micro-batches are padding-free (``padding_free``), switching ``model`` (the method's
     model) to per-example SDPA when they are and it can, and whether they compute a shared prefix once
     (``share_prefix``). A prompt-learning method's model prepends virtual tokens to every row: one row per
-    example."""
+    example. ``device`` is where the model steps: on a GPU, per-example SDPA is launch-bound, so unset
+    ``data.padding_free`` pads there (docs/data.md, "Defaults per device")."""
     flash = str(getattr(model.config, "_attn_implementation", "")).startswith("flash_attention")
     prompt_learning = any(getattr(c, "is_prompt_learning", False) for c in getattr(model, "peft_config", {}).values())
-    if not padding_free(spec, supported(model) or flash, prompt_learning):
+    launch_bound = getattr(device, "type", str(device)) == "cuda" and not flash
+    if not padding_free(spec, supported(model) or flash, prompt_learning, launch_bound):
         share_prefix(spec, False, False)  # data.share_prefix: true raises here, naming the field
-        return Layout(False, False, "padded rows, one per example")
+        why = ""
+        if launch_bound and spec.data.padding_free is None and supported(model) and not prompt_learning:
+            why = " (on a GPU per-example SDPA is launch-bound: data.padding_free unset pads there)"
+        return Layout(False, False, "padded rows, one per example" + why)
     varlen = enable(model)
     dropouts = active_dropouts(model) if varlen and spec.data.share_prefix is not False else []
     share = share_prefix(spec, True, varlen, dropouts)

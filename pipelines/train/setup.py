@@ -34,7 +34,7 @@ def setup_model(w: Worker) -> ModelSetup:
     if spec.quantization() == "none" and hf_ds is None:
         prepared.model.to(device)
     prepared.model.train()
-    layout = batch_layout(spec, prepared.model)
+    layout = batch_layout(spec, prepared.model, device)
     # before step 0: base frozen, optimizer = trainables, targets matched, B = 0, dtype/quantization
     report = preflight.check(spec, prepared, base_modules)
     w.log(f"method {spec.method.name}: pre-flight ok, " + report.summary().replace("\n", "; "))

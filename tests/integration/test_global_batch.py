@@ -73,7 +73,9 @@ def _worker(
         before = {n: p.detach().clone() for n, p in trainable.items()}
     examples = D.encode_all(D.load_records(data), spec.data, tok)
     sharder = D.Sharder(len(examples), MICRO, world, rank, spec.train.seed)
-    layout = (False, False) if padded else batch_layout(spec, prepared.model)[:2]  # the run's own default
+    layout = (
+        (False, False) if padded else batch_layout(spec, prepared.model, torch.device("cpu"))[:2]
+    )  # the run's own default
     assert padded or layout[0], "the default layout of this run is padding-free"
     batches = [D.collate([examples[i] for i in sharder.indices(m)], tok.pad_token_id, *layout) for m in range(accum)]
     loss, tokens = accumulate(engine, batches, world, cpu)

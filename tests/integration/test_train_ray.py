@@ -67,6 +67,9 @@ def test_one_worker_job_end_to_end(local_ray, raypeft_home, tiny_model_dir, chat
     # and the examples' shared template tokens were computed once per micro-batch (data.share_prefix unset: on)
     shared = [x.value for x in c.get_metric_history(result["run_id"], "shared_prefix_fraction")]
     assert len(shared) == 8 and all(0.1 < v < 0.5 for v in shared), shared
+    assert run_.data.tags["raypeft.micro_batches"] == (
+        "padding-free rows; attention per example (raypeft_sdpa_varlen), a shared prefix computed once"
+    )
     assert "loss_curve.png" in [a.path for a in c.list_artifacts(result["run_id"])]
     runs = c.search_runs([run_.info.experiment_id])
     assert len(runs) == 1

@@ -313,7 +313,7 @@ def test_a_shared_prefix_is_on_by_default_only_where_no_dropout_acts_on_it(tiny_
         spec = validate({**raw, "data": {**raw["data"], "share_prefix": share}})
         torch.manual_seed(0)
         model = methods.build(spec, AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))).model
-        return attention.batch_layout(spec, model)
+        return attention.batch_layout(spec, model, torch.device("cpu"))
 
     on = layout(0.0)
     assert on.share_prefix and on.how.endswith("a shared prefix computed once"), on
@@ -325,6 +325,32 @@ def test_a_shared_prefix_is_on_by_default_only_where_no_dropout_acts_on_it(tiny_
     assert [f for f, _ in e.value.problems] == ["data.share_prefix"]
     assert "method.dropout is 0.05" in e.value.problems[0][1] and "(got true)" in e.value.problems[0][1]
     assert layout(0.0, share=True).share_prefix
+
+
+def test_unset_padding_free_pads_on_a_gpu_and_a_set_value_is_kept(tiny_model_dir, chat_data):
+    """Defaults per device: per-example SDPA is launch-bound on a GPU (0.28-0.32x a padded loop on an H200,
+    issue 33), so unset ``data.padding_free`` pads there; on a CPU it stays padding-free; a set value, or
+    ``share_prefix: true``, is what the run gets. Only the decision: nothing runs on the device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.model import methods
+    from pipelines.spec import validate
+    from pipelines.train import attention
+    from tests.conftest import tiny_spec
+
+    def layout(device: str, **data):
+        raw = tiny_spec(tiny_model_dir, chat_data, method={"dropout": 0.0}).model_dump(mode="json")
+        spec = validate({**raw, "data": {**raw["data"], **data}})
+        model = methods.build(spec, AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))).model
+        return attention.batch_layout(spec, model, torch.device(device))
+
+    gpu = layout("cuda")
+    assert (gpu.padding_free, gpu.share_prefix) == (False, False) and "launch-bound" in gpu.how, gpu
+    assert layout("cpu")[:2] == (True, True)
+    assert layout("cuda", padding_free=True)[:2] == (True, True)
+    assert layout("cuda", share_prefix=True)[:2] == (True, True)
+    assert layout("cuda", packing=True).padding_free
 
 
 def test_rows_read_back_what_encode_gives(tmp_path, tok):
