@@ -71,41 +71,41 @@ def _tokenizer(path: Path):
     tok.save_pretrained(path)
 
 
-def build(shape: str, device: str = "cpu", log=lambda m: print(m, flush=True)) -> Path:
-    """The folder of a random-init base of ``shape``: built once (weights initialized on ``device``), then reused."""
-    import torch
-    from filelock import FileLock
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from pipelines.model import cache_root
+def config(shape: str):
+    """The ``LlamaConfig`` of ``shape`` (``SHAPES``), with SmolLM2's special-token ids and RoPE base."""
+    from transformers import LlamaConfig
 
     if shape not in SHAPES:
         raise SystemExit(f"--random-base: unknown shape {shape!r}; one of {', '.join(SHAPES)}")
     hidden, mlp, layers, heads, kv, vocab, tied = SHAPES[shape]
-    out = cache_root() / "models" / f"random-{shape}"
-    marker = out / ".raypeft-complete.json"
-    if marker.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if marker.is_file():
-            return out
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+
+
+def build(shape: str, device: str = "cpu", log=lambda m: print(m, flush=True)) -> Path:
+    """The folder of a random-init base of ``shape``: built once (weights initialized on ``device``), then reused."""
+    from pipelines.model import cached_model_dir
+
+    cfg = config(shape)
+
+    def make(folder: Path) -> dict:
+        import torch
+        from transformers import LlamaForCausalLM
+
         dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-        log(f"[bench] building a random-init {shape} base ({dtype}, on {device}) in {out}")
-        cfg = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=mlp,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv,
-            max_position_embeddings=8192,
-            rope_theta=100000.0,
-            tie_word_embeddings=tied,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=2,
-        )
+        log(f"[bench] building a random-init {shape} base ({dtype}, on {device}) in {folder.with_suffix('')}")
         torch.manual_seed(0)
         default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
@@ -114,11 +114,12 @@ def build(shape: str, device: str = "cpu", log=lambda m: print(m, flush=True)) -
                 model = LlamaForCausalLM(cfg)
         finally:
             torch.set_default_dtype(default)
-        model.save_pretrained(out, safe_serialization=True)
+        model.save_pretrained(folder, safe_serialization=True)
         del model
-        _tokenizer(out)
-        marker.write_text(json.dumps({"shape": shape, "dtype": str(dtype), "seed": 0}))
-    return out
+        _tokenizer(folder)
+        return {"shape": shape, "dtype": str(dtype), "seed": 0}
+
+    return cached_model_dir(f"random-{shape}", make)
 
 
 def main(argv=None) -> int:

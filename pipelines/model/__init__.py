@@ -3,7 +3,7 @@ that wraps it in an adapter (``methods``)."""
 
 from pipelines.model.loading import (  # noqa: F401
     base_lineage,
-    cache_root,
+    cached_model_dir,
     load_base,
     load_tokenizer,
     meta_model,

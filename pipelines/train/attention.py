@@ -232,10 +232,11 @@ def batch_layout(spec: JobSpec, model, device) -> Layout:
     flash = str(getattr(model.config, "_attn_implementation", "")).startswith("flash_attention")
     prompt_learning = any(getattr(c, "is_prompt_learning", False) for c in getattr(model, "peft_config", {}).values())
     launch_bound = getattr(device, "type", str(device)) == "cuda" and not flash
-    if not padding_free(spec, supported(model) or flash, prompt_learning, launch_bound):
+    sdpa = supported(model)
+    if not padding_free(spec, sdpa or flash, prompt_learning, launch_bound):
         share_prefix(spec, False, False)  # data.share_prefix: true raises here, naming the field
         why = ""
-        if launch_bound and spec.data.padding_free is None and supported(model) and not prompt_learning:
+        if launch_bound and spec.data.padding_free is None and sdpa and not prompt_learning:
             why = " (on a GPU per-example SDPA is launch-bound: data.padding_free unset pads there)"
         return Layout(False, False, "padded rows, one per example" + why)
     varlen = enable(model)

@@ -10,20 +10,10 @@ from benchmarks import random_base
 @pytest.mark.parametrize(("shape", "millions"), [("smollm2-135m", 134.5), ("llama-1b", 1073.8), ("llama-8b", 8030.3)])
 def test_each_shape_has_the_parameter_count_of_the_model_it_is_named_for(shape, millions):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    h, mlp, layers, heads, kv, vocab, tied = random_base.SHAPES[shape]
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=h,
-        intermediate_size=mlp,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        tie_word_embeddings=tied,
-    )
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(random_base.config(shape))
     assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, abs=0.1)
 
 
