@@ -47,6 +47,7 @@ def run_trial(config: dict[str, Any], raw: dict[str, Any], storage: str) -> None
     is added to every report (the search's second objective); ``over_budget`` trials report ``PENALTY``
     without training. Other keys are searcher bookkeeping."""
     from pipelines.train import make_trainer
+    from tuning.report_order import deliver_train_reports_in_order
 
     plan = config.get("plan") or config
     extra = {"memory_bytes": plan["memory_bytes"]} if "memory_bytes" in plan else {}
@@ -59,6 +60,7 @@ def run_trial(config: dict[str, Any], raw: dict[str, Any], storage: str) -> None
     data = prepare(spec)  # the driver prepared it: a cache hit unless the trial samples a data field
     loop = {"spec": spec, "run_id": None, "tracking_uri": None, "report_evals": True, "data_dir": data.layout}
     trial_id = tune.get_context().get_trial_id()
+    deliver_train_reports_in_order()  # else a slow driver can deadlock the trial on its last report
     make_trainer(spec, loop, f"trial_{trial_id}", storage, callbacks=[_Report(extra)]).fit()
 
 

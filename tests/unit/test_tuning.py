@@ -433,3 +433,15 @@ def test_a_baseline_the_space_cannot_hold_or_a_share_without_one_is_refused():
     p = _problems({"tune": {"layerwise": {"budget": "105%", "baseline": "none"}}})
     assert "needs a baseline" in p["tune.layerwise.budget"]
     assert validate({"tune": {"layerwise": {"bits": [8, 16], "baseline": "none"}}}).tune.layerwise.bits == [8, 16]
+
+
+def test_the_report_order_fix_applies_to_the_installed_ray():
+    """``tuning.report_order`` patches a Ray-internal method; on a Ray whose internals differ it patches
+    nothing, and then the sweep deadlock it fixes could come back unseen: this fails first."""
+    from ray.train._internal.session import _TrainSession
+
+    from tuning.report_order import deliver_train_reports_in_order
+
+    assert deliver_train_reports_in_order() is True
+    assert getattr(_TrainSession._get_result_from_queues, "_raypeft_reports_in_order", False)
+    assert deliver_train_reports_in_order() is True  # once only
