@@ -20,9 +20,10 @@ takes a free row and leaving hands the row over, copying one row at most, never 
 cache. Admission counts the cache's bytes against ``max_kv_bytes``.
 
 Device discipline: every tensor the engine makes for the model (ids, masks, positions,
-slot indices, sampled tokens, RNGs) is made on the model's device, and the step reads
-device values back in one place (``_host``: the sampled tokens, once per pass, twice when a prompt
-finishes beside decoding rows). A step that raises fails
+slot indices, sampling parameters) is made on the model's device, and a step reads device values
+back once (``_host``: the sampled tokens of the decoding rows and of the rows whose prompt is done, with
+the logprobs asked for, in one transfer). Sampling is batched and seeded per row
+(``serving.sampling``), and the text is decoded incrementally (``serving.detokenize``). A step that raises fails
 the requests it touched with an ``("error", …)`` event, and the loop carries on.
 
 ``Engine`` is the ``serving.backend.Backend`` the HTTP layer uses. No Ray here.
@@ -31,6 +32,7 @@ the requests it touched with an ``("error", …)`` event, and the loop carries o
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -44,8 +46,10 @@ import torch
 from serving import kv as kv_attention
 from serving.backend import Overloaded, Request, TooLarge, adapter_support
 from serving.cache import LRU, SlotTable
+from serving.detokenize import IncrementalText
 from serving.kv import RowCache
 from serving.lora_batch import AdapterWeights, MultiLoraModel
+from serving.sampling import sample
 from serving.schedule import ChunkBudget
 
 __all__ = ["Engine", "Overloaded", "Request", "TooLarge"]
@@ -57,8 +61,9 @@ log = logging.getLogger(__name__)
 class _Row:
     """The engine's state of one request (``Request.state``)."""
 
+    text: IncrementalText
+    seed: int  # the request's, or a random one: its draws depend on nothing else (serving.sampling)
     slot: int = 0
-    generator: torch.Generator | None = None
     fed: int = 0  # prompt tokens prefilled so far
     logprobs: list = field(default_factory=list)  # (token, logprob, top) not yet sent
 
@@ -144,10 +149,8 @@ class Engine:
         with self.lock:
             if len(self.waiting) >= self.max_queue:
                 raise Overloaded(f"{len(self.waiting)} requests are waiting (max_queue {self.max_queue})")
-            gen = None
-            if req.seed is not None:
-                gen = torch.Generator(device=self.device).manual_seed(req.seed)
-            req.state = _Row(generator=gen)
+            seed = random.getrandbits(63) if req.seed is None else req.seed
+            req.state = _Row(text=IncrementalText(self.tok, req.stop), seed=seed)
             self.waiting.append(req)
             self.stats["requests"] += 1
             self.lock.notify()
@@ -398,39 +401,36 @@ class Engine:
         """One forward pass: a token for every decoding row, and the prefilling rows' next prompt chunks
         (``serving.schedule``: at most ``prefill_chunk_tokens`` in all, fewer while rows decode so that
         the step stays within ``prefill_slowdown`` × a decode step). Rows whose prompt is done sample
-        their first token and join the decoding rows. Returns the decoding rows and the prompt tokens fed."""
+        their first token beside the decoding rows and join them. One host read: the sampled tokens (and
+        the logprobs asked for). Returns the decoding rows and the prompt tokens fed."""
         n, pre = self.n, self.prefilling
         feeds = [(i, [r.out_ids[-1]]) for i, r in enumerate(self.running)]
         if pre:
             per_row = max(1, self.budget.tokens(n) // len(pre))
             feeds += [(n + i, r.prompt_ids[r.state.fed : r.state.fed + per_row]) for i, r in enumerate(pre)]
         logits = self._forward(feeds)
-        if n:
-            decoding = self.running
+        done = self._fed(pre, feeds[n:])
+        reqs = self.running + [pre[i] for i in done]
+        if reqs:
+            if len(reqs) < len(feeds):  # only the rows that sample (an index list: no device sync)
+                logits = logits[torch.tensor([*range(n), *(n + i for i in done)], device=logits.device)]
+            tokens, lps = self._pick(logits, reqs)
+            for i in done:  # move each finished prompt's row to the end of the decoding rows
+                self._swap(n + i, self.n)
+                self.n += 1
             self.stats["batch_rows"] += n
-            self._emit(decoding, self._sample(logits[:n], decoding), logits[:n])  # reads the tokens: synced
-        self._prefilled(pre, feeds[n:], logits[n:])
+            self._emit(reqs, tokens, lps)
         return n, sum(len(c) for _, c in feeds[n:])
 
-    def _prefilled(self, pre: list[Request], feeds: list[tuple[int, list[int]]], logits: torch.Tensor) -> None:
-        """Advance the prefilling rows by their chunks; those whose prompt is done join the decoding rows."""
-        n = self.n
+    def _fed(self, pre: list[Request], feeds: list[tuple[int, list[int]]]) -> list[int]:
+        """Advance the prefilling rows by their chunks; returns those whose prompt is now done."""
         done = []
         for i, (r, (_, chunk)) in enumerate(zip(pre, feeds)):
             r.state.fed += len(chunk)
             self.stats["prefill_tokens"] += len(chunk)
             if r.state.fed == len(r.prompt_ids):
                 done.append(i)
-        if not done:
-            return
-        logits = logits[done]
-        first = self._sample(logits, [pre[i] for i in done])
-        joined = []
-        for i in done:  # move each finished row to the end of the decoding rows
-            self._swap(n + i, self.n)
-            joined.append(self.rows[self.n])
-            self.n += 1
-        self._emit(joined, first, logits)
+        return done
 
     def _swap(self, a: int, b: int) -> None:
         if a != b:
@@ -458,54 +458,78 @@ class Engine:
 
     @staticmethod
     def _host(values: torch.Tensor) -> list:
-        """Every device-to-host read: the sampled tokens (the decoding rows', and those of rows whose prompt is
-        done), and logprobs when asked."""
+        """The step's one device-to-host read (``_pick``)."""
         return values.tolist()
 
-    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, reqs: list[Request]) -> dict[int, tuple]:
-        """For the rows that asked: (the sampled token's log-probability, the ``k`` most likely tokens and
-        theirs), from the model's distribution before temperature and top-p. One extra host read."""
+    def _pick(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], dict[int, tuple]]:
+        """Each row's next token and, for the rows that asked, ``(the token's log-probability, the k most
+        likely tokens and theirs)`` from the model's distribution before temperature and top-p: sampled on
+        the device (``serving.sampling``) and read back in one transfer."""
+        if any(r.temperature > 0 for r in reqs):
+            on = {"device": logits.device}
+            tokens = sample(
+                logits,
+                torch.tensor([r.temperature for r in reqs], dtype=torch.float32, **on),
+                torch.tensor([r.top_p for r in reqs], dtype=torch.float32, **on),
+                torch.tensor([r.state.seed for r in reqs], dtype=torch.int64, **on),
+                torch.tensor([len(r.out_ids) for r in reqs], dtype=torch.int64, **on),
+                nucleus=any(r.top_p < 1.0 for r in reqs),
+            )
+        else:
+            tokens = logits.argmax(-1)
+        rows = len(reqs)
         want = [i for i, r in enumerate(reqs) if r.logprobs is not None]
+        k = max((reqs[i].logprobs for i in want), default=0)
         if not want:
-            return {}
-        lp = torch.log_softmax(logits[want], -1)
-        chosen = self._host(lp.gather(1, tokens[want].view(-1, 1)).view(-1))
-        k = max(reqs[i].logprobs for i in want)
-        top_v = top_i = [[] for _ in want]
+            return [int(t) for t in self._host(tokens)], {}
+        # token ids ride in float64 beside the logprobs (exact below 2**53): one read, not three
+        lp = torch.log_softmax(logits[torch.tensor(want, device=logits.device)], -1)
+        chosen = lp.gather(1, tokens[torch.tensor(want, device=logits.device)].view(-1, 1)).view(-1)
+        parts = [tokens.to(torch.float64), chosen.to(torch.float64)]
         if k:
             values, ids = lp.topk(k, -1)
-            top_v, top_i = self._host(values), self._host(ids)
-        return {i: (chosen[j], list(zip(top_i[j], top_v[j]))[: reqs[i].logprobs]) for j, i in enumerate(want)}
+            parts += [values.to(torch.float64).flatten(), ids.to(torch.float64).flatten()]
+        flat = self._host(torch.cat(parts))
+        picked = [int(t) for t in flat[:rows]]
+        lp_chosen = flat[rows : rows + len(want)]
+        top = flat[rows + len(want) :]
+        out = {}
+        for j, i in enumerate(want):
+            vals = top[j * k : (j + 1) * k]
+            ids = top[len(want) * k + j * k : len(want) * k + (j + 1) * k]
+            out[i] = (lp_chosen[j], [(int(t), v) for t, v in zip(ids, vals)][: reqs[i].logprobs])
+        return picked, out
 
-    def _emit(self, reqs: list[Request], tokens: torch.Tensor, logits: torch.Tensor) -> None:
+    def _emit(self, reqs: list[Request], tokens: list[int], lps: dict[int, tuple]) -> None:
         """Append each row's token, stream the new text (and, when asked, its tokens' logprobs), and mark
-        finished rows."""
+        finished rows. The text is decoded incrementally and only new text is searched for stop strings
+        (``serving.detokenize``)."""
         done = []
-        lps = self._logprobs(logits, tokens, reqs)
-        for i, (req, tok) in enumerate(zip(reqs, self._host(tokens))):
+        for i, (req, tok) in enumerate(zip(reqs, tokens)):
             if req.finish_reason is not None:
                 continue
+            st = req.state
             self.stats["tokens"] += 1
             if tok in self.eos and not req.ignore_eos:
                 req.finish_reason = "stop"
             else:
                 req.out_ids.append(tok)
                 if i in lps:
-                    req.state.logprobs.append((tok, *lps[i]))
-            text = self.tok.decode(req.out_ids, skip_special_tokens=True)
-            cut = min((text.find(s) for s in req.stop if s and s in text), default=-1)
+                    st.logprobs.append((tok, *lps[i]))
+            ending = req.finish_reason is not None or len(req.out_ids) >= req.max_tokens
+            st.text.add(req.out_ids, final=ending)
+            text = st.text.text
+            cut = st.text.find_stop()
             if cut >= 0:
                 text, req.finish_reason = text[:cut], "stop"
             elif req.finish_reason is None and len(req.out_ids) >= req.max_tokens:
                 req.finish_reason = "length"
             # hold back a tail that could still become a stop string
-            hold = 0 if req.finish_reason else max((len(s) - 1 for s in req.stop), default=0)
+            hold = 0 if req.finish_reason else st.text.longest - 1 if st.text.longest else 0
             safe = len(text) - hold
-            if text.endswith("\ufffd") and not req.finish_reason:  # an unfinished multi-byte character
-                safe = min(safe, len(text) - 1)
-            if req.state.logprobs and (safe > req.emitted or req.finish_reason):
-                req.push(("logprobs", req.state.logprobs))  # the tokens behind the text that follows
-                req.state.logprobs = []
+            if st.logprobs and (safe > req.emitted or req.finish_reason):
+                req.push(("logprobs", st.logprobs))  # the tokens behind the text that follows
+                st.logprobs = []
             if safe > req.emitted:
                 req.push(("delta", text[req.emitted : safe]))
                 req.emitted = safe
@@ -513,19 +537,6 @@ class Engine:
                 done.append(req)
         for req in done:
             req.push(("done", req.finish_reason))
-
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        out = logits.argmax(-1)
-        for i, req in enumerate(reqs):
-            if req.temperature <= 0:
-                continue
-            probs = torch.softmax(logits[i] / req.temperature, -1)
-            if req.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                keep = sorted_p.cumsum(-1) - sorted_p < req.top_p  # a mask, not an index: no device sync
-                probs = torch.zeros_like(probs).scatter(0, order, sorted_p * keep)
-            out[i : i + 1] = torch.multinomial(probs, 1, generator=req.state.generator)
-        return out
 
 
 def _attention_windows(config) -> dict[str, int | None] | int | None:

@@ -448,3 +448,54 @@ def test_the_loop_thread_finishes_prompts_that_take_several_steps_with_no_row_de
         assert len(req.out_ids) == 3 and req.out_ids[: len(ref)] == ref  # ignore_eos: the reference stops at EOS
     finally:
         engine.stop()
+
+
+def test_a_step_reads_the_device_once_whatever_its_rows_do(tiny_model_dir, adapters):
+    """Greedy, sampled, logprob and stop-string rows decoding while a long prompt is prefilled in chunks
+    and then joins them: every step makes one device-to-host read (the sampled tokens, with the logprobs),
+    none in the forward pass, the sampling, the stop checks or the chunk budget (tests/syncs.py)."""
+    from tests.syncs import count_syncs
+
+    engine, tok = _engine(tiny_model_dir, adapters, prefill_chunk_tokens=8)
+    for name in ("a", "b"):
+        engine.add_adapter(name)
+    p = tok("hello there", add_special_tokens=False)["input_ids"]
+    long = tok("a longer prompt, prefilled in chunks of a few tokens each " * 2, add_special_tokens=False)["input_ids"]
+    reqs = [
+        engine.submit(Request(p, "a", max_tokens=40, ignore_eos=True)),
+        engine.submit(Request(p, "b", max_tokens=40, temperature=1.0, top_p=0.9, seed=3, ignore_eos=True)),
+        engine.submit(Request(p, None, max_tokens=40, logprobs=2, stop=["zz"], ignore_eos=True)),
+    ]
+    while engine.n < 3:
+        engine.step()
+    reqs.append(engine.submit(Request(long, "a", max_tokens=4, ignore_eos=True)))
+    joined_beside_decoding = 0
+    for _ in range(120):
+        if all(r.finish_reason for r in reqs):
+            break
+        n = engine.n
+        with count_syncs() as syncs:
+            engine.step()
+        joined_beside_decoding += bool(n) and engine.n > n
+        sampled = n > 0 or engine.n > n or any(r.finish_reason for r in reqs[3:])
+        assert dict(syncs) == ({"tolist": 1} if sampled else {}), dict(syncs)
+    assert all(r.finish_reason == "length" for r in reqs), [r.finish_reason for r in reqs]
+    assert joined_beside_decoding, "no prompt finished beside decoding rows"
+    assert len(reqs[2].out_ids) == 40 and all(r.out_ids for r in reqs)
+
+
+def test_a_seeded_request_draws_the_same_tokens_alone_and_in_any_batch(tiny_model_dir, adapters):
+    engine, tok = _engine(tiny_model_dir, adapters)
+    p = tok("hello", add_special_tokens=False)["input_ids"]
+
+    def sampled(**kw):
+        return Request(p, "a", max_tokens=8, temperature=1.2, top_p=0.95, ignore_eos=True, **kw)
+
+    alone = engine.submit(sampled(seed=11))
+    _drain(engine, [alone])
+    others = [engine.submit(Request(p, name, max_tokens=8, ignore_eos=True)) for name in ("b", None)]
+    crowd = engine.submit(sampled(seed=11))  # the third row, beside other adapters
+    different = engine.submit(sampled(seed=12))
+    _drain(engine, [*others, crowd, different])
+    assert crowd.out_ids == alone.out_ids
+    assert different.out_ids != alone.out_ids
