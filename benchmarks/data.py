@@ -258,7 +258,7 @@ def side_packed_step(a: dict) -> dict:
         return {**{k: torch.tensor(v) for k, v in out.items()}, "use_cache": False}
 
     collate = (
-        (lambda m: D.model_inputs(D.collate(m, tok.pad_token_id), "cpu"))
+        (lambda m: attention.model_inputs(D.collate(m, tok.pad_token_id), "cpu"))
         if a["layout"] == "padding_free"
         else padded_rows
     )

@@ -85,7 +85,7 @@ def checkpoint_worker(config: dict) -> None:
 
     from pipelines import data as D
     from pipelines.model import load_base, methods
-    from pipelines.train import build_engine, deepspeed_setup
+    from pipelines.train import build_engine, deepspeed_setup, label_tokens
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -107,7 +107,7 @@ def checkpoint_worker(config: dict) -> None:
             batch = {
                 k: v.to(device) for k, v in D.collate([ex[i] for i in sharder.indices(step)], tok.pad_token_id).items()
             }
-            engine.micro_step(batch, last=True)
+            engine.micro_step(batch, last=True, tokens=label_tokens(batch["labels"]))
             engine.finish_step(step)
         saves, loads = [], []
         root = config["scratch"]  # one directory both workers see, like a checkpoint Ray Train hands back

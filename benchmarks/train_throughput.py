@@ -138,7 +138,9 @@ def child(side: str, args, overrides: list[str]) -> dict:
             slots.append(batch["input_ids"].numel())
             total, tokens = accumulate(engine, [batch], 1, device)
             engine.finish_step(k)
-            return total / tokens, sum(len(e["input_ids"]) for e in examples)
+            return float(total) / tokens, sum(
+                len(e["input_ids"]) for e in examples
+            )  # a read per step, as the bare loop
 
     losses, tokens = [], 0
     for k in range(args.warmup):

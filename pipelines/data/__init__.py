@@ -23,7 +23,6 @@ from pipelines.data.records import (  # noqa: F401
     eval_is_train_problem,
     eval_shard,
     load_records,
-    model_inputs,
     pack,
     pack_bfd,
     pick_split,

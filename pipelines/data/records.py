@@ -414,15 +414,6 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int, padding_free: boo
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def model_inputs(batch: dict, device) -> dict:
-    """``collate``'s tensors on ``device``, plus ``use_cache=False`` for packed rows (transformers only reads
-    packed position ids when no cache is built; training never uses one)."""
-    out = {k: v.to(device) for k, v in batch.items()}
-    if "position_ids" in out:
-        out["use_cache"] = False
-    return out
-
-
 # ---------------------------------------------------------------- sharding
 
 

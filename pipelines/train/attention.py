@@ -61,13 +61,67 @@ def segments(positions: list[int]) -> list[tuple[int, int, int]]:
 
 
 _last: tuple[Any, int, list[tuple[int, int, int]]] = (lambda: None, -1, [])
+_known: dict[int, tuple[int, list[tuple[int, int, int]]]] = {}  # id(position_ids) -> (version, segments)
+
+
+def remember_layout(position_ids, host_position_ids) -> None:
+    """Hand the attention the row layout of ``position_ids`` (the device tensor a forward will get), read
+    off ``host_position_ids`` (the same values on the host): then no layer reads it off the device. Kept
+    while that tensor lives."""
+    if host_position_ids.shape[0] != 1:
+        return
+    key = id(position_ids)
+    _known[key] = (position_ids._version, segments(host_position_ids[0].tolist()))
+    weakref.finalize(position_ids, _known.pop, key, None)
+
+
+def packed_mark(device):
+    """The attention mask a padding-free row under ``VARLEN`` is given (``device_batch``): an
+    empty 4-D mask. transformers returns a 4-D mask as it is, so it does not read the position ids back
+    from the device to look for packed sequences (a host sync every forward); ``varlen_sdpa`` reads it as
+    "no padding: split the row by its layout"."""
+    import torch
+
+    return torch.empty(1, 1, 0, 0, dtype=torch.bool, device=device)
+
+
+def _is_mark(mask) -> bool:
+    return mask is not None and mask.ndim == 4 and mask.numel() == 0
+
+
+def model_inputs(batch: dict, device) -> dict:
+    """``collate``'s tensors on ``device``, plus ``use_cache=False`` for packed rows (transformers only reads
+    packed position ids when no cache is built; training never uses one)."""
+    out = {k: v.to(device) for k, v in batch.items()}
+    if "position_ids" in out:
+        out["use_cache"] = False
+    return out
+
+
+def device_batch(batch: dict, device, varlen: bool = False) -> dict:
+    """A host batch (``collate``'s) as a training micro-step takes it: ``model_inputs``, plus what is read
+    off the host batch so that the device never has to be. The flat positions whose label counts
+    (``counted_index``, for the loss's gather: ``train.loss``); and, for a padding-free row on a model that
+    runs ``VARLEN`` (``varlen``), the row's example layout (``remember_layout``) and ``packed_mark``."""
+    from pipelines.train.loss import IGNORE
+
+    out = model_inputs(batch, device)
+    out["counted_index"] = (batch["labels"][:, 1:] != IGNORE).reshape(-1).nonzero().view(-1).to(device)
+    if varlen and "position_ids" in batch and "attention_mask" not in batch and batch["position_ids"].shape[0] == 1:
+        remember_layout(out["position_ids"], batch["position_ids"])
+        out["attention_mask"] = packed_mark(device)
+    return out
 
 
 def _segments_of(position_ids) -> list[tuple[int, int, int]]:
-    """The row's ``segments``, computed once per forward: every layer gets the same ``position_ids``
-    tensor. Keyed by that tensor's identity (a weak reference) and version, never by its address, which
-    the allocator hands to the next batch's tensor once this one is freed."""
+    """The row's ``segments``: as ``remember_layout`` handed them, else read off the device once per forward
+    (every layer gets the same ``position_ids`` tensor). Keyed by that tensor's identity (while it lives)
+    and version, never by its address alone, which the allocator hands to the next batch's tensor once this
+    one is freed."""
     global _last
+    known = _known.get(id(position_ids))
+    if known is not None and known[0] == position_ids._version:
+        return known[1]
     ref, version, segs = _last
     if ref() is not position_ids or version != position_ids._version:
         segs = segments(position_ids[0].tolist())
@@ -83,6 +137,8 @@ def varlen_sdpa(module, query, key, value, attention_mask, position_ids=None, **
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q_len = query.shape[2]
+    if _is_mark(attention_mask):
+        attention_mask = None  # a padding-free row (packed_mark)
     if attention_mask is not None or position_ids is None or q_len != key.shape[2] or q_len < 2:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if query.shape[0] != 1 or position_ids.shape[0] != 1:
@@ -167,6 +223,7 @@ class Layout(NamedTuple):
     padding_free: bool
     share_prefix: bool
     how: str
+    varlen: bool = False  # the model runs ``VARLEN`` (``enable``): ``device_batch`` hands it the row layout
 
 
 def padding_free(spec: JobSpec, attention_ok: bool, prompt_learning: bool, launch_bound: bool = False) -> bool:
@@ -250,4 +307,4 @@ def batch_layout(spec: JobSpec, model, device) -> Layout:
         how = "attention per example (flash-attention varlen)"
     else:
         how = "attention through transformers' block-diagonal mask"
-    return Layout(True, share, "padding-free rows; " + how)
+    return Layout(True, share, "padding-free rows; " + how, varlen)

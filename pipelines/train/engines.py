@@ -68,6 +68,12 @@ def load_rng(path: Path, rank: int) -> None:
     random.setstate(state["python"])
 
 
+def _at_least_one(tokens):
+    """The global batch's label tokens as a divisor: an int, or a 0-dim device tensor (``accumulate``'s,
+    clamped on the device rather than compared on the host)."""
+    return tokens.clamp(min=1) if hasattr(tokens, "clamp") else max(tokens, 1)
+
+
 def _regularizer(prepared: Prepared, accum: int):
     """The method's per-step loss term (AdaLoRA's orthogonality), 1/accum of it per micro-step; 0 without one."""
     if prepared.regularizer is None:
@@ -106,7 +112,7 @@ class TorchEngine:
         with self.ddp.no_sync() if not sync else contextlib.nullcontext():
             total = token_loss_sum(self.ddp or self.model, self.model, batch, self.chunk)
             (
-                total * (self.world if self.ddp else 1) / max(tokens, 1)
+                total * (self.world if self.ddp else 1) / _at_least_one(tokens)
                 + _regularizer(self.prepared, self.spec.grad_accum())
             ).backward()
         return total.detach()
@@ -204,7 +210,7 @@ class DeepSpeedEngine:
             chunks = -(-self.spec.train.micro_batch_size * self.spec.data.max_length // chunk)
         total = token_loss_sum(self.engine, self.model, batch, chunk, chunks, recompute=self.stage < 3)
         self.engine.backward(
-            total * self.world / max(tokens, 1) + _regularizer(self.prepared, self.spec.grad_accum()),
+            total * self.world / _at_least_one(tokens) + _regularizer(self.prepared, self.spec.grad_accum()),
             scale_wrt_gas=False,
         )
         self.engine.step()  # steps the optimizer (with clipping) only at the accumulation boundary

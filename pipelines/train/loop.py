@@ -27,24 +27,28 @@ def lr_factor(step: int, spec: JobSpec) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def accumulate(engine, batches: list[dict], world: int, device) -> tuple[float, float]:
+def accumulate(engine, batches: list[dict], world: int, device, varlen: bool = False):
     """Forward and backward of one optimizer step's micro-batches (``collate``'s) on this worker, the loss
     normalized by the label tokens of the whole global batch: every micro-step of every worker, counted
     up front and summed across workers. A step's gradient is then the global batch's mean token loss
-    whatever its split into workers and micro-steps. Returns this worker's (summed token loss, tokens)."""
+    whatever its split into workers and micro-steps. Returns this worker's (summed token loss: a 0-dim
+    tensor on ``device``, tokens). Nothing is read back from the device (``attention.device_batch``): the
+    loss is read on logging steps only (``_Window.metrics``). ``varlen``: the model runs per-example
+    attention (``Layout.varlen``)."""
     import torch
     import torch.distributed as dist
 
-    from pipelines.data import model_inputs
+    from pipelines.train.attention import device_batch
     from pipelines.train.loss import label_tokens
 
-    local = [label_tokens(b["labels"]) for b in batches]
+    local = [label_tokens(b["labels"]) for b in batches]  # host tensors: no device sync
     counted = torch.tensor([float(sum(local))], dtype=torch.float64, device=device)  # NCCL: a device tensor
     if world > 1:
         dist.all_reduce(counted)
-    total = 0.0
+    tokens = counted[0].to(torch.float32)  # stays on the device; exact below 2**24 tokens a step
+    total = torch.zeros((), dtype=torch.float32, device=device)
     for m, batch in enumerate(batches):
-        total += engine.micro_step(model_inputs(batch, device), m == len(batches) - 1, int(counted.item())).item()
+        total = total + engine.micro_step(device_batch(batch, device, varlen), m == len(batches) - 1, tokens)
     return total, float(sum(local))
 
 
@@ -53,16 +57,15 @@ class _Window:
     included) and slots that are not padding."""
 
     def __init__(self, t: float):
-        import torch
-
-        self.loss = torch.zeros(2, dtype=torch.float64)
+        self.loss = None  # the summed token loss: a device tensor, read on logging steps only
+        self.counted = 0.0  # the label tokens behind it
         self.tokens = self.slots = self.filled = 0
         self.t = t  # the window's start
 
-    def add(self, loss: tuple[float, float], rows: list, batches: list[dict]) -> None:
-        import torch
-
-        self.loss += torch.tensor(loss, dtype=torch.float64)
+    def add(self, loss: tuple, rows: list, batches: list[dict]) -> None:
+        total, counted = loss
+        self.loss = total.double() if self.loss is None else self.loss + total.double()
+        self.counted += counted
         self.tokens += sum(len(r["input_ids"]) for micro in rows for r in micro)
         self.slots += sum(b["input_ids"].numel() for b in batches)  # what the model computed on, pads included
         self.filled += sum(
@@ -74,8 +77,9 @@ class _Window:
         import torch
         import torch.distributed as dist
 
+        loss = self.loss.item() if self.loss is not None else 0.0  # the window's one device read
         stats = torch.tensor(  # on the worker's device: NCCL reduces GPU tensors only
-            [self.loss[0].item(), self.loss[1].item(), float(self.tokens), float(self.slots), float(self.filled)],
+            [loss, self.counted, float(self.tokens), float(self.slots), float(self.filled)],
             dtype=torch.float64,
             device=w.device,
         )
@@ -117,7 +121,7 @@ def run_steps(w: Worker, m: ModelSetup, d: DataSetup, p: Progress) -> float:
     lr = set_lr(p.start_step)
     for step in range(p.start_step, spec.train.max_steps):
         rows, batches = d.micro_batches(step, accum)
-        window.add(accumulate(engine, batches, w.world, w.device), rows, batches)
+        window.add(accumulate(engine, batches, w.world, w.device, d.layout.varlen), rows, batches)
         engine.finish_step(step)
         done = step + 1
         if step == p.start_step:

@@ -75,7 +75,8 @@ def token_loss_sum(
     from torch.utils.checkpoint import checkpoint
 
     labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    index = batch.get("counted_index")  # flat positions whose label counts, built on the host (train.loop)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "counted_index")}
     n = labels.shape[1]
     target = labels[:, 1:]
     if chunk_tokens <= 0:
@@ -100,8 +101,12 @@ def token_loss_sum(
     if len(captured) != 1:
         raise RuntimeError(f"the decoder ran {len(captured)} times in one forward; set train.loss_chunk_tokens: 0")
     hidden = captured[0][:, -n:][:, :-1]
-    counted = target != IGNORE
-    h, y = hidden[counted], target[counted]
+    if index is None:  # a boolean gather: its size is read off the device
+        counted = target != IGNORE
+        h, y = hidden[counted], target[counted]
+    else:  # the same rows, gathered by an index whose size the host already knows: no sync
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+        y = target.reshape(-1).index_select(0, index)
     logits_of = _logits_fn(inner)
     k = chunks if chunks is not None else max(1, math.ceil(h.shape[0] / chunk_tokens))
     total = torch.zeros((), dtype=torch.float32, device=h.device)

@@ -157,3 +157,47 @@ def test_the_engine_keeps_adaloras_orthogonal_regularization(tiny_model_dir, cha
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
     assert float(total) > 0
+
+
+@pytest.mark.parametrize("share_prefix", [False, True], ids=["packed", "shared-prefix"])
+@pytest.mark.parametrize("chunk", [0, 16], ids=["full-loss", "chunked-loss"])
+def test_a_micro_step_reads_nothing_back_from_the_device(tiny_model_dir, tmp_path, share_prefix, chunk):
+    """Forward, loss and backward of a padding-free micro-batch (packed examples, and a shared prefix) make
+    no device-to-host sync: the row layout and the counted positions come from the host batch
+    (``train.attention.device_batch``), and the global token count stays a device tensor. The loss is read on
+    logging steps only. On a GPU each such read would stall the host until the device caught up."""
+    from pipelines import data as D
+    from pipelines.model import load_base
+    from pipelines.train import batch_layout, build_engine
+    from pipelines.train.attention import device_batch
+    from pipelines.train.loop import accumulate
+    from tests.conftest import tiny_spec, write_chat_data
+    from tests.syncs import count_syncs
+
+    data = write_chat_data(tmp_path / "d.jsonl", n=16)
+    spec = tiny_spec(
+        tiny_model_dir,
+        data,
+        method={"name": "lora", "r": 4, "dropout": 0.0},
+        train={"loss_chunk_tokens": chunk},
+    )
+    spec = spec.model_copy(update={"data": spec.data.model_copy(update={"share_prefix": share_prefix})})
+    torch.manual_seed(0)
+    base, tok, _ = load_base(spec)
+    prepared = methods.build(spec, base)
+    cpu = torch.device("cpu")
+    engine = build_engine(spec, prepared, 0, 1, cpu, None)
+    layout = batch_layout(spec, prepared.model, cpu)
+    assert layout.padding_free and layout.share_prefix == share_prefix
+    assert layout.varlen  # per-example attention: the layout is handed over, not read back
+    examples = D.encode_all(D.load_records(str(data)), spec.data, tok)
+    batches = [D.collate(examples[i : i + 4], tok.pad_token_id, True, share_prefix) for i in (0, 4)]
+    before, _ = accumulate(
+        engine, batches, 1, cpu, layout.varlen
+    )  # warm: the first call may read what later ones cache
+    tokens = torch.tensor(float(sum(label_tokens(b["labels"]) for b in batches)))
+    inputs = [device_batch(b, cpu, varlen=True) for b in batches]  # host work: reads host tensors only
+    with count_syncs() as syncs:
+        total = sum(engine.micro_step(x, i == 1, tokens) for i, x in enumerate(inputs))
+    assert not syncs, dict(syncs)
+    torch.testing.assert_close(total, before)  # the same loss as accumulate's, which took the same path

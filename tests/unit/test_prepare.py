@@ -11,6 +11,7 @@ import pytest
 
 from pipelines import data as D
 from pipelines.data import prepare as P
+from pipelines.train.attention import model_inputs
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_packed_examples_do_not_see_each_other(tiny_model_dir, tok, impl):
     assert len(rows) >= 2
     order = [i for b in D.pack_bfd([len(e["input_ids"]) for e in exs], 96) for i in b]
     exs = [exs[i] for i in order]  # the rows' order: longest first
-    batch = D.model_inputs(D.collate(rows, tok.pad_token_id), "cpu")
+    batch = model_inputs(D.collate(rows, tok.pad_token_id), "cpu")
     n_tokens = sum(len(e["input_ids"]) for e in exs)
     assert batch["input_ids"].shape == (1, n_tokens)  # padding-free: not one pad token
     assert "attention_mask" not in batch
@@ -168,7 +169,7 @@ def test_varlen_attention_never_attends_beyond_one_example(tiny_model_dir, tok):
         if impl == "varlen":
             assert attention.enable(model)
         with Lengths() as mode:
-            out = model(**D.model_inputs(batch, "cpu"))
+            out = model(**model_inputs(batch, "cpu"))
             out.loss.backward()
         seen[impl] = mode.seen
         losses[impl] = out.loss.detach()
@@ -199,7 +200,7 @@ def test_padding_free_unpacked_batch_equals_the_padded_batch(tiny_model_dir, tok
         model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
         if name == "flat":
             assert attention.enable(model)
-        loss = model(**D.model_inputs(batch, "cpu")).loss
+        loss = model(**model_inputs(batch, "cpu")).loss
         loss.backward()
         out[name] = (loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(out["flat"][0], out["padded"][0], rtol=1e-5, atol=1e-5)
@@ -258,7 +259,7 @@ def test_shared_prefix_row_gives_the_padded_batch_loss_and_gradients(tiny_model_
         model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
         if varlen:
             assert attention.enable(model)
-        loss = model(**D.model_inputs(batch, "cpu")).loss
+        loss = model(**model_inputs(batch, "cpu")).loss
         loss.backward()
         return loss.detach(), torch.cat([w.grad.flatten() for w in model.parameters() if w.grad is not None])
 
