@@ -52,3 +52,25 @@ def test_mixed_batch_equals_each_adapter_alone_on_cuda(tiny_model_dir, adapters)
     for req in reqs:
         ref = _peft_alone(tiny_model_dir, adapters.get(req.adapter), p, 10, torch.float32)
         assert req.out_ids == [t for t in ref if t not in engine.eos], req.adapter
+
+
+def test_a_step_on_cuda_reads_the_device_once(tiny_model_dir, adapters):  # noqa: F811
+    """As the CPU test (tests/unit/test_engine.py), on CUDA: each decode step of greedy, sampled and logprob
+    rows reads device values back once (``tests/syncs.py``). Host-to-device copies of the step's inputs
+    are not counted here; with CUDA graphs they go through persistent buffers."""
+    from tests.syncs import count_syncs
+
+    engine, tok, _ = _cuda_engine(tiny_model_dir, adapters, torch.bfloat16)
+    p = tok("hello there", add_special_tokens=False)["input_ids"]
+    reqs = [
+        engine.submit(Request(p, "a", max_tokens=12, ignore_eos=True)),
+        engine.submit(Request(p, "b", max_tokens=12, temperature=0.9, top_p=0.9, seed=2, ignore_eos=True)),
+        engine.submit(Request(p, None, max_tokens=12, logprobs=2, ignore_eos=True)),
+    ]
+    while engine.n < 3:
+        engine.step()
+    for _ in range(5):
+        with count_syncs() as syncs:
+            engine.step()
+        assert dict(syncs) == {"tolist": 1}, dict(syncs)
+    _drain(engine, reqs)
