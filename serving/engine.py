@@ -483,8 +483,9 @@ class Engine:
         if not want:
             return [int(t) for t in self._host(tokens)], {}
         # token ids ride in float64 beside the logprobs (exact below 2**53): one read, not three
-        lp = torch.log_softmax(logits[torch.tensor(want, device=logits.device)], -1)
-        chosen = lp.gather(1, tokens[torch.tensor(want, device=logits.device)].view(-1, 1)).view(-1)
+        rows_asking = torch.tensor(want, device=logits.device)
+        lp = torch.log_softmax(logits[rows_asking], -1)
+        chosen = lp.gather(1, tokens[rows_asking].view(-1, 1)).view(-1)
         parts = [tokens.to(torch.float64), chosen.to(torch.float64)]
         if k:
             values, ids = lp.topk(k, -1)
@@ -525,7 +526,7 @@ class Engine:
             elif req.finish_reason is None and len(req.out_ids) >= req.max_tokens:
                 req.finish_reason = "length"
             # hold back a tail that could still become a stop string
-            hold = 0 if req.finish_reason else st.text.longest - 1 if st.text.longest else 0
+            hold = 0 if req.finish_reason else max(st.text.longest - 1, 0)
             safe = len(text) - hold
             if st.logprobs and (safe > req.emitted or req.finish_reason):
                 req.push(("logprobs", st.logprobs))  # the tokens behind the text that follows

@@ -22,7 +22,7 @@ flash-attention already has a varlen path, and eager attention may carry soft-ca
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.spec import JobSpec
@@ -60,7 +60,6 @@ def segments(positions: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
-_last: tuple[Any, int, list[tuple[int, int, int]]] = (lambda: None, -1, [])
 _known: dict[int, tuple[int, list[tuple[int, int, int]]]] = {}  # id(position_ids) -> (version, segments)
 
 
@@ -118,15 +117,11 @@ def _segments_of(position_ids) -> list[tuple[int, int, int]]:
     (every layer gets the same ``position_ids`` tensor). Keyed by that tensor's identity (while it lives)
     and version, never by its address alone, which the allocator hands to the next batch's tensor once this
     one is freed."""
-    global _last
     known = _known.get(id(position_ids))
-    if known is not None and known[0] == position_ids._version:
-        return known[1]
-    ref, version, segs = _last
-    if ref() is not position_ids or version != position_ids._version:
-        segs = segments(position_ids[0].tolist())
-        _last = (weakref.ref(position_ids), position_ids._version, segs)
-    return segs
+    if known is None or known[0] != position_ids._version:
+        remember_layout(position_ids, position_ids)  # the one read, then every later layer finds it
+        known = _known[id(position_ids)]
+    return known[1]
 
 
 def varlen_sdpa(module, query, key, value, attention_mask, position_ids=None, **kwargs):

@@ -57,14 +57,14 @@ class _Window:
     included) and slots that are not padding."""
 
     def __init__(self, t: float):
-        self.loss = None  # the summed token loss: a device tensor, read on logging steps only
+        self.loss = 0.0  # the summed token loss: a device tensor once added to, read on logging steps only
         self.counted = 0.0  # the label tokens behind it
         self.tokens = self.slots = self.filled = 0
         self.t = t  # the window's start
 
     def add(self, loss: tuple, rows: list, batches: list[dict]) -> None:
         total, counted = loss
-        self.loss = total.double() if self.loss is None else self.loss + total.double()
+        self.loss = self.loss + total.double()
         self.counted += counted
         self.tokens += sum(len(r["input_ids"]) for micro in rows for r in micro)
         self.slots += sum(b["input_ids"].numel() for b in batches)  # what the model computed on, pads included
@@ -77,7 +77,7 @@ class _Window:
         import torch
         import torch.distributed as dist
 
-        loss = self.loss.item() if self.loss is not None else 0.0  # the window's one device read
+        loss = float(self.loss)  # the window's one device read
         stats = torch.tensor(  # on the worker's device: NCCL reduces GPU tensors only
             [loss, self.counted, float(self.tokens), float(self.slots), float(self.filled)],
             dtype=torch.float64,
