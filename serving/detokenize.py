@@ -5,7 +5,7 @@ that grows with the square of the completion's length. ``IncrementalText`` decod
 tokens committed last (``prefix``) and those since (``read``). The new text is what the window decodes to
 beyond what its first part decoded to, so a tokenizer's leading-space and byte-fallback rules see the same
 context as in a whole decode. Text that ends in an unfinished character (U+FFFD: a multi-byte character
-split across tokens) waits for the next token, and ``flush`` commits it when the row ends. The result
+split across tokens) waits for the next token, and ``add(..., final=True)`` commits it when the row ends. The result
 equals ``decode(ids, skip_special_tokens=True)`` (tests/unit/test_detokenize.py checks it on the real
 tokenizer and on random ids).
 

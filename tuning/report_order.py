@@ -11,8 +11,9 @@ busy MLflow tracking server), the controller's last report waits in the actor qu
 and the trial function's thread puts Tune's end-of-function marker (``RESULT_DUPLICATE``) into
 ``result_queue``. When Tune asks again, the main thread takes the last report and blocks forever putting
 it into the full ``result_queue``: only the main thread empties that queue. The trial stays ``RUNNING`` and
-the sweep never ends. ``tests/integration/test_tuning.py::test_a_slow_driver_still_gets_every_report``
-reproduces it with a driver callback that sleeps on the first result.
+the sweep never ends. ``tests/integration/test_tracking_server.py::
+test_a_sweep_records_every_trial_on_the_server_and_a_slow_driver_loses_no_report`` reproduces it with a
+driver callback that sleeps on the first result.
 
 The fix: the main thread returns a report from the actor queue as the result itself, doing what
 ``_TrainSession.report`` does to it (the auto-filled metrics, the artifact sync) but never queueing it.
