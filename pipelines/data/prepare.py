@@ -41,6 +41,9 @@ if TYPE_CHECKING:  # pragma: no cover
 FORMAT_VERSION = 1
 CHUNK_BYTES = 32 << 20  # a task's share of a large file
 MIN_CHUNK_BYTES = 64 << 10  # below this, one task per file is cheaper than more
+# local inputs of at most this size are tokenized in the driver: Ray Data's start (its executor, a task's
+# worker, the tokenizer shipped to it) costs about 2 s, and a 64 KiB file tokenizes in well under that
+LOCAL_MAX_BYTES = MIN_CHUNK_BYTES
 MAX_ERRORS = 5  # bad records quoted in an error
 
 
@@ -396,9 +399,10 @@ def cache_root(spec: JobSpec) -> Path:
     return Path(storage) / "data-cache" if "://" not in storage else raypeft_home() / "data-cache"
 
 
-def prepare(spec: JobSpec, log=print, progress_every_s: float = 5.0) -> Prepared:
+def prepare(spec: JobSpec, log=print, progress_every_s: float = 5.0, local_max_bytes: int | None = None) -> Prepared:
     """Tokenize ``spec.data`` once (a cache hit re-tokenizes nothing) and lay out this run. Ray must be up.
-    Bad data raises ``DataError`` naming the file and line (or row) before any training starts."""
+    Local sources of at most ``local_max_bytes`` in all (default ``LOCAL_MAX_BYTES``; -1: none) are tokenized
+    in this process, larger ones and URLs on Ray Data. Bad data raises ``DataError`` naming the file and line (or row) before any training starts."""
     from pipelines.model import load_tokenizer, resolve_base
 
     t0 = time.perf_counter()
@@ -431,7 +435,7 @@ def prepare(spec: JobSpec, log=print, progress_every_s: float = 5.0) -> Prepared
     if hit:
         log(f"[raypeft] data: cache hit {shards} (no tokenization)")
     else:
-        _tokenize(spec, tok, evals, shards, key_parts, log, progress_every_s)
+        _tokenize(spec, tok, evals, shards, key_parts, log, progress_every_s, local_max_bytes)
     meta = json.loads((shards / "meta.json").read_text())
     layout = _layout(spec, shards, meta, evals is not None, log)
     stats = {
@@ -444,10 +448,16 @@ def prepare(spec: JobSpec, log=print, progress_every_s: float = 5.0) -> Prepared
 
 
 def _tokenize(
-    spec: JobSpec, tok, eval_source: str | None, out: Path, key_parts: dict, log, progress_every_s: float
+    spec: JobSpec,
+    tok,
+    eval_source: str | None,
+    out: Path,
+    key_parts: dict,
+    log,
+    progress_every_s: float,
+    local_max_bytes: int,
 ) -> None:
     import ray
-    import ray.data
 
     d = spec.data
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -459,16 +469,15 @@ def _tokenize(
     staging = out.parent / f".staging-{out.name}-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     job = _Job(tok, d.format, d.max_length, str(staging))
-    log(f"[raypeft] data: tokenizing {len(chunks)} chunk(s) on Ray Data ({cpus} CPU(s)) → {out}")
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
-        _map_chunks, batch_size=1, fn_kwargs={"job": job}, num_cpus=1
-    )
+    size = _input_bytes(chunks)
+    if size is not None and size <= (LOCAL_MAX_BYTES if local_max_bytes is None else local_max_bytes):
+        log(f"[raypeft] data: tokenizing {size:,} bytes in this process (under Ray Data's start-up cost) → {out}")
+        rows: Iterator[dict[str, Any]] = (tokenize_chunk(c, job) for c in chunks)
+    else:
+        log(f"[raypeft] data: tokenizing {len(chunks)} chunk(s) on Ray Data ({cpus} CPU(s)) → {out}")
+        rows = _on_ray_data(chunks, job)
     try:
-        results, stats = _run_chunks(ds, chunks, d, log, progress_every_s)
+        results, stats = _run_chunks(rows, chunks, d, log, progress_every_s)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -489,17 +498,42 @@ def _tokenize(
     )
 
 
+def _input_bytes(chunks: list[dict[str, Any]]) -> int | None:
+    """The size of the chunks' sources on local disk (a directory's files summed), or None for a URL."""
+    total = 0
+    for path in {c["path"] for c in chunks}:
+        if "://" in path:
+            return None
+        p = Path(path)
+        total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+    return total
+
+
+def _on_ray_data(chunks: list[dict[str, Any]], job: _Job) -> Iterator[dict[str, Any]]:
+    """One Ray Data task per chunk; its results as they arrive, in chunk order."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
+        _map_chunks, batch_size=1, fn_kwargs={"job": job}, num_cpus=1
+    )
+    for row in ds.iter_rows():
+        yield {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+
+
 def _run_chunks(
-    ds, chunks: list[dict], d, log, progress_every_s: float
+    rows: Iterator[dict[str, Any]], chunks: list[dict], d, log, progress_every_s: float
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Each chunk's result, in chunk order, with progress every ``progress_every_s``; the run's stats. Invalid
-    records end it (``DataError``) unless ``data.skip_invalid``."""
+    """Each chunk's result (``rows``), in chunk order, with progress every ``progress_every_s``; the run's
+    stats. Invalid records end it (``DataError``) unless ``data.skip_invalid``."""
     total_bytes = sum(c["end"] - c["start"] for c in chunks if c["kind"] == "jsonl")
     t0 = last = time.perf_counter()
     results: list[dict[str, Any]] = []
     done_bytes = records = 0
-    for row in ds.iter_rows():
-        r = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+    for r in rows:
         results.append(r)
         records += r["records"]
         done_bytes += r["bytes"]

@@ -2,7 +2,8 @@
 adapter the same way, to 1e-5, whether it runs as 1 worker × 4 micro-steps, 2 workers × 2 or 4 workers × 1,
 under torch DDP and DeepSpeed ZeRO-1, 2 and 3, on the default padding-free rows and on padded rows. Real
 process groups (gloo), real engines; SGD with lr 1 and no clipping, so the weights' change is the gradient
-itself. No Ray: the worker processes are this test's own."""
+itself. No Ray: the worker processes are this test's own, started once per world size (their imports are
+most of the cost), each run in them from a fresh model."""
 
 from __future__ import annotations
 
@@ -35,20 +36,38 @@ def _data(path: Path) -> Path:
     return path
 
 
-def _worker(
-    rank: int, world: int, accum: int, strategy: str, padded: bool, port: int, model_dir: str, data: str, out: str
-):
-    import torch.distributed as dist
+def _worker(rank: int, world: int, runs: list[tuple[int, str, bool]], port: int, model_dir: str, data: str, out: str):
+    """One rank of ``world`` processes: each of ``runs`` (accumulation, strategy, padded), one after another,
+    on one process group, each from a fresh model; rank 0 saves each one's weight change."""
+    import gc
 
-    from pipelines import data as D
-    from pipelines.model import load_base, methods
-    from pipelines.train import accumulate, batch_layout, build_engine, deepspeed_setup, label_tokens
+    import deepspeed
+    import torch.distributed as dist
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
     os.environ.update(LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's engines share the one group
+    for accum, strategy, padded in runs:
+        result = _one_step(rank, world, accum, strategy, padded, model_dir, data)
+        if rank == 0:
+            torch.save(result, _out(out, world, accum, strategy, padded))
+        gc.collect()  # ZeRO-3's config (a weak reference in transformers) must not outlive its run
+        dist.barrier()
+    dist.destroy_process_group()
+    # skip the interpreter's teardown: freeing the DDP reducer's gloo group joins a thread that waits for
+    # the GIL this thread holds, a deadlock seen once in CI (the results are saved, the barrier passed)
+    os._exit(0)
+
+
+def _one_step(rank: int, world: int, accum: int, strategy: str, padded: bool, model_dir: str, data: str) -> dict:
+    from pipelines import data as D
+    from pipelines.model import load_base, methods
+    from pipelines.train import accumulate, batch_layout, build_engine, deepspeed_setup, label_tokens
+
     spec = tiny_spec(
         Path(model_dir),
         Path(data),
@@ -58,10 +77,7 @@ def _worker(
     )
     cpu = torch.device("cpu")
     ds = spec.deepspeed_config()
-    if ds is None:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-    else:
-        deepspeed_setup(ds, cpu)
+    zero3_config = deepspeed_setup(ds, cpu)  # noqa: F841 - alive while this run's base loads and trains
     torch.manual_seed(0)
     base, tok, _ = load_base(spec)
     prepared = methods.build(spec, base)
@@ -82,39 +98,38 @@ def _worker(
     engine.finish_step(0)
     with whole():
         after = {n: p.detach().clone() for n, p in trainable.items()}
-    if rank == 0:
-        delta = {n: after[n] - before[n] for n in trainable}
-        counts = [label_tokens(b["labels"]) for b in batches]
-        torch.save({"delta": delta, "counts": counts, "loss": loss, "tokens": tokens}, out)
-    dist.barrier()
-    dist.destroy_process_group()
-    # skip the interpreter's teardown: freeing the DDP reducer's gloo group joins a thread that waits for
-    # the GIL this thread holds, a deadlock seen once in CI (the results are saved, the barrier passed)
-    os._exit(0)
+    delta = {n: after[n] - before[n] for n in trainable}
+    return {"delta": delta, "counts": [label_tokens(b["labels"]) for b in batches], "loss": loss, "tokens": tokens}
 
 
-def _step(tmp_path, tiny_model_dir, data, world: int, accum: int, strategy: str, padded: bool = False) -> dict:
+def _out(out: str, world: int, accum: int, strategy: str, padded: bool) -> str:
+    return f"{out}/{strategy}-{world}x{accum}{'-padded' if padded else ''}.pt"
+
+
+def _steps(tmp_path, tiny_model_dir, data, world: int, runs: list[tuple[int, str, bool]]) -> list[dict]:
+    """One step of each of ``runs`` on ``world`` fresh processes (started once for all of them)."""
     import torch.multiprocessing as mp
 
-    out = tmp_path / f"{strategy}-{world}x{accum}{'-padded' if padded else ''}.pt"
-    args = (world, accum, strategy, padded, free_port(), str(tiny_model_dir), str(data), str(out))
+    args = (world, runs, free_port(), str(tiny_model_dir), str(data), str(tmp_path))
     mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method="spawn")
-    return torch.load(out, weights_only=False)
+    return [torch.load(_out(str(tmp_path), world, *run), weights_only=False) for run in runs]
 
 
 @pytest.mark.slow
 def test_one_step_is_the_same_for_every_split_of_the_global_batch(tiny_model_dir, tmp_path):
     data = _data(tmp_path / "d.jsonl")
-    splits = {
-        False: [(2, 2, "ddp"), (4, 1, "ddp"), (2, 2, "zero1"), (2, 2, "zero2"), (2, 2, "zero3")],  # padding-free
-        True: [(2, 2, "zero3")],  # padded rows: ZeRO-3's micro-step on the other layout
-    }
-    for padded, runs in splits.items():
-        ref = _step(tmp_path, tiny_model_dir, data, 1, 4, "ddp", padded)
+    # (accumulation, strategy, padded rows) on 1, 2 and 4 workers; padded: ZeRO-3's micro-step on the other layout
+    refs = dict(zip((False, True), _steps(tmp_path, tiny_model_dir, data, 1, [(4, "ddp", False), (4, "ddp", True)])))
+    for ref in refs.values():
         assert len(set(ref["counts"])) > 1, ref["counts"]  # the micro-batches differ: a per-micro mean would not match
         assert any(float(d.abs().max()) > 1e-4 for d in ref["delta"].values())
-        for world, accum, strategy in runs:
-            got = _step(tmp_path, tiny_model_dir, data, world, accum, strategy, padded)
+    splits = {
+        2: [(2, "ddp", False), (2, "zero1", False), (2, "zero2", False), (2, "zero3", False), (2, "zero3", True)],
+        4: [(1, "ddp", False)],
+    }
+    for world, runs in splits.items():
+        for (accum, strategy, padded), got in zip(runs, _steps(tmp_path, tiny_model_dir, data, world, runs)):
+            ref = refs[padded]
             assert got["delta"].keys() == ref["delta"].keys()
             for k, d in ref["delta"].items():
                 torch.testing.assert_close(

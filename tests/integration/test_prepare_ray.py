@@ -1,9 +1,11 @@
 """Data preparation on a real Ray cluster (Ray Data): bad data named before training, skipped records
 counted, the cache reused, every source kind equal to the in-process path, and both nodes of a
-two-node cluster at work."""
+two-node cluster at work. The inputs here are small, which ``prepare`` would tokenize in the driver: this
+module sends them to Ray Data, except where a test says otherwise."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -17,6 +19,11 @@ from pipelines import data as D
 from tests.conftest import tiny_spec, write_chat_data
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _on_ray_data(monkeypatch):
+    monkeypatch.setattr(importlib.import_module("pipelines.data.prepare"), "LOCAL_MAX_BYTES", -1)
 
 
 def _spec(model, data: Path, storage: Path, **data_fields):
@@ -121,8 +128,9 @@ def test_the_cache_is_reused_and_a_changed_file_is_tokenized_again(local_ray, ti
     assert not changed.cache_hit and changed.shards != first.shards and changed.stats["data_records"] == 51
 
 
+@pytest.mark.parametrize("where", ["ray_data", "driver"])
 @pytest.mark.parametrize("kind", ["parquet", "save_to_disk", "json"])
-def test_every_source_kind_gives_what_the_in_process_path_gives(local_ray, tiny_model_dir, tmp_path, kind):
+def test_every_source_kind_gives_what_the_in_process_path_gives(local_ray, tiny_model_dir, tmp_path, kind, where):
     import datasets
 
     from pipelines.data.prepare import open_layout, prepare
@@ -138,7 +146,11 @@ def test_every_source_kind_gives_what_the_in_process_path_gives(local_ray, tiny_
     else:
         path.write_text(json.dumps(records))
     spec = _spec(tiny_model_dir, path, tmp_path / "store")
-    train, evals, _, _ = open_layout(prepare(spec).layout)
+    logs: list[str] = []
+    prepared = prepare(spec, log=logs.append, local_max_bytes=1 << 20 if where == "driver" else -1)
+    said = "in this process" if where == "driver" else "on Ray Data"
+    assert any("data: tokenizing" in x and said in x for x in logs), logs
+    train, evals, _, _ = open_layout(prepared.layout)
     tok = load_tokenizer(str(tiny_model_dir))
     old_train, old_eval = D.train_eval_records(spec.data, spec.train.seed)
     assert [train[i] for i in range(len(train))] == D.encode_all(old_train, spec.data, tok)
