@@ -74,6 +74,11 @@ def init_ray(**kwargs) -> None:
         del os.environ["RAY_API_SERVER_ADDRESS"]  # set for an earlier local cluster of this process
     _published = None
     address = os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        # one node that this process starts and stops: nothing can drain it, so Train V2's preemption
+        # watcher (an actor per worker group polling for node drains) would cost a process start per run
+        # and watch for nothing; a user's own setting wins
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if address != "local" and token_auth_env():
         # A client of a token-auth cluster (``RAY_ADDRESS=... raypeft train`` from a laptop) with a token
         # at hand; Ray's config cached the mode when ray was imported, so refresh it as Ray itself does.
