@@ -50,6 +50,16 @@ def token_auth_env() -> bool:
     return True
 
 
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+_set_for_local: dict[str, str] = {}  # what init_ray put into this process's environment for a local cluster
+
+
+def set_for_local_cluster() -> list[str]:
+    """The variables ``init_ray`` set in this process's environment for a local cluster (and that still hold
+    its value): a ``ray start`` cluster this process launches (``cluster.local``) must not inherit them."""
+    return [k for k, v in _set_for_local.items() if os.environ.get(k) == v]
+
+
 def init_ray(**kwargs) -> None:
     """``ray.init`` for every raypeft command: ``RAY_ADDRESS`` (set by ``ray job submit``) connects to that
     cluster; otherwise a local one starts ("local", explicitly: with no address Ray would attach to the
@@ -74,11 +84,11 @@ def init_ray(**kwargs) -> None:
         del os.environ["RAY_API_SERVER_ADDRESS"]  # set for an earlier local cluster of this process
     _published = None
     address = os.environ.get("RAY_ADDRESS") or "local"
-    if address == "local":
+    if address == "local" and PREEMPTION_WATCHER not in os.environ:
         # one node that this process starts and stops: nothing can drain it, so Train V2's preemption
         # watcher (an actor per worker group polling for node drains) would cost a process start per run
         # and watch for nothing; a user's own setting wins
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        os.environ[PREEMPTION_WATCHER] = _set_for_local[PREEMPTION_WATCHER] = "0"
     if address != "local" and token_auth_env():
         # A client of a token-auth cluster (``RAY_ADDRESS=... raypeft train`` from a laptop) with a token
         # at hand; Ray's config cached the mode when ray was imported, so refresh it as Ray itself does.

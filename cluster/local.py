@@ -19,24 +19,25 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from cluster.connect import free_port
+from cluster.connect import free_port, set_for_local_cluster
 
 BIN = Path(sys.executable).parent
 STOP_GRACE_S = 5  # after SIGTERM, before SIGKILL of what is left of the group
 
 
 def head_env(token: str, **extra) -> dict[str, str]:
-    """This process's environment for a client (or the head) of a token-auth cluster; no RAY_ADDRESS."""
-    env = {
-        **os.environ,
+    """This process's environment for a client (or the head) of a token-auth cluster, without what was set
+    for this process's own local cluster (RAY_ADDRESS, its dashboard, ``connect.set_for_local_cluster``);
+    ``extra`` last."""
+    own = {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", *set_for_local_cluster()}
+    env = {k: v for k, v in os.environ.items() if k not in own}
+    return {
+        **env,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": token,
         **extra,
     }
-    for inherited in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # set for this process's own local cluster
-        env.pop(inherited, None)
-    return env
 
 
 @contextlib.contextmanager

@@ -121,6 +121,11 @@ def test_two_worker_ddp(local_ray, raypeft_home, tiny_model_dir, chat_data):
     losses = [h.value for h in sorted(hist, key=lambda h: h.step)]
     assert len(losses) == 10
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    # the local cluster ran Train V2's own actors but no preemption watcher (cluster.connect.init_ray)
+    from ray._private.state import actors
+
+    classes = {a["ActorClassName"] for a in actors().values()}
+    assert {"TrainController", "RayTrainWorker"} <= classes and "PreemptionWatcher" not in classes, classes
 
 
 def test_packed_padding_free_training_under_ddp(local_ray, raypeft_home, tiny_model_dir, chat_data, capfd):

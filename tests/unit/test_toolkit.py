@@ -97,6 +97,21 @@ def test_mlflow_credentials_travel_to_workers_and_replicas_only_when_set(monkeyp
     assert mlflow_runtime_env() == {"env_vars": {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "pw"}}
 
 
+def test_a_ray_start_cluster_does_not_inherit_what_was_set_for_the_local_one(monkeypatch):
+    """init_ray turns the preemption watcher off for its own local cluster through this process's environment;
+    a `ray start` head this process launches (cluster.local) gets Ray's default, unless the user set one."""
+    from cluster import connect, local
+
+    monkeypatch.setattr(connect, "_set_for_local", {connect.PREEMPTION_WATCHER: "0"})
+    monkeypatch.setenv(connect.PREEMPTION_WATCHER, "0")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    env = local.head_env("token", RAYPEFT_HOME="/h")
+    assert connect.PREEMPTION_WATCHER not in env and "RAY_ADDRESS" not in env
+    assert env["RAY_AUTH_TOKEN"] == "token" and env["RAYPEFT_HOME"] == "/h"
+    monkeypatch.setenv(connect.PREEMPTION_WATCHER, "1")  # the user's own value, set since: it travels
+    assert local.head_env("token")[connect.PREEMPTION_WATCHER] == "1"
+
+
 def test_a_local_tracking_store_is_not_probed():
     from pipelines.tracking import check_server
 
