@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -156,6 +157,28 @@ def test_racing_promotions_leave_a_consistent_alias(setup):
     assert sorted(h["version"] for h in hist[before:]) == sorted([setup["best"], setup["mid"]])
     tickets = [int(h["lease"]) for h in hist[before:]]
     assert tickets[0] < tickets[1], hist  # the moves ran in the lease's ticket order, one at a time
+
+
+def test_the_gate_evaluates_on_the_cluster_in_ray_address_and_without_one_here(setup, monkeypatch):
+    """With ``RAY_ADDRESS`` (``ray job submit``, or a client of the cluster with the GPUs) the versions are
+    scored in one Ray task on that cluster; without it, in this process, with no cluster started for it.
+    Both give the gate's eval loss."""
+    import ray
+
+    real = registry._evaluate
+
+    def where(gate, uris, uri):
+        return {k: {**v, "pid": os.getpid()} for k, v in real(gate, uris, uri).items()}
+
+    monkeypatch.setattr(registry, "_evaluate", where)
+    uris = {"x": f"models:/tiny-promo/{setup['best']}"}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    here = registry.evaluate_versions(setup["gate"], uris, setup["uri"])["x"]
+    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)  # the module's cluster
+    there = registry.evaluate_versions(setup["gate"], uris, setup["uri"])["x"]
+    assert here["pid"] == os.getpid() and there["pid"] != os.getpid()
+    assert here["eval_loss"] == pytest.approx(setup["losses"][setup["best"]], rel=1e-4)
+    assert there["eval_loss"] == pytest.approx(here["eval_loss"], rel=1e-6)
 
 
 def test_bad_promotions_exit_2(setup, capsys, tmp_path):
