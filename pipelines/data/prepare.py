@@ -402,7 +402,8 @@ def cache_root(spec: JobSpec) -> Path:
 def prepare(spec: JobSpec, log=print, progress_every_s: float = 5.0, local_max_bytes: int | None = None) -> Prepared:
     """Tokenize ``spec.data`` once (a cache hit re-tokenizes nothing) and lay out this run. Ray must be up.
     Local sources of at most ``local_max_bytes`` in all (default ``LOCAL_MAX_BYTES``; -1: none) are tokenized
-    in this process, larger ones and URLs on Ray Data. Bad data raises ``DataError`` naming the file and line (or row) before any training starts."""
+    in this process, larger ones and URLs on Ray Data. Bad data raises ``DataError`` naming the file and line
+    (or row) before any training starts."""
     from pipelines.model import load_tokenizer, resolve_base
 
     t0 = time.perf_counter()
@@ -435,7 +436,8 @@ def prepare(spec: JobSpec, log=print, progress_every_s: float = 5.0, local_max_b
     if hit:
         log(f"[raypeft] data: cache hit {shards} (no tokenization)")
     else:
-        _tokenize(spec, tok, evals, shards, key_parts, log, progress_every_s, local_max_bytes)
+        limit = LOCAL_MAX_BYTES if local_max_bytes is None else local_max_bytes
+        _tokenize(spec, tok, evals, shards, key_parts, log, progress_every_s, limit)
     meta = json.loads((shards / "meta.json").read_text())
     layout = _layout(spec, shards, meta, evals is not None, log)
     stats = {
@@ -470,7 +472,7 @@ def _tokenize(
     staging.mkdir(parents=True)
     job = _Job(tok, d.format, d.max_length, str(staging))
     size = _input_bytes(chunks)
-    if size is not None and size <= (LOCAL_MAX_BYTES if local_max_bytes is None else local_max_bytes):
+    if size is not None and size <= local_max_bytes:
         log(f"[raypeft] data: tokenizing {size:,} bytes in this process (under Ray Data's start-up cost) → {out}")
         rows: Iterator[dict[str, Any]] = (tokenize_chunk(c, job) for c in chunks)
     else:
