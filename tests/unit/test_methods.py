@@ -276,3 +276,35 @@ def test_without_args_every_lora_family_config_the_schema_accepts_builds(tiny_mo
         methods.get_method(method["name"]).peft_config(spec, None)  # raises if PEFT would refuse it
 
     check()
+
+
+def test_bases_loaded_by_two_threads_at_once_leave_transformers_able_to_tie_and_initialize(tiny_model_dir, chat_data):
+    """transformers swaps ``tie_weights``/``init_weights`` for no-ops on the class while it loads; two loads at once
+    (a gated promote's evaluations, a server's threads) could leave the no-ops there for the whole process."""
+    import threading
+
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+    tie, init = PreTrainedModel.tie_weights, PreTrainedModel.init_weights
+    spec = tiny_spec(tiny_model_dir, chat_data)
+    try:
+        for _ in range(4):
+            threads = [threading.Thread(target=load_base, args=(spec,), kwargs={"log": print}) for _ in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert (PreTrainedModel.tie_weights, PreTrainedModel.init_weights) == (tie, init)
+    finally:  # a failure here must not untie every later test's models
+        PreTrainedModel.tie_weights, PreTrainedModel.init_weights = tie, init
+    tied = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
