@@ -73,16 +73,23 @@ def _last_json(text: str) -> dict:
     raise AssertionError(f"no result JSON in job output:\n{text[-3000:]}")
 
 
-def test_ray_job_submit_trains_and_registers(ray_head, tmp_path, tiny_model_dir, chat_data):
-    """A 2-worker DeepSpeed ZeRO-2 job submitted to a real head trains, checkpoints and registers."""
+def test_ray_job_submit_trains_and_registers(ray_head, tmp_path, tiny_model_dir):
+    """A 2-worker DeepSpeed ZeRO-2 job submitted to a real head with `ray job submit --working-dir PROJECT`
+    trains, checkpoints and registers. Its data path is relative to the project: it resolves inside the
+    shipped copy, on the driver, and the workers read it from there."""
     from mlflow import MlflowClient
 
+    from tests.conftest import write_chat_data
+
+    root = tmp_path / "project"
+    (root / "data").mkdir(parents=True)
+    write_chat_data(root / "data" / "chat.jsonl")
     home = tmp_path / "home"
     spec = {
         "name": "submitted",
         "model": {"base": str(tiny_model_dir)},
         "method": {"name": "lora", "r": 4},
-        "data": {"train": str(chat_data), "format": "chat", "max_length": 64, "eval_fraction": 0.2},
+        "data": {"train": "data/chat.jsonl", "format": "chat", "max_length": 64, "eval_fraction": 0.2},
         "train": {
             "max_steps": 4,
             "micro_batch_size": 2,
@@ -96,32 +103,13 @@ def test_ray_job_submit_trains_and_registers(ray_head, tmp_path, tiny_model_dir,
         "checkpoint": {"every_steps": 2},
         "tracking": {"registered_model": "submitted-adapter"},
     }
-    spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(spec))
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
     runtime_env = {"env_vars": {"RAYPEFT_HOME": str(home), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     proc = subprocess.run(
-        [
-            str(BIN / "ray"),
-            "job",
-            "submit",
-            "--address",
-            ray_head,
-            "--working-dir",
-            str(REPO),
-            "--runtime-env-json",
-            json.dumps(runtime_env),
-            "--",
-            "python",
-            "-m",
-            "pipelines.train",
-            str(spec_path),
-        ],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
+        [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(root),
+         "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "pipelines.train", "spec.yaml"],
+        env=_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = _last_json(proc.stdout)
 
@@ -133,6 +121,8 @@ def test_ray_job_submit_trains_and_registers(ray_head, tmp_path, tiny_model_dir,
     run = c.get_run(result["run_id"])
     assert run.info.status == "FINISHED" and run.data.params["train.max_steps"] == "4"
     assert run.data.params["scaling.strategy"] == "zero2" and run.data.params["scaling.num_workers"] == "2"
+    train = run.data.params["data.train"]  # resolved in the shipped copy, not in the project folder
+    assert os.path.isabs(train) and train.endswith("data/chat.jsonl") and not train.startswith(str(root))
     last = home / "runs" / "submitted" / "step_0000004"
     assert sorted(p.name for p in (last / "deepspeed" / "state").glob("*optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt",
@@ -141,38 +131,6 @@ def test_ray_job_submit_trains_and_registers(ray_head, tmp_path, tiny_model_dir,
     assert len(c.get_metric_history(result["run_id"], "train_loss")) == 4
     v = c.get_model_version("submitted-adapter", str(result["version"]))
     assert v.tags["raypeft.run_id"] == result["run_id"]
-
-
-def test_ray_job_submit_from_a_project_working_dir_resolves_its_relative_paths(ray_head, tmp_path, tiny_model_dir):
-    """`ray job submit --working-dir PROJECT` with paths relative to the project: they resolve inside the
-    shipped copy, on the driver, and the workers read them from there."""
-    from tests.conftest import write_chat_data
-
-    root = tmp_path / "project"
-    (root / "data").mkdir(parents=True)
-    write_chat_data(root / "data" / "chat.jsonl", n=32)
-    spec = {
-        "name": "workdir",
-        "model": {"base": str(tiny_model_dir)},
-        "method": {"name": "lora", "r": 4},
-        "data": {"train": "data/chat.jsonl", "max_length": 64},
-        "train": {"max_steps": 2, "micro_batch_size": 4, "warmup_steps": 1, "eval_every": 0, "eval_base": False},
-    }
-    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
-    home = tmp_path / "home"
-    runtime_env = {"env_vars": {"RAYPEFT_HOME": str(home), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
-    proc = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(root),
-         "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "pipelines.train", "spec.yaml"],
-        env=_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    result = _last_json(proc.stdout)
-    assert (Path(result["adapter_dir"]) / "adapter_model.safetensors").is_file()
-    from mlflow import MlflowClient
-
-    train = MlflowClient(result["tracking_uri"]).get_run(result["run_id"]).data.params["data.train"]
-    assert os.path.isabs(train) and train.endswith("data/chat.jsonl") and not train.startswith(str(root))
 
 
 def test_submit_without_token_is_refused(ray_head):

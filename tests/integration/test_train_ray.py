@@ -103,34 +103,10 @@ def test_rerun_of_finished_job_keeps_the_old_one(local_ray, raypeft_home, tiny_m
     assert Path(first["adapter_dir"]).is_dir() and Path(second["adapter_dir"]).is_dir()
 
 
-def test_two_worker_ddp(local_ray, raypeft_home, tiny_model_dir, chat_data):
-    from mlflow import MlflowClient
-
-    from pipelines.train import run
-
-    spec = tiny_spec(
-        tiny_model_dir,
-        chat_data,
-        name="ddp",
-        train={"max_steps": 10, "micro_batch_size": 2, "eval_every": 0},
-        scaling={"num_workers": 2, "cpus_per_worker": 1},
-    )
-    assert spec.global_batch_size() == 4
-    result = run(spec)
-    hist = MlflowClient(result["tracking_uri"]).get_metric_history(result["run_id"], "train_loss")
-    losses = [h.value for h in sorted(hist, key=lambda h: h.step)]
-    assert len(losses) == 10
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
-    # the local cluster ran Train V2's own actors but no preemption watcher (cluster.connect.init_ray)
-    from ray._private.state import actors
-
-    classes = {a["ActorClassName"] for a in actors().values()}
-    assert {"TrainController", "RayTrainWorker"} <= classes and "PreemptionWatcher" not in classes, classes
-
-
 def test_packed_padding_free_training_under_ddp(local_ray, raypeft_home, tiny_model_dir, chat_data, capfd):
-    """Packed rows, collated padding-free, trained by 2 workers: the loss falls, every token slot the model
-    ran was a real token, and attention ran per example. With no eval split, no eval metric is made up."""
+    """Packed rows, collated padding-free, trained by 2 workers under DDP: the loss falls, every token slot the
+    model ran was a real token, and attention ran per example. With no eval split, no eval metric is made up.
+    (Unpacked rows under DDP: test_distributed's reference run for the ZeRO stages.)"""
     from mlflow import MlflowClient
 
     from pipelines.spec import validate
@@ -153,6 +129,11 @@ def test_packed_padding_free_training_under_ddp(local_ray, raypeft_home, tiny_mo
     assert "attention per example (raypeft_sdpa_varlen)" in capfd.readouterr().out
     # no eval split: no eval metric at all, rather than an eval_loss of 0 that looks perfect
     assert "eval_loss" not in result["metrics"] and not c.get_metric_history(result["run_id"], "eval_loss")
+    # the local cluster ran Train V2's own actors but no preemption watcher (cluster.connect.init_ray)
+    from ray._private.state import actors
+
+    classes = {a["ActorClassName"] for a in actors().values()}
+    assert {"TrainController", "RayTrainWorker"} <= classes and "PreemptionWatcher" not in classes, classes
 
 
 def test_lora_plus_and_adalora_run_under_ray(local_ray, raypeft_home, tiny_model_dir, chat_data):

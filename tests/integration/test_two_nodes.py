@@ -1,7 +1,7 @@
 """A training job across two Ray nodes on this machine: a `ray start --head` and a `ray start --address` node,
 1 CPU each, both started (and stopped) by this test in process groups of their own (cluster/local.py). The
 2-worker job's ranks land on different nodes and checkpoint to storage both nodes see; then the second node
-is lost mid-run, a node joins again, and the job finishes as if nothing had happened."""
+is lost mid-run, a node joins again, and the job finishes in the same MLflow run with every step logged."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 import yaml
 
 from cluster.local import BIN, head_env, ray_start_head, ray_start_node, wait_for_nodes
@@ -48,14 +47,11 @@ def test_losing_a_node_mid_run_repeats_at_most_one_checkpoint_interval(tiny_mode
     """SIGKILL the second node (its raylet, then its other processes, by PID) during a 2-worker run, then
     start a node again: Ray Train restarts the worker group from the last registered checkpoint, with its
     default health-check interval. One MLflow run, continuous steps, at most one checkpoint interval
-    repeated, and the adapter equals an uninterrupted run's."""
+    repeated."""
     import ray
     from mlflow import MlflowClient
-    from safetensors.torch import load_file
 
     from cluster.connect import init_ray
-    from pipelines.spec import validate
-    from pipelines.train import run
 
     ray.shutdown()
     token = os.environ["RAY_AUTH_TOKEN"]
@@ -131,20 +127,11 @@ def test_losing_a_node_mid_run_repeats_at_most_one_checkpoint_interval(tiny_mode
         f"job done {t_done - t_lost:.1f}s after it"
     )
 
-    # the same job, uninterrupted, on one node: the same adapter
-    try:
-        init_ray(num_cpus=2, include_dashboard=False)
-        clean = run(validate({**raw, "name": "lossless"}), log=lambda *_: None)
-    finally:
-        ray.shutdown()
-    a = load_file(Path(result["adapter_dir"]) / "adapter_model.safetensors")
-    b = load_file(Path(clean["adapter_dir"]) / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    # that the resumed run ends where an uninterrupted one would (model, optimizer, RNG and data restored) is
+    # test_distributed's kill tests' to check: the same restore, after the same worker-group restart
 
 
-STEPS, EVERY = 400, 100  # a checkpoint interval of several seconds: longer than the default health check (2 s)
+STEPS, EVERY = 200, 100  # a checkpoint interval of several seconds: longer than the default health check (2 s)
 
 
 def _lossy_spec(tiny_model_dir, chat_data, steps: int, every: int) -> dict:
