@@ -47,12 +47,16 @@ class TrackingError(UserError):
 def check_server(uri: str) -> None:
     """Fail fast, before any Ray resources start, when an HTTP tracking server cannot be used: one request,
     no retries, with the client's own credentials (``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``/``_TOKEN``).
-    The error names the URI and what to fix; other URIs (SQLite, a directory) are not checked."""
+    The error names the URI and what to fix; other URIs (SQLite, a directory) are not checked. A server that
+    is up but slow gets MLflow's own request timeout (``MLFLOW_HTTP_REQUEST_TIMEOUT``, 120 s unless set): a
+    busy server answering late must not stop a job that it would serve."""
     if not uri.startswith(("http://", "https://")):
         return
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
+    timeout = MLFLOW_HTTP_REQUEST_TIMEOUT.get()
     try:
         r = http_request(
             get_default_host_creds(uri),
@@ -60,11 +64,14 @@ def check_server(uri: str) -> None:
             "GET",
             params={"max_results": 1},
             max_retries=0,
-            timeout=15,
+            timeout=timeout,
             raise_on_status=False,
         )
     except Exception as e:  # noqa: BLE001 - connection refused, DNS, TLS: all mean "cannot reach it"
-        raise TrackingError(f"cannot reach the MLflow tracking server at {uri}: {type(e).__name__}: {e}") from None
+        raise TrackingError(
+            f"cannot reach the MLflow tracking server at {uri} (waited up to {timeout} s, "
+            f"MLFLOW_HTTP_REQUEST_TIMEOUT): {type(e).__name__}: {e}"
+        ) from None
     if r.status_code in (401, 403):
         who = os.environ.get("MLFLOW_TRACKING_USERNAME")
         raise TrackingError(

@@ -13,6 +13,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test`'s two xdist workers share the machine's cores with the Ray workers the tests start: torch at
+    # its default (a thread per core) in every test process oversubscribes them, and OpenMP's threads then
+    # wait on each other (tests/unit/test_methods.py beside two busy one-thread processes: 17 s → 124 s; with
+    # one thread, 24 s). Set before torch loads; the test processes' children (CLIs, clusters) inherit it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 from cluster.connect import free_port  # noqa: E402,F401 - the tests' free ports: the same rule as the code's

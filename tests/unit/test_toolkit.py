@@ -129,6 +129,42 @@ def test_an_unreachable_tracking_server_is_named_at_once():
         check_server(url)
 
 
+def test_a_slow_tracking_server_gets_mlflows_own_request_timeout(monkeypatch):
+    """A server that is up but answers late is waited for as long as MLflow's client would wait
+    (MLFLOW_HTTP_REQUEST_TIMEOUT): past it, the error says how long it waited and which setting to raise."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pipelines.spec import UserError
+    from pipelines.tracking import check_server
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            time.sleep(2)
+            body = b'{"experiments": []}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+        with pytest.raises(UserError, match=r"waited up to 1 s, MLFLOW_HTTP_REQUEST_TIMEOUT"):
+            check_server(url)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        check_server(url)  # answered after 2 s: the job goes on
+    finally:
+        httpd.shutdown()
+
+
 def test_a_temporary_global_tracking_uri_leaves_nothing_pinned(monkeypatch, tmp_path):
     """After ``_global_uri``, a MLFLOW_TRACKING_URI exported later still counts: the process is not pinned
     to whatever mlflow's default was (a CI run failed that way, reading artifacts from a default SQLite)."""
