@@ -54,7 +54,7 @@ def child(raw: dict) -> dict:
     from pipelines.spec import validate
     from pipelines.train import token_loss_sum
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))  # 2 unless set (the tests: 1 per xdist worker)
     spec = validate(raw)
     gc.collect()
     baseline = _status_kb("VmRSS") * 1024
