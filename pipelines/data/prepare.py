@@ -501,10 +501,15 @@ def _tokenize(
 
 
 def _input_bytes(chunks: list[dict[str, Any]]) -> int | None:
-    """The size of the chunks' sources on local disk (a directory's files summed), or None for a URL."""
+    """The size of the chunks' sources on local disk (a directory's files summed; a ``file://`` URL is a local
+    path too), or None when one is remote (any other URL)."""
+    from urllib.parse import unquote, urlparse
+
     total = 0
     for path in {c["path"] for c in chunks}:
-        if "://" in path:
+        if path.startswith("file://"):
+            path = unquote(urlparse(path).path)
+        elif "://" in path:
             return None
         p = Path(path)
         total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size

@@ -68,8 +68,8 @@ def server(tmp_path_factory):
             time.sleep(1)
         else:
             raise AssertionError("mlflow server not up after 120 s:\n" + (d / "server.log").read_text()[-3000:])
-        # the first authenticated call loads the auth app's stores: on a loaded machine it took longer than the
-        # 15 s a client waits (raypeft's server check), so the tests start with a server that has answered one
+        # the first authenticated call loads the auth app's stores (slow on a loaded machine): the tests start
+        # with a server that has answered one
         requests.get(
             f"{url}/api/2.0/mlflow/experiments/search", params={"max_results": 1}, auth=(USER, PASSWORD), timeout=300
         ).raise_for_status()

@@ -377,3 +377,18 @@ def test_rows_read_back_what_encode_gives(tmp_path, tok):
     packed = P.Rows(shards, "train", np.concatenate([np.asarray(b) for b in bins]), ptr)
     assert len(packed) == len(bins)
     assert [packed[i] for i in range(len(bins))] == D.pack(exs, 256)
+
+
+def test_a_file_url_counts_as_local_input_and_a_remote_url_does_not(tmp_path):
+    """Small local inputs are tokenized in the driver (prepare.LOCAL_MAX_BYTES): a ``file://`` URL names a local
+    file as much as its path does; any other URL may be remote and goes to Ray Data."""
+    from pipelines.data.prepare import _input_bytes
+
+    (tmp_path / "a b").mkdir()
+    f = tmp_path / "a b" / "chat.jsonl"
+    f.write_text('{"text": "x"}\n' * 10)
+    size = f.stat().st_size
+    assert _input_bytes([{"path": str(f)}]) == size
+    assert _input_bytes([{"path": f.as_uri()}]) == size  # percent-encoded space and all
+    assert _input_bytes([{"path": str(f.parent)}]) == size  # a folder: its files summed
+    assert _input_bytes([{"path": str(f)}, {"path": "s3://bucket/chat.jsonl"}]) is None
