@@ -218,7 +218,6 @@ SLOWEST_FIRST = (
     "test_prepare_ray.py",
     "test_serving.py",
     "test_memory_measured.py",
-    "test_paths_cli.py",
     "test_promotion.py",
     "test_global_batch.py",
     "test_serving_deadlines.py",

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from cluster.connect import init_ray
-from tests.conftest import REPO, tiny_spec
+from tests.conftest import tiny_spec
 
 pytestmark = pytest.mark.integration
 
@@ -236,15 +236,21 @@ def test_sigkilled_worker_resumes_from_checkpoint_exactly(
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
-@pytest.mark.slow
-def test_rerun_after_driver_crash_resumes_the_same_run(tmp_path, tiny_model_dir, chat_data):
-    """SIGKILL the `raypeft train` driver (and its local cluster); re-running the job resumes it."""
-    home = tmp_path / "home"
+def _project(root: Path, tiny_model_dir: Path) -> dict:
+    """A user's project folder: data, eval set and base model under paths relative to it (the eval set as a
+    ``file://`` URL), checkpoints kept in it; returns the spec, written to ``root/spec.yaml``."""
+    from tests.conftest import write_chat_data
+
+    (root / "data").mkdir(parents=True)
+    write_chat_data(root / "data" / "chat.jsonl", n=32)
+    write_chat_data(root / "data" / "eval.jsonl", n=8, seed=1)
+    (root / "models").mkdir()
+    (root / "models" / "tiny").symlink_to(tiny_model_dir, target_is_directory=True)
     spec = {
         "name": "crashy",
-        "model": {"base": str(tiny_model_dir)},
+        "model": {"base": "models/tiny"},
         "method": {"name": "lora", "r": 4},
-        "data": {"train": str(chat_data), "format": "chat", "max_length": 64, "eval_fraction": 0.2},
+        "data": {"train": "data/chat.jsonl", "eval": (root / "data" / "eval.jsonl").as_uri(), "max_length": 64},
         "train": {
             "max_steps": 200,
             "micro_batch_size": 2,
@@ -253,37 +259,59 @@ def test_rerun_after_driver_crash_resumes_the_same_run(tmp_path, tiny_model_dir,
             "eval_every": 0,
             "eval_base": False,
         },
-        "checkpoint": {"every_steps": 20},
+        "checkpoint": {"every_steps": 20, "storage": "runs"},
     }
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "RAYPEFT_HOME": str(home), "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    cmd = [sys.executable, "-m", "raypeft", "train", str(path)]
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return spec
+
+
+@pytest.mark.slow
+def test_rerun_after_driver_crash_resumes_the_same_run(tmp_path, tiny_model_dir):
+    """SIGKILL the `raypeft train` driver (and its local cluster); re-running the job resumes it.
+
+    The job is a user's project, run from its folder with an override on the command line: paths relative
+    to the folder, a ``file://`` eval set, checkpoints kept in the folder. They resolve in the project, the
+    resolved paths are what MLflow records, and the spec file is left as it was."""
+    root = tmp_path / "project"
+    spec = _project(root, tiny_model_dir)
+    run_dir = root / "runs" / "crashy"  # checkpoint.storage, resolved in the project
+    env = {**os.environ, "RAYPEFT_HOME": str(tmp_path / "home")}
+    for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        env.pop(k, None)
+    cmd = [str(Path(sys.executable).parent / "raypeft"), "train", "spec.yaml", "scaling.cpus_per_worker=1"]
     # the driver's output goes to a file, not a pipe nobody reads: a full pipe would block the driver
     log = tmp_path / "first.log"
     with open(log, "wb") as out:
-        first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        first = subprocess.Popen(cmd, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for(lambda: _registered_checkpoint(home / "runs" / "crashy"), 300, "a registered checkpoint")
+        _wait_for(lambda: _registered_checkpoint(run_dir), 300, "a registered checkpoint")
     except AssertionError as e:
         raise AssertionError(f"{e}; the driver's output ends:\n{log.read_text(errors='replace')[-3000:]}") from None
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
         first.wait(timeout=60)
-    state = json.loads((home / "runs" / "crashy" / "raypeft_job.json").read_text())
+    state = json.loads((run_dir / "raypeft_job.json").read_text())
     assert state["status"] == "running"
 
-    second = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    result = json.loads(second.stdout.strip().splitlines()[-1])
+    result = json.loads([line for line in second.stdout.splitlines() if line.startswith('{"run_id"')][-1])
     assert result["job"] == "crashy" and result["run_id"] == state["mlflow_run_id"]
+    assert Path(result["adapter_dir"]) == run_dir / "adapter"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert "eval_loss" in result["metrics"]  # the file:// eval set was read
     c = _client(result["tracking_uri"])
-    assert c.get_run(result["run_id"]).info.status == "FINISHED"
+    run = c.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
     resumed = c.get_metric_history(result["run_id"], "resumed_from_step")
     assert len(resumed) == 1 and resumed[0].value > 0
     assert max(h.step for h in c.get_metric_history(result["run_id"], "train_loss")) == 200
-    assert len(c.search_runs([c.get_run(result["run_id"]).info.experiment_id])) == 1
+    assert len(c.search_runs([run.info.experiment_id])) == 1
+    params = run.data.params
+    assert params["data.train"] == str(root / "data" / "chat.jsonl")  # the resolved paths are recorded
+    assert params["model.base"] == str((root / "models" / "tiny").resolve())
+    assert params["data.eval"] == spec["data"]["eval"] and params["scaling.cpus_per_worker"] == "1.0"
+    assert yaml.safe_load((root / "spec.yaml").read_text()) == spec  # the spec file is unchanged
 
 
 def test_when_restarts_run_out_the_run_fails_and_a_rerun_resumes_it(local_ray, raypeft_home, tiny_model_dir, chat_data):

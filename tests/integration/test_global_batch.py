@@ -2,8 +2,9 @@
 adapter the same way, to 1e-5, whether it runs as 1 worker × 4 micro-steps, 2 workers × 2 or 4 workers × 1,
 under torch DDP and DeepSpeed ZeRO-1, 2 and 3, on the default padding-free rows and on padded rows. Real
 process groups (gloo), real engines; SGD with lr 1 and no clipping, so the weights' change is the gradient
-itself. No Ray: the worker processes are this test's own, started once per world size (their imports are
-most of the cost), each run in them from a fresh model."""
+itself. No Ray: the worker processes are this test's own, started once per world size and each run in them
+from a fresh model. They fork from a forkserver that has imported torch, DeepSpeed, transformers and PEFT
+once: seven fresh interpreters each importing them cost more than all the runs."""
 
 from __future__ import annotations
 
@@ -106,20 +107,35 @@ def _out(out: str, world: int, accum: int, strategy: str, padded: bool) -> str:
     return f"{out}/{strategy}-{world}x{accum}{'-padded' if padded else ''}.pt"
 
 
-def _steps(tmp_path, tiny_model_dir, data, world: int, runs: list[tuple[int, str, bool]]) -> list[dict]:
+@pytest.fixture(scope="module")
+def forkserver():
+    """Ranks fork from one server process that has imported what they use (the stdlib's forkserver, preloaded);
+    stopped afterwards, and the default preload put back for whoever starts one next in this process."""
+    import multiprocessing
+    import multiprocessing.forkserver as fs
+
+    multiprocessing.set_forkserver_preload([__name__, "deepspeed", "peft", "pipelines.model", "pipelines.train"])
+    yield "forkserver"
+    fs._forkserver._stop()  # the stdlib's own stop (what its tests use); the server would exit with this process
+    multiprocessing.set_forkserver_preload(["__main__"])
+
+
+def _steps(tmp_path, tiny_model_dir, data, world: int, runs: list[tuple[int, str, bool]], start: str) -> list[dict]:
     """One step of each of ``runs`` on ``world`` fresh processes (started once for all of them)."""
     import torch.multiprocessing as mp
 
     args = (world, runs, free_port(), str(tiny_model_dir), str(data), str(tmp_path))
-    mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method=start)
     return [torch.load(_out(str(tmp_path), world, *run), weights_only=False) for run in runs]
 
 
 @pytest.mark.slow
-def test_one_step_is_the_same_for_every_split_of_the_global_batch(tiny_model_dir, tmp_path):
+def test_one_step_is_the_same_for_every_split_of_the_global_batch(tiny_model_dir, tmp_path, forkserver):
     data = _data(tmp_path / "d.jsonl")
     # (accumulation, strategy, padded rows) on 1, 2 and 4 workers; padded: ZeRO-3's micro-step on the other layout
-    refs = dict(zip((False, True), _steps(tmp_path, tiny_model_dir, data, 1, [(4, "ddp", False), (4, "ddp", True)])))
+    refs = dict(
+        zip((False, True), _steps(tmp_path, tiny_model_dir, data, 1, [(4, "ddp", False), (4, "ddp", True)], forkserver))
+    )
     for ref in refs.values():
         assert len(set(ref["counts"])) > 1, ref["counts"]  # the micro-batches differ: a per-micro mean would not match
         assert any(float(d.abs().max()) > 1e-4 for d in ref["delta"].values())
@@ -128,7 +144,9 @@ def test_one_step_is_the_same_for_every_split_of_the_global_batch(tiny_model_dir
         4: [(1, "ddp", False)],
     }
     for world, runs in splits.items():
-        for (accum, strategy, padded), got in zip(runs, _steps(tmp_path, tiny_model_dir, data, world, runs)):
+        for (accum, strategy, padded), got in zip(
+            runs, _steps(tmp_path, tiny_model_dir, data, world, runs, forkserver)
+        ):
             ref = refs[padded]
             assert got["delta"].keys() == ref["delta"].keys()
             for k, d in ref["delta"].items():

@@ -93,16 +93,6 @@ def test_one_worker_job_end_to_end(local_ray, raypeft_home, tiny_model_dir, chat
     assert ckpts == ["step_0000004", "step_0000008"]
 
 
-def test_rerun_of_finished_job_keeps_the_old_one(local_ray, raypeft_home, tiny_model_dir, chat_data):
-    from pipelines.train import run
-
-    spec = tiny_spec(tiny_model_dir, chat_data, name="again", train={"max_steps": 2})
-    first, second = run(spec), run(spec)
-    assert first["job"] == "again" and second["job"] == "again-2"
-    assert first["run_id"] != second["run_id"]
-    assert Path(first["adapter_dir"]).is_dir() and Path(second["adapter_dir"]).is_dir()
-
-
 def test_packed_padding_free_training_under_ddp(local_ray, raypeft_home, tiny_model_dir, chat_data, capfd):
     """Packed rows, collated padding-free, trained by 2 workers under DDP: the loss falls, every token slot the
     model ran was a real token, and attention ran per example. With no eval split, no eval metric is made up.
@@ -136,8 +126,11 @@ def test_packed_padding_free_training_under_ddp(local_ray, raypeft_home, tiny_mo
     assert {"TrainController", "RayTrainWorker"} <= classes and "PreemptionWatcher" not in classes, classes
 
 
-def test_lora_plus_and_adalora_run_under_ray(local_ray, raypeft_home, tiny_model_dir, chat_data):
-    """Methods with their own optimizer / per-step hook go through the real worker loop."""
+def test_lora_plus_and_adalora_run_under_ray_and_a_rerun_keeps_the_finished_job(
+    local_ray, raypeft_home, tiny_model_dir, chat_data
+):
+    """Methods with their own optimizer / per-step hook go through the real worker loop. The LoRA+ job, run
+    again once it has finished, runs as a new job beside it and never overwrites it."""
     from pipelines.train import run
 
     for name, extra in (("lora_plus", {}), ("adalora", {"r": 8})):
@@ -147,6 +140,12 @@ def test_lora_plus_and_adalora_run_under_ray(local_ray, raypeft_home, tiny_model
         result = run(spec)
         cfg = json.loads((Path(result["adapter_dir"]) / "adapter_config.json").read_text())
         assert cfg["peft_type"] == ("LORA" if name == "lora_plus" else "ADALORA")
+        if name == "lora_plus":
+            first, second = result, run(spec)
+            assert first["job"] == "m-lora_plus" and second["job"] == "m-lora_plus-2"
+            assert first["run_id"] != second["run_id"]
+            assert Path(first["adapter_dir"]).is_dir() and Path(second["adapter_dir"]).is_dir()
+            assert first["adapter_dir"] != second["adapter_dir"]
 
 
 def test_bad_spec_exits_2_before_ray_starts(tmp_path, capsys):
