@@ -22,6 +22,7 @@ import hmac
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -308,6 +309,12 @@ class LoraServer:
         self.backend.start()
         if self.sources.alias_sources():
             threading.Thread(target=self._follow_aliases, name="raypeft-aliases", daemon=True).start()
+
+    def __del__(self) -> None:
+        """Serve calls this when it stops the replica: its downloads of registry and remote adapters go with it."""
+        sources = self.__dict__.get("sources")  # absent when the constructor failed before making it
+        if sources is not None:
+            shutil.rmtree(sources.cache_dir, ignore_errors=True)
 
     def _follow_aliases(self) -> None:
         """Every ``alias_poll_s``: when an alias moved, load the new version, then switch new requests to it."""

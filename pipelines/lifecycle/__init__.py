@@ -1,5 +1,5 @@
 """What happens to an adapter after training: the registry and its gated promotions (``registry``), the adapter
-toolbox (``adapters``: resolve, export, merge, combine), memory planning (``plan``) and the CLI's commands
+toolbox (``adapters``: local_adapter, export, merge, combine), memory planning (``plan``) and the CLI's commands
 (``commands``)."""
 
 from pipelines.lifecycle.adapters import (  # noqa: F401
@@ -8,6 +8,7 @@ from pipelines.lifecycle.adapters import (  # noqa: F401
     compatibility_problems,
     export,
     load_base_as_trained,
+    local_adapter,
     resolve,
 )
 from pipelines.lifecycle.plan import (  # noqa: F401

@@ -1,8 +1,9 @@
 """Adapter toolbox: resolve an adapter reference, export (optionally merged), combine adapters.
 
-* ``resolve(ref)``: a local adapter directory, or an MLflow model URI
-  (``models:/name@alias``, ``models:/name/version``, ``models:/<model_id>``) downloaded
-  to a local directory.
+* ``local_adapter(ref)``: a local adapter directory for a ``with`` block: the directory
+  itself, or an MLflow model URI (``models:/name@alias``, ``models:/name/version``,
+  ``models:/<model_id>``) downloaded to a temporary directory removed afterwards
+  (``resolve(ref, dst=...)`` downloads to a directory of the caller's).
 * ``export(ref, out, merge=True)``: merge the adapter into its base and write a plain
   HF model directory. For adapters trained on a 4-bit or 8-bit base, the delta is added
   to the *dequantized* weights the adapter was trained against (not to the original
@@ -23,6 +24,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +52,22 @@ def read_config(adapter_dir: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- references
 
 
+def is_registry_ref(ref: str) -> bool:
+    return ref.startswith(("models:/", "runs:/"))
+
+
 def resolve(ref: str, tracking_uri: str | None = None, dst: str | None = None) -> Path:
-    """A local adapter directory for ``ref`` (a path, or an MLflow ``models:/`` URI)."""
-    if ref.startswith(("models:/", "runs:/")):
+    """A local adapter directory for ``ref``: a path, or an MLflow ``models:/`` / ``runs:/`` URI downloaded into
+    ``dst`` (required for those: the caller owns the copy; ``local_adapter`` removes it afterwards)."""
+    if is_registry_ref(ref):
         import mlflow
 
         from pipelines.tracking import _global_uri
         from pipelines.tracking import tracking_uri as default_uri
 
+        if dst is None:
+            raise ValueError(f"resolve({ref!r}) downloads: pass dst, or use local_adapter()")
         uri = tracking_uri or default_uri()
-        dst = dst or tempfile.mkdtemp(prefix="raypeft-adapter-")
         try:
             with _global_uri(uri):
                 local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=dst)
@@ -76,6 +85,18 @@ def resolve(ref: str, tracking_uri: str | None = None, dst: str | None = None) -
         raise AdapterError(f"adapter directory not found (got {ref!r})")
     read_config(path)
     return path
+
+
+@contextmanager
+def local_adapter(ref: str, tracking_uri: str | None = None) -> Iterator[Path]:
+    """``resolve(ref)`` for the span of a ``with`` block: a registry adapter is downloaded into a temporary
+    directory that is removed when the block ends (nothing of it is left in the temp dir); a local
+    directory is used in place."""
+    if not is_registry_ref(ref):
+        yield resolve(ref, tracking_uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="raypeft-adapter-") as dst:
+        yield resolve(ref, tracking_uri, dst=dst)
 
 
 def _dtype(name: str):
@@ -137,14 +158,17 @@ def export(
     Returns a report: out, merged, quantization, dequantized layers and ``max_abs_logit_diff``
     (merged vs unmerged, on a probe prompt).
     """
+    with local_adapter(ref, tracking_uri) as src:
+        return _export(src, ref, Path(out), merge, dtype, log)
+
+
+def _export(src: Path, ref: str, out: Path, merge: bool, dtype: str, log) -> dict[str, Any]:
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pipelines.model import LOADS, resolve_base, trained_base_spec
 
-    src = resolve(ref, tracking_uri)
-    out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise AdapterError(f"output directory is not empty: {str(out)!r}")
     out.mkdir(parents=True, exist_ok=True)
@@ -229,10 +253,6 @@ def combine(
     log=print,
 ) -> dict[str, Any]:
     """Write the weighted combination of ``refs`` as a new standard PEFT adapter in ``out``."""
-    from peft import PeftModel
-
-    from pipelines.model import load_base, trained_base_spec
-
     if method not in COMBINATIONS:
         raise AdapterError(f"--method must be one of {', '.join(COMBINATIONS)} (got {method!r})")
     if len(refs) < 2:
@@ -241,12 +261,20 @@ def combine(
         raise AdapterError(
             f"--weights needs one weight per adapter: {len(refs)} adapters, {len(weights)} weights (got {weights})"
         )
-    dirs = [resolve(r, tracking_uri) for r in refs]
+    with ExitStack() as stack:
+        dirs = [stack.enter_context(local_adapter(r, tracking_uri)) for r in refs]
+        return _combine(refs, dirs, weights, method, Path(out), density, log)
+
+
+def _combine(refs, dirs: list[Path], weights, method: str, out: Path, density: float, log) -> dict[str, Any]:
+    from peft import PeftModel
+
+    from pipelines.model import load_base, trained_base_spec
+
     configs, metas = [read_config(d) for d in dirs], [read_meta(d) for d in dirs]
     problems = compatibility_problems(configs, metas, method)
     if problems:
         raise AdapterError("incompatible adapters:\n" + "\n".join(f"  - {p}" for p in problems))
-    out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise AdapterError(f"output directory is not empty: {str(out)!r}")
 

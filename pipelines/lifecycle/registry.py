@@ -80,35 +80,35 @@ def _evaluate(gate: Gate, uris: dict[str, str], tracking_uri: str) -> dict[str, 
     from peft import PeftModel
 
     from pipelines import data as D
-    from pipelines.lifecycle.adapters import load_base_as_trained, resolve
+    from pipelines.lifecycle.adapters import load_base_as_trained, local_adapter
     from pipelines.train import eval_loss, task_score
 
     out = {}
     for label, uri in uris.items():
-        src = resolve(uri, tracking_uri)
-        base, tok, _ = load_base_as_trained(src)
-        model = PeftModel.from_pretrained(base, str(src)).eval()
-        _, records = D.train_eval_records(gate.data, gate.seed)
-        examples = D.encode_all(records, gate.data, tok, packing=False)
-        with torch.no_grad():
-            scores = eval_loss(model, examples, 8, tok.pad_token_id, torch.device("cpu"))
-            if gate.data.task != "none":
-                scores.update(
-                    {
-                        k: v
-                        for k, v in task_score(
-                            model,
-                            tok,
-                            records,
-                            gate.data.format,
-                            gate.data.task,
-                            gate.data.eval_task_samples,
-                            torch.device("cpu"),
-                        ).items()
-                        if not k.startswith("_")
-                    }
-                )
-        out[label] = scores
+        with local_adapter(uri, tracking_uri) as src:
+            base, tok, _ = load_base_as_trained(src)
+            model = PeftModel.from_pretrained(base, str(src)).eval()
+            _, records = D.train_eval_records(gate.data, gate.seed)
+            examples = D.encode_all(records, gate.data, tok, packing=False)
+            with torch.no_grad():
+                scores = eval_loss(model, examples, 8, tok.pad_token_id, torch.device("cpu"))
+                if gate.data.task != "none":
+                    scores.update(
+                        {
+                            k: v
+                            for k, v in task_score(
+                                model,
+                                tok,
+                                records,
+                                gate.data.format,
+                                gate.data.task,
+                                gate.data.eval_task_samples,
+                                torch.device("cpu"),
+                            ).items()
+                            if not k.startswith("_")
+                        }
+                    )
+            out[label] = scores
     return out
 
 

@@ -176,8 +176,16 @@ def test_4bit_adapter_merges_into_dequantized_weights(tiny_model_dir, chat_data,
     assert d_ours < 1e-3 and d_ours < d_naive / 10, (d_ours, d_naive)
 
 
-def test_export_from_a_registered_version(tiny_model_dir, chat_data, tmp_path, raypeft_home):
+def test_export_from_a_registered_version(tiny_model_dir, chat_data, tmp_path, raypeft_home, monkeypatch):
+    """…and the registry's copy of the adapter, downloaded for it, is removed afterwards."""
+    import tempfile
+
+    from pipelines.lifecycle import resolve
     from raypeft.cli import main
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where the download goes, this test's own
 
     adapter = _trained_adapter(tiny_model_dir, chat_data, tmp_path / "a", steps=2)
     from pipelines import tracking
@@ -192,6 +200,9 @@ def test_export_from_a_registered_version(tiny_model_dir, chat_data, tmp_path, r
     c = MlflowClient(tracking.tracking_uri(), registry_uri=tracking.tracking_uri())
     v = c.get_model_version("tiny-merged", "1")
     assert v.tags["raypeft.source"] == "models:/tiny-export/1" and v.tags["raypeft.merged"] == "True"
+    assert not list(temp.iterdir())  # nothing of the download left behind
+    with pytest.raises(ValueError, match="pass dst"):
+        resolve("models:/tiny-export/1")  # a download needs a place its caller owns
 
 
 def test_export_of_a_missing_reference_exits_2(tmp_path, raypeft_home, capsys):
