@@ -85,6 +85,12 @@ def test_mlflow_server_manifests_are_valid_kubernetes():
     assert "--app-name=basic-auth" in args and "--backend-store-uri=$(MLFLOW_DB_URI)" in args
     ini = next(d for d in docs if d["metadata"]["name"] == "mlflow-admin")["stringData"]["basic_auth.ini"]
     assert "admin_password" in ini and "postgresql://" in ini
+    import configparser
+
+    parsed = configparser.ConfigParser()
+    parsed.read_string(ini)
+    # docs/deployment.md: without the cache, one scrypt check per request
+    assert parsed.getint("mlflow", "auth_cache_ttl_seconds") > 0
 
 
 def test_a_broken_core_manifest_fails():
