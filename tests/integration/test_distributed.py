@@ -283,8 +283,9 @@ def test_rerun_after_driver_crash_resumes_the_same_run(tmp_path, tiny_model_dir)
     log = tmp_path / "first.log"
     with open(log, "wb") as out:
         first = subprocess.Popen(cmd, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_for(lambda: _registered_checkpoint(run_dir), 300, "a registered checkpoint")
+    try:  # a driver that exits first fails the test at once
+        _wait_for(lambda: _registered_checkpoint(run_dir) or first.poll() is not None, 300, "a registered checkpoint")
+        assert first.poll() is None, f"the driver exited with {first.returncode} before a checkpoint"
     except AssertionError as e:
         raise AssertionError(f"{e}; the driver's output ends:\n{log.read_text(errors='replace')[-3000:]}") from None
     finally:
