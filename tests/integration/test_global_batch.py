@@ -115,27 +115,26 @@ def forkserver():
     import multiprocessing.forkserver as fs
 
     multiprocessing.set_forkserver_preload([__name__, "deepspeed", "peft", "pipelines.model", "pipelines.train"])
-    yield "forkserver"
+    yield
     fs._forkserver._stop()  # the stdlib's own stop (what its tests use); the server would exit with this process
     multiprocessing.set_forkserver_preload(["__main__"])
 
 
-def _steps(tmp_path, tiny_model_dir, data, world: int, runs: list[tuple[int, str, bool]], start: str) -> list[dict]:
+def _steps(tmp_path, tiny_model_dir, data, world: int, runs: list[tuple[int, str, bool]]) -> list[dict]:
     """One step of each of ``runs`` on ``world`` fresh processes (started once for all of them)."""
     import torch.multiprocessing as mp
 
     args = (world, runs, free_port(), str(tiny_model_dir), str(data), str(tmp_path))
-    mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method=start)
+    mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method="forkserver")
     return [torch.load(_out(str(tmp_path), world, *run), weights_only=False) for run in runs]
 
 
 @pytest.mark.slow
-def test_one_step_is_the_same_for_every_split_of_the_global_batch(tiny_model_dir, tmp_path, forkserver):
+@pytest.mark.usefixtures("forkserver")
+def test_one_step_is_the_same_for_every_split_of_the_global_batch(tiny_model_dir, tmp_path):
     data = _data(tmp_path / "d.jsonl")
     # (accumulation, strategy, padded rows) on 1, 2 and 4 workers; padded: ZeRO-3's micro-step on the other layout
-    refs = dict(
-        zip((False, True), _steps(tmp_path, tiny_model_dir, data, 1, [(4, "ddp", False), (4, "ddp", True)], forkserver))
-    )
+    refs = dict(zip((False, True), _steps(tmp_path, tiny_model_dir, data, 1, [(4, "ddp", False), (4, "ddp", True)])))
     for ref in refs.values():
         assert len(set(ref["counts"])) > 1, ref["counts"]  # the micro-batches differ: a per-micro mean would not match
         assert any(float(d.abs().max()) > 1e-4 for d in ref["delta"].values())
@@ -144,9 +143,7 @@ def test_one_step_is_the_same_for_every_split_of_the_global_batch(tiny_model_dir
         4: [(1, "ddp", False)],
     }
     for world, runs in splits.items():
-        for (accum, strategy, padded), got in zip(
-            runs, _steps(tmp_path, tiny_model_dir, data, world, runs, forkserver)
-        ):
+        for (accum, strategy, padded), got in zip(runs, _steps(tmp_path, tiny_model_dir, data, world, runs)):
             ref = refs[padded]
             assert got["delta"].keys() == ref["delta"].keys()
             for k, d in ref["delta"].items():
