@@ -97,6 +97,13 @@ def raypeft_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
+# DeepSpeed keeps a ZeRO-3 parameter under 1e5 elements whole on every rank (its default
+# stage3_param_persistence_threshold): every tensor of the tiny model, LoRA's included, would stay unpartitioned
+# and the gathers that ZeRO-3 needs (saving the adapter, evals, the step) would go untested. A ZeRO-3 test spec's
+# ``scaling.deepspeed``: partition them all, as a real model's are.
+ZERO3_PARTITION_ALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+
+
 def tiny_spec(model_dir: Path, data: Path, **sections):
     """A validated JobSpec for the tiny model; ``sections`` override whole-section dicts. With a ``tune``
     section it is a ``TunedJobSpec`` (what ``raypeft tune`` / ``raypeft layerwise`` run)."""

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from cluster.connect import init_ray
-from tests.conftest import tiny_spec
+from tests.conftest import ZERO3_PARTITION_ALL, tiny_spec
 
 pytestmark = pytest.mark.integration
 
@@ -52,13 +52,6 @@ def _client(uri):
 def _losses(result) -> list[float]:
     hist = _client(result["tracking_uri"]).get_metric_history(result["run_id"], "train_loss")
     return [h.value for h in sorted(hist, key=lambda h: h.step)]
-
-
-# DeepSpeed keeps a ZeRO-3 parameter under 1e5 elements whole on every rank (its default
-# stage3_param_persistence_threshold): every tensor of the tiny model, LoRA's included, would stay unpartitioned
-# and the gathers that ZeRO-3 needs (saving the adapter, evals) would go untested. Partition them all, as a
-# real model's are.
-ZERO3_PARTITION_ALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
 
 
 def _two_workers(model_dir, data, name, strategy, method="lora", steps=10, **extra):
