@@ -229,6 +229,26 @@ def test_sigkilled_worker_resumes_from_checkpoint_exactly(local_ray, raypeft_hom
     _assert_4bit_adapter_reproduces_the_probe(spec, result["adapter_dir"], probe)
 
 
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` (a session leader) and every process it started, as a machine failure would: its
+    process group, and the descendants listed before the kill that left the group (Ray's workers start
+    sessions of their own, and one left running would outlive the cluster it belonged to)."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=60)
+    psutil.wait_procs(tree, timeout=60)
+
+
 def _project(root: Path, tiny_model_dir: Path) -> dict:
     """A user's project folder: data, eval set and base model under paths relative to it (the eval set as a
     ``file://`` URL), checkpoints kept in it; returns the spec, written to ``root/spec.yaml``."""
@@ -282,8 +302,7 @@ def test_rerun_after_driver_crash_resumes_the_same_run(tmp_path, tiny_model_dir)
     except AssertionError as e:
         raise AssertionError(f"{e}; the driver's output ends:\n{log.read_text(errors='replace')[-3000:]}") from None
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
-        first.wait(timeout=60)
+        _kill_tree(first)  # the driver and the local Ray cluster it started
     state = json.loads((run_dir / "raypeft_job.json").read_text())
     assert state["status"] == "running"
 
