@@ -1,20 +1,17 @@
 """Data preparation on a real Ray cluster (Ray Data): bad data named before training, skipped records
-counted, the cache reused, every source kind equal to the in-process path, and both nodes of a
-two-node cluster at work. The inputs here are small, which ``prepare`` would tokenize in the driver: this
+counted, the cache reused, every source kind equal to the in-process path (both nodes of a two-node
+cluster at work: test_two_nodes.py, on its cluster). The inputs here are small, which ``prepare`` would tokenize in the driver: this
 module sends them to Ray Data, except where a test says otherwise."""
 
 from __future__ import annotations
 
 import importlib
 import json
-import os
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cluster.connect import init_ray
-from cluster.local import ray_start_head, ray_start_node, wait_for_nodes
 from pipelines import data as D
 from tests.conftest import tiny_spec, write_chat_data
 
@@ -155,39 +152,6 @@ def test_every_source_kind_gives_what_the_in_process_path_gives(local_ray, tiny_
     old_train, old_eval = D.train_eval_records(spec.data, spec.train.seed)
     assert [train[i] for i in range(len(train))] == D.encode_all(old_train, spec.data, tok)
     assert [evals[i] for i in range(len(evals))] == D.encode_all(old_eval, spec.data, tok, packing=False)
-
-
-def test_preparation_runs_on_both_nodes_of_a_two_node_cluster(tiny_model_dir, tmp_path, monkeypatch):
-    """Two raylets on this machine (a head and a `ray start --address` node, 1 CPU each): Ray Data spreads
-    the chunks over both, and the result equals the in-process path's."""
-    import ray
-
-    from pipelines.data.prepare import open_layout, prepare
-
-    ray.shutdown()
-    token = os.environ["RAY_AUTH_TOKEN"]
-    data = write_chat_data(tmp_path / "d.jsonl", n=4000)  # ≈ 300 KB: four chunks
-    spec = _spec(tiny_model_dir, data, tmp_path / "store")
-    with ray_start_head(token, num_cpus=1, dashboard=False) as gcs, ray_start_node(gcs, token, num_cpus=1):
-        monkeypatch.setenv("RAY_ADDRESS", gcs)
-        init_ray()
-        try:
-            wait_for_nodes(2)
-            p = prepare(spec)
-        finally:
-            ray.shutdown()
-            monkeypatch.delenv("RAY_ADDRESS")
-            init_ray(num_cpus=2, include_dashboard=False)  # the module's own cluster, for the tests after this one
-    assert p.stats["data_nodes"] == 2, p.stats
-    meta = json.loads((Path(p.shards) / "meta.json").read_text())
-    assert len(meta["chunks"]) >= 4
-    from pipelines.model import load_tokenizer
-
-    train, _, _, _ = open_layout(p.layout)
-    old_train, _ = D.train_eval_records(spec.data, spec.train.seed)
-    expected = D.encode_all(old_train, spec.data, load_tokenizer(str(tiny_model_dir)))
-    assert len(train) == len(expected) == 3200
-    assert [train[i] for i in range(len(train))] == expected
 
 
 @pytest.mark.parametrize("train", ["builtin:json_extract", "held-out"])

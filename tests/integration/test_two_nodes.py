@@ -1,6 +1,6 @@
 """A training job across two Ray nodes on this machine: a `ray start --head` and a `ray start --address` node,
-1 CPU each, both started (and stopped) by this test in process groups of their own (cluster/local.py). The
-2-worker job's ranks land on different nodes and checkpoint to storage both nodes see; then the second node
+1 CPU each, both started (and stopped) by this test in process groups of their own (cluster/local.py). First
+the data preparation spreads over both nodes. The 2-worker job's ranks land on different nodes and checkpoint to storage both nodes see; then the second node
 is lost mid-run, a node joins again, and the job finishes in the same MLflow run with every step logged."""
 
 from __future__ import annotations
@@ -43,6 +43,26 @@ def _registered(run_dir: Path) -> int:
     return int(((snap.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("step", 0))
 
 
+def _prepare_on_both_nodes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Data preparation on Ray Data spreads the chunks over both nodes, and the rows equal the in-process path's."""
+    from pipelines import data as D
+    from pipelines.data.prepare import open_layout, prepare
+    from pipelines.model import load_tokenizer
+    from tests.conftest import tiny_spec, write_chat_data
+
+    data = write_chat_data(tmp_path / "prep.jsonl", n=4000)  # ≈ 300 KB: four chunks
+    spec = tiny_spec(tiny_model_dir, data, checkpoint={"storage": str(tmp_path / "store")})
+    p = prepare(spec, log=lambda *_: None, local_max_bytes=-1)  # on Ray Data, however small
+    assert p.stats["data_nodes"] == 2, p.stats
+    meta = json.loads((Path(p.shards) / "meta.json").read_text())
+    assert len(meta["chunks"]) >= 4
+    train, _, _, _ = open_layout(p.layout)
+    old_train, _ = D.train_eval_records(spec.data, spec.train.seed)
+    expected = D.encode_all(old_train, spec.data, load_tokenizer(str(tiny_model_dir)))
+    assert len(train) == len(expected) == 3200
+    assert [train[i] for i in range(len(train))] == expected
+
+
 def test_losing_a_node_mid_run_repeats_at_most_one_checkpoint_interval(tiny_model_dir, chat_data, tmp_path):
     """SIGKILL the second node (its raylet, then its other processes, by PID) during a 2-worker run, then
     start a node again: Ray Train restarts the worker group from the last registered checkpoint, with its
@@ -70,6 +90,7 @@ def test_losing_a_node_mid_run_repeats_at_most_one_checkpoint_interval(tiny_mode
             init_ray()
             wait_for_nodes(2)
             cluster_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+            _prepare_on_both_nodes(tiny_model_dir, tmp_path)
         finally:
             ray.shutdown()
             del os.environ["RAY_ADDRESS"]
