@@ -176,6 +176,29 @@ def _kill_spec(tiny_model_dir, chat_data, name, strategy, method, steps, every, 
     return spec.model_copy(update={"method": spec.method.model_copy(update={"dropout": 0.1})})
 
 
+def _in_background(spec):
+    """Start ``pipelines.train.run(spec)`` in a daemon thread (a hung run cannot hold the session); returns a
+    ``wait()`` that joins it (600 s at most) and gives ``{"result": ...}`` or ``{"error": exception}``."""
+    from pipelines.train import run
+
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = run(spec)
+        except Exception as e:  # noqa: BLE001 - handed to the test, which asserts on it
+            box["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+
+    def wait() -> dict:
+        thread.join(timeout=600)
+        return box
+
+    return wait
+
+
 def _assert_resumed_exactly(result, spec, every: int) -> dict:
     """The job resumed once from a checkpoint, in one MLflow run whose steps are continuous and repeat at most
     one checkpoint interval, and ended with the adapter an uninterrupted run of it ends with (model,
@@ -207,20 +230,16 @@ def test_sigkilled_worker_resumes_from_checkpoint_exactly(local_ray, raypeft_hom
     optimizer): Ray Train restarts the group, the run completes from its last checkpoint, exactly, and
     the adapter saved from the partitioned model is complete. (ZeRO-2 is killed the same way, both workers
     at once, by the torn-checkpoint test; QLoRA under DDP by the restarts-run-out test, resumed by a rerun.)"""
-    from pipelines.train import run
-
     steps, every = 60, 20
     name = "killed-zero3-qlora"
     spec = _kill_spec(tiny_model_dir, chat_data, name, "zero3", "qlora", steps, every)
-    box: dict = {}
-    thread = threading.Thread(target=lambda: box.setdefault("result", run(spec)), daemon=True)
-    thread.start()
+    wait = _in_background(spec)
     run_dir = raypeft_home / "runs" / name
     _wait_for(lambda: _registered_checkpoint(run_dir), 300, "a registered checkpoint")
     pids = _wait_for(_train_worker_pids, 10, "Ray Train worker processes")
     os.kill(pids[-1], signal.SIGKILL)
-    thread.join(timeout=600)
-    assert "result" in box, "the run did not complete after a worker was killed"
+    box = wait()
+    assert "result" in box, f"the run did not complete after a worker was killed: {box.get('error')!r}"
     result = box["result"]
     clean = _assert_resumed_exactly(result, spec, every)
     losses = _losses(clean)
@@ -337,21 +356,11 @@ def test_when_restarts_run_out_the_run_fails_and_a_rerun_resumes_it_exactly(
 
     steps, every = 60, 20
     spec = _kill_spec(tiny_model_dir, chat_data, "exhausted", "ddp", "qlora", steps, every, max_failures=0)
-    box: dict = {}
-
-    def first():
-        try:
-            run(spec)
-        except Exception as e:  # noqa: BLE001 - the failure is what this test waits for
-            box["error"] = e
-
-    thread = threading.Thread(target=first, daemon=True)
-    thread.start()
+    wait = _in_background(spec)
     run_dir = raypeft_home / "runs" / "exhausted"
     _wait_for(lambda: _registered_checkpoint(run_dir), 300, "a registered checkpoint")
     os.kill(_wait_for(_train_worker_pids, 10, "Ray Train worker processes")[-1], signal.SIGKILL)
-    thread.join(timeout=600)
-    assert "error" in box, "the job did not fail although no restart was allowed"
+    assert "error" in wait(), "the job did not fail although no restart was allowed"
     state = json.loads((run_dir / "raypeft_job.json").read_text())
     assert state["status"] == "failed"
     c = _client(state["tracking_uri"])
@@ -375,16 +384,12 @@ def test_a_worker_killed_while_a_checkpoint_is_written_resumes_from_the_last_com
     """SIGKILL both ZeRO-2 workers (each rank writes its own optimizer partition) the moment a new checkpoint
     directory appears in storage, before Ray Train has registered it: Ray Train restarts the group, the
     resume uses the last registered checkpoint, never the partial one, and the run completes exactly."""
-    from pipelines.train import run
-
     # Ray Train's default: the controller registers a checkpoint when it next polls the workers, so a
     # directory that has just appeared is (almost always) not registered yet when the workers die
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")
     steps, every = ZERO2_STEPS, ZERO2_EVERY
     spec = _kill_spec(tiny_model_dir, chat_data, "torn", "zero2", "lora", steps, every)
-    box: dict = {}
-    thread = threading.Thread(target=lambda: box.setdefault("result", run(spec)), daemon=True)
-    thread.start()
+    wait = _in_background(spec)
     run_dir = raypeft_home / "runs" / "torn"
     registered = _wait_for(lambda: _registered_checkpoint(run_dir), 300, "a registered checkpoint")
     pids = _wait_for(_train_worker_pids, 10, "Ray Train worker processes")
@@ -397,8 +402,8 @@ def test_a_worker_killed_while_a_checkpoint_is_written_resumes_from_the_last_com
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     registered_at_kill = _registered_checkpoint(run_dir)
-    thread.join(timeout=600)
-    assert "result" in box, "the run did not complete after its workers were killed"
+    box = wait()
+    assert "result" in box, f"the run did not complete after its workers were killed: {box.get('error')!r}"
     result = box["result"]
     resumed = int(_client(result["tracking_uri"]).get_metric_history(result["run_id"], "resumed_from_step")[0].value)
     # the one the controller had registered when the workers died (the torn one only if it was complete and

@@ -1,7 +1,7 @@
 """Data preparation on a real Ray cluster (Ray Data): bad data named before training, skipped records
 counted, the cache reused, every source kind equal to the in-process path (both nodes of a two-node
-cluster at work: test_two_nodes.py, on its cluster). The inputs here are small, which ``prepare`` would tokenize in the driver: this
-module sends them to Ray Data, except where a test says otherwise."""
+cluster at work: test_two_nodes.py, on its cluster). The inputs here are small, which ``prepare`` would
+tokenize in the driver: this module sends them to Ray Data, except where a test says otherwise."""
 
 from __future__ import annotations
 
