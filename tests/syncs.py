@@ -22,11 +22,15 @@ _DATA_DEPENDENT = {"nonzero", "masked_select", "unique", "_unique2", "unique_con
 
 
 class _Ops(TorchDispatchMode):
+    supports_higher_order_operators = True  # FlexAttention is one: it runs, and the ops inside it are seen
+
     def __init__(self, counts: collections.Counter):
         super().__init__()
         self.counts = counts
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not hasattr(func, "overloadpacket"):  # a higher-order operator
+            return func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         bool_index = name == "index" and any(
             isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ()

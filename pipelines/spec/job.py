@@ -235,6 +235,16 @@ class TrainSpec(Section):
     eval_base: bool = Field(
         True, description="Evaluate the base model (adapter disabled) before training, for comparison."
     )
+    attention: Literal["auto", "per_example", "flex"] = Field(
+        "auto",
+        description="How a padding-free micro-batch's attention runs. `per_example`: raypeft's SDPA, one call per "
+        "example per layer (a CPU's fastest; launch-bound on a GPU). `flex`: one compiled FlexAttention call per "
+        "layer, over a block mask built once per micro-batch (each example sees the shared prefix and itself); "
+        "rows are padded to a multiple of 128 tokens so it compiles once per bucket; needs `scaling.use_gpu: true` "
+        "(PyTorch has no FlexAttention backward on a CPU). `auto`: `per_example`, and on a GPU unset "
+        "`data.padding_free` pads instead (FlexAttention on a GPU is not yet measured: docs/data.md). Both need a "
+        "base on SDPA without a sliding window.",
+    )
     loss_chunk_tokens: Int = Field(
         1024,
         ge=0,
@@ -638,6 +648,22 @@ def _train_problems(spec: JobSpec) -> list[Problem]:
             (
                 "checkpoint.every_steps",
                 f"must be <= train.max_steps ({t.max_steps}) (got {spec.checkpoint.every_steps})",
+            )
+        )
+    if t.attention == "flex" and not spec.scaling.use_gpu:
+        problems.append(
+            (
+                "train.attention",
+                "flex needs a GPU (scaling.use_gpu: true): PyTorch has no FlexAttention backward on a CPU; use "
+                "per_example or auto there (got 'flex')",
+            )
+        )
+    if t.attention != "auto" and spec.data.padding_free is False:
+        problems.append(
+            (
+                "train.attention",
+                f"{t.attention} attends within padding-free rows, and data.padding_free is false; unset one of them "
+                f"(got {quote(t.attention)})",
             )
         )
     if not spec.scaling.use_gpu and spec.model.dtype == "float16":

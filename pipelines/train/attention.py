@@ -97,16 +97,23 @@ def model_inputs(batch: dict, device) -> dict:
     return out
 
 
-def device_batch(batch: dict, device, varlen: bool = False) -> dict:
+def device_batch(batch: dict, device, varlen: bool = False, flex: bool = False) -> dict:
     """A host batch (``collate``'s) as a training micro-step takes it: ``model_inputs``, plus what is read
     off the host batch so that the device never has to be. The flat positions whose label counts
-    (``counted_index``, for the loss's gather: ``train.loss``); and, for a padding-free row on a model that
-    runs ``VARLEN`` (``varlen``), the row's example layout (``remember_layout``) and ``packed_mark``."""
+    (``counted_index``, for the loss's gather: ``train.loss``); for a padding-free row on a model that
+    runs ``VARLEN`` (``varlen``), the row's example layout (``remember_layout``) and ``packed_mark``; on one
+    that runs ``FLEX`` (``flex``), the row padded to its bucket (``flex_batch``) and its ``flex_mask``."""
     from pipelines.train.loss import IGNORE
 
+    row = "position_ids" in batch and "attention_mask" not in batch and batch["position_ids"].shape[0] == 1
+    mask = flex_mask(batch["position_ids"], device) if flex and row else None
+    if mask is not None:
+        batch = flex_batch(batch)
     out = model_inputs(batch, device)
     out["counted_index"] = (batch["labels"][:, 1:] != IGNORE).reshape(-1).nonzero().view(-1).to(device)
-    if varlen and "position_ids" in batch and "attention_mask" not in batch and batch["position_ids"].shape[0] == 1:
+    if mask is not None:
+        out["attention_mask"] = mask
+    elif varlen and row:
         remember_layout(out["position_ids"], batch["position_ids"])
         out["attention_mask"] = packed_mark(device)
     return out
@@ -159,6 +166,83 @@ def varlen_sdpa(module, query, key, value, attention_mask, position_ids=None, **
     return torch.cat(outs, dim=1), None  # [batch, tokens, heads, head_dim], as sdpa_attention_forward
 
 
+# --------------------------------------------------------------------------- FlexAttention (one call per layer)
+
+FLEX = "raypeft_flex"
+FLEX_BLOCK = 128  # FlexAttention's block: a row is padded to a multiple, so compiling repeats per bucket at most
+
+
+def flex_length(n: int) -> int:
+    """The length a padding-free row of ``n`` tokens runs at under ``FLEX``: the next multiple of
+    ``FLEX_BLOCK``. Pure."""
+    return -(-n // FLEX_BLOCK) * FLEX_BLOCK
+
+
+def example_ids(positions: list[int]) -> tuple[list[int], int]:
+    """For one padding-free row (``collate``'s layout, ``segments``): the example each position belongs to,
+    and the shared prefix's length (0 without one; the prefix belongs to the first example). Pure."""
+    ids, prefix = [0] * len(positions), 0
+    for i, (s, e, p) in enumerate(segments(positions)):
+        ids[s:e] = [i] * (e - s)
+        prefix = prefix or p
+    return ids, prefix
+
+
+def flex_rule(doc, prefix):
+    """FlexAttention's ``mask_mod`` for a padding-free row: causal, within one example, plus the shared
+    prefix's keys. ``doc``: each position's example id (below 0 for the bucket's padding, each pad its own);
+    ``prefix``: a 0-dim
+    tensor (a tensor, not an int, so that a new prefix length is an input to the compiled kernel, not a
+    recompile)."""
+
+    def mask_mod(b, h, q, kv):
+        return (kv <= q) & ((doc[q] == doc[kv]) | (kv < prefix))
+
+    return mask_mod
+
+
+def flex_mask(host_position_ids, device):
+    """The ``BlockMask`` of one padding-free row (``host_position_ids``: ``[1, n]`` on the host), built once
+    per micro-batch and shared by its layers, over ``flex_length(n)`` positions (``flex_batch``'s padding:
+    each pad attends only to itself and to the prefix, and no real token attends to it)."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    ids, prefix = example_ids(host_position_ids[0].tolist())
+    n = flex_length(len(ids))
+    doc = torch.tensor(ids + list(range(-1, len(ids) - n - 1, -1)), dtype=torch.int32).to(device, non_blocking=True)
+    rule = flex_rule(doc, torch.tensor(prefix, dtype=torch.int32).to(device, non_blocking=True))
+    return create_block_mask(rule, None, None, n, n, device=device)
+
+
+def flex_batch(batch: dict) -> dict:
+    """A padding-free host batch padded to ``flex_length``: pad tokens with ignored labels and position 0,
+    so that a micro-batch's shapes fall into few buckets (compiled once each). Nothing the loss counts
+    changes."""
+    import torch.nn.functional as F
+
+    from pipelines.train.loss import IGNORE
+
+    pad = flex_length(batch["input_ids"].shape[1]) - batch["input_ids"].shape[1]
+    fill = {"input_ids": 0, "labels": IGNORE, "position_ids": 0}
+    return {k: F.pad(v, (0, pad), value=fill[k]) if k in fill else v for k, v in batch.items()}
+
+
+def flex_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """An ``AttentionInterface`` function: transformers' compiled FlexAttention for a padding-free row
+    (``attention_mask`` a ``BlockMask``, ``device_batch``), stock SDPA for everything else (padded
+    evaluation batches, generation)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if isinstance(attention_mask, BlockMask):
+        from transformers.integrations.flex_attention import flex_attention_forward
+
+        return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
 def varlen_mask(*args, attention_mask=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, **kwargs):
     """An ``AttentionMaskInterface`` function: no mask where ``varlen_sdpa`` splits the row itself (no
     padding, queries = keys); ``sdpa_mask`` everywhere else."""
@@ -179,10 +263,12 @@ def varlen_mask(*args, attention_mask=None, q_length=None, kv_length=None, q_off
 
 def register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(VARLEN, varlen_sdpa)
     AttentionMaskInterface.register(VARLEN, varlen_mask)
+    AttentionInterface.register(FLEX, flex_sdpa)
+    AttentionMaskInterface.register(FLEX, sdpa_mask)  # a BlockMask passes through transformers unchanged
 
 
 def supported(model) -> bool:
@@ -198,14 +284,15 @@ def supported(model) -> bool:
     return hasattr(target, "set_attn_implementation")
 
 
-def enable(model) -> bool:
-    """Switch ``model`` from ``sdpa`` to ``VARLEN`` when ``supported``; True if it did."""
+def enable(model, implementation: str = VARLEN) -> bool:
+    """Switch ``model`` from ``sdpa`` to ``implementation`` (``VARLEN`` or ``FLEX``) when ``supported``; True
+    if it did."""
     if not supported(model):
         return False
     register()
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    target.set_attn_implementation(VARLEN)
-    return getattr(target.config, "_attn_implementation", None) == VARLEN
+    target.set_attn_implementation(implementation)
+    return getattr(target.config, "_attn_implementation", None) == implementation
 
 
 # --------------------------------------------------------------------------- a run's micro-batch layout
@@ -219,6 +306,16 @@ class Layout(NamedTuple):
     share_prefix: bool
     how: str
     varlen: bool = False  # the model runs ``VARLEN`` (``enable``): ``device_batch`` hands it the row layout
+    flex: bool = False  # the model runs ``FLEX``: ``device_batch`` pads the row to its bucket and adds its BlockMask
+
+    @property
+    def attention(self) -> str:
+        """The path a run's training attention took, in ``train.attention``'s words where it has them: ``flex``,
+        ``per_example``, ``padded`` (one row per example), or ``transformers`` (its own kernel over padding-free
+        rows: flash-attention's varlen, or a block-diagonal mask)."""
+        if self.flex:
+            return "flex"
+        return "per_example" if self.varlen else "transformers" if self.padding_free else "padded"
 
 
 def padding_free(spec: JobSpec, attention_ok: bool, prompt_learning: bool, launch_bound: bool = False) -> bool:
@@ -230,6 +327,8 @@ def padding_free(spec: JobSpec, attention_ok: bool, prompt_learning: bool, launc
     issue 33) or ``data.share_prefix: true`` asks for it."""
     if spec.data.padding_free is not None:
         return spec.data.padding_free
+    if spec.train.attention != "auto":  # an attention for padding-free rows (batch_layout checks it can run)
+        return True
     if spec.data.packing:
         return True
     return attention_ok and not prompt_learning and (not launch_bound or bool(spec.data.share_prefix))
@@ -244,7 +343,8 @@ def share_prefix(spec: JobSpec, padding_free_rows: bool, varlen: bool, dropouts:
     can = padding_free_rows and varlen
     if spec.data.share_prefix and not can:
         raise ValueError(
-            "data.share_prefix: true needs padding-free rows with raypeft's per-example SDPA (attention.VARLEN), "
+            "data.share_prefix: true needs padding-free rows with raypeft's attention (train.attention: per_example "
+            "or flex), "
             "and this model's attention is not sdpa without a sliding window: unset data.share_prefix (got true)"
         )
     if spec.data.share_prefix and dropouts:
@@ -283,23 +383,38 @@ def batch_layout(spec: JobSpec, model, device) -> Layout:
     ``data.padding_free`` pads there (docs/data.md, "Defaults per device")."""
     flash = str(getattr(model.config, "_attn_implementation", "")).startswith("flash_attention")
     prompt_learning = any(getattr(c, "is_prompt_learning", False) for c in getattr(model, "peft_config", {}).values())
-    launch_bound = getattr(device, "type", str(device)) == "cuda" and not flash
+    chosen = spec.train.attention
+    launch_bound = getattr(device, "type", str(device)) == "cuda" and not flash and chosen == "auto"
     sdpa = supported(model)
+    if chosen != "auto" and (not sdpa or prompt_learning):
+        why = (
+            "the method prepends virtual tokens to every row (padded rows only)"
+            if prompt_learning
+            else f"the base runs {getattr(model.config, '_attn_implementation', None)!r} attention, or a sliding window"
+        )
+        raise ValueError(
+            f"train.attention: {chosen} needs padding-free rows on SDPA, and {why}; use auto (got {chosen!r})"
+        )
     if not padding_free(spec, sdpa or flash, prompt_learning, launch_bound):
         share_prefix(spec, False, False)  # data.share_prefix: true raises here, naming the field
         why = ""
         if launch_bound and spec.data.padding_free is None and sdpa and not prompt_learning:
             why = " (on a GPU per-example SDPA is launch-bound: data.padding_free unset pads there)"
         return Layout(False, False, "padded rows, one per example" + why)
-    varlen = enable(model)
-    dropouts = active_dropouts(model) if varlen and spec.data.share_prefix is not False else []
-    share = share_prefix(spec, True, varlen, dropouts)
-    if varlen:
-        how = f"attention per example ({VARLEN})" + (", a shared prefix computed once" if share else "")
+    flex = chosen == "flex"
+    ours = enable(model, FLEX if flex else VARLEN)
+    dropouts = active_dropouts(model) if ours and spec.data.share_prefix is not False else []
+    share = share_prefix(spec, True, ours, dropouts)
+    if ours:
+        how = (
+            f"one FlexAttention call per layer ({FLEX}, rows padded to a multiple of {FLEX_BLOCK})"
+            if flex
+            else f"attention per example ({VARLEN})"
+        ) + (", a shared prefix computed once" if share else "")
         if dropouts and not share:
             how += f", no shared prefix (dropout acts on its tokens: {', '.join(dropouts)})"
     elif flash:
         how = "attention per example (flash-attention varlen)"
     else:
         how = "attention through transformers' block-diagonal mask"
-    return Layout(True, share, "padding-free rows; " + how, varlen)
+    return Layout(True, share, "padding-free rows; " + how, ours and not flex, ours and flex)

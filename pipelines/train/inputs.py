@@ -23,6 +23,7 @@ def open_data(w: Worker, m: ModelSetup) -> DataSetup:
     w.log(f"{'packed ' if layout['packed'] else ''}micro-batches: {m.layout.how}")
     if w.logger:  # which attention path the run took, beside the spec's params
         w.logger.client.set_tag(w.config["run_id"], "raypeft.micro_batches", m.layout.how)
+        w.logger.client.set_tag(w.config["run_id"], "raypeft.attention", m.layout.attention)
     prompts = None
     if spec.data.task != "none" and eval_records and (w.is_main or m.lockstep):  # the ranks that score
         prompts = D.task_prompts(eval_records, spec.data.format, spec.data.eval_task_samples, m.tok)

@@ -27,14 +27,14 @@ def lr_factor(step: int, spec: JobSpec) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def accumulate(engine, batches: list[dict], world: int, device, varlen: bool = False):
+def accumulate(engine, batches: list[dict], world: int, device, varlen: bool = False, flex: bool = False):
     """Forward and backward of one optimizer step's micro-batches (``collate``'s) on this worker, the loss
     normalized by the label tokens of the whole global batch: every micro-step of every worker, counted
     up front and summed across workers. A step's gradient is then the global batch's mean token loss
     whatever its split into workers and micro-steps. Returns this worker's (summed token loss: a 0-dim
     tensor on ``device``, tokens). Nothing is read back from the device (``attention.device_batch``): the
-    loss is read on logging steps only (``_Window.metrics``). ``varlen``: the model runs per-example
-    attention (``Layout.varlen``)."""
+    loss is read on logging steps only (``_Window.metrics``). ``varlen``, ``flex``: the model runs per-example
+    attention or FlexAttention (``Layout.varlen``, ``Layout.flex``)."""
     import torch
     import torch.distributed as dist
 
@@ -48,7 +48,7 @@ def accumulate(engine, batches: list[dict], world: int, device, varlen: bool = F
     tokens = counted[0].to(torch.float32)  # stays on the device; exact below 2**24 tokens a step
     total = torch.zeros((), dtype=torch.float32, device=device)
     for m, batch in enumerate(batches):
-        total = total + engine.micro_step(device_batch(batch, device, varlen), m == len(batches) - 1, tokens)
+        total = total + engine.micro_step(device_batch(batch, device, varlen, flex), m == len(batches) - 1, tokens)
     return total, float(sum(local))
 
 
@@ -121,7 +121,7 @@ def run_steps(w: Worker, m: ModelSetup, d: DataSetup, p: Progress) -> float:
     lr = set_lr(p.start_step)
     for step in range(p.start_step, spec.train.max_steps):
         rows, batches = d.micro_batches(step, accum)
-        window.add(accumulate(engine, batches, w.world, w.device, d.layout.varlen), rows, batches)
+        window.add(accumulate(engine, batches, w.world, w.device, d.layout.varlen, d.layout.flex), rows, batches)
         engine.finish_step(step)
         done = step + 1
         if step == p.start_step:

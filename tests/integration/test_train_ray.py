@@ -70,6 +70,7 @@ def test_one_worker_job_end_to_end(local_ray, raypeft_home, tiny_model_dir, chat
     assert run_.data.tags["raypeft.micro_batches"] == (
         "padding-free rows; attention per example (raypeft_sdpa_varlen), a shared prefix computed once"
     )
+    assert run_.data.tags["raypeft.attention"] == "per_example"
     assert "loss_curve.png" in [a.path for a in c.list_artifacts(result["run_id"])]
     runs = c.search_runs([run_.info.experiment_id])
     assert len(runs) == 1
