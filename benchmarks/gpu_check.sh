@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check, prepared as one command for a lent machine that has CUDA PyTorch, transformers and pytest but
-# no package index, no Ray, MLflow or DeepSpeed, and no SmolLM2 (issues 33 and 35). About 10 minutes on one
+# no package index, no Ray, MLflow or DeepSpeed, and no SmolLM2 (issues 33 and 35). About 12 minutes on one
 # H100/H200; every step has its own time limit, so one that hangs costs only its share.
 #
 #   ../shared/offline-cuda/pack.sh                    # here, once: the wheels it lacks into .whl/ (~46 MiB)
 #   bash benchmarks/gpu_check.sh                      # there (device tool: carry [".whl"]); logs under $OUT
+#   bash benchmarks/gpu_check.sh 'gpu_tests|flex'     # only the steps whose names match (e.g. to fit 600 s a call)
 #   bash benchmarks/gpu_check.sh                      # here, without CUDA: the same steps, short (no 1B), a dry run
 #
 # What it runs, each benchmark in fresh processes, sides alternating, each ending in one JSON line
@@ -16,6 +17,8 @@
 #   train_1b           the same defaults on a Llama-1B shape
 #   train_*_flex       both shapes with train.attention=flex (one compiled FlexAttention call per layer; GPU only)
 #   attention          benchmarks.attention on both shapes: per-example SDPA vs one FlexAttention call vs padded SDPA
+#   lora_product       benchmarks.lora_product on the 1B shape: the multi-LoRA product in place vs gathered (bmm)
+#                      vs grouped by adapter, 8 rows over 8 adapters and 32 over 8
 #   serve_135m         benchmarks.serving: the engine's mixed-adapter decode vs its base-only rows vs HF generate
 set -uo pipefail
 out=${OUT:-gpu-check}
@@ -37,8 +40,10 @@ else
 fi
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" >> "$out/device.txt"
 
+only=${1:-.}  # a regular expression: the steps whose names match it run (all of them by default)
 step() {  # name, then the python arguments; the log keeps everything, the console the lines that matter
   local name=$1; shift
+  [[ $name =~ $only ]] || return 0
   echo "== $name: $PY $*  ($(date -u +%H:%M:%S))"
   timeout "$limit" "$PY" "$@" > "$out/$name.log" 2>&1
   local rc=$?
@@ -60,9 +65,13 @@ if [ ${#gpu[@]} -gt 0 ]; then  # a 1B fp32 step takes about a minute on 2 CPU co
 fi
 step attention -c "import sys; from benchmarks.attention import main; \
 sys.exit(max(main([*sys.argv[1:], '--random-base', s]) for s in ('smollm2-135m', 'llama-1b')))" "${gpu[@]}" "${attn[@]}"
+step lora_product -c "import sys; from benchmarks.lora_product import main; \
+sys.exit(max(main([*sys.argv[1:], '--random-base', 'llama-1b', '--rows', r, '--adapters', '8']) for r in ('8', '32')))" \
+  "${gpu[@]}" "${attn[@]}"
 step serve_135m -m benchmarks.serving "${gpu[@]}" --random-base smollm2-135m --sides engine_mixed,engine_base,hf_base \
   "${serve[@]}"
-for f in "$out"/train_*.log "$out"/attention.log "$out"/serve_*.log; do
+for f in "$out"/train_*.log "$out"/attention.log "$out"/lora_product.log "$out"/serve_*.log; do
+  [ -f "$f" ] || continue
   grep '^{' "$f" | sed "s/^/{\"step\": \"$(basename "$f" .log)\", \"result\": /; s/\$/}/" || echo "{\"step\": \"$(basename "$f" .log)\", \"result\": null}"
 done > "$out/summary.jsonl"
 cat "$out/summary.jsonl"

@@ -21,12 +21,16 @@ Tokens/s counts the batches' real tokens. Memory is the process's peak resident 
 resident set after the imports and the tokenized data, read the same way on both sides (weights, adapter,
 optimizer states, activations and the loss; the weights are memory-mapped, so they count once touched). With ``--gpu`` both sides run on
 ``cuda:0`` in bf16 and memory is ``torch.cuda.max_memory_allocated``. Each run is a fresh process; the sides alternate, ``--repeats``
-times each. The loss curves must agree step by step (within 1e-3). Ends with one JSON line.
+times each. The loss curves must agree step by step (``loss_bound``). Ends with one JSON line.
 
 On CUDA the JSON also carries ``mfu`` (and ``bare_mfu``): tokens/s × 4 × the base's parameters (a frozen-base
 adapter step's forward and input gradients) over the device's dense bf16 peak (``BF16_PEAK``); ``null`` on a
 CPU or a device not in the table. ``raypeft_attention`` names the path the raypeft side took
 (``train.attention``: ``per_example``, ``flex``, ``padded``).
+
+The loss curves must agree within ``loss_bound``: 1e-3 in fp32; with ``--gpu`` (bf16) the benchmark also runs
+the bare loop once on SDPA's math kernel (``--kernel-gap``), and the bound is twice the gap between the two bare
+kernels, 1e-3 at least. The JSON carries ``loss_bound`` and ``kernel_loss_gap``.
 
 ``--random-base SHAPE`` runs both sides on a random-init base of that shape instead of ``--base``
 (``benchmarks/random_base.py``: built once on the benchmark's device, with a tokenizer that needs no
@@ -103,7 +107,11 @@ def child(side: str, args, overrides: list[str]) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
 
     slots: list[int] = []  # token slots the model computed, per step (pads included; a shared prefix once)
-    if side == "bare":
+    if side == "bare_math":  # the bare loop with SDPA's math kernel only: the loss gap kernels alone make
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        sdpa_kernel(SDPBackend.MATH).__enter__()  # for the whole child process
+    if side.startswith("bare"):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
@@ -195,6 +203,19 @@ def mfu(tokens_per_s: float, base_params: int, device: str) -> float | None:
     return None if peak is None else round(tokens_per_s * 4 * base_params / peak, 4)
 
 
+def loss_gap(a: list[float], b: list[float]) -> float:
+    """The largest step-by-step difference of two loss curves. Pure."""
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def loss_bound(kernel_gap: float | None) -> float:
+    """How far raypeft's loss curve may stray from the bare loop's: 1e-3 (fp32's bound), or twice the gap that
+    changing only the bare loop's attention kernel makes (``kernel_gap``), whichever is larger. In bf16 two
+    correct kernels already differ by a few 1e-3 (issue 33: 2.2e-3 to 3.7e-3 on an H200); an error in what is
+    computed (an example seeing another, a lost token) moves the curve by far more. Pure."""
+    return max(1e-3, 2 * kernel_gap) if kernel_gap is not None else 1e-3
+
+
 def _run(side: str, argv: list[str]) -> dict:
     env = {**os.environ, "MALLOC_ARENA_MAX": "2", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--child", side, *argv]
@@ -225,7 +246,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--gpu", action="store_true", help="both sides on cuda:0 in bf16; memory = max_memory_allocated")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="raypeft spec override")
-    p.add_argument("--child", choices=["bare", "raypeft"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--kernel-gap",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run the bare loop once on SDPA's math kernel, and bound the loss curves' gap at twice the gap "
+        "the two bare kernels show, 1e-3 at least (default: on with --gpu, bf16; off in fp32, where the bound is 1e-3)",
+    )
+    p.add_argument("--child", choices=["bare", "bare_math", "raypeft"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args, args.set if args.child == "raypeft" else [])))
@@ -257,8 +285,13 @@ def main(argv=None) -> int:
         print(
             f"{side:8s} tok/s {_spread([r['tokens_per_s'] for r in rs])}; peak MiB {_spread([r['peak_mib'] for r in rs])}"
         )
-    gap = max(abs(a - b) for a, b in zip(runs["bare"][0]["losses"], runs["raypeft"][0]["losses"], strict=True))
-    print(f"loss curves: largest step-by-step difference {gap:.2e} (bound 1e-3)")
+    gap = loss_gap(runs["bare"][0]["losses"], runs["raypeft"][0]["losses"])
+    kernel_gap = None
+    if args.gpu if args.kernel_gap is None else args.kernel_gap:
+        kernel_gap = loss_gap(runs["bare"][0]["losses"], _run("bare_math", passed)["losses"])
+        print(f"loss curves of the bare loop on its default SDPA kernel and on the math kernel: {kernel_gap:.2e} apart")
+    bound = loss_bound(kernel_gap)
+    print(f"loss curves: largest step-by-step difference {gap:.2e} (bound {bound:.2e})")
     result = {
         "speed_ratio": round(med["raypeft"]["tokens_per_s"] / med["bare"]["tokens_per_s"], 3),
         "memory_ratio": round(med["raypeft"]["peak_mib"] / med["bare"]["peak_mib"], 3),
@@ -267,6 +300,8 @@ def main(argv=None) -> int:
         "bare_peak_mib": round(med["bare"]["peak_mib"], 1),
         "raypeft_peak_mib": round(med["raypeft"]["peak_mib"], 1),
         "loss_max_abs_diff": float(f"{gap:.3g}"),
+        "loss_bound": float(f"{bound:.3g}"),
+        "kernel_loss_gap": None if kernel_gap is None else float(f"{kernel_gap:.3g}"),
         "bare_slots_per_token": round(runs["bare"][0]["slots_per_token"], 3),
         "raypeft_slots_per_token": round(runs["raypeft"][0]["slots_per_token"], 3),
         "repeats": args.repeats,
@@ -278,7 +313,7 @@ def main(argv=None) -> int:
         "bare_mfu": mfu(med["bare"]["tokens_per_s"], runs["bare"][0]["base_params"], runs["bare"][0]["device"]),
     }
     print(json.dumps(result))
-    return 0 if gap <= 1e-3 else 1
+    return 0 if gap <= bound else 1
 
 
 if __name__ == "__main__":

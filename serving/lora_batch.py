@@ -9,7 +9,8 @@ adapters in a batch, there is no Python loop over adapters (PEFT's ``adapter_nam
 adapter per layer):
 
 * a pass whose tokens all take one row each (decoding rows, and short prompts, as long as tokens ×
-  the slot range stays small) and whose slots lie in a range no wider than its tokens multiplies
+  the slot range stays small) and whose slots lie in a range no wider than its tokens (and, on a CPU,
+  than 8 slots: ``IN_PLACE_MAX_SPAN``, measured) multiplies
   the range's stacks in place: two matmuls over every slot of the range, each token keeping its
   own slot's product (``_in_place``). At decode the stacks' bytes are the cost, and this reads
   each slot of the range once;
@@ -47,6 +48,16 @@ from torch.nn import functional as F
 from pipelines.spec import is_target, pattern_value
 
 IN_PLACE_TOKEN_SLOTS = 4096  # a pass's tokens × its slot range, up to which every token is read in place
+# The widest slot range read in place, per device type: beyond it every row multiplies span× the FLOPs of its own
+# adapter, and gathering each row's slot is faster. CPU (2 cores, SmolLM2-135M's linears, rank 16, fp32;
+# ``python -m benchmarks.lora_product``, docs/benchmarks.md): in place 1.0-2.0x the gather's speed at a span of 8,
+# 0.8x at 16 and 0.6x at 32. Devices not listed (CUDA: not measured yet) keep only the token-slot bound.
+IN_PLACE_MAX_SPAN = {"cpu": 8}
+
+
+def in_place_span(device: torch.device) -> int:
+    """The widest slot range a pass on ``device`` reads in place (``IN_PLACE_MAX_SPAN``)."""
+    return IN_PLACE_MAX_SPAN.get(device.type, IN_PLACE_TOKEN_SLOTS)
 
 
 class BatchContext:
@@ -80,7 +91,8 @@ class BatchContext:
         self.lo, self.span, self.onehot = 0, 0, None
         if used and self.rows is not None:
             self.lo, self.span = min(used), max(used) - min(used) + 1
-            if self.span <= len(rows) and len(rows) * self.span <= IN_PLACE_TOKEN_SLOTS:  # read in place
+            wide = self.span > min(len(rows), in_place_span(self.device))
+            if not wide and len(rows) * self.span <= IN_PLACE_TOKEN_SLOTS:  # read in place
                 cand = torch.arange(self.lo, self.lo + self.span, device=self.device)[None, :]
                 self.onehot = (self.rows[:, None] == cand).to(self.dtype)[:, :, None]  # [rows, span, 1]
 
@@ -101,13 +113,15 @@ class BatchContext:
         ranks: dict[int, int] | None = None,
     ):
         """``rows``: the slot of each of the first ``len(rows)`` tokens; ``segments``: ``(offset, count, slot)``.
-        When every token times the slot range is small (``IN_PLACE_TOKEN_SLOTS``), the whole pass is taken
+        When every token times the slot range is small (``IN_PLACE_TOKEN_SLOTS``) and the range is narrow
+        (``in_place_span``), the whole pass is taken
         as one-token rows read in place: one pair of matmuls per layer whatever the number of prompts,
         where a chunk per segment would cost a few operations each."""
         ranks = ranks or {}
         tokens = rows + [slot for _, count, slot in segments for _ in range(count)]
         used = set(tokens) - {0}
-        if used and len(tokens) * (max(used) - min(used) + 1) <= IN_PLACE_TOKEN_SLOTS:
+        span = max(used) - min(used) + 1 if used else 0
+        if used and span <= in_place_span(self.device) and len(tokens) * span <= IN_PLACE_TOKEN_SLOTS:
             rows, segments = tokens, []
         self._rows(rows, dora_slots, ranks)
         self.segments = [(o, c, s, ranks.get(s, 0), s in dora_slots) for o, c, s in segments]

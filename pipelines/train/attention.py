@@ -88,10 +88,20 @@ def _is_mark(mask) -> bool:
     return mask is not None and mask.ndim == 4 and mask.numel() == 0
 
 
+def to_device(tensor, device):
+    """A host tensor on ``device``: to a GPU from pinned memory without blocking the host (the caching host
+    allocator keeps each pinned block until its copy is done)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def model_inputs(batch: dict, device) -> dict:
-    """``collate``'s tensors on ``device``, plus ``use_cache=False`` for packed rows (transformers only reads
-    packed position ids when no cache is built; training never uses one)."""
-    out = {k: v.to(device) for k, v in batch.items()}
+    """``collate``'s tensors on ``device`` (``to_device``), plus ``use_cache=False`` for packed rows
+    (transformers only reads packed position ids when no cache is built; training never uses one)."""
+    out = {k: to_device(v, device) for k, v in batch.items()}
     if "position_ids" in out:
         out["use_cache"] = False
     return out
@@ -110,7 +120,7 @@ def device_batch(batch: dict, device, varlen: bool = False, flex: bool = False) 
     if mask is not None:
         batch = flex_batch(batch)
     out = model_inputs(batch, device)
-    out["counted_index"] = (batch["labels"][:, 1:] != IGNORE).reshape(-1).nonzero().view(-1).to(device)
+    out["counted_index"] = to_device((batch["labels"][:, 1:] != IGNORE).reshape(-1).nonzero().view(-1), device)
     if mask is not None:
         out["attention_mask"] = mask
     elif varlen and row:
@@ -210,8 +220,8 @@ def flex_mask(host_position_ids, device):
 
     ids, prefix = example_ids(host_position_ids[0].tolist())
     n = flex_length(len(ids))
-    doc = torch.tensor(ids + list(range(-1, len(ids) - n - 1, -1)), dtype=torch.int32).to(device, non_blocking=True)
-    rule = flex_rule(doc, torch.tensor(prefix, dtype=torch.int32).to(device, non_blocking=True))
+    doc = to_device(torch.tensor(ids + list(range(-1, len(ids) - n - 1, -1)), dtype=torch.int32), device)
+    rule = flex_rule(doc, to_device(torch.tensor(prefix, dtype=torch.int32), device))
     return create_block_mask(rule, None, None, n, n, device=device)
 
 

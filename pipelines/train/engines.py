@@ -95,6 +95,7 @@ class TorchEngine:
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
         self.chunk = spec.train.loss_chunk_tokens
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # clipped every step
 
     @property
     def param_groups(self) -> list[dict]:
@@ -122,9 +123,7 @@ class TorchEngine:
 
         if not self.prepared.steps_in_backward:
             if self.spec.train.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in self.model.parameters() if p.requires_grad], self.spec.train.max_grad_norm
-                )
+                torch.nn.utils.clip_grad_norm_(self.trainable, self.spec.train.max_grad_norm)
             self.optimizer.step()
         if self.prepared.after_step:
             self.prepared.after_step(step)

@@ -137,3 +137,24 @@ def test_dora_scale_is_computed_without_the_weight_sized_sum_and_once_per_adapte
     multi.load(2, AdapterWeights.from_dir("lora-b", adapters["lora-b"]))  # rank 8 widens the touched layers
     assert q.rank == 8
     assert torch.equal(q.B[:, 1, :4], before) and not q.B[:, 1, 4:].any()  # slot 1 kept, its new ranks zero
+
+
+def test_a_pass_reads_in_place_only_a_slot_range_its_device_measured_faster():
+    """Decoding rows read the stacks in place while their slots' range is no wider than the rows and, on a
+    CPU, than 8 slots (``IN_PLACE_MAX_SPAN``: beyond it each row multiplies span× its own FLOPs, and the per-row
+    gather measured faster); wider ranges gather. A device with no measurement keeps only the token-slot bound."""
+    from serving.lora_batch import IN_PLACE_TOKEN_SLOTS, BatchContext, in_place_span
+
+    def in_place(rows: list[int], flat: bool = False) -> bool:
+        ctx = BatchContext("cpu")
+        ranks = dict.fromkeys(rows, 4)
+        ctx.set_flat(rows, [], ranks=ranks) if flat else ctx.set(rows, ranks=ranks)
+        return ctx.onehot is not None
+
+    assert in_place(list(range(1, 9)))  # 8 rows, 8 slots
+    assert in_place([1 + i % 8 for i in range(32)])  # 32 rows over 8 slots
+    assert not in_place(list(range(1, 17)))  # 16 rows, 16 slots: gathered on a CPU
+    assert not in_place(list(range(1, 17)), flat=True)
+    assert not in_place([1, 9])  # a range of 9 for 2 rows: wider than the rows, on any device
+    assert in_place_span(torch.device("cpu")) == 8
+    assert in_place_span(torch.device("cuda")) == IN_PLACE_TOKEN_SLOTS  # not measured there yet
