@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check, prepared as one command for a lent machine that has CUDA PyTorch, transformers and pytest but
-# no package index, no Ray, MLflow or DeepSpeed, and no SmolLM2 (issues 33 and 35). About 12 minutes on one
-# H100/H200; every step has its own time limit, so one that hangs costs only its share.
+# no package index, no Ray, MLflow or DeepSpeed, and no SmolLM2 (issues 33 and 35). All of it takes about 20
+# minutes of one H100/H200, more than one session's device time: run the steps that matter most first, a call
+# of at most 600 s each (the argument below), in this order:
+#   1. 'gpu_tests|train_1b$|flex'   correctness on CUDA, the default step and FlexAttention (issue 33)
+#   2. 'serve|lora|full_logits'     the decode step and the multi-LoRA product (35), the chunked loss (33)
+#   3. 'dora|qlora|galore|135m|attention'
+# Every step has its own time limit, so one that hangs costs only its share.
 #
 #   ../shared/offline-cuda/pack.sh                    # here, once: the wheels it lacks into .whl/ (~46 MiB)
 #   bash benchmarks/gpu_check.sh                      # there (device tool: carry [".whl"]); logs under $OUT
@@ -16,6 +21,8 @@
 #   train_135m_padding_free  the same with data.padding_free=true (per-example SDPA, the shared prefix)
 #   train_1b           the same defaults on a Llama-1B shape
 #   train_*_flex       both shapes with train.attention=flex (one compiled FlexAttention call per layer; GPU only)
+#   train_1b_{dora,qlora,galore}  those methods on the 1B shape, each against its own bare loop (--method)
+#   train_1b_full_logits  the 1B shape with train.loss_chunk_tokens=0: the chunked loss against the full logits
 #   attention          benchmarks.attention on both shapes: per-example SDPA vs one FlexAttention call vs padded SDPA
 #   lora_product       benchmarks.lora_product on the 1B shape: the multi-LoRA product in place vs gathered (bmm)
 #                      vs grouped by adapter, 8 rows over 8 adapters and 32 over 8
@@ -62,6 +69,13 @@ if [ ${#gpu[@]} -gt 0 ]; then  # a 1B fp32 step takes about a minute on 2 CPU co
     --repeats 2 --set train.attention=flex
   step train_1b_flex -m benchmarks.train_throughput "${gpu[@]}" --random-base llama-1b "${train[@]}" --repeats 2 \
     --set train.attention=flex
+  for m in dora qlora galore; do  # the other methods against their own bare loops (issue 33)
+    step "train_1b_$m" -m benchmarks.train_throughput "${gpu[@]}" --random-base llama-1b "${train[@]}" --repeats 1 \
+      --method "$m"
+  done
+  # the full logits instead of the chunked loss (issue 33, item 6): is chunking a win on a GPU?
+  step train_1b_full_logits -m benchmarks.train_throughput "${gpu[@]}" --random-base llama-1b "${train[@]}" \
+    --repeats 2 --set train.loss_chunk_tokens=0
 fi
 step attention -c "import sys; from benchmarks.attention import main; \
 sys.exit(max(main([*sys.argv[1:], '--random-base', s]) for s in ('smollm2-135m', 'llama-1b')))" "${gpu[@]}" "${attn[@]}"

@@ -1,11 +1,14 @@
 """Training step: raypeft's worker path against a bare PEFT + torch loop, side by side. Not a timed test.
 
     python -m benchmarks.train_throughput [--steps 12] [--warmup 2] [--repeats 3] [--batch 8] [--seq 160]
+                                          [--method lora|dora|qlora|galore]
                                           [--gpu] [--random-base smollm2-135m|llama-1b|llama-8b]
                                           [--set train.loss_chunk_tokens=0 ...]
 
 The demo task (``builtin:json_extract``, chat, SmolLM2-135M-Instruct, fp32, LoRA r16 all-linear, batch 8,
-``max_length`` 160), one optimizer step per batch, constant LR, clipping at 1.0, no dropout.
+``max_length`` 160), one optimizer step per batch, constant LR, clipping at 1.0, no dropout. ``--method`` trains
+DoRA, QLoRA (NF4, double quantization) or GaLore (rank 128) on both sides instead (``METHODS``; the bare loop
+builds it as its library's README does: ``bare_model``).
 
 * **bare**: ``AutoModelForCausalLM`` + ``get_peft_model``, ``model(**batch).loss`` (the logits of every token,
   prompt and padding included), ``backward``, ``clip_grad_norm_``, ``AdamW.step``.
@@ -28,9 +31,10 @@ adapter step's forward and input gradients) over the device's dense bf16 peak (`
 CPU or a device not in the table. ``raypeft_attention`` names the path the raypeft side took
 (``train.attention``: ``per_example``, ``flex``, ``padded``).
 
-The loss curves must agree within ``loss_bound``: 1e-3 in fp32; with ``--gpu`` (bf16) the benchmark also runs
-the bare loop once on SDPA's math kernel (``--kernel-gap``), and the bound is twice the gap between the two bare
-kernels, 1e-3 at least. The JSON carries ``loss_bound`` and ``kernel_loss_gap``.
+The loss curves must agree within ``loss_bound``: 1e-3 in fp32; with ``--gpu`` (bf16) and for GaLore the benchmark
+also runs the bare loop once summing in another order (``--kernel-gap``: SDPA's math kernel, on a CPU another
+thread count), and the bound is twice the gap between the two bare runs, 1e-3 at least. The JSON carries
+``loss_bound`` and ``kernel_loss_gap``.
 
 ``--random-base SHAPE`` runs both sides on a random-init base of that shape instead of ``--base``
 (``benchmarks/random_base.py``: built once on the benchmark's device, with a tokenizer that needs no
@@ -57,13 +61,77 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
+_LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+METHODS = {  # --method: raypeft's method section; the bare loop builds the same method its own way
+    "lora": {"name": "lora", **_LORA},
+    "dora": {"name": "dora", **_LORA},
+    "qlora": {"name": "qlora", **_LORA},  # NF4 with double quantization, computing in the weights' dtype
+    "galore": {"name": "galore", "target_modules": "all-linear"},  # rank 128, every 200 steps, scale 0.25
+}
+
+
+def bare_model(method: str, path: str, dtype, device, seed: int, lr: float):
+    """The bare loop's model and optimizer for ``method``, built as their libraries' READMEs do: PEFT's
+    ``LoraConfig`` (``use_dora`` for DoRA), a bitsandbytes NF4 base through ``prepare_model_for_kbit_training``
+    for QLoRA (no gradient checkpointing, as raypeft's side), galore-torch's ``GaLoreAdamW`` over the decoder's
+    linear weights for GaLore (every parameter trained)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"dtype": dtype}
+    if method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype,
+        )
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    base_params = sum(p.numel() for p in model.parameters())
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model.to(device)
+    if method == "galore":
+        from galore_torch import GaLoreAdamW
+
+        decoder = model.get_decoder()
+        galore = [m.weight for m in decoder.modules() if isinstance(m, torch.nn.Linear)]
+        ids = {id(w) for w in galore}
+        regular = [p for p in model.parameters() if id(p) not in ids]
+        groups = [
+            {"params": regular},
+            {"params": galore, "rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"},
+        ]
+        return model, GaLoreAdamW(groups, lr=lr, weight_decay=0.0), base_params
+    torch.manual_seed(seed)  # just before the adapter is made, as raypeft's side (methods.build)
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        use_dora=method == "dora",
+    )
+    model = get_peft_model(model, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=lr, weight_decay=0.0), base_params
+
+
 def bench_spec(args, overrides: list[str]):
     from pipelines.spec import apply_overrides, validate
 
     raw = {
         "name": "bench-throughput",
-        "model": {"base": args.base, "dtype": "bfloat16" if args.gpu else "float32"},
-        "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        "model": {
+            "base": args.base,
+            "dtype": "bfloat16" if args.gpu else "float32",
+            "compute_dtype": "bfloat16" if args.gpu else "float32",
+        },
+        "method": METHODS[args.method],
         "data": {"train": "builtin:json_extract", "format": "chat", "max_length": args.seq},
         "train": {
             "max_steps": args.warmup + args.steps,
@@ -107,21 +175,15 @@ def child(side: str, args, overrides: list[str]) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
 
     slots: list[int] = []  # token slots the model computed, per step (pads included; a shared prefix once)
-    if side == "bare_math":  # the bare loop with SDPA's math kernel only: the loss gap kernels alone make
+    if side == "bare_alt":  # the bare loop summing in another order: the loss gap numerics alone make
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        sdpa_kernel(SDPBackend.MATH).__enter__()  # for the whole child process
+        sdpa_kernel(SDPBackend.MATH).__enter__()  # for the whole child process: SDPA's math kernel
+        if not args.gpu:  # a CPU's SDPA is the math kernel already: another thread count splits the GEMMs' sums
+            torch.set_num_threads(max(1, args.threads - 1) if args.threads > 1 else 2)
     if side.startswith("bare"):
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-        base_params = sum(p.numel() for p in model.parameters())
-        torch.manual_seed(spec.train.seed)
-        config = LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
-        model = get_peft_model(model, config)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=spec.train.lr, weight_decay=spec.train.weight_decay)
+        model, opt, base_params = bare_model(args.method, path, dtype, device, spec.train.seed, spec.train.lr)
+        params = [p for g in opt.param_groups for p in g["params"]]
         model.train()
 
         def step(k: int) -> tuple[float, int]:
@@ -210,9 +272,10 @@ def loss_gap(a: list[float], b: list[float]) -> float:
 
 def loss_bound(kernel_gap: float | None) -> float:
     """How far raypeft's loss curve may stray from the bare loop's: 1e-3 (fp32's bound), or twice the gap that
-    changing only the bare loop's attention kernel makes (``kernel_gap``), whichever is larger. In bf16 two
-    correct kernels already differ by a few 1e-3 (issue 33: 2.2e-3 to 3.7e-3 on an H200); an error in what is
-    computed (an example seeing another, a lost token) moves the curve by far more. Pure."""
+    changing only the bare loop's order of summation makes (``kernel_gap``: SDPA's math kernel, or on a CPU
+    another thread count), whichever is larger. In bf16 two correct kernels already differ by a few 1e-3
+    (issue 33: 2.2e-3 to 3.7e-3 on an H200), and GaLore's SVD turns rounding into visible steps; an error in
+    what is computed (an example seeing another, a lost token) moves the curve by far more. Pure."""
     return max(1e-3, 2 * kernel_gap) if kernel_gap is not None else 1e-3
 
 
@@ -245,15 +308,17 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--gpu", action="store_true", help="both sides on cuda:0 in bf16; memory = max_memory_allocated")
+    p.add_argument("--method", choices=list(METHODS), default="lora", help="the method both sides train")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="raypeft spec override")
     p.add_argument(
         "--kernel-gap",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="also run the bare loop once on SDPA's math kernel, and bound the loss curves' gap at twice the gap "
-        "the two bare kernels show, 1e-3 at least (default: on with --gpu, bf16; off in fp32, where the bound is 1e-3)",
+        help="also run the bare loop once summing in another order (SDPA's math kernel; on a CPU another thread "
+        "count), and bound the loss curves' gap at twice the gap the two bare runs show, 1e-3 at least (default: on "
+        "with --gpu, bf16, and for GaLore, whose SVD amplifies rounding; otherwise off and the bound is 1e-3)",
     )
-    p.add_argument("--child", choices=["bare", "bare_math", "raypeft"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["bare", "bare_alt", "raypeft"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args, args.set if args.child == "raypeft" else [])))
@@ -287,9 +352,9 @@ def main(argv=None) -> int:
         )
     gap = loss_gap(runs["bare"][0]["losses"], runs["raypeft"][0]["losses"])
     kernel_gap = None
-    if args.gpu if args.kernel_gap is None else args.kernel_gap:
-        kernel_gap = loss_gap(runs["bare"][0]["losses"], _run("bare_math", passed)["losses"])
-        print(f"loss curves of the bare loop on its default SDPA kernel and on the math kernel: {kernel_gap:.2e} apart")
+    if (args.gpu or args.method == "galore") if args.kernel_gap is None else args.kernel_gap:
+        kernel_gap = loss_gap(runs["bare"][0]["losses"], _run("bare_alt", passed)["losses"])
+        print(f"loss curves of the bare loop summing in two orders (kernel, threads): {kernel_gap:.2e} apart")
     bound = loss_bound(kernel_gap)
     print(f"loss curves: largest step-by-step difference {gap:.2e} (bound {bound:.2e})")
     result = {
