@@ -26,6 +26,7 @@
 #   attention          benchmarks.attention on both shapes: per-example SDPA vs one FlexAttention call vs padded SDPA
 #   lora_product       benchmarks.lora_product on the 1B shape: the multi-LoRA product in place vs gathered (bmm)
 #                      vs grouped by adapter, 8 rows over 8 adapters and 32 over 8
+#   serve_compile_decode  benchmarks.compile_decode on the 1B shape: the engine's decode step eager vs torch.compile
 #   serve_135m         benchmarks.serving: the engine's mixed-adapter decode vs its base-only rows vs HF generate
 set -uo pipefail
 out=${OUT:-gpu-check}
@@ -82,6 +83,9 @@ sys.exit(max(main([*sys.argv[1:], '--random-base', s]) for s in ('smollm2-135m',
 step lora_product -c "import sys; from benchmarks.lora_product import main; \
 sys.exit(max(main([*sys.argv[1:], '--random-base', 'llama-1b', '--rows', r, '--adapters', '8']) for r in ('8', '32')))" \
   "${gpu[@]}" "${attn[@]}"
+if [ ${#gpu[@]} -gt 0 ]; then  # on 2 CPU cores compiling takes ~95 s a run: the dry run skips it
+  step serve_compile_decode -m benchmarks.compile_decode "${gpu[@]}" --random-base llama-1b --repeats 2 --tokens 32
+fi
 step serve_135m -m benchmarks.serving "${gpu[@]}" --random-base smollm2-135m --sides engine_mixed,engine_base,hf_base \
   "${serve[@]}"
 for f in "$out"/train_*.log "$out"/attention.log "$out"/lora_product.log "$out"/serve_*.log; do

@@ -70,6 +70,10 @@ METHODS = {  # --method: raypeft's method section; the bare loop builds the same
 }
 
 
+def _describe(method: str) -> str:
+    return "GaLore rank 128 on every linear" if method == "galore" else f"{method} r16 all-linear"
+
+
 def bare_model(method: str, path: str, dtype, device, seed: int, lr: float):
     """The bare loop's model and optimizer for ``method``, built as their libraries' READMEs do: PEFT's
     ``LoraConfig`` (``use_dora`` for DoRA), a bitsandbytes NF4 base through ``prepare_model_for_kbit_training``
@@ -330,7 +334,7 @@ def main(argv=None) -> int:
         build(args.random_base, "cuda:0" if args.gpu else "cpu")
         args.base = f"random {args.random_base}"
     print(
-        f"{args.base}, LoRA r16 all-linear, {'bf16 on cuda:0' if args.gpu else 'fp32'}, batch {args.batch}, max_length {args.seq}, {args.steps} timed "
+        f"{args.base}, {_describe(args.method)}, {'bf16 on cuda:0' if args.gpu else 'fp32'}, batch {args.batch}, max_length {args.seq}, {args.steps} timed "
         f"steps after {args.warmup}, {args.threads} threads, {args.repeats} runs per side"
         + (f"; raypeft with {' '.join(args.set)}" if args.set else ""),
         flush=True,
@@ -371,6 +375,7 @@ def main(argv=None) -> int:
         "raypeft_slots_per_token": round(runs["raypeft"][0]["slots_per_token"], 3),
         "repeats": args.repeats,
         "overrides": args.set,
+        "method": args.method,
         "raypeft_attention": runs["raypeft"][0]["layout"],
         "device": runs["bare"][0]["device"],
         "base": args.base,
