@@ -8,6 +8,7 @@ import math
 import time
 from typing import TYPE_CHECKING
 
+from pipelines.train.attention import flex_length
 from pipelines.train.state import DataSetup, ModelSetup, Progress, Worker, fmt_span
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,12 +63,14 @@ class _Window:
         self.tokens = self.slots = self.filled = 0
         self.t = t  # the window's start
 
-    def add(self, loss: tuple, rows: list, batches: list[dict]) -> None:
+    def add(self, loss: tuple, rows: list, batches: list[dict], flex: bool = False) -> None:
+        """``flex``: the rows ran padded to their ``attention.flex_length`` bucket, which counts as slots."""
         total, counted = loss
         self.loss = self.loss + total.double()
         self.counted += counted
         self.tokens += sum(len(r["input_ids"]) for micro in rows for r in micro)
-        self.slots += sum(b["input_ids"].numel() for b in batches)  # what the model computed on, pads included
+        width = flex_length if flex else (lambda n: n)
+        self.slots += sum(b["input_ids"].shape[0] * width(b["input_ids"].shape[1]) for b in batches)  # pads included
         self.filled += sum(
             int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches
         )
@@ -121,7 +124,8 @@ def run_steps(w: Worker, m: ModelSetup, d: DataSetup, p: Progress) -> float:
     lr = set_lr(p.start_step)
     for step in range(p.start_step, spec.train.max_steps):
         rows, batches = d.micro_batches(step, accum)
-        window.add(accumulate(engine, batches, w.world, w.device, d.layout.varlen, d.layout.flex), rows, batches)
+        loss = accumulate(engine, batches, w.world, w.device, d.layout.varlen, d.layout.flex)
+        window.add(loss, rows, batches, d.layout.flex)
         engine.finish_step(step)
         done = step + 1
         if step == p.start_step:
