@@ -201,9 +201,8 @@ def example_ids(positions: list[int]) -> tuple[list[int], int]:
 def flex_rule(doc, prefix):
     """FlexAttention's ``mask_mod`` for a padding-free row: causal, within one example, plus the shared
     prefix's keys. ``doc``: each position's example id (below 0 for the bucket's padding, each pad its own);
-    ``prefix``: a 0-dim
-    tensor (a tensor, not an int, so that a new prefix length is an input to the compiled kernel, not a
-    recompile)."""
+    ``prefix``: a 0-dim tensor (not an int, so that a new prefix length is an input to the compiled kernel,
+    not a recompile)."""
 
     def mask_mod(b, h, q, kv):
         return (kv <= q) & ((doc[q] == doc[kv]) | (kv < prefix))
