@@ -29,11 +29,11 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from types import SimpleNamespace
 
+from benchmarks.children import run_child
 from benchmarks.random_base import SHAPES
 
 SIDES = ("varlen", "flex", "padded")
@@ -147,11 +147,7 @@ def child(side: str, args) -> dict:
 
 
 def _run(side: str, argv: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.attention", "--child", side, *argv]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if out.returncode != 0:
-        raise SystemExit(f"{side} run failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child("benchmarks.attention", side, argv)
 
 
 def main(argv=None) -> int:

@@ -21,12 +21,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.children import run_child
 from benchmarks.random_base import SHAPES
 
 SIDES = ("eager", "compiled")
@@ -95,11 +95,7 @@ def child(side: str, args) -> dict:
 
 
 def _run(side: str, argv: list[str], extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.compile_decode", "--child", side, *argv, *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if out.returncode != 0:
-        raise SystemExit(f"{side} run failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child("benchmarks.compile_decode", side, [*argv, *extra])
 
 
 def main(argv=None) -> int:

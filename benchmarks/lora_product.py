@@ -26,10 +26,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
+from benchmarks.children import run_child
 from benchmarks.random_base import SHAPES
 
 SIDES = ("in_place", "gather", "grouped")
@@ -46,7 +47,6 @@ def linears(shape: str) -> list[tuple[int, int]]:
 
 def child(side: str, args) -> dict:
     import torch
-    from torch import nn
 
     from serving.lora_batch import BatchContext, MultiLoraLinear
 
@@ -60,12 +60,10 @@ def child(side: str, args) -> dict:
     ctx.set(rows, ranks=dict.fromkeys(range(1, slots), args.rank))
     if side == "gather":
         ctx.onehot = None  # the per-row gather, whatever the slot range
-    bases: dict[tuple[int, int], nn.Module] = {}  # never called: only the adapter product is timed
     layers, xs, ys = [], {}, {}
     for i, o in linears(args.random_base):
-        base = bases.setdefault((i, o), nn.Linear(1, 1, bias=False))
-        base.in_features, base.out_features = i, o
-        base.weight = nn.Parameter(torch.empty(0, device=device), requires_grad=False)
+        # the base layer is never called (only the adapter product is timed): its shape and device suffice
+        base = SimpleNamespace(in_features=i, out_features=o, weight=torch.empty(0, device=device))
         lin = MultiLoraLinear(base, ctx, slots, args.rank, dtype)
         lin.A = (torch.randn(slots, args.rank, i, generator=g) / i**0.5).to(device, dtype)
         lin.B = (torch.randn(o, slots, args.rank, generator=g) / args.rank).to(device, dtype)
@@ -116,11 +114,7 @@ def child(side: str, args) -> dict:
 
 
 def _run(side: str, argv: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.lora_product", "--child", side, *argv]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if out.returncode != 0:
-        raise SystemExit(f"{side} run failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child("benchmarks.lora_product", side, argv)
 
 
 def main(argv=None) -> int:

@@ -47,10 +47,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
+from benchmarks.children import run_child
 from benchmarks.random_base import SHAPES
 
 
@@ -284,12 +284,7 @@ def loss_bound(kernel_gap: float | None) -> float:
 
 
 def _run(side: str, argv: list[str]) -> dict:
-    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--child", side, *argv]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"{side} run failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child("benchmarks.train_throughput", side, argv, {"MALLOC_ARENA_MAX": "2"})
 
 
 def _spread(xs: list[float]) -> str:

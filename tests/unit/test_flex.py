@@ -39,11 +39,11 @@ def _row(tok, packed: bool, share: bool, seed: int = 0, n: int = 5):
     return D.collate(rows, tok.pad_token_id, padding_free=True, share_prefix=share), D.collate(exs, tok.pad_token_id)
 
 
-def _model(tiny_model_dir, implementation=None):
+def _model(tiny_model_dir, implementation=None, device="cpu"):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).to(device)
     if implementation:
         assert attention.enable(model, implementation)
     return model
@@ -60,7 +60,7 @@ def _dense(inputs: dict, mask_mod=None) -> dict:
 
 
 def _loss_and_grads(model, inputs):
-    loss = model(**inputs).loss
+    loss = model(**{k: v for k, v in inputs.items() if k != "counted_index"}).loss
     loss.backward()
     return loss.detach(), torch.cat([w.grad.flatten() for w in model.parameters() if w.grad is not None])
 

@@ -10,25 +10,9 @@ import torch
 
 from pipelines.train import attention
 from pipelines.train.attention import device_batch
-from tests.unit.test_flex import LAYOUTS, _row, tok  # noqa: F401 - the fixture
+from tests.unit.test_flex import LAYOUTS, _loss_and_grads, _model, _row, tok  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.gpu
-
-
-def _model(tiny_model_dir, implementation=None):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).to("cuda")
-    if implementation:
-        assert attention.enable(model, implementation)
-    return model
-
-
-def _loss_and_grads(model, inputs):
-    loss = model(**{k: v for k, v in inputs.items() if k != "counted_index"}).loss
-    loss.backward()
-    return loss.detach(), torch.cat([w.grad.flatten() for w in model.parameters() if w.grad is not None])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=list(LAYOUTS))
@@ -36,8 +20,10 @@ def test_flex_on_cuda_gives_the_padded_batch_loss_and_gradients(tiny_model_dir, 
     """fp32, compiled FlexAttention forward and backward: the padded batch's loss and gradients (1e-4: the
     kernels accumulate in another order than SDPA's)."""
     row, padded = _row(tok, *LAYOUTS[layout])
-    loss, grads = _loss_and_grads(_model(tiny_model_dir, attention.FLEX), device_batch(row, "cuda", flex=True))
-    want_loss, want_grads = _loss_and_grads(_model(tiny_model_dir), {k: v.cuda() for k, v in padded.items()})
+    loss, grads = _loss_and_grads(_model(tiny_model_dir, attention.FLEX, "cuda"), device_batch(row, "cuda", flex=True))
+    want_loss, want_grads = _loss_and_grads(
+        _model(tiny_model_dir, device="cuda"), {k: v.cuda() for k, v in padded.items()}
+    )
     torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grads, want_grads, rtol=1e-4, atol=1e-4)
 
@@ -48,7 +34,7 @@ def test_a_flex_micro_step_on_cuda_syncs_nothing_and_compiles_per_bucket_at_most
     FlexAttention compiles at most once per 128-token bucket."""
     from torch._dynamo.utils import counters
 
-    model = _model(tiny_model_dir, attention.FLEX)
+    model = _model(tiny_model_dir, attention.FLEX, "cuda")
     torch._dynamo.reset()
     before, lengths, seen, checked = counters["stats"]["unique_graphs"], set(), set(), 0
     for step in range(20):
