@@ -8,7 +8,8 @@ gate, up, down), each a ``serving.lora_batch.MultiLoraLinear`` with its own stac
 adapters, multiplying ``--rows`` rows of one token each, row ``i`` through adapter ``i % adapters``:
 
 * ``in_place``: the engine's decode path (``MultiLoraLinear._in_place``): two matmuls over the rows' whole slot
-  range straight from the stacks, a mask keeping each row's own slot;
+  range straight from the stacks, a mask keeping each row's own slot (forced here even for ranges the engine
+  would gather, ``IN_PLACE_MAX_SPAN``);
 * ``gather``: the engine's general path (``MultiLoraLinear._per_row``): each row's ``A`` and ``B`` gathered, two
   batched matmuls (``bmm``) over per-row matrices;
 * ``grouped``: rows sorted by adapter, two matmuls per adapter group over its rows (a segment-grouped product,
@@ -48,6 +49,7 @@ def linears(shape: str) -> list[tuple[int, int]]:
 def child(side: str, args) -> dict:
     import torch
 
+    from serving import lora_batch
     from serving.lora_batch import BatchContext, MultiLoraLinear
 
     device = torch.device("cuda:0" if args.gpu else "cpu")
@@ -56,6 +58,8 @@ def child(side: str, args) -> dict:
     g = torch.Generator().manual_seed(0)
     slots = args.adapters + 1  # slot 0 is the bare base
     rows = [1 + i % args.adapters for i in range(args.rows)]
+    if side == "in_place":  # read in place whatever the range: the engine's own cap (IN_PLACE_MAX_SPAN) lifted
+        lora_batch.IN_PLACE_MAX_SPAN[device.type] = lora_batch.IN_PLACE_TOKEN_SLOTS
     ctx = BatchContext(device, dtype)
     ctx.set(rows, ranks=dict.fromkeys(range(1, slots), args.rank))
     if side == "gather":
