@@ -275,6 +275,12 @@ class LoraServer:
         self.sources = AdapterSources(s, tempfile.mkdtemp(prefix="raypeft-serve-"))
         self.base_record = served_record(s, self.sources.resolve)  # the base exactly as its adapters trained on it
         self.fidelity: dict[str, str | None] = {}  # adapter key → what differs (None: served as trained)
+        from pipelines.spec import SpecError
+        from serving.fidelity import compile_problems
+
+        problems = compile_problems(self.base_record) if s.limits.compile_decode else []
+        if problems:  # the base came from a registry adapter's record, read only now
+            raise SpecError(problems, "serving spec")
         job = job_validate({"model": {**self.base_record, "dtype": m.dtype, "compute_dtype": m.dtype}})
         device = "cuda" if s.deployment.gpus_per_replica else "cpu"
         base, self.tok, _ = load_base(job, device=device, log=lambda *_: None)
@@ -297,6 +303,7 @@ class LoraServer:
             prefill_slowdown=s.limits.prefill_slowdown,
             max_context=s.limits.max_prompt_tokens + s.limits.max_new_tokens,
             max_kv_bytes=s.limits.max_kv_bytes,
+            compile_decode=s.limits.compile_decode,
         )
         for name in s.cache.prefetch:
             self.backend.add_adapter(name)

@@ -86,6 +86,7 @@ class Engine:
         prefill_slowdown: float | None = 1.8,
         max_context: int = 4096,
         max_kv_bytes: int | None = None,
+        compile_decode: bool = False,
     ):
         self.multi, self.tok, self.resolve = multi, tokenizer, resolve
         self.model = multi.model
@@ -97,6 +98,12 @@ class Engine:
         self.layer_windows = _layer_windows(self.model.config)
         kv_attention.register()
         self.model.set_attn_implementation(kv_attention.ROWS_ATTENTION)  # every pass is a RowCache pass
+        # decode-only passes through torch.compile (inductor), every row down one LoRA path at full width
+        # (``MultiLoraLinear._uniform``): the stacks are made ``r_max`` wide now and never move
+        self._compiled, self._warm = None, False
+        if compile_decode:
+            multi.widen(max_batch)
+            self._compiled = _compile(self.model)
         self.kv = RowCache(max_batch, max_context, self.device, _kv_bytes_per_token(self.model.config, self.dtype))
         self.cpu = LRU(cpu_cache_items, cpu_cache_bytes)
         self.slots = SlotTable(multi.slots)
@@ -111,23 +118,50 @@ class Engine:
         self.eos = {
             t for t in [tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])] if t is not None
         }
-        self.stats = {
+        self.stats = self._fresh_stats()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _fresh_stats() -> dict:
+        return {
             "requests": 0,
             "tokens": 0,
             "steps": 0,
             "batch_rows": 0,
             "prefill_tokens": 0,
             "failed_steps": 0,
+            "compiled_steps": 0,
             "adapter_load_s": deque(maxlen=1024),  # the latest reads, for a p50
         }
-        self._stop = False
-        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ the Backend seam
 
     def start(self) -> None:
+        self.warm()
         self._thread = threading.Thread(target=self.run_forever, name="raypeft-engine", daemon=True)
         self._thread.start()
+
+    def warm(self) -> float:
+        """With ``compile_decode``, compile the decode step before the first request: one row alone, then two
+        together (one graph each: a single row is its own shape to the compiler, any larger batch shares the
+        other), through bare-base rows of a one-token prompt. The adapters' mix, the rows' lengths and the KV
+        cache's size are not part of the compiled structure, so later steps compile nothing. Leaves no trace
+        in the metrics or the chunk budget. Returns the seconds it took (0 when there is nothing to compile)."""
+        if self._compiled is None or self._warm or self.rows or self.waiting:
+            return 0.0
+        t0 = time.perf_counter()
+        log.info("raypeft: compiling the decode step (limits.compile_decode); on a CPU this takes minutes")
+        for rows in sorted({1, min(2, self.max_batch)}, reverse=True):  # the cache grows to 2 rows first
+            reqs = [self.submit(Request([0], None, max_tokens=3, ignore_eos=True)) for _ in range(rows)]
+            while not all(r.finish_reason for r in reqs):
+                self.step()
+        self.stats = self._fresh_stats()
+        self.budget = ChunkBudget(self.budget.cap, self.budget.slowdown)
+        self._warm = True
+        seconds = time.perf_counter() - t0
+        log.info("raypeft: decode step compiled in %.1f s", seconds)
+        return seconds
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -188,6 +222,7 @@ class Engine:
             "generated_tokens_total": st["tokens"],
             "engine_steps_total": st["steps"],
             "engine_failed_steps_total": st["failed_steps"],
+            "engine_compiled_steps_total": st["compiled_steps"],
             "batch_rows_total": st["batch_rows"],
             "prefill_tokens_total": st["prefill_tokens"],
             "queue_waiting": len(self.waiting),
@@ -372,17 +407,24 @@ class Engine:
         """One pass adding each ``(row, tokens)`` of ``feeds`` to its row, the rows' tokens end to end in one
         sequence (``serving.kv``); returns each feed's next-token logits ``[feeds, vocab]``."""
         self.kv.reserve(len(self.rows), max(self._reserve(r) for r in self.rows), self.max_kv_bytes)
-        p = self.kv.begin([(row, len(tokens)) for row, tokens in feeds], self.layer_windows)
+        uniform = self._compiled is not None and self._decode_only(feeds)
+        p = self.kv.begin([(row, len(tokens)) for row, tokens in feeds], self.layer_windows, uniform=uniform)
         ids = torch.tensor([t for _, tokens in feeds for t in tokens], dtype=torch.long)  # built on the host
         slots = [self.rows[row].state.slot for row, _ in feeds]
         segments, offset = [], p.singles
         for (_, tokens), slot in zip(feeds[p.singles :], slots[p.singles :]):
             segments.append((offset, len(tokens), slot))
             offset += len(tokens)
+        ids = ids.to(self.device, non_blocking=True).view(1, -1)
         try:
-            self.multi.feeds(slots[: p.singles], segments)
-            out = self.model(
-                input_ids=ids.to(self.device, non_blocking=True).view(1, -1),
+            if uniform:
+                self.multi.every_row(slots)
+                _dynamic(ids, p, self.kv)
+            else:
+                self.multi.feeds(slots[: p.singles], segments)
+            self.stats["compiled_steps"] += uniform
+            out = (self._compiled if uniform else self.model)(
+                input_ids=ids,
                 position_ids=p.positions,
                 past_key_values=self.kv,
                 use_cache=True,
@@ -396,6 +438,12 @@ class Engine:
             self.multi.rows(None)
         self.kv.end()
         return out.logits[0].float()
+
+    def _decode_only(self, feeds: list[tuple[int, list[int]]]) -> bool:
+        """Whether a pass is one token for each of rows ``0..m-1``, every row past its first token (so the
+        cache is allocated and the rows are at least two columns wide): the compiled step's one structure."""
+        kv = self.kv
+        return bool(kv.keys) and all(r == i and len(t) == 1 and kv.lengths[r] for i, (r, t) in enumerate(feeds))
 
     def _pass(self) -> tuple[int, int]:
         """One forward pass: a token for every decoding row, and the prefilling rows' next prompt chunks
@@ -538,6 +586,36 @@ class Engine:
                 done.append(req)
         for req in done:
             req.push(("done", req.finish_reason))
+
+
+def _compile(model):
+    """``model`` through ``torch.compile`` (inductor, dynamic sizes), compiled without duck sizing: sizes that
+    happen to be equal when it compiles (the rows and the columns read, say) stay separate sizes, not one
+    that the next step would break."""
+    from torch.fx.experimental import _config as shape_config
+
+    compiled = torch.compile(model, dynamic=True)
+
+    def call(**kw):
+        with shape_config.patch(use_duck_shape=False):
+            return compiled(**kw)
+
+    return call
+
+
+def _dynamic(ids: torch.Tensor, p, kv: RowCache) -> None:
+    """Tell the compiler which sizes of a decode step change from step to step (the rows, the columns read,
+    the cache's rows and capacity), so it compiles them as sizes, not constants: one graph serves every
+    batch of two or more rows (one row is a shape of its own)."""
+    mark = torch._dynamo.maybe_mark_dynamic
+    for t, dim in ((ids, 1), (p.positions, 1), (p.token_rows, 0), (p.last, 0)):
+        mark(t, dim)
+    for mask in p.decode_masks.values():
+        mark(mask, 0)
+        mark(mask, 3)
+    for t in (*kv.keys, *kv.values):
+        mark(t, 0)
+        mark(t, 2)
 
 
 def _attention_windows(config) -> dict[str, int | None] | int | None:

@@ -84,6 +84,16 @@ def difference(record: dict[str, Any], base: dict[str, Any]) -> str | None:
     return "; ".join(diffs) or None
 
 
+def compile_problems(base: dict[str, Any]) -> list[Problem]:
+    """``limits.compile_decode`` over a bitsandbytes base is refused (not tried under ``torch.compile``)."""
+    got = base.get("quantization", "none")
+    if got == "none" and base.get("quantization_plan"):
+        got = "a quantization_plan"
+    if got == "none":
+        return []
+    return [("limits.compile_decode", f"not supported over a bitsandbytes base (model quantization: {quote(got)})")]
+
+
 def fidelity_problems(spec) -> list[Problem]:
     """``from_adapter`` is well formed, and every adapter configured as a local directory was trained on the
     served base (registry sources are checked when first used: 409)."""
@@ -106,6 +116,8 @@ def fidelity_problems(spec) -> list[Problem]:
         if out or src.startswith("models:/"):
             return out
     base = served_record(spec)
+    if spec.limits.compile_decode:
+        out += compile_problems(base)
     for name, src in spec.adapters.items():
         if src.startswith("models:/") or "://" in src:
             continue

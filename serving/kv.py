@@ -43,6 +43,7 @@ class Pass:
     width: int  # the columns the single-token rows read
     windows: list[int | None]  # each layer's sliding window (None: it attends to everything)
     cache: RowCache | None = None  # whose buffers the attention layers must receive
+    decode_masks: dict[int | None, torch.Tensor] | None = None  # a uniform pass's masks, made before it (``begin``)
     _masks: dict = field(default_factory=dict)
 
     def singles_mask(self, window: int | None) -> torch.Tensor:
@@ -91,6 +92,13 @@ def rows_attention(module, query, key, value, attention_mask=None, rows_pass: Pa
     kwargs.pop("is_causal", None)
     kwargs.pop("sliding_window", None)  # the pass's own per-layer windows apply
     window = p.windows[module.layer_idx]
+    if p.decode_masks is not None:  # every row one token: sizes read off tensors only (one compiled structure)
+        mask = p.decode_masks[window]  # [rows, 1, 1, width]
+        rows, width = query.shape[2], mask.shape[-1]
+        q = query[0].transpose(0, 1).unsqueeze(2)  # [rows, heads, 1, dim]
+        k, v = key[:rows, :, :width], value[:rows, :, :width]
+        out = sdpa_attention_forward(module, q, k, v, mask, is_causal=False, **kwargs)[0]
+        return out.transpose(0, 1), None
     outs = []
     m = p.singles
     if m:
@@ -159,9 +167,11 @@ class RowCache:
 
     # ------------------------------------------------------------------ one forward pass
 
-    def begin(self, feeds: list[tuple[int, int]], windows: list[int | None]) -> Pass:
+    def begin(self, feeds: list[tuple[int, int]], windows: list[int | None], uniform: bool = False) -> Pass:
         """Prepare a pass that adds ``count`` tokens to each ``(row, count)`` of ``feeds``, in that token
-        order (the decoding rows ``0..m-1`` with one token each first, see the module docstring)."""
+        order (the decoding rows ``0..m-1`` with one token each first, see the module docstring).
+        ``uniform``: a decode-only pass (rows ``0..m-1``, one token each) whose masks are made here, so the
+        attention layers read nothing but tensors (``rows_attention``; the engine's compiled step)."""
         starts = [self.lengths[row] for row, _ in feeds]
         for (row, count), start in zip(feeds, starts):
             if not 0 <= row < self.rows or count < 1 or start + count > self.capacity:
@@ -187,6 +197,10 @@ class RowCache:
             windows=windows,
             cache=self,
         )
+        if uniform:
+            if singles != len(feeds):
+                raise ValueError("a uniform pass takes one token for each of rows 0..m-1")
+            self._pass.decode_masks = {w: self._pass.singles_mask(w) for w in set(windows)}
         return self._pass
 
     def end(self) -> None:

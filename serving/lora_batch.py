@@ -79,6 +79,8 @@ class BatchContext:
         self.any_dora = False  # any DoRA adapter among ``rows``
         self.segments: list[tuple[int, int, int, int, bool]] | None = None  # None: the rows layout
         self.lo, self.span, self.onehot = 0, 0, None
+        self.uniform = False  # one path for every row of a decode-only pass (``set_uniform``: the compiled step)
+        self.row_slots: torch.Tensor | None = None  # [max rows] the uniform path's slot per row, at a fixed address
 
     def _rows(self, rows: list[int], dora_slots, ranks: dict[int, int] | None) -> None:
         slots = set(rows)
@@ -97,7 +99,7 @@ class BatchContext:
                 self.onehot = (self.rows[:, None] == cand).to(self.dtype)[:, :, None]  # [rows, span, 1]
 
     def set(self, rows: list[int] | None, dora_slots: set[int] = frozenset(), ranks: dict[int, int] | None = None):
-        self.segments = None
+        self.segments, self.uniform = None, False
         if rows is None:
             self.rows, self.rank, self.any_adapter, self.rows_adapter, self.any_dora = None, 0, False, False, False
             self.lo, self.span, self.onehot = 0, 0, None
@@ -117,7 +119,7 @@ class BatchContext:
         (``in_place_span``), the whole pass is taken
         as one-token rows read in place: one pair of matmuls per layer whatever the number of prompts,
         where a chunk per segment would cost a few operations each."""
-        ranks = ranks or {}
+        ranks, self.uniform = ranks or {}, False
         tokens = rows + [slot for _, count, slot in segments for _ in range(count)]
         used = set(tokens) - {0}
         span = max(used) - min(used) + 1 if used else 0
@@ -126,6 +128,18 @@ class BatchContext:
         self._rows(rows, dora_slots, ranks)
         self.segments = [(o, c, s, ranks.get(s, 0), s in dora_slots) for o, c, s in segments]
         self.any_adapter = self.rows_adapter or any(s and r for _, _, s, r, _ in self.segments)
+
+    def set_uniform(self, rows: list[int]) -> None:
+        """One token per row, row ``i`` through slot ``rows[i]`` (slot 0, the bare base, included), every row
+        down one path whatever the mix (``MultiLoraLinear._uniform``). The slots go into ``row_slots``, a
+        buffer made once (``MultiLoraModel.widen``) that the layers read and slice to their input's rows, so a
+        compiled decode step sees the same tensors, and nothing else of this context, every step."""
+        self.set(None)
+        if self.row_slots is None or len(rows) > self.row_slots.shape[0]:
+            raise ValueError(f"{len(rows)} rows: MultiLoraModel.widen(max_rows) makes room for the uniform path first")
+        padded = rows + [0] * (self.row_slots.shape[0] - len(rows))
+        self.row_slots.copy_(torch.tensor(padded, dtype=torch.long), non_blocking=True)
+        self.uniform = self.any_adapter = True
 
 
 class MultiLoraLinear(nn.Module):
@@ -228,6 +242,8 @@ class MultiLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         ctx = self.ctx
+        if ctx.uniform:
+            return self._uniform(x, y)
         if not ctx.any_adapter or not self.rank:  # no adapter in the pass, or none loaded touches this layer
             return y
         if ctx.segments is None:  # the rows layout
@@ -269,6 +285,20 @@ class MultiLoraLinear(nn.Module):
         delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b)  # [batch, tokens, out]
         g = self.g.index_select(0, rows).unsqueeze(1) if ctx.any_dora else None  # [batch, 1, out]
         return self._combine(y3, delta, g).to(y3.dtype)
+
+    def _uniform(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One token per row, row ``i`` through slot ``ctx.rows[i]``, down one path whatever the rows' adapters:
+        each row's stacks gathered at their full width (zero past an adapter's rank, and zero for slot 0) and
+        its DoRA scale applied (one for LoRA and the base). No branch on the pass's mix, so a compiled step
+        never sees another structure (``Engine(compile_decode=True)``)."""
+        x3 = x.reshape(-1, 1, self.in_features).to(self.A.dtype)  # [rows, 1, in]
+        rows = self.ctx.row_slots[: x3.shape[0]]
+        a = self.A.index_select(0, rows)  # [rows, r, in]
+        b = self.B.index_select(1, rows).permute(1, 2, 0)  # [rows, r, out]
+        delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b)
+        g = self.g.index_select(0, rows).unsqueeze(1)  # [rows, 1, out]
+        out = self._combine(y.reshape(-1, 1, self.out_features), delta, g)
+        return out.to(y.dtype).reshape(y.shape)
 
     def _in_place(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``x [rows, in]``, ``y [rows, out]``: one token per row, the rows' slots within ``[lo, lo + span)`` (span ≤ rows): every slot of the range
@@ -422,6 +452,14 @@ class MultiLoraModel:
             adapter.nbytes += sum(t.numel() * t.element_size() for t in adapter.g.values())
         return adapter
 
+    def widen(self, max_rows: int) -> None:
+        """Ready the uniform path (``every_row``) for up to ``max_rows`` rows: every layer's stacks made ``r_max``
+        wide now (they never grow again, so they keep their addresses: what a compiled or captured step needs;
+        it costs what ``slots`` adapters of rank ``r_max`` take), and the rows' slot buffer made."""
+        for layer in self.layers.values():
+            layer.grow(self.r_max)
+        self.ctx.row_slots = torch.zeros(max_rows, dtype=torch.long, device=self.device)
+
     def evict(self, slot: int) -> None:
         for layer in self.layers.values():
             layer.clear_slot(slot)
@@ -432,6 +470,10 @@ class MultiLoraModel:
     def rows(self, slots: list[int]) -> None:
         """Set the slot of each row for the next forward passes (``x`` is ``[batch, tokens, in]``)."""
         self.ctx.set(slots, self.dora_slots, self.slot_rank)
+
+    def every_row(self, slots: list[int]) -> None:
+        """Set one token per row, each through its slot, all down one path (``BatchContext.set_uniform``)."""
+        self.ctx.set_uniform(slots)
 
     def feeds(self, slots: list[int], segments: list[tuple[int, int, int]]) -> None:
         """Set the slots of one sequence: its first ``len(slots)`` tokens one each, then ``segments``

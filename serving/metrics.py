@@ -26,6 +26,7 @@ HELP = {
     "generated_tokens_total": "Tokens generated.",
     "engine_steps_total": "Engine iterations.",
     "engine_failed_steps_total": "Engine iterations that raised; their requests got 500.",
+    "engine_compiled_steps_total": "Engine iterations run by the compiled decode step (limits.compile_decode).",
     "batch_rows_total": "Rows decoded, summed over steps (divided by steps: the mean batch).",
     "prefill_tokens_total": "Prompt tokens prefilled.",
     "queue_waiting": "Requests waiting for a row.",

@@ -158,3 +158,33 @@ def test_a_pass_reads_in_place_only_a_slot_range_its_device_measured_faster():
     assert not in_place([1, 9])  # a range of 9 for 2 rows: wider than the rows, on any device
     assert in_place_span(torch.device("cpu")) == 8
     assert in_place_span(torch.device("cuda")) == IN_PLACE_TOKEN_SLOTS  # not measured there yet
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_uniform_path_equals_the_per_pass_paths(bias):
+    """``every_row`` (the compiled decode step's one path: each row's stacks gathered at full width, the DoRA
+    scale always applied) gives what the mixed paths give for the same rows: bare-base rows, LoRA rows of two
+    ranks and DoRA rows together, to float32 rounding."""
+    from torch import nn
+
+    from serving.lora_batch import BatchContext, MultiLoraLinear
+
+    torch.manual_seed(0)
+    ctx = BatchContext("cpu")
+    layer = MultiLoraLinear(nn.Linear(16, 12, bias=bias), ctx, slots=4, r_max=8, dtype=torch.float32)
+    layer.load_slot(1, torch.randn(4, 16), torch.randn(12, 4), 2.0, None)
+    layer.load_slot(2, torch.randn(8, 16), torch.randn(12, 8), 0.5, None)
+    layer.load_slot(3, torch.randn(4, 16), torch.randn(12, 4), 1.0, torch.rand(12) + 0.5)  # DoRA
+    rows = [0, 3, 1, 2, 1, 0]
+    x = torch.randn(1, len(rows), 16)
+    with torch.no_grad():
+        ctx.set_flat(rows, [], dora_slots={3}, ranks={1: 4, 2: 8, 3: 4})
+        want = layer(x)
+        ctx.row_slots = torch.zeros(8, dtype=torch.long)
+        ctx.set_uniform(rows)
+        got = layer(x)
+        ctx.set(None)
+        base = layer(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, base), "the adapters changed nothing: the check would pass on the bare base"
+    assert ctx.uniform is False and ctx.row_slots.tolist()[: len(rows)] == rows

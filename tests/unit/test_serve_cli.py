@@ -21,6 +21,12 @@ DEMO = "serving/configs/demo.yaml"
         (DEMO, ["limits.max_kv_bytes=-5", "limits.prefill_chunk_tokens=0"], ["max_kv_bytes", "prefill_chunk_tokens"]),
         (DEMO, ["model.from_adapter=nope"], ["model.from_adapter", "not a name in `adapters`"]),
         (DEMO, ["cache.max_rank=0", "tenants.acme.key_env=RAYPEFT_TEST_UNSET"], ["cache.max_rank", "tenants.acme"]),
+        (
+            DEMO,
+            ["limits.compile_decode=true", "model.quantization=nf4"],
+            ["limits.compile_decode", "bitsandbytes", "'nf4'"],
+        ),
+        (DEMO, ["limits.compile_decode=sometimes"], ["limits.compile_decode", "'sometimes'"]),
         ("no/such/serve.yaml", [], ["no/such/serve.yaml"]),
         ("BAD_YAML", [], ["adapters"]),
     ],
