@@ -59,7 +59,7 @@ step() {  # name, then the python arguments; the log keeps everything, the conso
   echo "== $name: exit $rc"
 }
 
-step gpu_tests -m pytest -q -p no:cacheprovider -o addopts= tests/unit/test_engine_cuda.py tests/unit/test_flex_cuda.py
+step gpu_tests -m pytest -q -p no:cacheprovider -o addopts= tests/unit/test_engine_cuda.py tests/unit/test_flex_cuda.py tests/unit/test_engine_compile.py -m gpu
 step train_135m -m benchmarks.train_throughput "${gpu[@]}" --random-base smollm2-135m "${train[@]}" --repeats 3
 step train_135m_padding_free -m benchmarks.train_throughput "${gpu[@]}" --random-base smollm2-135m "${train[@]}" \
   --repeats 2 --set data.padding_free=true
