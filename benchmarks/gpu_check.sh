@@ -27,6 +27,8 @@
 #   lora_product       benchmarks.lora_product on the 1B shape: the multi-LoRA product in place vs gathered (bmm)
 #                      vs grouped by adapter, 8 rows over 8 adapters and 32 over 8
 #   serve_compile_decode  benchmarks.compile_decode on the 1B shape: the engine's decode step eager vs torch.compile
+#   serve_1b_compiled  benchmarks.serving --compile-decode on the 1B shape: the issue's goal keys
+#                      (mixed_over_hf_base, mixed_over_engine_base, decode_step_p50_ms) with the compiled step
 #   serve_135m         benchmarks.serving: the engine's mixed-adapter decode vs its base-only rows vs HF generate
 set -uo pipefail
 out=${OUT:-gpu-check}
@@ -83,8 +85,10 @@ sys.exit(max(main([*sys.argv[1:], '--random-base', s]) for s in ('smollm2-135m',
 step lora_product -c "import sys; from benchmarks.lora_product import main; \
 sys.exit(max(main([*sys.argv[1:], '--random-base', 'llama-1b', '--rows', r, '--adapters', '8']) for r in ('8', '32')))" \
   "${gpu[@]}" "${attn[@]}"
-if [ ${#gpu[@]} -gt 0 ]; then  # on 2 CPU cores compiling takes ~95 s a run: the dry run skips it
+if [ ${#gpu[@]} -gt 0 ]; then  # on 2 CPU cores compiling takes minutes a run: the dry run skips these
   step serve_compile_decode -m benchmarks.compile_decode "${gpu[@]}" --random-base llama-1b --repeats 2 --tokens 32
+  step serve_1b_compiled -m benchmarks.serving "${gpu[@]}" --random-base llama-1b --compile-decode \
+    --sides engine_mixed,engine_base,hf_base "${serve[@]}"
 fi
 step serve_135m -m benchmarks.serving "${gpu[@]}" --random-base smollm2-135m --sides engine_mixed,engine_base,hf_base \
   "${serve[@]}"

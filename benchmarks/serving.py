@@ -1,7 +1,7 @@
 """Multi-adapter serving, measured fairly: each side in a fresh process, sides alternating, repeated.
 
     python -m benchmarks.serving [--base smollm2-135m] [--rank 16] [--tokens 32] [--repeats 3]
-                                 [--prefill-chunk 256] [--sides a,b,…] [--gpu]
+                                 [--prefill-chunk 256] [--sides a,b,…] [--gpu] [--compile-decode]
                                  [--random-base smollm2-135m|llama-1b|llama-8b]
 
 ``--random-base SHAPE`` serves a random-init base of that shape instead of ``--base``
@@ -31,8 +31,10 @@ every request generates ``--tokens`` tokens; the clock covers submit → last to
   steps and 3 prompts' first tokens), after a warm-up that includes one long prompt (so the KV
   cache has grown to its working size once, as on a server that has been up a while).
 
-The table gives the median and the spread (min–max) over the repeats; the last line is one JSON
-object. Not a timed test.
+``--compile-decode`` runs every engine side with ``limits.compile_decode`` (its two graphs compiled before
+the clock starts). The table gives the median and the spread (min–max) over the repeats; the last line is
+one JSON object, with ``device``, ``base`` and ``decode_step_p50_ms`` (the median decode-only step of
+``engine_mixed``: 8 rows over 8 adapters, every row past its prompt). Not a timed test.
 """
 
 from __future__ import annotations
@@ -131,12 +133,15 @@ def _sync(args):
         torch.cuda.synchronize()
 
 
+COMPILE_S: list[float] = []  # each engine's warm-up (0 unless --compile-decode)
+
+
 def _engine(args, tok, resolve, *, slots=9, max_batch=8, cpu_items=64):
     from serving.engine import Engine
     from serving.lora_batch import MultiLoraModel
 
     multi = MultiLoraModel(_load(args), slots=slots, r_max=args.rank)
-    return Engine(
+    engine = Engine(
         multi,
         tok,
         resolve,
@@ -144,22 +149,32 @@ def _engine(args, tok, resolve, *, slots=9, max_batch=8, cpu_items=64):
         cpu_cache_items=cpu_items,
         prefill_chunk_tokens=args.prefill_chunk,
         prefill_slowdown=args.prefill_slowdown or None,
+        compile_decode=args.compile_decode,
     )
+    # --compile-decode: compiled here, before any clock starts, as a replica does before it reports ready
+    COMPILE_S.append(engine.warm())
+    return engine
 
 
 def _ids(tok, prompt):
     return tok(prompt, add_special_tokens=False)["input_ids"]
 
 
-def _drive(engine, reqs, args) -> tuple[int, float]:
-    """Submit, step until done; (tokens generated, seconds)."""
+def _drive(engine, reqs, args, steps: list[float] | None = None) -> tuple[int, float]:
+    """Submit, step until done; (tokens generated, seconds). ``steps`` gets each decode-only step's milliseconds
+    (every row past its prompt, nothing waiting: the step a decode token costs)."""
     _sync(args)
     t0 = time.perf_counter()
     for r in reqs:
         engine.submit(r)
     while not all(r.finish_reason for r in reqs):
+        decoding = steps is not None and engine.rows and engine.n == len(engine.rows) and not engine.waiting
+        s = time.perf_counter()
         if not engine.step():
             time.sleep(0.001)
+        if decoding:
+            _sync(args)  # the step already read its tokens back: this waits for nothing more
+            steps.append((time.perf_counter() - s) * 1000)
     _sync(args)
     return sum(len(r.out_ids) for r in reqs), time.perf_counter() - t0
 
@@ -178,8 +193,9 @@ def side_engine(args, tok, dirs, n_requests: int, adapters: bool) -> dict:
         ]
 
     _drive(engine, reqs(), args)  # warm-up
-    n, dt = _drive(engine, reqs(), args)
-    return {"tok_s": n / dt}
+    steps: list[float] = []
+    n, dt = _drive(engine, reqs(), args, steps)
+    return {"tok_s": n / dt, "decode_step_p50_ms": statistics.median(steps), "compile_s": sum(COMPILE_S)}
 
 
 def side_hf(args, tok, dirs, mode: str) -> dict:
@@ -382,6 +398,11 @@ def main(argv=None) -> int:
         default=1.8,
         help="the engine's prefill_slowdown (the serving spec's default); 0: off, every step prefills --prefill-chunk",
     )
+    p.add_argument(
+        "--compile-decode",
+        action="store_true",
+        help="the engine's decode-only steps through torch.compile (limits.compile_decode), compiled before timing",
+    )
     p.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset")
     p.add_argument("--side", help=argparse.SUPPRESS)
     p.add_argument("--base-path", help=argparse.SUPPRESS)
@@ -417,6 +438,7 @@ def main(argv=None) -> int:
                 cmd += ["--threads", str(args.threads), "--prefill-chunk", str(args.prefill_chunk)]
                 cmd += ["--prefill-slowdown", str(args.prefill_slowdown)]
                 cmd += ["--gpu"] if args.gpu else []
+                cmd += ["--compile-decode"] if args.compile_decode else []
                 t0 = time.perf_counter()
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode:
@@ -442,6 +464,10 @@ def main(argv=None) -> int:
         "scale_1000_over_8": ratio("scale_1000", "scale_8"),
         "cold_load_p50_ms": round(med("cold_load", "p50_ms"), 2) if results.get("cold_load") else None,
         "itl_p99_over_p50_long_prompts": round(med("itl", "ratio"), 2) if results.get("itl") else None,
+        # one decode-only step of engine_mixed: 8 rows, 8 adapters
+        "decode_step_p50_ms": round(med("engine_mixed", "decode_step_p50_ms"), 3)
+        if results.get("engine_mixed")
+        else None,
     }
     print(
         f"{args.base} {'bf16 cuda' if args.gpu else f'fp32 CPU, {args.threads} threads'}: {args.tokens} greedy "
@@ -464,6 +490,9 @@ def main(argv=None) -> int:
         json.dumps(
             {
                 **summary,
+                "device": "cuda" if args.gpu else "cpu",
+                "base": args.base,
+                "compile_decode": args.compile_decode,
                 "repeats": args.repeats,
                 "gpu": args.gpu,
                 "prefill_chunk": args.prefill_chunk,
