@@ -28,3 +28,34 @@ def test_a_replica_removes_its_adapter_downloads_when_serve_stops_it(tiny_model_
         replica.backend.stop()
         replica.__del__()
     assert not cache.exists() and not list(temp.iterdir())
+
+
+def test_a_replica_with_compile_decode_compiles_before_its_constructor_returns(tiny_model_dir):
+    """``limits.compile_decode`` reaches the engine, and the replica compiles the decode step (both graphs)
+    while Serve still waits for it, so the first request compiles nothing."""
+    from torch._dynamo.utils import counters
+
+    from serving.app import LoraServer
+    from serving.backend import Request
+    from serving.spec import validate
+
+    spec = validate(
+        {
+            "model": {"base": str(tiny_model_dir), "name": "tiny"},
+            "limits": {"compile_decode": True},
+            "cache": {"active_slots": 2, "max_rank": 8},  # test_engine_compile's shapes: inductor's cache may hold them
+        }
+    )
+    before = counters["stats"]["unique_graphs"]
+    replica = LoraServer.func_or_class.__mro__[1](spec.model_dump(mode="json"))
+    try:
+        assert counters["stats"]["unique_graphs"] - before == 2
+        req = replica.backend.submit(Request([1, 2, 3], None, max_tokens=4, ignore_eos=True))
+        while req.finish_reason is None:
+            req.events.get(timeout=60)
+        assert len(req.out_ids) == 4
+        assert counters["stats"]["unique_graphs"] - before == 2, "the first request compiled again"
+        assert replica.backend.metrics()["engine_compiled_steps_total"] >= 2
+    finally:
+        replica.backend.stop()
+        replica.__del__()
