@@ -155,7 +155,14 @@ class Engine:
         for rows in sorted({1, min(2, self.max_batch)}, reverse=True):  # the cache grows to 2 rows first
             reqs = [self.submit(Request([0], None, max_tokens=3, ignore_eos=True)) for _ in range(rows)]
             while not all(r.finish_reason for r in reqs):
-                self.step()
+                self.step()  # a step that raises fails its requests (and logs why) rather than raising
+            if any(r.finish_reason == "error" for r in reqs):
+                events = [reqs[0].events.get_nowait() for _ in range(reqs[0].events.qsize())]
+                why = next((text for kind, text in events if kind == "error"), "see the log")
+                raise RuntimeError(
+                    f"limits.compile_decode: compiling the decode step failed ({why}); "
+                    "serve without it (limits.compile_decode: false)"
+                )
         self.stats = self._fresh_stats()
         self.budget = ChunkBudget(self.budget.cap, self.budget.slowdown)
         self._warm = True

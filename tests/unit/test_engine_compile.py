@@ -119,3 +119,16 @@ def test_the_compiled_decode_step_on_cuda_generates_the_eager_tokens(tiny_model_
     before = _graphs()
     assert _serve(compiled, tok) == want
     assert _graphs() == before
+
+
+def test_a_decode_step_that_cannot_compile_stops_the_replica_naming_the_option(tiny_model_dir, adapters):  # noqa: F811
+    """If compiling fails (no C++ compiler for inductor, say), the warm-up raises, naming the option and the
+    error, instead of a replica that fails every request later."""
+    engine, _ = _engine(tiny_model_dir, adapters, compile_decode=True)
+
+    def no_compiler(**kw):
+        raise RuntimeError("InductorError: no working C++ compiler found")
+
+    engine._compiled = no_compiler  # noqa: SLF001 - stands in for inductor failing
+    with pytest.raises(RuntimeError, match=r"limits\.compile_decode: .*no working C\+\+ compiler"):
+        engine.warm()
