@@ -87,6 +87,7 @@ class Engine:
         max_context: int = 4096,
         max_kv_bytes: int | None = None,
         compile_decode: bool = False,
+        compile_backend: str = "inductor",
     ):
         self.multi, self.tok, self.resolve = multi, tokenizer, resolve
         self.model = multi.model
@@ -103,7 +104,7 @@ class Engine:
         self._compiled, self._warm = None, False
         if compile_decode:
             multi.widen(max_batch)
-            self._compiled = _compile(self.model)
+            self._compiled = _compile(self.model, compile_backend)
         self.kv = RowCache(max_batch, max_context, self.device, _kv_bytes_per_token(self.model.config, self.dtype))
         self.cpu = LRU(cpu_cache_items, cpu_cache_bytes)
         self.slots = SlotTable(multi.slots)
@@ -595,13 +596,14 @@ class Engine:
             req.push(("done", req.finish_reason))
 
 
-def _compile(model):
-    """``model`` through ``torch.compile`` (inductor, dynamic sizes), compiled without duck sizing: sizes that
-    happen to be equal when it compiles (the rows and the columns read, say) stay separate sizes, not one
-    that the next step would break."""
+def _compile(model, backend: str):
+    """``model`` through ``torch.compile`` (``backend``: inductor unless a test asks for ``aot_eager``, which
+    traces the same graphs without generating kernels), dynamic sizes, compiled without duck sizing: sizes
+    that happen to be equal when it compiles (the rows and the columns read, say) stay separate sizes, not
+    one that the next step would break."""
     from torch.fx.experimental import _config as shape_config
 
-    compiled = torch.compile(model, dynamic=True)
+    compiled = torch.compile(model, dynamic=True, backend=backend)
 
     def call(**kw):
         with shape_config.patch(use_duck_shape=False):

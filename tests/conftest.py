@@ -19,6 +19,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # wait on each other (tests/unit/test_methods.py beside two busy one-thread processes: 17 s → 124 s; with
     # one thread, 24 s). Set before torch loads; the test processes' children (CLIs, clusters) inherit it.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # likewise inductor's pool of compile processes (one per core): the tests' graphs are small, and a pool
+    # compiling beside the other worker's Ray cluster slows both
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 
 from cluster.connect import free_port  # noqa: E402,F401 - the tests' free ports: the same rule as the code's

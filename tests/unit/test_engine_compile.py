@@ -49,12 +49,16 @@ def test_the_compiled_decode_step_generates_the_eager_tokens_and_compiles_only_a
     tiny_model_dir,
     adapters,  # noqa: F811
 ):
+    """Traced by dynamo and run by its ``eager`` backend: the graphs, their guards and what they read (the
+    slots reloaded in place, the rows' slot buffer, the cache) are what is under test here, at a tenth of
+    inductor's compile time. Inductor's kernels run in ``test_serve_replica.py`` (the replica's path) and in
+    ``benchmarks.compile_decode`` (SmolLM2-135M's shape, the same tokens as eager or it fails)."""
     torch._dynamo.reset()
     kw = {"slots": 3, "prefill_chunk_tokens": 4, "prefill_slowdown": None}
     eager, tok = _engine(tiny_model_dir, adapters, **kw)
     want = _serve(eager, tok)
 
-    engine, _ = _engine(tiny_model_dir, adapters, compile_decode=True, **kw)
+    engine, _ = _engine(tiny_model_dir, adapters, compile_decode=True, compile_backend="eager", **kw)
     before = _graphs()
     assert engine.warm() > 0
     assert _graphs() - before == 2, "one graph for a single row, one for any batch of 2+"

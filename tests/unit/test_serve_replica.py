@@ -31,13 +31,15 @@ def test_a_replica_removes_its_adapter_downloads_when_serve_stops_it(tiny_model_
 
 
 def test_a_replica_with_compile_decode_compiles_before_its_constructor_returns(tiny_model_dir):
-    """``limits.compile_decode`` reaches the engine, and the replica compiles the decode step (both graphs)
-    while Serve still waits for it, so the first request compiles nothing."""
+    """``limits.compile_decode`` reaches the engine, and the replica compiles the decode step (both graphs,
+    with inductor) while Serve still waits for it, so the first request compiles nothing; what it generates
+    is HF's greedy ``generate`` on the same base, token for token."""
     from torch._dynamo.utils import counters
 
     from serving.app import LoraServer
     from serving.backend import Request
     from serving.spec import validate
+    from tests.unit.test_engine import _reference
 
     spec = validate(
         {
@@ -50,10 +52,12 @@ def test_a_replica_with_compile_decode_compiles_before_its_constructor_returns(t
     replica = LoraServer.func_or_class.__mro__[1](spec.model_dump(mode="json"))
     try:
         assert counters["stats"]["unique_graphs"] - before == 2
-        req = replica.backend.submit(Request([1, 2, 3], None, max_tokens=4, ignore_eos=True))
-        while req.finish_reason is None:
-            req.events.get(timeout=60)
-        assert len(req.out_ids) == 4
+        reqs = [replica.backend.submit(Request(p, None, max_tokens=8)) for p in ([1, 2, 3], [5], [7, 8])]
+        for req in reqs:
+            while req.finish_reason is None:
+                req.events.get(timeout=60)
+        for req in reqs:
+            assert req.out_ids == _reference(tiny_model_dir, None, req.prompt_ids, 8), req.prompt_ids
         assert counters["stats"]["unique_graphs"] - before == 2, "the first request compiled again"
         assert replica.backend.metrics()["engine_compiled_steps_total"] >= 2
     finally:
