@@ -287,7 +287,7 @@ class MultiLoraLinear(nn.Module):
         return self._combine(y3, delta, g).to(y3.dtype)
 
     def _uniform(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One token per row, row ``i`` through slot ``ctx.rows[i]``, down one path whatever the rows' adapters:
+        """One token per row, row ``i`` through slot ``ctx.row_slots[i]``, down one path whatever the rows' adapters:
         each row's stacks gathered at their full width (zero past an adapter's rank, and zero for slot 0) and
         its DoRA scale applied (one for LoRA and the base). No branch on the pass's mix, so a compiled step
         never sees another structure (``Engine(compile_decode=True)``)."""
