@@ -51,6 +51,8 @@ def token_auth_env() -> bool:
 
 
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+SERVE_PROXY_READY = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+SERVE_PROXY_READY_S = "30"
 _set_for_local: dict[str, str] = {}  # what init_ray put into this process's environment for a local cluster
 
 
@@ -89,6 +91,12 @@ def init_ray(**kwargs) -> None:
         # watcher (an actor per worker group polling for node drains) would cost a process start per run
         # and watch for nothing; a user's own setting wins
         os.environ[PREEMPTION_WATCHER] = _set_for_local[PREEMPTION_WATCHER] = "0"
+    if address == "local" and SERVE_PROXY_READY not in os.environ:
+        # Serve's HTTP proxy is a fresh process that must answer its controller's ready check within 5 s
+        # (Ray's default), three tries: on a busy machine (2 cores, a job beside it) it took longer, the
+        # controller killed it as unhealthy and ``serve.start`` failed with ActorDiedError. 30 s a try on the
+        # machine this process shares with its own cluster; a user's own setting wins
+        os.environ[SERVE_PROXY_READY] = _set_for_local[SERVE_PROXY_READY] = SERVE_PROXY_READY_S
     if address != "local" and token_auth_env():
         # A client of a token-auth cluster (``RAY_ADDRESS=... raypeft train`` from a laptop) with a token
         # at hand; Ray's config cached the mode when ray was imported, so refresh it as Ray itself does.

@@ -138,6 +138,23 @@ def test_each_adapter_answers_as_it_would_alone(server, adapters, tiny_model_dir
     assert len(set(texts.values())) == 3, "adapters do not behave differently: the test proves nothing"
 
 
+def test_the_local_clusters_serve_gives_its_proxy_time_to_start(server):
+    """Serve's controller in raypeft's local cluster runs with the proxy's ready check at 30 s a try
+    (``cluster.connect.init_ray``): with Ray's 5 s, a proxy that a busy machine started too slowly was
+    killed as unhealthy and ``serve.start`` failed (ActorDiedError, seen in CI)."""
+    from pathlib import Path
+
+    from ray._private.state import actors
+
+    from cluster.connect import SERVE_PROXY_READY, SERVE_PROXY_READY_S
+
+    alive = [a for a in actors().values() if a["State"] == "ALIVE"]
+    controller = next(a for a in alive if a["ActorClassName"] == "ServeController")
+    environ = Path(f"/proc/{controller['Pid']}/environ").read_bytes().split(b"\0")
+    assert f"{SERVE_PROXY_READY}={SERVE_PROXY_READY_S}".encode() in environ
+    assert any(a["ActorClassName"] == "ProxyActor" for a in alive)
+
+
 def test_registry_alias_source_and_models_listing(server, adapters, tiny_model_dir):
     _, ads = adapters
     r = _post("/v1/completions", {"model": "tiny:champ", "prompt": "abc", "max_tokens": 8})

@@ -112,6 +112,34 @@ def test_a_ray_start_cluster_does_not_inherit_what_was_set_for_the_local_one(mon
     assert local.head_env("token")[connect.PREEMPTION_WATCHER] == "1"
 
 
+@pytest.mark.parametrize(
+    "address, users, expected",
+    [(None, None, "30"), (None, "7", "7"), ("127.0.0.1:6379", None, None)],
+    ids=["local", "local-users-own", "ray-address"],
+)
+def test_a_local_cluster_gives_serves_proxy_time_to_start_on_a_busy_machine(monkeypatch, address, users, expected):
+    """A local cluster starts with Serve's proxy ready check at 30 s a try (Ray's 5 s killed a proxy that a
+    busy 2-core machine started too slowly, and ``serve.start`` failed); a user's own value wins; a cluster
+    in RAY_ADDRESS keeps its own. (``ray.init`` is recorded, not run: the environment it would start with.)"""
+    import ray
+
+    from cluster import connect
+
+    started = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: started.update(env=os.environ.get(connect.SERVE_PROXY_READY)))
+    monkeypatch.setattr(connect, "token_auth_env", lambda: False)
+    monkeypatch.setattr(connect, "_set_for_local", {})
+    for name in (connect.PREEMPTION_WATCHER, "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test, whatever init_ray sets
+    for name, value in (("RAY_ADDRESS", address), (connect.SERVE_PROXY_READY, users)):
+        monkeypatch.delenv(name, raising=False) if value is None else monkeypatch.setenv(name, value)
+    connect.init_ray(include_dashboard=False)
+    assert started["env"] == expected
+    # a `ray start` head this process launches is not given raypeft's value (cluster.local.head_env)
+    assert (connect.SERVE_PROXY_READY in connect.set_for_local_cluster()) == (expected == "30")
+
+
 def test_a_local_tracking_store_is_not_probed():
     from pipelines.tracking import check_server
 
