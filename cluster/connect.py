@@ -53,6 +53,13 @@ def token_auth_env() -> bool:
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 SERVE_PROXY_READY = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
 SERVE_PROXY_READY_S = "30"
+# What a local cluster (one node this process starts and stops) runs with unless the user set it:
+# * no Train V2 preemption watcher: an actor per worker group polling for node drains, which cannot happen to
+#   this node; it cost a process start per run and watched for nothing;
+# * Serve's HTTP proxy gets 30 s a try (Ray's 5 s, three tries) to answer its controller's ready check: on a
+#   busy machine (2 cores, a job beside it) it took longer, the controller killed it as unhealthy and
+#   ``serve.start`` failed with ActorDiedError.
+LOCAL_DEFAULTS = {PREEMPTION_WATCHER: "0", SERVE_PROXY_READY: SERVE_PROXY_READY_S}
 _set_for_local: dict[str, str] = {}  # what init_ray put into this process's environment for a local cluster
 
 
@@ -86,17 +93,10 @@ def init_ray(**kwargs) -> None:
         del os.environ["RAY_API_SERVER_ADDRESS"]  # set for an earlier local cluster of this process
     _published = None
     address = os.environ.get("RAY_ADDRESS") or "local"
-    if address == "local" and PREEMPTION_WATCHER not in os.environ:
-        # one node that this process starts and stops: nothing can drain it, so Train V2's preemption
-        # watcher (an actor per worker group polling for node drains) would cost a process start per run
-        # and watch for nothing; a user's own setting wins
-        os.environ[PREEMPTION_WATCHER] = _set_for_local[PREEMPTION_WATCHER] = "0"
-    if address == "local" and SERVE_PROXY_READY not in os.environ:
-        # Serve's HTTP proxy is a fresh process that must answer its controller's ready check within 5 s
-        # (Ray's default), three tries: on a busy machine (2 cores, a job beside it) it took longer, the
-        # controller killed it as unhealthy and ``serve.start`` failed with ActorDiedError. 30 s a try on the
-        # machine this process shares with its own cluster; a user's own setting wins
-        os.environ[SERVE_PROXY_READY] = _set_for_local[SERVE_PROXY_READY] = SERVE_PROXY_READY_S
+    if address == "local":
+        for name, value in LOCAL_DEFAULTS.items():
+            if name not in os.environ:  # a user's own setting wins
+                os.environ[name] = _set_for_local[name] = value
     if address != "local" and token_auth_env():
         # A client of a token-auth cluster (``RAY_ADDRESS=... raypeft train`` from a laptop) with a token
         # at hand; Ray's config cached the mode when ray was imported, so refresh it as Ray itself does.
